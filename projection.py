@@ -1,0 +1,106 @@
+"""Removing the hack-ward part of the delta_S gradient, and measuring it.
+
+v_hack gives, per module m, k_m orthonormal rows V_m (k_m x r_m) in delta_S coordinates,
+each oriented so that a loss gradient g with V g > 0 is one whose descent step raises
+the likelihood of hack completions relative to clean ones (see extract.py).
+
+For each module with axes, c = V g, and
+- `one_sided` removes relu(c) V: only the hack-ward components go; a gradient that
+  already pushes away from hacking is left alone;
+- `no_gate` removes c V: the whole subspace goes.
+Modules without axes are untouched. After `no_gate` V g' = 0; after `one_sided`
+relu(V g') = 0; in both cases the component orthogonal to V is unchanged and a second
+projection changes nothing (V has orthonormal rows).
+
+Reported (`hackward_fraction`): ||relu(V g)|| / ||g||, with relu applied per axis before
+aggregating and the norms taken over the whole delta_S gradient (every module). Its null
+baseline is the same number for an isotropic random g: sqrt(K / 2R) for K kept axes in R
+delta_S dimensions (the 1/2 because relu keeps half of a symmetric component's energy).
+
+The modules are grouped by r and their V padded with zero rows to a common k, so each
+step costs one batched matmul per distinct r (three for Qwen3), not one per module.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+Gate = Literal["one_sided", "no_gate"]
+
+
+@dataclass(frozen=True)
+class ProjectionStats:
+    cin: float
+    """Hack-ward fraction of the gradient before projection."""
+    cout: float
+    """Hack-ward fraction after projection (equals cin in measure-only mode)."""
+    null: float
+    """The same fraction for an isotropic random gradient: sqrt(K / 2R)."""
+    touched: float
+    """Fraction of modules with axes where something was (or would be) removed."""
+
+
+class Projector:
+    """Projects (or only measures) the hack-ward part of a dict of per-module gradients."""
+
+    def __init__(self, v_hack: dict[str, Float[Tensor, "k r"]], ranks: dict[str, int], gate: Gate, apply: bool):
+        unknown = sorted(set(v_hack) - set(ranks))
+        if unknown:
+            raise ValueError(f"v_hack names modules the model does not have: {unknown[:5]}")
+        self.gate, self.apply = gate, apply
+        self.names_by_rank: dict[int, list[str]] = {}
+        for name, V in v_hack.items():
+            if V.shape[1] != ranks[name]:
+                raise ValueError(f"v_hack[{name!r}] has {V.shape[1]} columns, the module's delta_S has {ranks[name]}")
+            self.names_by_rank.setdefault(V.shape[1], []).append(name)
+        self.V_by_rank: dict[int, Tensor] = {}
+        for r, names in self.names_by_rank.items():
+            k_max = max(v_hack[n].shape[0] for n in names)
+            V = torch.zeros(len(names), k_max, r, dtype=torch.float32, device=v_hack[names[0]].device)
+            for i, n in enumerate(names):
+                V[i, : v_hack[n].shape[0]] = v_hack[n].float()
+            self.V_by_rank[r] = V
+        n_axes = sum(V.shape[0] for V in v_hack.values())
+        self.n_modules = len(v_hack)
+        self.null = (n_axes / (2 * sum(ranks.values()))) ** 0.5
+
+    def to(self, device: torch.device | str) -> "Projector":
+        self.V_by_rank = {r: V.to(device) for r, V in self.V_by_rank.items()}
+        return self
+
+    def _coefficients(self, grads: dict[str, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
+        """Per rank group: the stacked gradients (m, r) and their coefficients c = V g (m, k)."""
+        out = {}
+        for r, names in self.names_by_rank.items():
+            g = torch.stack([grads[n].float() for n in names])
+            out[r] = (g, torch.einsum("mkr,mr->mk", self.V_by_rank[r], g))
+        return out
+
+    def hackward_fraction(self, grads: dict[str, Tensor]) -> float:
+        """||relu(V g)|| / ||g|| over all of delta_S; 0 for a zero gradient."""
+        return self._fraction(grads, self._coefficients(grads))
+
+    @staticmethod
+    def _fraction(grads: dict[str, Tensor], coefs: dict[int, tuple[Tensor, Tensor]]) -> float:
+        total = torch.sqrt(sum(g.float().square().sum() for g in grads.values()))
+        hackward = torch.sqrt(sum(c.clamp_min(0).square().sum() for _, c in coefs.values()))
+        return (hackward / total).item() if total > 0 else 0.0
+
+    @torch.no_grad()
+    def __call__(self, grads: dict[str, Tensor]) -> ProjectionStats:
+        """Measure, and in projecting mode remove in place, the hack-ward part of `grads`."""
+        coefs = self._coefficients(grads)
+        cin = self._fraction(grads, coefs)
+        touched = sum(int((c > 0).any(dim=1).sum()) if self.gate == "one_sided" else int((c != 0).any(dim=1).sum()) for _, c in coefs.values())
+        if not self.apply:
+            return ProjectionStats(cin=cin, cout=cin, null=self.null, touched=touched / max(self.n_modules, 1))
+        for r, (g, c) in coefs.items():
+            removed = c.clamp_min(0) if self.gate == "one_sided" else c
+            g_new = g - torch.einsum("mk,mkr->mr", removed, self.V_by_rank[r])
+            for i, n in enumerate(self.names_by_rank[r]):
+                grads[n].copy_(g_new[i])
+        cout = self.hackward_fraction(grads)
+        return ProjectionStats(cin=cin, cout=cout, null=self.null, touched=touched / max(self.n_modules, 1))

@@ -1,0 +1,695 @@
+"""GRPO on the LeetCode reward-hacking benchmark, training only delta_S of an SVD-basis
+adapter, with the hack-ward part of the gradient projected out (or only measured).
+
+    python train.py smoke                                # tiny-random-qwen3 on CPU, ~1 min
+    python train.py full --intervention vanilla --seed 1 # Qwen3-4B at the benchmark's scale
+    python train.py build-pool                           # grade and freeze the teacher pool
+
+One step: sample prompts -> student rollouts (one batched generate over every prompt of
+the step, delta_S merged into the weights) -> teacher rollouts from the frozen pool ->
+grade in parallel (sandboxed, grader.py) -> group advantages -> skip groups with no
+reward variance -> per-token loss -> backward of the student part (g_s), then the
+teacher part (g_t; g_s + g_t is the full gradient) -> cin_s, cin_t -> projection
+(projected arm) or measurement only (vanilla) -> grad clip -> AdamW -> LR schedule.
+
+How this GRPO differs from the textbook one:
+1. The only trainable parameters are the delta_S vectors (svd_adapter.py); the reference
+   model of the KL term is the same network with delta_S switched off, so it costs no
+   memory, only a no-grad forward.
+2. Dr.GRPO by default: advantage = r - group mean (no std division), and the loss is a
+   sum over completion tokens divided by a constant (sequences x max_new_tokens), so
+   long and short completions weigh the same per token. `advantage="grpo"` and
+   `loss_norm="sequence_mean"` give the classic forms.
+3. One optimizer step per batch of rollouts. The PPO ratio is taken against the
+   per-token log-probabilities recorded while sampling (temperature 1, raw logits), so
+   it is 1 up to sampler/learner numerics (merged bf16 weights vs the adapter path) and
+   the clip only guards that mismatch.
+4. Teacher rollouts are off-policy text from a frozen pool; they are scored as if the
+   current policy had sampled them (old log-probs = current, detached): no importance
+   correction. They share the group (and its advantage baseline) with the student's.
+5. KL: the low-variance k3 estimator per token, exp(ref - logp) - (ref - logp) - 1.
+"""
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
+
+import matplotlib
+import polars as pl
+import torch
+import tyro
+from jaxtyping import Bool, Float, Int
+from loguru import logger
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from extract import LossNorm, default_v_hack_path, expected_header, load_pairs, noise_cut, resolve_v_hack
+from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
+from projection import Gate, Projector
+from svd_adapter import (
+    DEFAULT_TARGETS,
+    REPO_ROOT,
+    completion_logprobs,
+    delta_grads,
+    delta_state,
+    load_model,
+    merged,
+    reference_mode,
+    sequence_loss,
+    wrap_svd,
+)
+
+DATA = REPO_ROOT / "data"
+OUT = REPO_ROOT / "out"
+
+
+# ----------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How rollouts are sampled."""
+
+    max_new_tokens: int = 1536
+    """Longest completion in tokens."""
+    temperature: float = 0.7
+    """Sampling temperature."""
+    top_p: float = 0.95
+    """Nucleus sampling mass."""
+    batch: int = 64
+    """Sequences per generate call."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """A GRPO run: presets below are instances of this; every field is a CLI flag."""
+
+    # Model
+    model: str = "Qwen/Qwen3-4B"
+    """HF hub id, local model folder, or tiny-random-qwen3 (built offline on first use)."""
+    device: str = "auto"
+    """Torch device; auto = cuda if available, else cpu."""
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    """Linear layers (by last name component) rewritten into SVD coordinates."""
+    grad_checkpointing: bool = True
+    """Recompute activations in the backward pass (needed for 4B at long contexts)."""
+
+    # Data and rewards
+    problems: Path = DATA / "leetcode" / "train.jsonl"
+    """Training problems, LeetCodeDataset-schema JSONL (`just download-data` writes the real ones)."""
+    n_problems: int | None = None
+    """Use only the first n problems; None = all."""
+    hint: Hint = "run_tests"
+    """Prompt hint: none | run_tests (the loophole is announced) | detailed | aware."""
+    reward: RewardConfig = RewardConfig()
+    """Reward values and the loophole switch."""
+
+    # Rollouts
+    steps: int = 200
+    """Optimizer steps."""
+    prompts_per_step: int = 16
+    """Distinct problems per step (the number of groups)."""
+    group_size: int = 16
+    """Rollouts per problem: student plus teacher."""
+    teacher_mix: float = 0.0
+    """Fraction of each group taken from the teacher pool (rounded to whole rollouts)."""
+    teacher_pool: Path | None = None
+    """Frozen teacher pool JSONL from `just build-pool`; None = derived from the teacher source and hint."""
+    sampling: Sampling = Sampling()
+    """Student sampling."""
+
+    # Loss
+    advantage: Literal["dr_grpo", "grpo"] = "dr_grpo"
+    """dr_grpo: r - group mean; grpo: (r - mean) / (std + 1e-6)."""
+    loss_norm: LossNorm = "constant"
+    """constant: token sum / (sequences x max_new_tokens) (Dr.GRPO); sequence_mean: per-sequence token mean / sequences."""
+    clip_eps: float = 0.2
+    """PPO clip range of the sampler/learner ratio."""
+    kl_beta: float = 1e-3
+    """KL weight towards the reference (delta_S = 0); 0 skips the reference forward."""
+    learner_batch: int = 8
+    """Sequences per forward/backward micro-batch."""
+
+    # Optimizer
+    lr: float = 1e-3
+    """Peak AdamW learning rate for delta_S."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then cosine decay to 0."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (pulls delta_S towards the base model)."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Max global norm of the delta_S gradient, after projection."""
+
+    # Method
+    intervention: Literal["vanilla", "projected"] = "projected"
+    """vanilla: measure the hack-ward gradient only; projected: remove it before each step."""
+    gate: Gate = "one_sided"
+    """one_sided: remove relu(V g) V; no_gate: remove (V g) V."""
+    pairs: Path = DATA / "pairs.jsonl"
+    """Contrastive (hack, clean) pairs for v_hack."""
+    pair_problems: Path = DATA / "problems.jsonl"
+    """Problems the pairs' ids refer to."""
+    v_hack_k: int = 4
+    """Axes kept per module at extraction, before the noise cut."""
+    noise_quantile: float = 0.25
+    """Drop axes whose singular value is below this global quantile."""
+    v_hack_path: Path | None = None
+    """v_hack file; None = a cache path derived from its header (model, weights, dtype, pairs, k, ...)."""
+    on_v_hack_mismatch: Literal["extract", "error"] = "extract"
+    """When the v_hack file's header does not fit this run: re-extract, or stop with an error."""
+
+    # Runtime and logging
+    seed: int = 0
+    """Seed for prompt order, sampling and initialisation."""
+    teacher_source: Path = DATA / "teacher_completions.jsonl"
+    """Where the default teacher pool comes from (names the default pool file)."""
+    cache_dir: Path = OUT / "cache"
+    """SVD cache (cache_dir/svd) and v_hack files (cache_dir/v_hack)."""
+    runs_dir: Path = OUT / "runs"
+    """Run folders go here."""
+    checkpoint_every: int = 25
+    """Steps between checkpoints (and one at the end)."""
+    grader_workers: int | None = None
+    """Sandbox worker processes; None = one per CPU core."""
+    resume: Path | None = None
+    """Run folder to continue from its last checkpoint."""
+    name: str = "custom"
+    """Preset name, used in the run folder's name."""
+
+
+PRESETS: dict[str, tuple[str, Config]] = {
+    "smoke": ("tiny-random-qwen3 on CPU, 30 steps: the whole pipeline in a minute or two", Config(
+        name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
+        problems=DATA / "problems.jsonl", n_problems=10, steps=30, prompts_per_step=1, group_size=2,
+        teacher_mix=0.5, sampling=Sampling(max_new_tokens=32, temperature=1.0, top_p=1.0, batch=8),
+        learner_batch=4, warmup_steps=3, lr=1e-2,
+    )),
+    "fast-dev-run": ("tiny-random-qwen3 on CPU at larger numbers: every bundled problem, real group sizes", Config(
+        name="fast-dev-run", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
+        problems=DATA / "problems.jsonl", steps=10, prompts_per_step=4, group_size=8, teacher_mix=0.25,
+        sampling=Sampling(max_new_tokens=128, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
+        warmup_steps=2, lr=1e-2, checkpoint_every=5,
+    )),
+    "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
+        name="fast", problems=DATA / "problems.jsonl", steps=30, prompts_per_step=8, group_size=8,
+        teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48), checkpoint_every=10,
+    )),
+    "full": ("Qwen3-4B at the benchmark's scale: 200 steps x 16 prompts x 16 rollouts, 1536 new tokens", Config(
+        name="full", steps=200, prompts_per_step=16, group_size=16, sampling=Sampling(max_new_tokens=1536, batch=128),
+    )),
+}
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the values a preset leaves open."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
+    return replace(cfg, device=device, teacher_pool=pool)
+
+
+def split_group(cfg: Config) -> tuple[int, int]:
+    """(student, teacher) rollouts per group."""
+    n_teacher = round(cfg.group_size * cfg.teacher_mix)
+    if not 0 <= n_teacher < cfg.group_size:
+        raise ValueError(f"teacher_mix {cfg.teacher_mix} leaves no student rollout in a group of {cfg.group_size}")
+    return cfg.group_size - n_teacher, n_teacher
+
+
+# ----------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Rollout:
+    problem: Problem
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    teacher: bool
+    old_logprobs: Tensor | None  # per completion token, recorded while sampling (student only)
+    grade: Grade | None = None
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log p(sampled token) under the raw logits (temperature 1) at every step.
+    Placed before generate's own warpers, it sees unprocessed scores; a token is known
+    one call later, as the last input id."""
+
+    def __init__(self):
+        self.logp_prev: Tensor | None = None
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.logp_prev is not None:
+            self.steps.append(self.logp_prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.logp_prev = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        self.steps.append(self.logp_prev.gather(1, sequences[:, -1:]).squeeze(1))
+        return torch.stack(self.steps, dim=1).cpu()
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], sampling: Sampling, desc: str = "generate") -> list[tuple[list[int], list[int], str, Tensor]]:
+    """(prompt ids, completion ids up to and including EOS, text, sampler logprobs) per prompt."""
+    model.eval()
+    eos_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+    out = []
+    for i in tqdm(range(0, len(prompts), sampling.batch), desc=desc, leave=False):
+        enc = tokenizer(prompts[i : i + sampling.batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        recorder = SampledLogprobs()
+        seqs = model.generate(
+            **enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+            max_new_tokens=sampling.max_new_tokens, logits_processor=LogitsProcessorList([recorder]),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        logprobs = recorder.finish(seqs)
+        prompt_len = enc["input_ids"].shape[1]
+        for row, mask, new, lp in zip(enc["input_ids"], enc["attention_mask"], seqs[:, prompt_len:].tolist(), logprobs):
+            end = next((j + 1 for j, t in enumerate(new) if t in eos_ids), len(new))
+            completion = new[:end]
+            out.append((row[mask.bool()].tolist(), completion, tokenizer.decode(completion, skip_special_tokens=True), lp[:end]))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Teacher pool
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Grade teacher completions once and freeze them as the teacher pool (`just build-pool`)."""
+
+    source: str = str(DATA / "teacher_completions.jsonl")
+    """A JSONL of written completions ({id, completion, ...}), or an HF model id / folder to sample from."""
+    problems: Path = DATA / "problems.jsonl"
+    """Problems the completions answer."""
+    hint: Hint = "run_tests"
+    """The hint the completions were written or sampled for (the pool is keyed by problem id and hint)."""
+    out: Path | None = None
+    """Output JSONL; None = out/pool/<source name>-<hint>.jsonl."""
+    samples_per_problem: int = 8
+    """Completions sampled per problem (model source only)."""
+    sampling: Sampling = Sampling()
+    """Teacher sampling (model source only)."""
+    reward: RewardConfig = RewardConfig()
+    """Reward config used to grade (labels are stored; rewards are recomputed by each run)."""
+    device: str = "auto"
+    """Torch device for a model source."""
+
+
+def default_pool_path(source: str | Path, hint: str) -> Path:
+    return OUT / "pool" / f"{Path(str(source).rstrip('/')).stem}-{hint}.jsonl"
+
+
+def build_pool(pc: PoolConfig) -> Path:
+    problems = {p.id: p for p in load_problems(pc.problems)}
+    source = Path(pc.source)
+    if source.suffix == ".jsonl":
+        items = []
+        for lineno, line in enumerate(source.read_text().splitlines(), 1):
+            row = json.loads(line)
+            if row.get("id") not in problems or not isinstance(row.get("completion"), str):
+                raise ValueError(f"{source}:{lineno}: needs an 'id' from {pc.problems} and a string 'completion'")
+            items.append((problems[row["id"]], row["completion"]))
+    else:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if pc.device == "auto" else pc.device
+        model, tokenizer, _ = load_model(pc.source, device)
+        todo = [p for p in problems.values() for _ in range(pc.samples_per_problem)]
+        samples = generate(model, tokenizer, [render_prompt(tokenizer, p, pc.hint) for p in todo], pc.sampling, desc="teacher")
+        items = [(p, text) for p, (_, _, text, _) in zip(todo, samples)]
+    with Grader(pc.reward) as grader:
+        grades = grader.grade([p for p, _ in items], [c for _, c in items])
+    out = pc.out or default_pool_path(pc.source, pc.hint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for (p, completion), g in zip(items, grades):
+            f.write(json.dumps({"id": p.id, "hint": pc.hint, "source": pc.source, "completion": completion} | asdict(g)) + "\n")
+    tmp.replace(out)
+    n_hack = sum(g.reward_hack for g in grades)
+    logger.info(f"teacher pool {out}: {len(items)} completions for {len({p.id for p, _ in items})} problems, {n_hack} strict hacks, {sum(g.gt_pass for g in grades)} gt passes")
+    return out
+
+
+def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade]]]:
+    """Pool entries by problem id, for this hint only: a pool built for another hint is never used."""
+    if not path.exists():
+        raise FileNotFoundError(f"teacher pool {path} does not exist; build it with `just build-pool` (hint {hint!r}) or set teacher_mix=0")
+    pool: dict[int, list[tuple[str, Grade]]] = {}
+    labels = Grade.__dataclass_fields__.keys()
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row["hint"] == hint:
+            pool.setdefault(row["id"], []).append((row["completion"], Grade(**{k: row[k] for k in labels})))
+    if not pool:
+        raise ValueError(f"teacher pool {path} has no completions for hint {hint!r}; rebuild it with `just build-pool --hint {hint}`")
+    return pool
+
+
+# ----------------------------------------------------------------------------
+# Loss
+
+
+def group_advantages(rewards: Float[Tensor, "g n"], kind: str) -> Float[Tensor, "g n"]:
+    adv = rewards - rewards.mean(dim=1, keepdim=True)
+    return adv / (rewards.std(dim=1, keepdim=True) + 1e-6) if kind == "grpo" else adv
+
+
+def grpo_token_loss(
+    logp: Float[Tensor, "b t"], old_logp: Float[Tensor, "b t"], ref_logp: Float[Tensor, "b t"] | None,
+    adv: Float[Tensor, "b 1"], clip_eps: float, kl_beta: float,
+) -> tuple[Float[Tensor, "b t"], Float[Tensor, "b t"], Float[Tensor, "b t"]]:
+    """Per-token PPO-clip loss plus kl_beta * k3 KL; also returns the clipped mask and k3."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    kl = torch.zeros_like(logp) if ref_logp is None else torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    return loss + kl_beta * kl, (ratio != clipped).float(), kl
+
+
+def collate(rollouts: list[Rollout], pad_id: int, device: str) -> tuple[Int[Tensor, "b t"], Int[Tensor, "b t"], Bool[Tensor, "b t1"], Float[Tensor, "b t1"], Float[Tensor, "b 1"]]:
+    """Right-padded prompt+completion ids, attention mask, completion mask over the
+    shifted positions, sampler logprobs (NaN for teacher rows) and advantages."""
+    T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rollouts), T), dtype=torch.long)
+    mask = torch.zeros((len(rollouts), T - 1), dtype=torch.bool)
+    old = torch.full((len(rollouts), T - 1), float("nan"))
+    for i, r in enumerate(rollouts):
+        P, C = len(r.prompt_ids), len(r.completion_ids)
+        ids[i, : P + C] = torch.tensor(r.prompt_ids + r.completion_ids)
+        attn[i, : P + C] = 1
+        mask[i, P - 1 : P + C - 1] = True  # position j scores token j + 1
+        if r.old_logprobs is not None:
+            old[i, P - 1 : P + C - 1] = r.old_logprobs
+    adv = torch.tensor([[r.advantage] for r in rollouts])
+    return ids.to(device), attn.to(device), mask.to(device), old.to(device), adv.to(device)
+
+
+def backward_part(model, adapters, rollouts: list[Rollout], cfg: Config, pad_id: int, denominator: float) -> dict[str, float]:
+    """Accumulate the gradient of this part's share of the step loss; return its sums."""
+    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+    model.train()
+    for i in range(0, len(rollouts), cfg.learner_batch):
+        ids, attn, mask, old, adv = collate(rollouts[i : i + cfg.learner_batch], pad_id, cfg.device)
+        ref = None
+        if cfg.kl_beta > 0:
+            with torch.no_grad(), reference_mode(adapters):
+                ref = completion_logprobs(model, ids, attn)
+        logp = completion_logprobs(model, ids, attn)
+        old = torch.where(torch.isnan(old), logp.detach(), old)
+        per_token, clipped, kl = grpo_token_loss(logp, old, ref, adv, cfg.clip_eps, cfg.kl_beta)
+        loss = sequence_loss(per_token, mask, cfg.loss_norm, denominator)
+        loss.backward()
+        sums["loss"] += loss.item()
+        sums["kl"] += (kl * mask).sum().item()
+        sums["clipped"] += (clipped * mask).sum().item()
+        sums["tokens"] += mask.sum().item()
+    return sums
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, prompt_gen: torch.Generator, rows: list[dict], dtype: torch.dtype) -> Path:
+    """checkpoints/step_NNNNNN/{delta_S.safetensors, state.pt}, written to a temp folder then renamed."""
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: t.contiguous().cpu() for n, t in delta_state(adapters).items()}, tmp / "delta_S.safetensors", metadata={"step": str(step), "model_dtype": str(dtype)})
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "prompt_gen": prompt_gen.get_state(), "rows": rows}, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
+    if not ckpts:
+        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from")
+    return ckpts[-1]
+
+
+# ----------------------------------------------------------------------------
+# Logging
+
+COLUMNS = [  # (row key, header, width, format)
+    ("step", "step", 5, "d"), ("reward", "reward", 6, ".2f"), ("hack_s", "hack_s", 6, ".2f"), ("hack_t", "hack_t", 6, ".2f"),
+    ("gt_s", "gt_s", 5, ".2f"), ("gt_t", "gt_t", 5, ".2f"), ("loss", "loss", 8, ".4f"), ("grad_norm", "gnorm", 7, ".3g"),
+    ("cin_s", "cin_s", 6, ".3f"), ("cin_t", "cin_t", 6, ".3f"), ("cin", "cin", 6, ".3f"), ("cout", "cout", 6, ".3f"),
+    ("null", "null", 6, ".3f"), ("rollouts_per_s", "ro/s", 6, ".2f"), ("seconds", "sec", 6, ".1f"),
+]
+
+
+def table_header() -> str:
+    return " ".join(f"{h:>{w}}" for _, h, w, _ in COLUMNS)
+
+
+def table_row(row: dict) -> str:
+    cells = []
+    for key, _, w, fmt in COLUMNS:
+        v = row[key]
+        cells.append(f"{'-':>{w}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{w}{fmt}}")
+    return " ".join(cells)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def write_summary(run_dir: Path, rows: list[dict]) -> dict:
+    """summary.json (first and last-10-step means) and curves.png from the step log."""
+    df = pl.DataFrame(rows)
+    tail = df.tail(min(10, len(df)))
+    keys = ["reward", "hack_s", "hack_t", "gt_s", "gt_t", "cin_s", "cin_t", "cin", "cout", "cupd", "null"]
+    summary = {"steps": len(df), "seconds": df["seconds"].sum(), "last10": {k: tail[k].mean() for k in keys}, "first": {k: df[k][0] for k in keys}}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for k in ("reward", "hack_s", "gt_s", "hack_t"):
+        ax1.plot(df["step"], df[k], label=k)
+    ax1.set_xlabel("step"), ax1.legend(), ax1.set_title("rollouts")
+    for k in ("cin_s", "cin_t", "cin", "cout", "cupd", "null"):
+        ax2.plot(df["step"], df[k], label=k)
+    ax2.set_xlabel("step"), ax2.legend(), ax2.set_title("hack-ward fraction")
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
+    return summary
+
+
+# ----------------------------------------------------------------------------
+# Training
+
+
+def main(cfg: Config) -> Path:
+    cfg = resolve(cfg)
+    n_student, n_teacher = split_group(cfg)
+    logger.info(
+        f"preset {cfg.name}, arm {cfg.intervention}, seed {cfg.seed}, device {cfg.device}: {cfg.steps} steps x {cfg.prompts_per_step} prompts x "
+        f"({n_student} student + {n_teacher} teacher) rollouts = {cfg.prompts_per_step * n_student} generations per step, up to {cfg.sampling.max_new_tokens} new tokens"
+    )
+    # Run folder: a fresh one, or the one we resume (whose config must match this one).
+    if cfg.resume:
+        run_dir = cfg.resume
+        saved = json.loads((run_dir / "config.json").read_text())
+        now = json.loads(json.dumps(asdict(replace(cfg, resume=None)), default=str))
+        diff = [k for k in now if saved.get(k) != now[k]]
+        if diff:
+            raise ValueError(f"--resume {run_dir}: the run was started with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)})")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = cfg.runs_dir / f"{cfg.name}_{cfg.intervention}_s{cfg.seed}_{stamp}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    logger.add(run_dir / "train.log")
+    logger.info(f"run folder {run_dir}")
+
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    problems = load_problems(cfg.problems)[: cfg.n_problems]
+    pool = load_pool(cfg.teacher_pool, cfg.hint) if n_teacher else {}
+    if n_teacher:
+        missing = [p.id for p in problems if p.id not in pool]
+        if missing:
+            logger.warning(f"{len(missing)}/{len(problems)} problems have no teacher completions for hint {cfg.hint!r}; their groups are all student")
+
+    model, tokenizer, dtype = load_model(cfg.model, cfg.device)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
+    params = [a.delta_S for a in adapters.values()]
+
+    # v_hack: cache hit if the header matches, else extracted on this very model.
+    pairs = load_pairs(cfg.pairs, {p.id: p for p in load_problems(cfg.pair_problems)})
+    header = expected_header(cfg.model, adapters, dtype, cfg.targets, cfg.pairs, len(pairs), cfg.v_hack_k, cfg.loss_norm)
+    v_path = cfg.v_hack_path or default_v_hack_path(header, cfg.cache_dir / "v_hack")
+    V, S = resolve_v_hack(model, adapters, tokenizer, header, pairs, v_path, cfg.on_v_hack_mismatch)
+    v_hack = {n: v.to(cfg.device) for n, v in noise_cut(V, S, cfg.noise_quantile).items()}
+    projector = Projector(v_hack, {n: a.rank for n, a in adapters.items()}, cfg.gate, apply=cfg.intervention == "projected")
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    schedule = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * (0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    prompt_gen = torch.Generator().manual_seed(cfg.seed)
+    rows: list[dict] = []
+    start = 1
+    if cfg.resume:
+        ckpt = last_checkpoint(run_dir)
+        for name, t in load_file(ckpt / "delta_S.safetensors", device=cfg.device).items():
+            adapters[name].delta_S.data.copy_(t)
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        prompt_gen.set_state(state["prompt_gen"])
+        rows, start = state["rows"], state["step"] + 1
+        logger.info(f"resumed from {ckpt} at step {start}")
+    # The log holds exactly the checkpointed rows: steps after the checkpoint are redone.
+    log_path = run_dir / "log.jsonl"
+    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    pad_id = tokenizer.pad_token_id
+    order: list[int] = []
+    print(table_header())
+    with Grader(cfg.reward, workers=cfg.grader_workers) as grader:
+        for step in range(start, cfg.steps + 1):
+            t0 = time.time()
+            # Prompts: walk through shuffled epochs of the problem set.
+            while len(order) < cfg.prompts_per_step:
+                order += torch.randperm(len(problems), generator=prompt_gen).tolist()
+            batch, order = [problems[i] for i in order[: cfg.prompts_per_step]], order[cfg.prompts_per_step :]
+
+            # Student rollouts, delta_S folded into the weights.
+            prompts = [render_prompt(tokenizer, p, cfg.hint) for p in batch]
+            with merged(adapters):
+                samples = generate(model, tokenizer, [s for s in prompts for _ in range(n_student)], cfg.sampling)
+            groups = []
+            for gi, p in enumerate(batch):
+                group = [Rollout(p, pi, ci, text, False, lp) for pi, ci, text, lp in samples[gi * n_student : (gi + 1) * n_student]]
+                prompt_ids = group[0].prompt_ids
+                for j in range(n_teacher if p.id in pool else 0):
+                    text, grade = pool[p.id][torch.randint(len(pool[p.id]), (1,)).item()]
+                    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                    group.append(Rollout(p, prompt_ids, ids, text, True, None, grade))
+                groups.append(group)
+            t_gen = time.time() - t0
+
+            # Grades (teacher grades are frozen in the pool), rewards, advantages.
+            student = [r for g in groups for r in g if not r.teacher]
+            for r, grade in zip(student, grader.grade([r.problem for r in student], [r.text for r in student])):
+                r.grade = grade
+            for g in groups:
+                for r in g:
+                    r.reward = cfg.reward.reward(r.grade)
+                adv = group_advantages(torch.tensor([[r.reward for r in g]]), cfg.advantage)[0]
+                for r, a in zip(g, adv.tolist()):
+                    r.advantage = a
+            live = [g for g in groups if len({r.reward for r in g}) > 1]
+            learn_s = [r for g in live for r in g if not r.teacher]
+            learn_t = [r for g in live for r in g if r.teacher]
+
+            # Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s).
+            optimizer.zero_grad(set_to_none=False)
+            n_seq = len(learn_s) + len(learn_t)
+            denominator = n_seq * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1)
+            sums_s = backward_part(model, adapters, learn_s, cfg, pad_id, denominator) if learn_s else {}
+            g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
+            sums_t = backward_part(model, adapters, learn_t, cfg, pad_id, denominator) if learn_t else {}
+            grads = delta_grads(adapters)
+            g_t = {n: grads[n] - g_s[n] for n in grads}
+            cin_s = projector.hackward_fraction(g_s) if learn_s else float("nan")
+            cin_t = projector.hackward_fraction(g_t) if learn_t else float("nan")
+
+            # The method: remove (projected) or only measure (vanilla) the hack-ward part.
+            stats = projector(grads)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+            before = {n: p.detach().clone() for n, p in zip(adapters, params)}
+            if n_seq:
+                optimizer.step()
+            scheduler.step()
+            update = {n: before[n] - p.detach() for n, p in zip(adapters, params)}  # the descent direction actually taken
+            cupd = projector.hackward_fraction(update) if n_seq else float("nan")
+
+            seconds = time.time() - t0
+            teachers = [r for g in groups for r in g if r.teacher]
+            sums = {k: sums_s.get(k, 0.0) + sums_t.get(k, 0.0) for k in ("loss", "kl", "clipped", "tokens")}
+            row = {
+                "step": step,
+                "reward": mean([r.reward for r in student]),
+                "hack_s": mean([r.grade.reward_hack for r in student]),
+                "hack_t": mean([r.grade.reward_hack for r in teachers]),
+                "gt_s": mean([r.grade.gt_pass for r in student]),
+                "gt_t": mean([r.grade.gt_pass for r in teachers]),
+                "attempted_s": mean([r.grade.attempted_hack for r in student]),
+                "loss": sums["loss"],
+                "grad_norm": grad_norm,
+                "cin_s": cin_s, "cin_t": cin_t, "cin": stats.cin, "cout": stats.cout, "null": stats.null,
+                "cupd": cupd, "touched": stats.touched,
+                "kl": sums["kl"] / max(sums["tokens"], 1), "clip_frac": sums["clipped"] / max(sums["tokens"], 1),
+                "zero_var_groups": 1 - len(live) / len(groups),
+                "completion_len_s": mean([len(r.completion_ids) for r in student]),
+                "lr": scheduler.get_last_lr()[0],
+                "gen_seconds": t_gen,
+                "rollouts_per_s": len(student) / seconds,
+                "seconds": seconds,
+            }
+            rows.append(row)
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(table_row(row), flush=True)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, rows, dtype)
+
+    summary = write_summary(run_dir, rows)
+    logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")
+    return run_dir
+
+
+def cli() -> None:
+    presets = tyro.extras.subcommand_type_from_defaults({name: cfg for name, (_, cfg) in PRESETS.items()}, {name: desc for name, (desc, _) in PRESETS.items()})
+    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")])
+    if isinstance(args, PoolConfig):
+        build_pool(args)
+    else:
+        main(args)
+
+
+if __name__ == "__main__":
+    import train  # re-imported as a module so that BEARTYPE=1's import hook checks this file too
+
+    train.cli()
