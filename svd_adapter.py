@@ -321,3 +321,9 @@ def load_model(name: str, device: str) -> tuple[nn.Module, object, torch.dtype]:
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     logger.info(f"model {name} from {path}: {dtype}, attention {attn}, device {device}")
     return model, tokenizer, dtype
+
+
+if __name__ == "__main__":
+    import tyro
+
+    tyro.cli(download_model)  # what `just download-model` runs

@@ -1,0 +1,60 @@
+# projected_grpo recipes. `just` lists them; `uv sync` (run by every recipe through uv) installs everything.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Smoke runs force the CPU path with jaxtyping shape checks on.
+smoke_env := "BEARTYPE=1 CUDA_VISIBLE_DEVICES="
+
+default:
+    @just --list
+
+# Offline test suite (CPU, BEARTYPE=1 shape checks): the CI command.
+test *ARGS:
+    BEARTYPE=1 uv run pytest -q {{ARGS}}
+
+# Projected arm of the smoke preset: tiny-random-qwen3, CPU, 30 steps.
+smoke: smoke-projected
+
+smoke-projected *ARGS: build-pool
+    {{smoke_env}} uv run python train.py smoke --intervention projected {{ARGS}}
+
+smoke-vanilla *ARGS: build-pool
+    {{smoke_env}} uv run python train.py smoke --intervention vanilla {{ARGS}}
+
+# Vanilla then projected with the tiny model's v_hack cache deleted first: the first run extracts, the second loads.
+smoke-both: build-pool
+    rm -f out/cache/v_hack/tiny-random-qwen3-*.safetensors
+    {{smoke_env}} uv run python train.py smoke --intervention vanilla
+    {{smoke_env}} uv run python train.py smoke --intervention projected
+
+# The real pipeline at larger numbers on the tiny model (CPU, 1-2 min).
+fast-dev-run *ARGS: build-pool
+    {{smoke_env}} uv run python train.py fast-dev-run {{ARGS}}
+
+# Fetch a model from the Hugging Face hub into models/ (needs hub access).
+download-model MODEL="Qwen/Qwen3-4B":
+    uv run python svd_adapter.py --repo-id {{MODEL}} --out models/$(basename {{MODEL}})
+
+# Fetch newfacade/LeetCodeDataset and write the benchmark's filtered splits to data/leetcode/ (needs hub access).
+download-data *ARGS:
+    uv run python grader.py download --out data/leetcode {{ARGS}}
+
+# Extract v_hack from data/pairs.jsonl (defaults: tiny-random-qwen3; pass --model Qwen/Qwen3-4B for real runs).
+extract *ARGS:
+    uv run python extract.py {{ARGS}}
+
+# Grade the teacher completions once and freeze them as the teacher pool (default: data/teacher_completions.jsonl).
+build-pool *ARGS:
+    uv run python train.py build-pool {{ARGS}}
+
+# Extraction, then 3 seeds x {vanilla, projected} of `full`, queued on pueue (or task-spooler) after it. --dry-run prints the commands.
+queue-full *ARGS:
+    bash scripts/queue_full.sh {{ARGS}}
+
+# Grader throughput: this sandbox pool vs a fresh `python -c` per completion, on the shared real split.
+bench-grader *ARGS:
+    uv run python benchmarks/bench_grader.py {{ARGS}}
+
+# Every benchmark that runs on this machine: grader throughput, then the step-cost benchmark (GPU if present).
+bench: bench-grader
+    uv run python benchmarks/bench_step.py

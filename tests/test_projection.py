@@ -1,0 +1,96 @@
+import math
+
+import torch
+
+from projection import Projector
+
+
+def random_basis(k: int, r: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(r, k, generator=torch.Generator().manual_seed(seed)))
+    return q.T.contiguous()  # k x r, orthonormal rows
+
+
+def setup(gate="one_sided", apply=True):
+    ranks = {"a": 16, "b": 16, "c": 8, "d": 24}  # d has no axes: must be untouched
+    v_hack = {"a": random_basis(3, 16, 0), "b": random_basis(1, 16, 1), "c": random_basis(2, 8, 2)}
+    grads = {n: torch.randn(r, generator=torch.Generator().manual_seed(10 + i)) for i, (n, r) in enumerate(ranks.items())}
+    return Projector(v_hack, ranks, gate, apply), v_hack, grads
+
+
+def test_no_gate_removes_subspace_and_keeps_the_rest():
+    proj, V, g = setup("no_gate")
+    before = {n: t.clone() for n, t in g.items()}
+    proj(g)
+    for n, v in V.items():
+        assert torch.allclose(v @ g[n], torch.zeros(v.shape[0]), atol=1e-6)
+        orth = lambda x: x - v.T @ (v @ x)
+        assert torch.allclose(orth(g[n]), orth(before[n]), atol=1e-6)
+    assert torch.equal(g["d"], before["d"])
+
+
+def test_one_sided_removes_only_hackward_part():
+    proj, V, g = setup("one_sided")
+    before = {n: t.clone() for n, t in g.items()}
+    stats = proj(g)
+    for n, v in V.items():
+        c_before, c_after = v @ before[n], v @ g[n]
+        assert (c_after <= 1e-6).all()  # relu(V g') = 0
+        neg = c_before < 0
+        assert torch.allclose(c_after[neg], c_before[neg], atol=1e-6)  # anti-hack components kept
+        orth = lambda x: x - v.T @ (v @ x)
+        assert torch.allclose(orth(g[n]), orth(before[n]), atol=1e-6)
+    assert torch.equal(g["d"], before["d"])
+    assert stats.cout < 1e-6 < stats.cin
+
+
+def test_projecting_twice_changes_nothing():
+    for gate in ("one_sided", "no_gate"):
+        proj, _, g = setup(gate)
+        proj(g)
+        once = {n: t.clone() for n, t in g.items()}
+        stats = proj(g)
+        assert all(torch.allclose(g[n], once[n], atol=1e-6) for n in g)
+        assert stats.cin < 1e-6 and stats.touched == 0.0
+
+
+def test_measure_only_leaves_gradient_untouched():
+    proj, V, g = setup("one_sided", apply=False)
+    before = {n: t.clone() for n, t in g.items()}
+    stats = proj(g)
+    assert all(torch.equal(g[n], before[n]) for n in g)
+    assert stats.cin == stats.cout > 0
+
+
+def test_cin_matches_definition_and_null():
+    proj, V, g = setup()
+    hackward = sum((V[n] @ g[n]).clamp_min(0).square().sum() for n in V)
+    total = sum(t.square().sum() for t in g.values())
+    assert math.isclose(proj.hackward_fraction(g), math.sqrt(hackward / total), rel_tol=1e-5)
+    assert math.isclose(proj.null, math.sqrt(6 / (2 * 64)), rel_tol=1e-9)
+
+
+def test_null_baseline_is_what_random_gradients_give():
+    proj, _, _ = setup()
+    fractions = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4000):
+        g = {n: torch.randn(r, generator=gen) for n, r in {"a": 16, "b": 16, "c": 8, "d": 24}.items()}
+        fractions.append(proj.hackward_fraction(g) ** 2)
+    assert math.isclose(math.sqrt(sum(fractions) / len(fractions)), proj.null, rel_tol=0.05)
+
+
+def test_zero_gradient_is_fine():
+    proj, _, g = setup()
+    g = {n: torch.zeros_like(t) for n, t in g.items()}
+    stats = proj(g)
+    assert stats.cin == 0.0 and stats.cout == 0.0 and stats.touched == 0.0
+    assert all((t == 0).all() for t in g.values())
+
+
+def test_touched_counts_modules():
+    proj, V, g = setup("one_sided")
+    for n, v in V.items():  # make module a purely anti-hack: nothing to remove there
+        g[n] = -v.sum(0)
+    assert proj(g).touched == 0.0
+    g["a"] = V["a"][0].clone()
+    assert proj(g).touched == 1 / 3
