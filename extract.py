@@ -103,7 +103,7 @@ def completion_nll_grad(
     mask[:, len(prompt_ids) - 1 :] = True  # position i scores token i + 1
     for a in adapters.values():
         a.delta_S.grad = None
-    nll = -completion_logprobs(model, ids, torch.ones_like(ids))
+    nll = -completion_logprobs(model, ids, torch.ones_like(ids), mask)
     sequence_loss(nll, mask, loss_norm, denominator=1.0).backward()
     return {name: a.delta_S.grad.detach().clone() for name, a in adapters.items()}
 

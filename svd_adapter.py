@@ -207,12 +207,16 @@ def completion_logprobs(
     model: nn.Module,
     input_ids: Int[Tensor, "b t"],
     attention_mask: Int[Tensor, "b t"],
+    mask: Bool[Tensor, "b t-1"],
 ) -> Float[Tensor, "b t-1"]:
-    """log p(token t+1 | tokens <= t) for every position, in fp32 (positions are
-    shifted: entry i scores input_ids[:, i + 1])."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    # cross_entropy in fp32 avoids materialising a second full-vocabulary log_softmax tensor.
-    return -F.cross_entropy(logits.float().transpose(1, 2), input_ids[:, 1:], reduction="none")
+    """log p(token j+1 | tokens <= j) in fp32 at every position j where `mask` is set, 0
+    elsewhere. The LM head runs on the masked positions only: with a 151k vocabulary the
+    full-sequence logits would cost more than the transformer itself (assumes logits =
+    lm_head(last hidden state), true of Qwen, Llama and Mistral)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    logits = model.get_output_embeddings()(hidden[mask])
+    selected = -F.cross_entropy(logits.float(), input_ids[:, 1:][mask], reduction="none")
+    return torch.zeros(mask.shape, dtype=torch.float32, device=selected.device).masked_scatter(mask, selected)
 
 
 def masked_sum(values: Float[Tensor, "b t"], mask: Bool[Tensor, "b t"]) -> Float[Tensor, " b"]:
@@ -248,37 +252,44 @@ def qwen3_tokenizer_dir() -> Path:
     return folder
 
 
-def build_tiny_random_qwen3(out: Path, seed: int = 0) -> Path:
-    """A 2-layer Qwen3 with random weights and the real Qwen3 tokenizer, saved as an HF folder."""
+# Random-weight Qwen3s built offline: the tiny one for CPU tests and smoke runs, and the
+# Qwen3-4B architecture for GPU benchmarks and end-to-end checks where no weights can be fetched.
+RANDOM_QWEN3 = {
+    TINY_MODEL: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096),
+    "random-qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
+}
+
+
+def build_random_qwen3(name: str, out: Path, seed: int = 0) -> Path:
+    """A Qwen3 of the named architecture with random weights and the real Qwen3 tokenizer
+    and chat template, saved as an HF folder (bf16 for the 4B, fp32 for the tiny one)."""
     from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    arch = {"vocab_size": len(tokenizer)} | RANDOM_QWEN3[name]
+    config = Qwen3Config(tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos[0], pad_token_id=tokenizer.pad_token_id, **arch)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")], pad_token_id=tokenizer.pad_token_id
-    )
+    dtype = torch.float32 if name == TINY_MODEL else torch.bfloat16
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen3ForCausalLM(config).to(dtype)
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.replace(out)
-    logger.info(f"built {TINY_MODEL} at {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    logger.info(f"built {name} at {out} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights)")
     return out
 
 
 def resolve_model(name: str) -> Path:
-    """A local folder for `name`: tiny-random-qwen3 (built on first use), a local path,
-    models/<basename of the hub id> (where `just download-model` puts it), or the HF cache."""
-    if name == TINY_MODEL:
-        path = MODELS_DIR / TINY_MODEL
-        return path if (path / "config.json").exists() else build_tiny_random_qwen3(path)
+    """A local folder for `name`: a random-weight Qwen3 of RANDOM_QWEN3 (built on first use),
+    a local path, models/<basename of the hub id> (where `just download-model` puts it), or
+    the HF cache."""
+    if name in RANDOM_QWEN3:
+        path = MODELS_DIR / name
+        return path if (path / "config.json").exists() else build_random_qwen3(name, path)
     for path in (Path(name), MODELS_DIR / name.rsplit("/", 1)[-1]):
         if (path / "config.json").exists():
             return path

@@ -105,7 +105,7 @@ class Config:
     """Recompute activations in the backward pass (needed for 4B at long contexts)."""
 
     # Data and rewards
-    problems: Path = DATA / "leetcode" / "train.jsonl"
+    problems: Path = DATA / "leetcode" / "leetcode_train_medhard.jsonl"
     """Training problems, LeetCodeDataset-schema JSONL (`just download-data` writes the real ones)."""
     n_problems: int | None = None
     """Use only the first n problems; None = all."""
@@ -411,8 +411,8 @@ def backward_part(model, adapters, rollouts: list[Rollout], cfg: Config, pad_id:
         ref = None
         if cfg.kl_beta > 0:
             with torch.no_grad(), reference_mode(adapters):
-                ref = completion_logprobs(model, ids, attn)
-        logp = completion_logprobs(model, ids, attn)
+                ref = completion_logprobs(model, ids, attn, mask)
+        logp = completion_logprobs(model, ids, attn, mask)
         old = torch.where(torch.isnan(old), logp.detach(), old)
         per_token, clipped, kl = grpo_token_loss(logp, old, ref, adv, cfg.clip_eps, cfg.kl_beta)
         loss = sequence_loss(per_token, mask, cfg.loss_norm, denominator)
