@@ -485,7 +485,7 @@ def table_row(row: dict) -> str:
     return " ".join(cells)
 
 
-def mean(xs: list[float]) -> float:
+def mean(xs: list[float | int]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
@@ -585,7 +585,7 @@ def main(cfg: Config) -> Path:
 
     pad_id = tokenizer.pad_token_id
     order: list[int] = []
-    print(table_header())
+    tqdm.write(table_header())
     with Grader(cfg.reward, workers=cfg.grader_workers) as grader:
         for step in range(start, cfg.steps + 1):
             t0 = time.time()
@@ -615,7 +615,7 @@ def main(cfg: Config) -> Path:
                 r.grade = grade
             for g in groups:
                 for r in g:
-                    r.reward = cfg.reward.reward(r.grade)
+                    r.reward = cfg.reward.reward(r.grade.compiles, r.grade.gt_pass, r.grade.hinted_pass)
                 adv = group_advantages(torch.tensor([[r.reward for r in g]]), cfg.advantage)[0]
                 for r, a in zip(g, adv.tolist()):
                     r.advantage = a
@@ -626,7 +626,7 @@ def main(cfg: Config) -> Path:
             # Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s).
             optimizer.zero_grad(set_to_none=False)
             n_seq = len(learn_s) + len(learn_t)
-            denominator = n_seq * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1)
+            denominator = float(n_seq * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
             sums_s = backward_part(model, adapters, learn_s, cfg, pad_id, denominator) if learn_s else {}
             g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
             sums_t = backward_part(model, adapters, learn_t, cfg, pad_id, denominator) if learn_t else {}
@@ -671,7 +671,7 @@ def main(cfg: Config) -> Path:
             rows.append(row)
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(table_row(row), flush=True)
+            tqdm.write(table_row(row))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, rows, dtype)
 
