@@ -442,14 +442,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, prompt_gen: torch.Generator, rows: list[dict], dtype: torch.dtype) -> Path:
+def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, prompt_gen: torch.Generator, order: list[int], rows: list[dict], dtype: torch.dtype) -> Path:
     """checkpoints/step_NNNNNN/{delta_S.safetensors, state.pt}, written to a temp folder then renamed."""
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({n: t.contiguous().cpu() for n, t in delta_state(adapters).items()}, tmp / "delta_S.safetensors", metadata={"step": str(step), "model_dtype": str(dtype)})
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "prompt_gen": prompt_gen.get_state(), "rows": rows}, tmp / "state.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "prompt_gen": prompt_gen.get_state(), "order": order, "rows": rows}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -566,6 +566,7 @@ def main(cfg: Config) -> Path:
     schedule = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * (0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)))))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     prompt_gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
     start = 1
     if cfg.resume:
@@ -577,14 +578,13 @@ def main(cfg: Config) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         prompt_gen.set_state(state["prompt_gen"])
-        rows, start = state["rows"], state["step"] + 1
+        order, rows, start = state["order"], state["rows"], state["step"] + 1
         logger.info(f"resumed from {ckpt} at step {start}")
     # The log holds exactly the checkpointed rows: steps after the checkpoint are redone.
     log_path = run_dir / "log.jsonl"
     log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     pad_id = tokenizer.pad_token_id
-    order: list[int] = []
     tqdm.write(table_header())
     with Grader(cfg.reward, workers=cfg.grader_workers) as grader:
         for step in range(start, cfg.steps + 1):
@@ -673,7 +673,7 @@ def main(cfg: Config) -> Path:
                 f.write(json.dumps(row) + "\n")
             tqdm.write(table_row(row))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, rows, dtype)
+                save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, order, rows, dtype)
 
     summary = write_summary(run_dir, rows)
     logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")
