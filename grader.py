@@ -128,7 +128,7 @@ def load_problems(path: str | Path) -> list[Problem]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ProblemFormatError(f"{where}: invalid JSON: {e}") from None
-            problem = problem_from_row(row, where)
+            problem = _problem_from_row(row, where)
             if problem.id in first_line:
                 raise ProblemFormatError(f"{where}: field 'id': {problem.id} already on line {first_line[problem.id]}")
             first_line[problem.id] = line_no
@@ -138,7 +138,7 @@ def load_problems(path: str | Path) -> list[Problem]:
     return problems
 
 
-def problem_from_row(row: Any, where: str) -> Problem:
+def _problem_from_row(row: Any, where: str) -> Problem:
     """Validate one row of the schema; `where` ("path:line") prefixes every error."""
     if not isinstance(row, dict):
         raise ProblemFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -635,7 +635,7 @@ def _verdict(
 # The grader: the trainer's side
 
 WORKER_START_S = 60.0
-OUTER_GRACE_S = 10.0  # beyond a run's wall-clock limit, for the worker's work around it, before it counts as hung
+OUTER_GRACE_S = 5.0  # beyond a run's wall-clock limit, for the worker's work around it, before it counts as hung
 
 
 class _Worker:
@@ -643,7 +643,10 @@ class _Worker:
 
     def __init__(self, timeout_s: float, memory_mb: int):
         self.timeout_s = timeout_s
-        boot = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); import grader; grader._worker_main({timeout_s!r}, {memory_mb!r})"
+        # The caller's module path, not its environment: the worker imports what the caller
+        # could (packages carried on PYTHONPATH included) without inheriting its variables.
+        search_path = [str(REPO_ROOT), *sys.path]
+        boot = f"import sys; sys.path[:0] = {search_path!r}; import grader; grader._worker_main({timeout_s!r}, {memory_mb!r})"
         self.proc = subprocess.Popen(
             [sys.executable, "-s", "-P", "-c", boot],
             stdin=subprocess.PIPE,
@@ -756,13 +759,14 @@ def download_data(out_dir: Path, max_prompt_tokens: int = 1536) -> None:
     canonical solution passes its own asserts and whose prompt (hint "none", Qwen3 chat
     template) has at most max_prompt_tokens tokens. Raises ConnectionError, naming the local
     alternative, when the hub cannot be reached."""
-    # Imported here: only this command needs the hub, and transformers is slow to import.
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download  # here: only this command needs the hub
+
+    files = _hub_files()
+    # Imported after the hub check, which must not wait seconds for torch and transformers.
     from transformers import AutoTokenizer
 
     from svd_adapter import qwen3_tokenizer_dir
 
-    files = _hub_files()
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     with Grader() as grader:
@@ -773,7 +777,7 @@ def download_data(out_dir: Path, max_prompt_tokens: int = 1536) -> None:
             with open(hf_hub_download(HUB_DATASET, name, repo_type="dataset"), encoding="utf-8") as f:
                 examples = [json.loads(line) for line in f if line.strip()]
             rows = [_row_from_hub(e) for e in examples if _benchmark_keeps(e)]
-            problems = [problem_from_row(row, f"{name}:{row['id']}") for row in rows]
+            problems = [_problem_from_row(row, f"{name}:{row['id']}") for row in rows]
             grades = grader.grade(problems, [f"```python\n{p.canonical_solution}\n```" for p in problems])
             kept = [
                 row
