@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from grader import Problem, load_problems, render_prompt
+from grader import Problem, jsonl_rows, load_problems, render_prompt
 from svd_adapter import (
     DEFAULT_TARGETS,
     REPO_ROOT,
@@ -67,14 +67,9 @@ class PairFormatError(ValueError):
 def load_pairs(path: Path, problems: dict[int, Problem]) -> list[Pair]:
     """Pairs file rows {"id", "hack_style", "hack", "clean"}; errors name file, line and field."""
     pairs = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairFormatError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, row in jsonl_rows(path, PairFormatError):
+        if not isinstance(row, dict):
+            raise PairFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
         for key, kind in (("id", int), ("hack_style", str), ("hack", str), ("clean", str)):
             if not isinstance(row.get(key), kind) or (kind is str and not row[key].strip()):
                 raise PairFormatError(f"{where}: field {key!r}: expected a non-empty {kind.__name__}, got {row.get(key)!r:.60}")

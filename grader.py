@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -112,13 +112,9 @@ class ProblemFormatError(ValueError):
     """A malformed problem row: "path:LINE: field 'x': what is wrong"."""
 
 
-def load_problems(path: str | Path) -> list[Problem]:
-    """The problems of a JSONL file in the LeetCodeDataset schema, in file order.
-
-    Every row is validated (types, compiling code, a canonical Solution.<method>); the first
-    bad one raises ProblemFormatError naming file, line and field. A repeated id is an error."""
-    path = Path(path)
-    problems, first_line = [], {}
+def jsonl_rows(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every non-blank line of a JSONL file, where = "path:LINE"; a line
+    that is not JSON raises `error` naming it. Every JSONL reader of the harness uses this."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -127,12 +123,22 @@ def load_problems(path: str | Path) -> list[Problem]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ProblemFormatError(f"{where}: invalid JSON: {e}") from None
-            problem = _problem_from_row(row, where)
-            if problem.id in first_line:
-                raise ProblemFormatError(f"{where}: field 'id': {problem.id} already on line {first_line[problem.id]}")
-            first_line[problem.id] = line_no
-            problems.append(problem)
+                raise error(f"{where}: invalid JSON: {e}") from None
+            yield where, row
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """The problems of a JSONL file in the LeetCodeDataset schema, in file order.
+
+    Every row is validated (types, compiling code, a canonical Solution.<method>); the first
+    bad one raises ProblemFormatError naming file, line and field. A repeated id is an error."""
+    problems, first_seen = [], {}
+    for where, row in jsonl_rows(path, ProblemFormatError):
+        problem = _problem_from_row(row, where)
+        if problem.id in first_seen:
+            raise ProblemFormatError(f"{where}: field 'id': {problem.id} already at {first_seen[problem.id]}")
+        first_seen[problem.id] = where
+        problems.append(problem)
     if not problems:
         raise ProblemFormatError(f"{path}: no problems")
     return problems

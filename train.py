@@ -53,7 +53,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from extract import LossNorm, default_v_hack_path, expected_header, load_pairs, noise_cut, resolve_v_hack
-from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
+from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
 from projection import Gate, Projector
 from svd_adapter import (
     DEFAULT_TARGETS,
@@ -198,9 +198,9 @@ PRESETS: dict[str, tuple[str, Config]] = {
     )),
     "fast-dev-run": ("tiny-random-qwen3 on CPU at larger numbers: every bundled problem, real group sizes", Config(
         name="fast-dev-run", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems.jsonl", steps=10, prompts_per_step=4, group_size=8, teacher_mix=0.25,
-        sampling=Sampling(max_new_tokens=128, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
-        warmup_steps=2, lr=1e-2, checkpoint_every=5,
+        problems=DATA / "problems.jsonl", steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
+        sampling=Sampling(max_new_tokens=64, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
+        warmup_steps=2, lr=1e-2, checkpoint_every=4,
     )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
         name="fast", problems=DATA / "problems.jsonl", steps=30, prompts_per_step=8, group_size=8,
@@ -322,10 +322,9 @@ def build_pool(pc: PoolConfig) -> Path:
     source = Path(pc.source)
     if source.suffix == ".jsonl":
         items = []
-        for lineno, line in enumerate(source.read_text().splitlines(), 1):
-            row = json.loads(line)
-            if row.get("id") not in problems or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{source}:{lineno}: needs an 'id' from {pc.problems} and a string 'completion'")
+        for where, row in jsonl_rows(source):
+            if not isinstance(row, dict) or row.get("id") not in problems or not isinstance(row.get("completion"), str):
+                raise ValueError(f"{where}: needs an 'id' from {pc.problems} and a string 'completion'")
             items.append((problems[row["id"]], row["completion"]))
     else:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if pc.device == "auto" else pc.device
@@ -352,11 +351,13 @@ def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade]]]:
     if not path.exists():
         raise FileNotFoundError(f"teacher pool {path} does not exist; build it with `just build-pool` (hint {hint!r}) or set teacher_mix=0")
     pool: dict[int, list[tuple[str, Grade]]] = {}
-    labels = Grade.__dataclass_fields__.keys()
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    fields = ("id", "hint", "completion", *Grade.__dataclass_fields__)
+    for where, row in jsonl_rows(path):
+        missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise ValueError(f"{where}: teacher pool row lacks {missing}; rebuild the pool with `just build-pool`")
         if row["hint"] == hint:
-            pool.setdefault(row["id"], []).append((row["completion"], Grade(**{k: row[k] for k in labels})))
+            pool.setdefault(row["id"], []).append((row["completion"], Grade(**{k: row[k] for k in Grade.__dataclass_fields__})))
     if not pool:
         raise ValueError(f"teacher pool {path} has no completions for hint {hint!r}; rebuild it with `just build-pool --hint {hint}`")
     return pool

@@ -123,5 +123,5 @@ def test_malformed_pairs_are_named(tmp_path):
         with pytest.raises(PairFormatError, match=f"pairs.jsonl:2: field '{field}'"):
             load_pairs(path, PROBLEMS)
     path.write_text("{not json\n")
-    with pytest.raises(PairFormatError, match="pairs.jsonl:1: not valid JSON"):
+    with pytest.raises(PairFormatError, match="pairs.jsonl:1: invalid JSON"):
         load_pairs(path, PROBLEMS)
