@@ -136,8 +136,8 @@ def load_problems(path: str | Path) -> list[Problem]:
     for where, row in jsonl_rows(path, ProblemFormatError):
         problem = _problem_from_row(row, where)
         if problem.id in first_seen:
-            raise ProblemFormatError(f"{where}: field 'id': {problem.id} already at {first_seen[problem.id]}")
-        first_seen[problem.id] = where
+            raise ProblemFormatError(f"{where}: field 'id': {problem.id} already on line {first_seen[problem.id]}")
+        first_seen[problem.id] = where.rsplit(":", 1)[1]
         problems.append(problem)
     if not problems:
         raise ProblemFormatError(f"{path}: no problems")

@@ -278,7 +278,10 @@ def build_random_qwen3(name: str, out: Path, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(out)
+    try:
+        tmp.replace(out)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp)
     logger.info(f"built {name} at {out} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights)")
     return out
 

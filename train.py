@@ -429,6 +429,13 @@ def backward_part(model, adapters, rollouts: list[Rollout], cfg: Config, pad_id:
 # Checkpoints
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at the last step."""
+    warmup = min(1.0, (step + 1) / max(warmup_steps, 1))
+    progress = min(1.0, max(0, step - warmup_steps) / max(total_steps - warmup_steps, 1))
+    return warmup * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -564,8 +571,7 @@ def main(cfg: Config) -> Path:
     projector = Projector(v_hack, {n: a.rank for n, a in adapters.items()}, cfg.gate, apply=cfg.intervention == "projected")
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    schedule = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * (0.5 * (1 + math.cos(math.pi * min(1.0, max(0, s - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)))))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     prompt_gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
