@@ -489,7 +489,7 @@ def table_row(row: dict) -> str:
     cells = []
     for key, _, w, fmt in COLUMNS:
         v = row[key]
-        cells.append(f"{'-':>{w}}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:>{w}{fmt}}")
+        cells.append(f"{'-':>{w}}" if v is None else f"{v:>{w}{fmt}}")
     return " ".join(cells)
 
 
@@ -534,6 +534,8 @@ def main(cfg: Config) -> Path:
     # Run folder: a fresh one, or the one we resume (whose config must match this one).
     if cfg.resume:
         run_dir = cfg.resume
+        if not (run_dir / "config.json").exists():
+            raise FileNotFoundError(f"--resume {run_dir}: not a run folder (it has no config.json)")
         saved = json.loads((run_dir / "config.json").read_text())
         now = json.loads(json.dumps(asdict(replace(cfg, resume=None)), default=str))
         diff = [k for k in now if saved.get(k) != now[k]]
@@ -675,6 +677,7 @@ def main(cfg: Config) -> Path:
                 "rollouts_per_s": len(student) / seconds,
                 "seconds": seconds,
             }
+            row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # JSON has no NaN
             rows.append(row)
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
