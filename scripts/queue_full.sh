@@ -24,7 +24,7 @@ fi
 submit() {  # submit [DEPENDENCY_ID] CMD... ; prints the new job's id
     local after=$1; shift
     if (( dry_run )); then
-        echo "[$queue${after:+ after $after}] $*" >&2
+        echo "[$queue${after:+ after $after}] $*" >&3
         echo "job$((++fake_id))"
     elif [[ $queue == pueue ]]; then
         pueue add --print-task-id ${after:+--after "$after"} -- "$@"
@@ -33,6 +33,7 @@ submit() {  # submit [DEPENDENCY_ID] CMD... ; prints the new job's id
     fi
 }
 
+exec 3>&1  # submit's stdout is captured for the job id; dry-run lines go to the real stdout
 fake_id=0
 extract_id=$(submit "" $extract_cmd)
 for seed in "${seeds[@]}"; do

@@ -130,3 +130,33 @@ def test_presets_resolve():
     full = PRESETS["full"][1]
     assert (full.steps, full.prompts_per_step, full.group_size, full.sampling.temperature, full.sampling.top_p, full.kl_beta, full.sampling.max_new_tokens) == (200, 16, 16, 0.7, 0.95, 1e-3, 1536)
     assert split_group(smoke) == (1, 1) and split_group(full) == (16, 0)
+
+
+def test_pool_from_a_model_is_graded_and_keyed_by_hint(tmp_path):
+    from grader import load_problems
+    from train import Sampling, load_pool
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join((ROOT / "data" / "problems.jsonl").read_text().splitlines(keepends=True)[:3]))
+    out = build_pool(PoolConfig(source="tiny-random-qwen3", problems=problems, hint="aware", samples_per_problem=2,
+                                sampling=Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0), device="cpu", out=tmp_path / "pool.jsonl"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and {r["hint"] for r in rows} == {"aware"} and {r["source"] for r in rows} == {"tiny-random-qwen3"}
+    assert all(r["error"] == "no code block" and r["reward"] == 0.0 for r in rows)  # 8 random tokens are no code
+    assert sorted(load_pool(out, "aware")) == sorted(p.id for p in load_problems(problems))
+    with pytest.raises(ValueError, match="no completions for hint 'run_tests'"):
+        load_pool(out, "run_tests")  # a pool built for another hint is never used
+    out.write_text(out.read_text() + '{"id": 1}\n')
+    with pytest.raises(ValueError, match="pool.jsonl:7: teacher pool row lacks"):
+        load_pool(out, "aware")
+
+
+def test_queue_full_dry_run_lists_extraction_then_six_dependent_jobs():
+    proc = subprocess.run(["bash", "scripts/queue_full.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "extract.py --model Qwen/Qwen3-4B" in lines[0] and " after " not in lines[0]
+    jobs = lines[1:]
+    assert len(jobs) == 6 and all(" after job1]" in j and "train.py full" in j for j in jobs)
+    assert sorted((j.split("--intervention ")[1].split()[0], j.split("--seed ")[1]) for j in jobs) == sorted(
+        (arm, seed) for arm in ("vanilla", "projected") for seed in ("1", "2", "3"))
