@@ -35,7 +35,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -206,8 +206,10 @@ PRESETS: dict[str, tuple[str, Config]] = {
         name="fast", problems=DATA / "problems.jsonl", steps=30, prompts_per_step=8, group_size=8,
         teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48), checkpoint_every=10,
     )),
+    # Generation batch 64: its KV cache at 1536 + 1536 tokens is ~29 GB; 128 would not fit on an
+    # 80 GB H100 beside the weights (8 GB), U and Vh (10 GB) and the unmerged copy kept while merged (8 GB).
     "full": ("Qwen3-4B at the benchmark's scale: 200 steps x 16 prompts x 16 rollouts, 1536 new tokens", Config(
-        name="full", steps=200, prompts_per_step=16, group_size=16, sampling=Sampling(max_new_tokens=1536, batch=128),
+        name="full", steps=200, prompts_per_step=16, group_size=16, sampling=Sampling(max_new_tokens=1536, batch=64),
     )),
 }
 

@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +8,11 @@ from extract import (
     PairFormatError,
     default_v_hack_path,
     expected_header,
-    extract_v_hack,
     hack_basis,
     load_pairs,
     noise_cut,
     read_v_hack,
     resolve_v_hack,
-    save_v_hack,
 )
 from grader import Grader, load_problems, user_prompt
 from svd_adapter import DEFAULT_TARGETS, REPO_ROOT, load_model, wrap_svd
