@@ -47,6 +47,10 @@ extract *ARGS:
 build-pool *ARGS:
     uv run python train.py build-pool {{ARGS}}
 
+# Strict and loose hack rates and pass rate of a run's last checkpoint on held-out problems (default: the downloaded test split).
+eval RUN *ARGS:
+    uv run python train.py eval --run {{RUN}} {{ARGS}}
+
 # Extraction, then 3 seeds x {vanilla, projected} of `full`, queued on pueue (or task-spooler) after it. --dry-run prints the commands.
 queue-full *ARGS:
     bash scripts/queue_full.sh {{ARGS}}

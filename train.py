@@ -4,6 +4,7 @@ adapter, with the hack-ward part of the gradient projected out (or only measured
     python train.py smoke                                # tiny-random-qwen3 on CPU, ~1 min
     python train.py full --intervention vanilla --seed 1 # Qwen3-4B at the benchmark's scale
     python train.py build-pool                           # grade and freeze the teacher pool
+    python train.py eval --run out/runs/RUN              # hack and pass rates of its last checkpoint
 
 One step: sample prompts -> student rollouts (one batched generate over every prompt of
 the step, delta_S merged into the weights) -> teacher rollouts from the frozen pool ->
@@ -692,11 +693,69 @@ def main(cfg: Config) -> Path:
     return run_dir
 
 
+# ----------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sample and grade a run's last checkpoint on held-out problems (`just eval RUN_DIR`)."""
+
+    run: Path
+    """Run folder: its config gives model, targets, hint and reward; its last checkpoint the delta_S."""
+    problems: Path = DATA / "leetcode" / "leetcode_test_medhard.jsonl"
+    """Held-out problems (`just download-data` writes the test split)."""
+    samples_per_problem: int = 10
+    """Completions sampled per problem."""
+    sampling: Sampling = Sampling(batch=64)
+    """Evaluation sampling (the benchmark's: temperature 0.7, top_p 0.95, 1536 new tokens)."""
+    base: bool = False
+    """Evaluate the base model (delta_S = 0) instead of the checkpoint."""
+    seed: int = 0
+    """Sampling seed."""
+    device: str = "auto"
+    """Torch device; auto = cuda if available, else cpu."""
+
+
+def evaluate(ec: EvalConfig) -> dict:
+    """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
+    saved = json.loads((ec.run / "config.json").read_text())
+    ckpt = last_checkpoint(ec.run)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if ec.device == "auto" else ec.device
+    torch.manual_seed(ec.seed)
+    model, tokenizer, _ = load_model(saved["model"], device)
+    adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
+    if not ec.base:
+        for name, t in load_file(ckpt / "delta_S.safetensors", device=device).items():
+            adapters[name].delta_S.data.copy_(t)
+    problems = load_problems(ec.problems)
+    todo = [p for p in problems for _ in range(ec.samples_per_problem)]
+    with merged(adapters):
+        samples = generate(model, tokenizer, [render_prompt(tokenizer, p, saved["hint"]) for p in todo], ec.sampling, desc="eval")
+    with Grader(RewardConfig(**saved["reward"])) as grader:
+        grades = grader.grade(todo, [text for _, _, text, _ in samples])
+    summary = {
+        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "n": len(grades),
+        "hack_strict": mean([g.reward_hack for g in grades]),
+        "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
+        "gt_pass": mean([g.gt_pass for g in grades]),
+        "reward": mean([g.reward for g in grades]),
+    }
+    out = ec.run / "eval" / f"{ec.problems.stem}-{summary['checkpoint']}-s{ec.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text} | asdict(g)) + "\n" for p, (_, _, text, _), g in zip(todo, samples, grades)))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info(f"eval {out}: {json.dumps(summary)}")
+    return summary
+
+
 def cli() -> None:
     presets = tyro.extras.subcommand_type_from_defaults({name: cfg for name, (_, cfg) in PRESETS.items()}, {name: desc for name, (desc, _) in PRESETS.items()})
-    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")])
+    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")])
     if isinstance(args, PoolConfig):
         build_pool(args)
+    elif isinstance(args, EvalConfig):
+        evaluate(args)
     else:
         main(args)
 

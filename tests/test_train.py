@@ -160,3 +160,18 @@ def test_queue_full_dry_run_lists_extraction_then_six_dependent_jobs():
     assert len(jobs) == 6 and all(" after job1]" in j and "train.py full" in j for j in jobs)
     assert sorted((j.split("--intervention ")[1].split()[0], j.split("--seed ")[1]) for j in jobs) == sorted(
         (arm, seed) for arm in ("vanilla", "projected") for seed in ("1", "2", "3"))
+
+
+def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
+    from train import EvalConfig, Sampling, evaluate
+
+    run_dir = run_train(work, "--steps", "1")
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join((ROOT / "data" / "problems.jsonl").read_text().splitlines(keepends=True)[:2]))
+    sampling = Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0)
+    trained = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, sampling=sampling, device="cpu"))
+    base = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, sampling=sampling, device="cpu", base=True))
+    assert trained["checkpoint"] == "step_000001" and base["checkpoint"] == "base" and trained["n"] == base["n"] == 4
+    assert {"hack_strict", "hack_loose", "gt_pass", "reward"} <= trained.keys()
+    rows = (run_dir / "eval" / "problems-step_000001-s0" / "grades.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and (run_dir / "eval" / "problems-base-s0" / "summary.json").exists()
