@@ -73,18 +73,19 @@ class SVDLinear(nn.Module):
         h = F.linear(x, self.Vh) * self.delta_S.to(x.dtype)
         return y + F.linear(h, self.U)
 
+    # Both write into the weight's own storage: a compiled, CUDA-graphed decode step keeps
+    # reading the same addresses.
     @torch.no_grad()
     def merge(self) -> None:
         assert self.merged_from is None, "already merged"
         W = self.base.weight
-        merged = W.float() + (self.U.float() * self.delta_S) @ self.Vh.float()
-        self.merged_from = W.data
-        W.data = merged.to(W.dtype)
+        self.merged_from = W.detach().clone()
+        W.copy_(W.float() + (self.U.float() * self.delta_S) @ self.Vh.float())
 
     @torch.no_grad()
     def unmerge(self) -> None:
         assert self.merged_from is not None, "not merged"
-        self.base.weight.data = self.merged_from
+        self.base.weight.copy_(self.merged_from)
         self.merged_from = None
 
 

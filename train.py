@@ -89,6 +89,10 @@ class Sampling:
     """Nucleus sampling mass."""
     batch: int = 64
     """Sequences per generate call."""
+    static_cache_bucket: int = 0
+    """0: dynamic KV cache. >0: static KV cache with a compiled decode step (CUDA; ~2.5-3x faster
+    decoding after a ~1 min compile per shape), prompts left-padded to a multiple of this many
+    tokens so that few shapes occur."""
 
 
 @dataclass(frozen=True)
@@ -205,12 +209,12 @@ PRESETS: dict[str, tuple[str, Config]] = {
     )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
         name="fast", problems=DATA / "problems.jsonl", steps=30, prompts_per_step=8, group_size=8,
-        teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48), checkpoint_every=10,
+        teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48, static_cache_bucket=512), checkpoint_every=10,
     )),
     # Generation batch 64: its KV cache at 1536 + 1536 tokens is ~29 GB; 128 would not fit on an
     # 80 GB H100 beside the weights (8 GB), U and Vh (10 GB) and the unmerged copy kept while merged (8 GB).
     "full": ("Qwen3-4B at the benchmark's scale: 200 steps x 16 prompts x 16 rollouts, 1536 new tokens", Config(
-        name="full", steps=200, prompts_per_step=16, group_size=16, sampling=Sampling(max_new_tokens=1536, batch=64),
+        name="full", steps=200, prompts_per_step=16, group_size=16, sampling=Sampling(max_new_tokens=1536, batch=64, static_cache_bucket=512),
     )),
 }
 
@@ -274,12 +278,15 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling, desc: str
     eos_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
     out = []
     for i in tqdm(range(0, len(prompts), sampling.batch), desc=desc, leave=False):
-        enc = tokenizer(prompts[i : i + sampling.batch], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        enc = tokenizer(
+            prompts[i : i + sampling.batch], return_tensors="pt", padding=True, add_special_tokens=False,
+            pad_to_multiple_of=sampling.static_cache_bucket or None,
+        ).to(model.device)
         recorder = SampledLogprobs()
         seqs = model.generate(
             **enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
             max_new_tokens=sampling.max_new_tokens, logits_processor=LogitsProcessorList([recorder]),
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id, cache_implementation="static" if sampling.static_cache_bucket else None,
         )
         logprobs = recorder.finish(seqs)
         prompt_len = enc["input_ids"].shape[1]

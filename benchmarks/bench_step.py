@@ -10,7 +10,9 @@ forced (no EOS), so random weights cost what real ones would.
 Reported:
 - SVD wrap, cold (fresh cache: SVD + save) vs warm (cache hit: load + reconstruction check).
 - Generation tok/s: the plain model (baseline) vs the adapter merged into the weights (what
-  rollouts use) vs the adapter's hooked path (U diag(delta_S) Vh as extra matmuls).
+  rollouts use) vs the adapter's hooked path (U diag(delta_S) Vh as extra matmuls) vs merged
+  with a static KV cache and compiled decode step (`static_cache_bucket`; its first call,
+  the compile, is reported apart).
 - Learner: forward+backward of the per-token log-probs on delta_S, tok/s and peak memory.
 - Projection: one Projector call over every module vs one learner micro-batch (the ratio
   is the projection's share of a step's learner time, an upper bound).
@@ -76,10 +78,11 @@ def main(args: Args) -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(1000, 100000, (args.batch, args.prompt_tokens), generator=gen).to(device)
 
-    def generate() -> None:
+    def generate(cache_implementation: str | None = None) -> None:
         model.generate(
             input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id,
+            cache_implementation=cache_implementation,
         )
 
     gen_tokens = args.batch * args.new_tokens
@@ -103,9 +106,13 @@ def main(args: Args) -> None:
         torch.nn.init.normal_(a.delta_S, std=1e-3)
     with merged(adapters):
         merged_tps = gen_tokens / timed(generate)
+        t = time.perf_counter()
+        static_tps = gen_tokens / timed(lambda: generate("static"))  # the warm-up call compiles
+        static_first = time.perf_counter() - t - gen_tokens / static_tps
     hooked_tps = gen_tokens / timed(generate)
     print(f"generate {args.batch} x {args.new_tokens} new tokens (prompt {args.prompt_tokens}): plain {plain:,.0f} tok/s, "
-          f"merged {merged_tps:,.0f} tok/s ({merged_tps / plain:.2f}x plain), hooked {hooked_tps:,.0f} tok/s ({hooked_tps / plain:.2f}x plain)")
+          f"merged {merged_tps:,.0f} tok/s ({merged_tps / plain:.2f}x plain), hooked {hooked_tps:,.0f} tok/s ({hooked_tps / plain:.2f}x plain), "
+          f"merged + static cache {static_tps:,.0f} tok/s ({static_tps / plain:.2f}x plain; first call {static_first:.0f} s)")
 
     if device == "cuda":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -175,3 +175,28 @@ def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
     assert {"hack_strict", "hack_loose", "gt_pass", "reward"} <= trained.keys()
     rows = (run_dir / "eval" / "problems-step_000001-s0" / "grades.jsonl").read_text().splitlines()
     assert len(rows) == 4 and (run_dir / "eval" / "problems-base-s0" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("bucket", [0, 64])
+def test_sampler_logprobs_match_the_learner(tmp_path, bucket):
+    """The PPO ratio is taken against logprobs recorded while sampling (merged weights, KV
+    cache, left padding); the learner recomputes them on the adapter path: they must agree."""
+    from grader import load_problems, render_prompt
+    from svd_adapter import DEFAULT_TARGETS, completion_logprobs, load_model, merged, wrap_svd
+    from train import Rollout, Sampling, collate, generate
+
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path / "svd")
+    for a in adapters.values():
+        torch.nn.init.normal_(a.delta_S, std=0.5)
+    problems = load_problems(ROOT / "data" / "problems.jsonl")[:3]  # prompts of different lengths: left padding
+    with merged(adapters):
+        samples = generate(model, tokenizer, [render_prompt(tokenizer, p, "run_tests") for p in problems],
+                           Sampling(max_new_tokens=12, temperature=1.0, top_p=1.0, static_cache_bucket=bucket))
+    rollouts = [Rollout(p, pi, ci, text, False, lp) for p, (pi, ci, text, lp) in zip(problems, samples)]
+    assert all(len(r.completion_ids) == len(r.old_logprobs) > 0 for r in rollouts)
+    ids, attn, mask, old, _ = collate(rollouts, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        logp = completion_logprobs(model, ids, attn, mask)
+    assert torch.allclose(logp[mask], old[mask], atol=1e-3), (logp[mask] - old[mask]).abs().max()
