@@ -20,7 +20,7 @@ below a global quantile, and drops modules left with none.
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +43,7 @@ from svd_adapter import (
     completion_logprobs,
     load_model,
     model_fingerprint,
+    pick_device,
     sequence_loss,
     wrap_svd,
 )
@@ -241,8 +242,8 @@ class ExtractConfig:
     """NLL normalisation; must match the training loss's (train.py's default: constant)."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Linear layers (by last name component) rewritten into SVD coordinates."""
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
-    """Torch device."""
+    device: str = "auto"
+    """Torch device; auto = cuda if available, else cpu."""
     cache_dir: Path = REPO_ROOT / "out" / "cache"
     """SVD cache (cache_dir/svd) and default v_hack location (cache_dir/v_hack)."""
 
@@ -250,7 +251,7 @@ class ExtractConfig:
 def main(cfg: ExtractConfig) -> Path:
     problems = {p.id: p for p in load_problems(cfg.problems)}
     pairs = load_pairs(cfg.pairs, problems)
-    model, tokenizer, dtype = load_model(cfg.model, cfg.device)
+    model, tokenizer, dtype = load_model(cfg.model, pick_device(cfg.device))
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
     header = expected_header(cfg.model, adapters, dtype, cfg.targets, cfg.pairs, len(pairs), cfg.k, cfg.loss_norm)
     path = cfg.out or default_v_hack_path(header, cfg.cache_dir / "v_hack")

@@ -195,6 +195,15 @@ def delta_state(adapters: dict[str, SVDLinear]) -> dict[str, Tensor]:
     return {name: a.delta_S.detach() for name, a in adapters.items()}
 
 
+def load_delta(adapters: dict[str, SVDLinear], path: Path) -> None:
+    """delta_S of every adapter from a checkpoint's delta_S.safetensors (names must match)."""
+    saved = load_file(path)
+    if saved.keys() != adapters.keys():
+        raise ValueError(f"{path} holds delta_S for other modules than this model's adapters ({len(saved)} vs {len(adapters)} modules)")
+    for name, t in saved.items():
+        adapters[name].delta_S.data.copy_(t)
+
+
 def delta_grads(adapters: dict[str, SVDLinear]) -> dict[str, Tensor]:
     """The current .grad of every delta_S (zeros where none was accumulated)."""
     return {name: a.delta_S.grad if a.delta_S.grad is not None else torch.zeros_like(a.delta_S) for name, a in adapters.items()}
@@ -272,7 +281,7 @@ def build_random_qwen3(name: str, out: Path, seed: int = 0) -> Path:
     config = Qwen3Config(tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos[0], pad_token_id=tokenizer.pad_token_id, **arch)
     torch.manual_seed(seed)
     dtype = torch.float32 if name == TINY_MODEL else torch.bfloat16
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device(pick_device("auto")):
         model = Qwen3ForCausalLM(config).to(dtype)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -320,6 +329,11 @@ def download_model(repo_id: str, out: Path) -> Path:
             f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             f"This machine may have no hub access: copy the model folder to {out} by hand, or pass a local path as --model."
         ) from None
+
+
+def pick_device(device: str) -> str:
+    """'auto' means cuda when a GPU is visible, else cpu; anything else is used as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def load_model(name: str, device: str) -> tuple[nn.Module, object, torch.dtype]:

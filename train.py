@@ -48,7 +48,7 @@ import torch
 import tyro
 from jaxtyping import Bool, Float, Int
 from loguru import logger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -62,8 +62,10 @@ from svd_adapter import (
     completion_logprobs,
     delta_grads,
     delta_state,
+    load_delta,
     load_model,
     merged,
+    pick_device,
     reference_mode,
     sequence_loss,
     wrap_svd,
@@ -221,7 +223,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
 
 def resolve(cfg: Config) -> Config:
     """Fill the values a preset leaves open."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = pick_device(cfg.device)
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
     return replace(cfg, device=device, teacher_pool=pool)
 
@@ -337,8 +339,7 @@ def build_pool(pc: PoolConfig) -> Path:
                 raise ValueError(f"{where}: needs an 'id' from {pc.problems} and a string 'completion'")
             items.append((problems[row["id"]], row["completion"]))
     else:
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if pc.device == "auto" else pc.device
-        model, tokenizer, _ = load_model(pc.source, device)
+        model, tokenizer, _ = load_model(pc.source, pick_device(pc.device))
         todo = [p for p in problems.values() for _ in range(pc.samples_per_problem)]
         samples = generate(model, tokenizer, [render_prompt(tokenizer, p, pc.hint) for p in todo], pc.sampling, desc="teacher")
         items = [(p, text) for p, (_, _, text, _) in zip(todo, samples)]
@@ -590,8 +591,7 @@ def main(cfg: Config) -> Path:
     start = 1
     if cfg.resume:
         ckpt = last_checkpoint(run_dir)
-        for name, t in load_file(ckpt / "delta_S.safetensors", device=cfg.device).items():
-            adapters[name].delta_S.data.copy_(t)
+        load_delta(adapters, ckpt / "delta_S.safetensors")
         state = torch.load(ckpt / "state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -728,13 +728,11 @@ def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
     saved = json.loads((ec.run / "config.json").read_text())
     ckpt = last_checkpoint(ec.run)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if ec.device == "auto" else ec.device
     torch.manual_seed(ec.seed)
-    model, tokenizer, _ = load_model(saved["model"], device)
+    model, tokenizer, _ = load_model(saved["model"], pick_device(ec.device))
     adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
     if not ec.base:
-        for name, t in load_file(ckpt / "delta_S.safetensors", device=device).items():
-            adapters[name].delta_S.data.copy_(t)
+        load_delta(adapters, ckpt / "delta_S.safetensors")
     problems = load_problems(ec.problems)
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]
     with merged(adapters):

@@ -33,7 +33,7 @@ import tyro
 from extract import load_pairs, extract_v_hack
 from grader import load_problems
 from projection import Projector
-from svd_adapter import DEFAULT_TARGETS, REPO_ROOT, completion_logprobs, load_model, merged, wrap_svd
+from svd_adapter import DEFAULT_TARGETS, REPO_ROOT, completion_logprobs, load_model, merged, pick_device, wrap_svd
 
 
 @dataclass
@@ -71,7 +71,7 @@ def timed(fn, repeat: int = 1) -> float:
 
 
 def main(args: Args) -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device("auto")
     name = args.model or ("random-qwen3-4b" if device == "cuda" else "tiny-random-qwen3")
     model, tokenizer, dtype = load_model(name, device)
     print(f"# bench_step: {name}, {dtype}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
