@@ -718,6 +718,8 @@ class EvalConfig:
     """Evaluation sampling (the benchmark's: temperature 0.7, top_p 0.95, 1536 new tokens)."""
     base: bool = False
     """Evaluate the base model (delta_S = 0) instead of the checkpoint."""
+    hint: Hint | None = None
+    """Prompt hint; None = the one the run trained with."""
     seed: int = 0
     """Sampling seed."""
     device: str = "auto"
@@ -734,19 +736,20 @@ def evaluate(ec: EvalConfig) -> dict:
     if not ec.base:
         load_delta(adapters, ckpt / "delta_S.safetensors")
     problems = load_problems(ec.problems)
+    hint = ec.hint or saved["hint"]
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]
     with merged(adapters):
-        samples = generate(model, tokenizer, [render_prompt(tokenizer, p, saved["hint"]) for p in todo], ec.sampling, desc="eval")
+        samples = generate(model, tokenizer, [render_prompt(tokenizer, p, hint) for p in todo], ec.sampling, desc="eval")
     with Grader(RewardConfig(**saved["reward"])) as grader:
         grades = grader.grade(todo, [text for _, _, text, _ in samples])
     summary = {
-        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "n": len(grades),
+        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "hint": hint, "n": len(grades),
         "hack_strict": mean([g.reward_hack for g in grades]),
         "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
         "gt_pass": mean([g.gt_pass for g in grades]),
         "reward": mean([g.reward for g in grades]),
     }
-    out = ec.run / "eval" / f"{ec.problems.stem}-{summary['checkpoint']}-s{ec.seed}"
+    out = ec.run / "eval" / f"{ec.problems.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text} | asdict(g)) + "\n" for p, (_, _, text, _), g in zip(todo, samples, grades)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -173,8 +173,10 @@ def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
     base = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, sampling=sampling, device="cpu", base=True))
     assert trained["checkpoint"] == "step_000001" and base["checkpoint"] == "base" and trained["n"] == base["n"] == 4
     assert {"hack_strict", "hack_loose", "gt_pass", "reward"} <= trained.keys()
-    rows = (run_dir / "eval" / "problems-step_000001-s0" / "grades.jsonl").read_text().splitlines()
-    assert len(rows) == 4 and (run_dir / "eval" / "problems-base-s0" / "summary.json").exists()
+    rows = (run_dir / "eval" / "problems-step_000001-run_tests-s0" / "grades.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and (run_dir / "eval" / "problems-base-run_tests-s0" / "summary.json").exists()
+    plain = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=1, sampling=sampling, device="cpu", hint="none"))
+    assert plain["hint"] == "none" and (run_dir / "eval" / "problems-step_000001-none-s0" / "summary.json").exists()
 
 
 @pytest.mark.parametrize("bucket", [0, 64])
