@@ -86,6 +86,12 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def written_completion_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a completion that was written, not sampled (pairs, teacher pool), ending
+    in the EOS a sampled rollout ends with."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 def completion_nll_grad(
     model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str, loss_norm: LossNorm
 ) -> dict[str, Tensor]:
@@ -93,7 +99,7 @@ def completion_nll_grad(
     that ends a rollout included), normalised like the training loss."""
     device = next(model.parameters()).device
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    completion_ids = written_completion_ids(tokenizer, completion)
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
     mask = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
     mask[:, len(prompt_ids) - 1 :] = True  # position i scores token i + 1

@@ -68,10 +68,6 @@ class Projector:
         self.n_modules = len(v_hack)
         self.null = (n_axes / (2 * sum(ranks.values()))) ** 0.5
 
-    def to(self, device: torch.device | str) -> "Projector":
-        self.V_by_rank = {r: V.to(device) for r, V in self.V_by_rank.items()}
-        return self
-
     def _coefficients(self, grads: dict[str, Tensor]) -> dict[int, tuple[Tensor, Tensor]]:
         """Per rank group: the stacked gradients (m, r) and their coefficients c = V g (m, k)."""
         out = {}

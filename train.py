@@ -53,7 +53,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from extract import LossNorm, default_v_hack_path, expected_header, load_pairs, noise_cut, resolve_v_hack
+from extract import LossNorm, default_v_hack_path, expected_header, load_pairs, noise_cut, resolve_v_hack, written_completion_ids
 from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
 from projection import Gate, Projector
 from svd_adapter import (
@@ -623,8 +623,7 @@ def main(cfg: Config) -> Path:
                 prompt_ids = group[0].prompt_ids
                 for j in range(n_teacher if p.id in pool else 0):
                     text, grade = pool[p.id][torch.randint(len(pool[p.id]), (1,)).item()]
-                    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                    group.append(Rollout(p, prompt_ids, ids, text, True, None, grade))
+                    group.append(Rollout(p, prompt_ids, written_completion_ids(tokenizer, text), text, True, None, grade))
                 groups.append(group)
             t_gen = time.time() - t0
 

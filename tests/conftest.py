@@ -11,7 +11,7 @@ import typecheck  # noqa: E402,F401
 
 import pytest  # noqa: E402
 
-SHARED_SPLIT = ROOT.parent / "shared" / "data" / "leetcode_test_medhard.jsonl"
+from grader import SHARED_SPLIT  # noqa: E402
 
 
 @pytest.fixture(scope="session")
