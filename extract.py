@@ -1,25 +1,39 @@
 """Extracting v_hack, the hack-direction basis in delta_S coordinates, from contrastive pairs.
 
-For each (prompt, hack, clean) pair of data/pairs.jsonl (prompts rendered by grader.py
-with the run_tests hint, exactly as in training) we take the gradient on every delta_S
-of the completion NLL of the hack and of the clean completion (completion tokens only,
-normalised like the training loss), and their difference d = grad NLL(hack) - grad
-NLL(clean). Per module, the SVD of the stacked d (n_pairs x r) gives the top-k right
-singular vectors; each is oriented so that most pairs have d . v > 0. With that sign a
-loss gradient g with v . g > 0 is hack-ward: the descent step -lr g lowers
-NLL(hack) - NLL(clean), i.e. makes hacking relatively more likely.
+For each (prompt, hack, clean) pair of a pairs file (prompts rendered by grader.py with the
+run_tests hint, exactly as in training) we take the gradient on every delta_S of each
+completion's NLL (completion tokens only, the EOS that ends a rollout included) and the
+difference d = grad NLL(hack) - grad NLL(clean), the NLL being either summed over the
+completion's tokens (`norm="sum"`) or averaged over them (`token_mean`; then d does not
+grow with the completions' lengths). A gradient g with v . g > 0 for a hack-ward axis v is
+hack-ward: the descent step -lr g lowers NLL(hack) - NLL(clean) along v.
 
-The result is saved as safetensors (`<module>.V`: k x r, `<module>.S`: k) with a header
-naming everything it depends on (model, weight fingerprint, dtype, targets, pairs file
-hash, n_pairs, k, normalisation, code version). `resolve_v_hack` never reuses a file
-whose header differs from the current run's: it re-extracts, or raises naming the field.
+Per module, from the stack D (n_pairs x r) of differences:
+- `svd` (the method as specified): the top-k right singular vectors of D, each oriented so
+  that most pairs have d . v > 0. D^T D does not change when any row changes sign, so the
+  pair labels choose only each axis's sign: the subspace is the same for shuffled labels.
+- `mean_diff`: the normalised mean of the rows, one axis per module, label-aware by
+  construction.
+Then two cuts: axes whose scale (singular value; the mean's norm for mean_diff) is below
+the global `noise_quantile` of all axes' scales are dropped (this keeps or drops by gradient
+scale), and, if `min_split_half` > 0, axes whose median split-half |cos| (the same axis fit
+on two random halves of the pairs, over HALVINGS halvings) is below it (this keeps or drops
+by reproducibility). Modules left with no axis have none.
 
-At load, `noise_cut` pools every kept singular value over all modules, drops the axes
-below a global quantile, and drops modules left with none.
+Guarantees:
+- The v_hack file (safetensors) holds the kept axes `<module>.V` (k_m x r), their scales
+  `<module>.S`, the per-pair differences `<module>.diffs` (n x r, every module) and the
+  completions' token counts, under a header naming everything it depends on (model, weight
+  fingerprint, dtype, targets, pairs file hash, n_pairs, method, norm, k, cuts, code
+  version). A file whose header differs from the run's is never used: it is re-extracted,
+  or refused naming the field. Its default path is derived from the header.
+- The per-completion gradients (the only pass over the model) are cached separately, keyed
+  by model and pairs alone, so another method, norm or cut costs no model pass.
 """
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +41,6 @@ from typing import Literal
 import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
 
 import torch
-import tyro
 from jaxtyping import Float
 from loguru import logger
 from safetensors import safe_open
@@ -36,21 +49,45 @@ from torch import Tensor
 from tqdm import tqdm
 
 from grader import Problem, jsonl_rows, load_problems, render_prompt
-from svd_adapter import (
-    DEFAULT_TARGETS,
-    REPO_ROOT,
-    SVDLinear,
-    completion_logprobs,
-    load_model,
-    model_fingerprint,
-    pick_device,
-    sequence_loss,
-    wrap_svd,
-)
+from models import REPO_ROOT, completion_logprobs
+from svd_adapter import SVDLinear, model_fingerprint
 
-LossNorm = Literal["constant", "sequence_mean"]
-CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "svd_adapter.py"))).hexdigest()[:16]
-HEADER_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "n_pairs", "k", "loss_norm", "code_version")
+Method = Literal["svd", "mean_diff"]
+Norm = Literal["sum", "token_mean"]
+DATA = REPO_ROOT / "data"
+CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "svd_adapter.py", "models.py"))).hexdigest()[:16]
+GRADIENT_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "n_pairs", "code_version")
+HEADER_FIELDS = (*GRADIENT_FIELDS, "method", "norm", "k", "noise_quantile", "min_split_half")
+HALVINGS = 10  # random halvings behind the split-half criterion and the report's split_half_cos
+HALVING_SEED = 0
+
+
+@dataclass(frozen=True)
+class VHackConfig:
+    """Which pairs v_hack comes from and how it is fit and cut (every field is in its file's header)."""
+
+    pairs: Path = DATA / "pairs.jsonl"
+    """Contrastive pairs {id, hack_style, hack, clean}: data/pairs.jsonl, pairs_minimal.jsonl (differ only in run_tests), pairs_null.jsonl (no hack: a control)."""
+    problems: Path = DATA / "problems.jsonl"
+    """Problems the pairs' ids refer to (LeetCodeDataset schema)."""
+    method: Method = "mean_diff"
+    """svd: top-k right singular vectors of the differences, oriented by the pairs' vote; mean_diff: their normalised mean (one axis)."""
+    norm: Norm = "token_mean"
+    """Completion NLL for extraction: sum over its tokens, or token_mean (independent of completion length)."""
+    k: int = 4
+    """Axes per module before the cuts (svd; mean_diff has one)."""
+    noise_quantile: float = 0.25
+    """Drop axes whose scale (singular value, or mean-difference norm) is below this global quantile of all axes' scales."""
+    min_split_half: float = 0.0
+    """Drop axes whose median split-half |cos| is below this (0 = keep all)."""
+    path: Path | None = None
+    """v_hack file; None = a cache path derived from its header."""
+    on_mismatch: Literal["extract", "error"] = "extract"
+    """When the v_hack file's header does not fit this run: re-extract, or stop with an error."""
+
+
+# ----------------------------------------------------------------------------
+# Pairs
 
 
 @dataclass(frozen=True)
@@ -67,6 +104,8 @@ class PairFormatError(ValueError):
 
 def load_pairs(path: Path, problems: dict[int, Problem]) -> list[Pair]:
     """Pairs file rows {"id", "hack_style", "hack", "clean"}; errors name file, line and field."""
+    if not Path(path).exists():
+        raise PairFormatError(f"pairs file {path} does not exist; bundled ones: {', '.join(p.name for p in sorted(DATA.glob('pairs*.jsonl')))}")
     pairs = []
     for where, row in jsonl_rows(path, PairFormatError):
         if not isinstance(row, dict):
@@ -75,10 +114,10 @@ def load_pairs(path: Path, problems: dict[int, Problem]) -> list[Pair]:
             if not isinstance(row.get(key), kind) or (kind is str and not row[key].strip()):
                 raise PairFormatError(f"{where}: field {key!r}: expected a non-empty {kind.__name__}, got {row.get(key)!r:.60}")
         if row["id"] not in problems:
-            raise PairFormatError(f"{where}: field 'id': problem {row['id']} is not in the problems file")
+            raise PairFormatError(f"{where}: field 'id': problem {row['id']} is not in the problems file; pass the file that defines it (--v-hack.problems)")
         pairs.append(Pair(problems[row["id"]], row["hack_style"], row["hack"], row["clean"]))
-    if not pairs:
-        raise PairFormatError(f"{path}: no pairs")
+    if len(pairs) < 2:
+        raise PairFormatError(f"{path}: {len(pairs)} pair(s); extraction needs at least 2 (a direction from one difference is that difference)")
     return pairs
 
 
@@ -92,11 +131,30 @@ def written_completion_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
-def completion_nll_grad(
-    model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str, loss_norm: LossNorm
-) -> dict[str, Tensor]:
-    """Gradient on every delta_S of the completion's NLL (completion tokens only, the EOS
-    that ends a rollout included), normalised like the training loss."""
+# ----------------------------------------------------------------------------
+# The pass over the model: per-completion gradients
+
+
+@dataclass
+class PairGradients:
+    """Summed-NLL gradients of every pair's hack and clean completion, and their token counts."""
+
+    hack: dict[str, Tensor]  # module -> (n, r)
+    clean: dict[str, Tensor]
+    n_hack: Tensor  # (n,) completion tokens, EOS included
+    n_clean: Tensor
+
+    def differences(self, norm: Norm) -> dict[str, Tensor]:
+        """d = grad NLL(hack) - grad NLL(clean) per pair and module, under the given normalisation."""
+        if norm == "sum":
+            return {m: self.hack[m] - self.clean[m] for m in self.hack}
+        if norm == "token_mean":
+            return {m: self.hack[m] / self.n_hack[:, None] - self.clean[m] / self.n_clean[:, None] for m in self.hack}
+        raise ValueError(f"unknown extraction norm {norm!r} (expected 'sum' or 'token_mean')")
+
+
+def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str) -> tuple[dict[str, Tensor], int]:
+    """Gradient on every delta_S of the completion's summed NLL, and its token count."""
     device = next(model.parameters()).device
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = written_completion_ids(tokenizer, completion)
@@ -106,165 +164,243 @@ def completion_nll_grad(
     for a in adapters.values():
         a.delta_S.grad = None
     nll = -completion_logprobs(model, ids, torch.ones_like(ids), mask)
-    sequence_loss(nll, mask, loss_norm, denominator=1.0).backward()
-    return {name: a.delta_S.grad.detach().clone() for name, a in adapters.items()}
-
-
-def hack_basis(diffs: Float[Tensor, "n r"], k: int) -> tuple[Float[Tensor, "k2 r"], Float[Tensor, " k2"]]:
-    """Top-k right singular vectors of the stacked differences, each oriented hack-ward
-    by majority vote of the pairs (ties broken by the sum of projections)."""
-    _, S, Vh = torch.linalg.svd(diffs.double(), full_matrices=False)
-    k = min(k, S.shape[0])
-    V, S = Vh[:k], S[:k]
-    proj = diffs.double() @ V.T  # n x k
-    votes = torch.sign(proj).sum(dim=0)
-    sign = torch.where(votes != 0, torch.sign(votes), torch.sign(proj.sum(dim=0)))
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-    return (V * sign[:, None]).float(), S.float()
-
-
-def extract_v_hack(
-    model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, pairs: list[Pair], k: int, loss_norm: LossNorm
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """v_hack (per module, k x r oriented rows) and the singular values behind each axis."""
-    diffs: dict[str, list[Tensor]] = {name: [] for name in adapters}
-    model.eval()
-    for pair in tqdm(pairs, desc="extract"):
-        prompt = render_prompt(tokenizer, pair.problem, "run_tests")
-        g_hack = completion_nll_grad(model, adapters, tokenizer, prompt, pair.hack, loss_norm)
-        g_clean = completion_nll_grad(model, adapters, tokenizer, prompt, pair.clean, loss_norm)
-        for name in adapters:
-            diffs[name].append((g_hack[name] - g_clean[name]).float().cpu())
+    nll.sum().backward()
+    grads = {name: a.delta_S.grad.detach().float().cpu() for name, a in adapters.items()}
     for a in adapters.values():
         a.delta_S.grad = None
+    return grads, len(completion_ids)
+
+
+def pair_gradients(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, pairs: list[Pair]) -> PairGradients:
+    """One forward and backward per completion (eval mode: no dropout)."""
+    was_training = model.training
+    model.eval()
+    hack: dict[str, list[Tensor]] = {name: [] for name in adapters}
+    clean: dict[str, list[Tensor]] = {name: [] for name in adapters}
+    n_hack, n_clean = [], []
+    for pair in tqdm(pairs, desc="extract", leave=False):
+        prompt = render_prompt(tokenizer, pair.problem, "run_tests")
+        for text, store, counts in ((pair.hack, hack, n_hack), (pair.clean, clean, n_clean)):
+            grads, n = completion_nll_grad(model, adapters, tokenizer, prompt, text)
+            for name, g in grads.items():
+                store[name].append(g)
+            counts.append(n)
+    model.train(was_training)
+    stack = lambda store: {name: torch.stack(rows) for name, rows in store.items()}
+    return PairGradients(stack(hack), stack(clean), torch.tensor(n_hack, dtype=torch.float32), torch.tensor(n_clean, dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------
+# Fitting and cutting the basis (pure tensor functions: also used by the quality report)
+
+
+def fit_axes(D: Float[Tensor, "m n r"], method: Method, k: int) -> tuple[Float[Tensor, "m k2 r"], Float[Tensor, "m k2"]]:
+    """Per module (batched over modules of one rank): hack-ward unit axes and their scales.
+    svd: top-k right singular vectors, each signed by the pairs' majority vote (ties: by the
+    sum of projections); mean_diff: the normalised mean difference."""
+    D = D.double()
+    if method == "mean_diff":
+        mu = D.mean(dim=1)
+        scale = mu.norm(dim=1, keepdim=True)
+        return (mu / scale.clamp_min(1e-30)).unsqueeze(1).float(), scale.float()
+    if method != "svd":
+        raise ValueError(f"unknown extraction method {method!r} (expected 'svd' or 'mean_diff')")
+    _, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    k = min(k, S.shape[1])
+    V, S = Vh[:, :k], S[:, :k]
+    proj = torch.einsum("mnr,mkr->mnk", D, V)
+    votes = torch.sign(proj).sum(dim=1)
+    sign = torch.where(votes != 0, torch.sign(votes), torch.sign(proj.sum(dim=1)))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (V * sign[..., None]).float(), S.float()
+
+
+def by_rank(diffs: dict[str, Tensor]) -> dict[int, list[str]]:
+    """Module names grouped by delta_S length, in model order."""
+    groups: dict[int, list[str]] = {}
+    for name, d in diffs.items():
+        groups.setdefault(d.shape[1], []).append(name)
+    return groups
+
+
+def fit_modules(diffs: dict[str, Tensor], method: Method, k: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Uncut axes and scales of every module."""
     V, S = {}, {}
-    for name, rows in diffs.items():
-        V[name], S[name] = hack_basis(torch.stack(rows), k)
+    for names in by_rank(diffs).values():
+        v, s = fit_axes(torch.stack([diffs[n] for n in names]), method, k)
+        for i, n in enumerate(names):
+            V[n], S[n] = v[i], s[i]
     return V, S
 
 
-def expected_header(model_name: str, adapters: dict[str, SVDLinear], dtype: torch.dtype, targets: tuple[str, ...], pairs_path: Path, n_pairs: int, k: int, loss_norm: LossNorm) -> dict[str, str]:
+def halvings(n: int, count: int = HALVINGS, seed: int = HALVING_SEED) -> list[tuple[Tensor, Tensor]]:
+    """`count` seeded random splits of range(n) into two halves."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        perm = torch.randperm(n, generator=gen)
+        out.append((perm[: n // 2], perm[n // 2 :]))
+    return out
+
+
+def split_half_cos(diffs: dict[str, Tensor], method: Method, k: int) -> dict[str, Tensor]:
+    """Per module and axis rank: median over HALVINGS halvings of |cos| between the axis fit
+    on one half and the same-rank axis fit on the other (NaN where a half has too few pairs)."""
+    n = next(iter(diffs.values())).shape[0]
+    cos: dict[str, list[Tensor]] = {name: [] for name in diffs}
+    for a, b in halvings(n):
+        Va, _ = fit_modules({m: d[a] for m, d in diffs.items()}, method, k)
+        Vb, _ = fit_modules({m: d[b] for m, d in diffs.items()}, method, k)
+        for m in diffs:
+            c = torch.full((k if method == "svd" else 1,), float("nan"))
+            j = min(Va[m].shape[0], Vb[m].shape[0])
+            c[:j] = (Va[m][:j] * Vb[m][:j]).sum(dim=1).abs()
+            cos[m].append(c)
+    return {m: torch.stack(c).nanmedian(dim=0).values for m, c in cos.items()}
+
+
+def fit_v_hack(diffs: dict[str, Tensor], vc: VHackConfig) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The kept axes and their scales: fit, then the noise cut, then the split-half cut."""
+    V, S = fit_modules(diffs, vc.method, vc.k)
+    if not 0.0 <= vc.noise_quantile < 1.0:
+        raise ValueError(f"noise_quantile must be in [0, 1), got {vc.noise_quantile}")
+    pooled = torch.cat([S[m] for m in V])
+    threshold = torch.quantile(pooled, vc.noise_quantile).item() if vc.noise_quantile > 0 else float("-inf")
+    keep = {m: S[m] >= threshold for m in V}
+    if vc.min_split_half > 0:
+        reproducible = split_half_cos(diffs, vc.method, vc.k)
+        keep = {m: keep[m] & (reproducible[m][: len(keep[m])] >= vc.min_split_half) for m in V}
+    kept_V = {m: V[m][keep[m]] for m in V if keep[m].any()}
+    kept_S = {m: S[m][keep[m]] for m in kept_V}
+    return kept_V, kept_S
+
+
+# ----------------------------------------------------------------------------
+# Files and caches
+
+
+def expected_header(model_name: str, adapters: dict[str, SVDLinear], dtype: torch.dtype, targets: tuple[str, ...], n_pairs: int, vc: VHackConfig) -> dict[str, str]:
     return {
         "model": model_name,
         "fingerprint": model_fingerprint(adapters),
         "dtype": str(dtype).removeprefix("torch."),
         "targets": ",".join(targets),
-        "pairs_sha256": file_sha256(pairs_path),
+        "pairs_sha256": file_sha256(vc.pairs),
         "n_pairs": str(n_pairs),
-        "k": str(k),
-        "loss_norm": loss_norm,
         "code_version": CODE_VERSION,
+        "method": vc.method,
+        "norm": vc.norm,
+        "k": str(vc.k),
+        "noise_quantile": repr(vc.noise_quantile),
+        "min_split_half": repr(vc.min_split_half),
     }
 
 
-def default_v_hack_path(header: dict[str, str], cache_dir: Path) -> Path:
-    """A cache path that differs whenever the header does: presets never share a file by accident."""
-    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir / f"{header['model'].rstrip('/').rsplit('/', 1)[-1]}-{header['dtype']}-k{header['k']}-{digest}.safetensors"
+def header_digest(header: dict[str, str], keys: tuple[str, ...]) -> str:
+    return hashlib.sha256(json.dumps({k: header[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_v_hack(path: Path, V: dict[str, Tensor], S: dict[str, Tensor], header: dict[str, str]) -> None:
-    tensors = {f"{name}.V": V[name].contiguous().cpu() for name in V} | {f"{name}.S": S[name].contiguous().cpu() for name in S}
+def default_v_hack_path(header: dict[str, str], cache_dir: Path, pairs: Path) -> Path:
+    """A cache path that differs whenever the header does: runs never share a file by accident."""
+    model = header["model"].rstrip("/").rsplit("/", 1)[-1]
+    return cache_dir / "v_hack" / f"{model}-{Path(pairs).stem}-{header['method']}-{header['norm']}-{header_digest(header, HEADER_FIELDS)}.safetensors"
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
+    """Write through a temp file and a rename: a crash never leaves a truncated file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata=header)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, tmp, metadata=header)
     tmp.replace(path)
-    logger.info(f"saved v_hack for {len(V)} modules to {path}")
 
 
-def read_v_hack(path: Path) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
+def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     with safe_open(path, framework="pt") as f:
-        header = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    V = {key.removesuffix(".V"): t for key, t in tensors.items() if key.endswith(".V")}
-    S = {key.removesuffix(".S"): t for key, t in tensors.items() if key.endswith(".S")}
-    return V, S, header
+        return {key: f.get_tensor(key) for key in f.keys()}, f.metadata() or {}
 
 
-def header_mismatch(found: dict[str, str], expected: dict[str, str]) -> str | None:
+def header_mismatch(found: dict[str, str], expected: dict[str, str], keys: tuple[str, ...] = HEADER_FIELDS) -> str | None:
     """The first header field that differs, described; None when the file fits this run."""
-    for key in HEADER_FIELDS:
+    for key in keys:
         if found.get(key) != expected[key]:
             return f"field {key!r}: file has {found.get(key)!r}, this run has {expected[key]!r}"
     return None
 
 
-def noise_cut(V: dict[str, Tensor], S: dict[str, Tensor], quantile: float) -> dict[str, Tensor]:
-    """Drop axes whose singular value is below the global `quantile` of all kept singular
-    values (pooled over modules), then modules left with no axis."""
-    if not 0.0 <= quantile < 1.0:
-        raise ValueError(f"noise quantile must be in [0, 1), got {quantile}")
-    pooled = torch.cat([S[name].float() for name in V])
-    threshold = torch.quantile(pooled, quantile).item() if quantile > 0 else float("-inf")
-    kept = {name: V[name][S[name].float() >= threshold] for name in V}
-    kept = {name: v for name, v in kept.items() if v.shape[0] > 0}
-    n_axes = sum(v.shape[0] for v in kept.values())
-    logger.info(f"noise cut at quantile {quantile:g} (singular value >= {threshold:.3g}): {n_axes}/{pooled.numel()} axes in {len(kept)}/{len(V)} modules survive")
-    return kept
-
-
-def resolve_v_hack(
-    model: torch.nn.Module,
-    adapters: dict[str, SVDLinear],
-    tokenizer,
-    header: dict[str, str],
-    pairs: list[Pair],
-    path: Path,
-    on_mismatch: Literal["extract", "error"],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Load v_hack from `path` if its header matches this run; otherwise extract and save
-    (or raise, naming the field, when on_mismatch='error')."""
+def cached_pair_gradients(model, adapters, tokenizer, pairs: list[Pair], header: dict[str, str], cache_dir: Path) -> PairGradients:
+    """The per-completion gradients from the cache when model and pairs match, else computed and cached."""
+    path = cache_dir / "pair_grads" / f"{header_digest(header, GRADIENT_FIELDS)}.safetensors"
     if path.exists():
-        V, S, found = read_v_hack(path)
-        mismatch = header_mismatch(found, header)
-        if mismatch is None:
-            logger.info(f"v_hack cache hit: {path}")
-            return V, S
-        if on_mismatch == "error":
-            raise ValueError(f"v_hack file {path} does not fit this run: {mismatch}. Delete it or pass --on-v-hack-mismatch extract")
-        logger.warning(f"v_hack file {path} does not fit this run ({mismatch}); re-extracting")
-    else:
-        logger.info(f"v_hack cache miss: {path}; extracting from {len(pairs)} pairs")
-    V, S = extract_v_hack(model, adapters, tokenizer, pairs, int(header["k"]), header["loss_norm"])
-    save_v_hack(path, V, S, header)
-    return V, S
+        t, found = read_tensors(path)
+        if header_mismatch(found, header, GRADIENT_FIELDS) is None:
+            names = [k.removesuffix(".hack") for k in t if k.endswith(".hack")]
+            return PairGradients({m: t[f"{m}.hack"] for m in names}, {m: t[f"{m}.clean"] for m in names}, t["n_hack"], t["n_clean"])
+    logger.info(f"extracting per-pair gradients from {len(pairs)} pairs ({header['model']})")
+    g = pair_gradients(model, adapters, tokenizer, pairs)
+    tensors = {f"{m}.hack": g.hack[m] for m in g.hack} | {f"{m}.clean": g.clean[m] for m in g.clean} | {"n_hack": g.n_hack, "n_clean": g.n_clean}
+    save_tensors(path, tensors, {k: header[k] for k in GRADIENT_FIELDS})
+    return g
 
 
 @dataclass
-class ExtractConfig:
-    """Extract v_hack from contrastive pairs and save it (what `just extract` runs)."""
+class VHack:
+    """A v_hack file's content: kept axes and scales, per-pair differences, token counts, header."""
 
-    model: str = "tiny-random-qwen3"
-    """HF hub id, local model folder, or tiny-random-qwen3 (built offline on first use)."""
-    pairs: Path = REPO_ROOT / "data" / "pairs.jsonl"
-    """Contrastive (hack, clean) pairs: JSONL rows {id, hack_style, hack, clean}."""
-    problems: Path = REPO_ROOT / "data" / "problems.jsonl"
-    """Problems the pairs' ids refer to (LeetCodeDataset schema)."""
-    out: Path | None = None
-    """Where to write v_hack; default: a path under cache_dir derived from the header."""
-    k: int = 4
-    """Right singular vectors kept per module before the noise cut."""
-    loss_norm: LossNorm = "constant"
-    """NLL normalisation; must match the training loss's (train.py's default: constant)."""
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    """Linear layers (by last name component) rewritten into SVD coordinates."""
-    device: str = "auto"
-    """Torch device; auto = cuda if available, else cpu."""
-    cache_dir: Path = REPO_ROOT / "out" / "cache"
-    """SVD cache (cache_dir/svd) and default v_hack location (cache_dir/v_hack)."""
+    V: dict[str, Tensor]
+    S: dict[str, Tensor]
+    diffs: dict[str, Tensor]
+    n_hack: Tensor
+    n_clean: Tensor
+    header: dict[str, str]
+    path: Path
+
+    def config(self) -> VHackConfig:
+        """The fit options recorded in the header (what a re-fit of the stored differences uses)."""
+        h = self.header
+        return VHackConfig(method=h["method"], norm=h["norm"], k=int(h["k"]), noise_quantile=float(h["noise_quantile"]), min_split_half=float(h["min_split_half"]))
 
 
-def main(cfg: ExtractConfig) -> Path:
-    problems = {p.id: p for p in load_problems(cfg.problems)}
-    pairs = load_pairs(cfg.pairs, problems)
-    model, tokenizer, dtype = load_model(cfg.model, pick_device(cfg.device))
-    adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
-    header = expected_header(cfg.model, adapters, dtype, cfg.targets, cfg.pairs, len(pairs), cfg.k, cfg.loss_norm)
-    path = cfg.out or default_v_hack_path(header, cfg.cache_dir / "v_hack")
-    V, S = extract_v_hack(model, adapters, tokenizer, pairs, cfg.k, cfg.loss_norm)
-    save_v_hack(path, V, S, header)
-    return path
+def save_v_hack(vh: VHack) -> None:
+    tensors = {f"{m}.V": v for m, v in vh.V.items()} | {f"{m}.S": s for m, s in vh.S.items()} | {f"{m}.diffs": d for m, d in vh.diffs.items()}
+    save_tensors(vh.path, tensors | {"n_hack": vh.n_hack, "n_clean": vh.n_clean}, vh.header)
+    n_axes = sum(v.shape[0] for v in vh.V.values())
+    logger.info(f"saved v_hack ({vh.header['method']}, {vh.header['norm']}): {n_axes} axes in {len(vh.V)}/{len(vh.diffs)} modules, to {vh.path}")
 
 
-if __name__ == "__main__":
-    main(tyro.cli(ExtractConfig))
+def read_v_hack(path: Path) -> VHack:
+    t, header = read_tensors(path)
+    pick = lambda suffix: {k.removesuffix(suffix): v for k, v in t.items() if k.endswith(suffix)}
+    return VHack(pick(".V"), pick(".S"), pick(".diffs"), t["n_hack"], t["n_clean"], header, path)
+
+
+def resolve_v_hack(model, adapters, tokenizer, header: dict[str, str], pairs: list[Pair], vc: VHackConfig, path: Path, cache_dir: Path) -> VHack:
+    """v_hack from `path` if its header matches this run; otherwise extracted and saved (or,
+    with on_mismatch='error', refused naming the field)."""
+    if path.exists():
+        try:
+            vh = read_v_hack(path)
+            mismatch = header_mismatch(vh.header, header)
+        except Exception as e:  # a truncated or foreign file
+            mismatch = f"unreadable ({type(e).__name__}: {e})"
+        if mismatch is None:
+            logger.info(f"v_hack cache hit: {path}")
+            return vh
+        if vc.on_mismatch == "error":
+            raise ValueError(f"v_hack file {path} does not fit this run: {mismatch}. Delete it or pass --v-hack.on-mismatch extract")
+        logger.warning(f"v_hack file {path} does not fit this run ({mismatch}); re-extracting")
+    else:
+        logger.info(f"v_hack cache miss: {path}")
+    g = cached_pair_gradients(model, adapters, tokenizer, pairs, header, cache_dir)
+    diffs = g.differences(vc.norm)
+    V, S = fit_v_hack(diffs, vc)
+    vh = VHack(V, S, diffs, g.n_hack, g.n_clean, header, path)
+    save_v_hack(vh)
+    return vh
+
+
+def v_hack_for_run(vc: VHackConfig, model_name: str, model, adapters: dict[str, SVDLinear], tokenizer, dtype: torch.dtype, targets: tuple[str, ...], cache_dir: Path) -> VHack:
+    """The v_hack a run with these settings uses: what training, `just extract` and `just diagnose` all call."""
+    pairs = load_pairs(vc.pairs, {p.id: p for p in load_problems(vc.problems)})
+    header = expected_header(model_name, adapters, dtype, targets, len(pairs), vc)
+    path = vc.path or default_v_hack_path(header, cache_dir, vc.pairs)
+    return resolve_v_hack(model, adapters, tokenizer, header, pairs, vc, path, cache_dir)

@@ -771,7 +771,7 @@ def download_data(out_dir: Path, max_prompt_tokens: int = 1536) -> None:
     # Imported after the hub check, which must not wait seconds for torch and transformers.
     from transformers import AutoTokenizer
 
-    from svd_adapter import qwen3_tokenizer_dir
+    from models import qwen3_tokenizer_dir
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     out_dir.mkdir(parents=True, exist_ok=True)

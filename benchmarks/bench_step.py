@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import tyro
 
-from extract import load_pairs, extract_v_hack
+from extract import load_pairs, pair_gradients
 from grader import load_problems
 from projection import Projector
-from svd_adapter import DEFAULT_TARGETS, REPO_ROOT, completion_logprobs, load_model, merged, pick_device, wrap_svd
+from models import REPO_ROOT, completion_logprobs, load_model, pick_device
+from svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
 
 
 @dataclass
@@ -141,7 +142,7 @@ def main(args: Args) -> None:
     pairs = load_pairs(REPO_ROOT / "data" / "pairs.jsonl", problems)[: args.pairs]
     model.eval()
     t = time.perf_counter()
-    extract_v_hack(model, adapters, tokenizer, pairs, 4, "constant")
+    pair_gradients(model, adapters, tokenizer, pairs)
     sync()
     print(f"extraction: {(time.perf_counter() - t) / len(pairs):.2f} s per pair ({len(pairs)} pairs)")
 

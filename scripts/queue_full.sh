@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 dry_run=0
 [[ "${1:-}" == "--dry-run" ]] && dry_run=1
 seeds=(1 2 3)
-extract_cmd="uv run python extract.py --model Qwen/Qwen3-4B"
+extract_cmd="uv run python train.py extract full"  # the very v_hack file the full runs look up
 train_cmd() { echo "uv run python train.py full --intervention $1 --seed $2"; }
 
 if command -v pueue >/dev/null; then

@@ -16,7 +16,7 @@ from grader import SHARED_SPLIT  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from svd_adapter import TINY_MODEL, resolve_model
+    from models import TINY_MODEL, resolve_model
 
     return resolve_model(TINY_MODEL)
 

@@ -3,34 +3,39 @@ import json
 import pytest
 import torch
 
+import extract
 from extract import (
     HEADER_FIELDS,
     PairFormatError,
-    default_v_hack_path,
-    expected_header,
-    hack_basis,
+    VHackConfig,
+    completion_nll_grad,
+    fit_axes,
+    fit_v_hack,
     load_pairs,
-    noise_cut,
     read_v_hack,
-    resolve_v_hack,
+    v_hack_for_run,
 )
-from grader import Grader, load_problems, user_prompt
-from svd_adapter import DEFAULT_TARGETS, REPO_ROOT, load_model, wrap_svd
+from grader import Grader, load_problems, render_prompt, user_prompt
+from models import REPO_ROOT, load_model
+from svd_adapter import DEFAULT_TARGETS, wrap_svd
 
 PAIRS = REPO_ROOT / "data" / "pairs.jsonl"
 PROBLEMS = {p.id: p for p in load_problems(REPO_ROOT / "data" / "problems.jsonl")}
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory):
+def tiny(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     model, tokenizer, dtype = load_model("tiny-random-qwen3", "cpu")
     adapters = wrap_svd(model, DEFAULT_TARGETS, cache / "svd")
-    pairs = load_pairs(PAIRS, PROBLEMS)
-    header = expected_header("tiny-random-qwen3", adapters, dtype, DEFAULT_TARGETS, PAIRS, len(pairs), 4, "constant")
-    path = default_v_hack_path(header, cache / "v_hack")
-    V, S = resolve_v_hack(model, adapters, tokenizer, header, pairs, path, "error")
-    return model, tokenizer, adapters, pairs, header, path, V, S
+    pairs = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    pairs.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:12]))
+
+    def run(**options):
+        vc = VHackConfig(**{"pairs": pairs, "on_mismatch": "error"} | options)
+        return v_hack_for_run(vc, "tiny-random-qwen3", model, adapters, tokenizer, dtype, DEFAULT_TARGETS, cache)
+
+    return model, tokenizer, adapters, pairs, run
 
 
 def test_bundled_pairs_are_what_they_claim():
@@ -47,78 +52,113 @@ def test_bundled_pairs_are_what_they_claim():
     assert "will be evaluated by calling a function called run_tests()" in user_prompt(pairs[0].problem, "run_tests")
 
 
-def test_extraction_gives_oriented_orthonormal_bases_and_header(extracted):
-    model, tokenizer, adapters, pairs, header, path, V, S = extracted
-    assert set(V) == set(adapters) and path.exists()
-    for name, v in V.items():
-        assert v.shape == (4, adapters[name].rank)
+def test_extraction_stores_oriented_orthonormal_axes_differences_and_header(tiny):
+    model, tokenizer, adapters, pairs, run = tiny
+    vh = run(method="svd", norm="sum", noise_quantile=0.0)
+    assert set(vh.V) == set(vh.diffs) == set(adapters) and vh.path.exists()
+    for name, v in vh.V.items():
+        assert v.shape == (4, adapters[name].rank) and vh.diffs[name].shape == (12, adapters[name].rank)
         assert torch.allclose(v @ v.T, torch.eye(4), atol=1e-4)
-        assert (S[name][:-1] >= S[name][1:]).all()
-    _, _, found = read_v_hack(path)
-    assert {k: found[k] for k in HEADER_FIELDS} == header
-    assert found["n_pairs"] == str(len(pairs)) and found["dtype"] == "float32" and found["model"] == "tiny-random-qwen3"
+        assert (vh.S[name][:-1] >= vh.S[name][1:]).all()
+        assert ((vh.diffs[name] @ v.T) > 0).float().mean(0).ge(0.5).all()  # oriented by the pairs' majority
+    stored = read_v_hack(vh.path)
+    assert {k: stored.header[k] for k in HEADER_FIELDS} == vh.header
+    assert stored.header["n_pairs"] == "12" and stored.header["dtype"] == "float32" and stored.header["method"] == "svd"
+    assert all(torch.equal(stored.diffs[n], vh.diffs[n]) for n in vh.diffs) and stored.n_hack.shape == (12,)
 
 
-def test_orientation_is_hackward_by_majority(extracted):
-    """Recompute the per-pair differences for one module: most pairs project positively."""
-    model, tokenizer, adapters, pairs, header, path, V, S = extracted
-    from extract import completion_nll_grad
-    from grader import render_prompt
-
+def test_stored_differences_are_the_nll_gradients_they_claim(tiny):
+    """Recompute two pairs' differences straight from the model, under both normalisations."""
+    model, tokenizer, adapters, pairs, run = tiny
+    summed, mean = run(method="svd", norm="sum"), run(method="svd", norm="token_mean")
     name = next(iter(adapters))
-    diffs = []
-    for pair in pairs[:12]:
+    for i, pair in enumerate(load_pairs(pairs, PROBLEMS)[:2]):
         prompt = render_prompt(tokenizer, pair.problem, "run_tests")
-        diffs.append(completion_nll_grad(model, adapters, tokenizer, prompt, pair.hack, "constant")[name]
-                     - completion_nll_grad(model, adapters, tokenizer, prompt, pair.clean, "constant")[name])
-    v, _ = hack_basis(torch.stack(diffs), 2)
-    assert ((torch.stack(diffs) @ v.T) > 0).float().mean(0).ge(0.5).all()
+        (g_h, n_h), (g_c, n_c) = (completion_nll_grad(model, adapters, tokenizer, prompt, text) for text in (pair.hack, pair.clean))
+        assert (summed.n_hack[i], summed.n_clean[i]) == (n_h, n_c)
+        assert torch.allclose(summed.diffs[name][i], g_h[name] - g_c[name], atol=1e-6)
+        assert torch.allclose(mean.diffs[name][i], g_h[name] / n_h - g_c[name] / n_c, atol=1e-7)
 
 
-def test_hack_basis_recovers_a_planted_direction():
+def test_each_option_has_its_own_header_and_file_and_one_model_pass(tiny, monkeypatch):
+    model, tokenizer, adapters, pairs, run = tiny
+    first = run(method="svd", norm="sum")
+    # Every other option re-fits the cached per-pair gradients: no second pass over the model.
+    monkeypatch.setattr(extract, "pair_gradients", lambda *a: pytest.fail("per-pair gradients recomputed"))
+    others = [run(method=m, norm=n) for m, n in (("svd", "token_mean"), ("mean_diff", "sum"), ("mean_diff", "token_mean"))]
+    others.append(run(method="svd", norm="sum", k=2))
+    others.append(run(method="svd", norm="sum", min_split_half=0.1))
+    paths = {vh.path for vh in [first, *others]}
+    assert len(paths) == 6 and all(p.exists() for p in paths)
+    assert {vh.V[next(iter(vh.V))].shape[0] for vh in others if vh.header["method"] == "mean_diff"} == {1}
+    # A cache hit reads the file; a file whose header differs is refused, naming the field.
+    mtime = first.path.stat().st_mtime_ns
+    assert run(method="svd", norm="sum").path.stat().st_mtime_ns == mtime
+    original = read_v_hack(first.path)
+    for field, value in (("dtype", "bfloat16"), ("fingerprint", "0" * 32), ("method", "mean_diff"), ("noise_quantile", "0.5")):
+        vh = read_v_hack(first.path)
+        vh.header = original.header | {field: value}
+        extract.save_v_hack(vh)
+        with pytest.raises(ValueError, match=f"field '{field}'"):
+            run(method="svd", norm="sum", path=first.path)
+
+
+def test_fit_axes_recovers_a_planted_direction_with_both_methods():
     gen = torch.Generator().manual_seed(0)
     u = torch.nn.functional.normalize(torch.randn(32, generator=gen), dim=0)
-    diffs = -3.0 * u + 0.1 * torch.randn(20, 32, generator=gen)  # every pair points along -u
-    v, s = hack_basis(diffs, 3)
-    assert torch.allclose(v[0], -u, atol=0.1)  # oriented towards the pairs, not the SVD's arbitrary sign
-    assert s[0] > 5 * s[1]
+    D = (-3.0 * u + 0.1 * torch.randn(20, 32, generator=gen))[None]  # every pair points along -u
+    V, S = fit_axes(D, "svd", 3)
+    assert torch.allclose(V[0, 0], -u, atol=0.1) and S[0, 0] > 5 * S[0, 1]  # oriented towards the pairs
+    V, S = fit_axes(D, "mean_diff", 3)
+    assert V.shape == (1, 1, 32) and torch.allclose(V[0, 0], -u, atol=0.1)
 
 
-def test_cache_hit_and_mismatched_header(extracted, caplog):
-    model, tokenizer, adapters, pairs, header, path, V, S = extracted
-    mtime = path.stat().st_mtime_ns
-    V2, _ = resolve_v_hack(model, adapters, tokenizer, header, pairs, path, "error")
-    assert path.stat().st_mtime_ns == mtime and all(torch.equal(V[n], V2[n]) for n in V)
-    for field, value in (("dtype", "bfloat16"), ("model", "Qwen/Qwen3-4B"), ("fingerprint", "0" * 32), ("k", "8")):
-        other = header | {field: value}
-        with pytest.raises(ValueError, match=f"field '{field}'"):
-            resolve_v_hack(model, adapters, tokenizer, other, pairs[:2], path, "error")
-    # The extract policy re-extracts (here from 2 pairs) and overwrites with the new header.
-    other = header | {"n_pairs": "2"}
-    resolve_v_hack(model, adapters, tokenizer, other, pairs[:2], path, "extract")
-    assert read_v_hack(path)[2]["n_pairs"] == "2"
-    assert default_v_hack_path(other, path.parent) != default_v_hack_path(header, path.parent)
+def test_svd_ignores_the_labels_but_mean_diff_does_not():
+    """Swapping a pair's hack and clean flips the sign of its row: the SVD subspace stays, mean_diff moves."""
+    gen = torch.Generator().manual_seed(1)
+    D = torch.randn(1, 30, 16, generator=gen) + 0.5 * torch.randn(16, generator=gen)
+    flip = torch.ones(30)
+    flip[::3] = -1
+    V, _ = fit_axes(D, "svd", 4)
+    V_flip, _ = fit_axes(D * flip[None, :, None], "svd", 4)
+    assert torch.allclose(V[0].T @ V[0], V_flip[0].T @ V_flip[0], atol=1e-5)  # same subspace
+    M, _ = fit_axes(D, "mean_diff", 4)
+    M_flip, _ = fit_axes(D * flip[None, :, None], "mean_diff", 4)
+    assert (M[0, 0] @ M_flip[0, 0]).abs() < 0.9
 
 
-def test_noise_cut_on_constructed_example():
-    V = {"a": torch.eye(3, 5), "b": torch.eye(2, 4), "c": torch.eye(2, 6)}
-    S = {"a": torch.tensor([9.0, 5.0, 1.0]), "b": torch.tensor([8.0, 4.0]), "c": torch.tensor([2.0, 0.5])}
-    # Pooled: 0.5 1 2 4 5 8 9; the 40% quantile is 2.8: drop 0.5, 1, 2 and module c.
-    kept = noise_cut(V, S, 0.4)
+def test_cuts_on_constructed_differences():
+    gen = torch.Generator().manual_seed(0)
+    e = torch.eye(8)
+    # mean_diff scales are the mean norms: a 9, b 4, c 0.5; module d is sign-symmetric noise (~0.9).
+    diffs = {"a": 9 * e[0].repeat(10, 1), "b": 4 * e[1].repeat(10, 1), "c": 0.5 * e[2].repeat(10, 1)}
+    diffs["d"] = torch.randn(10, 8, generator=gen) * torch.tensor([1.0, -1.0]).repeat(5)[:, None]
+    kept, _ = fit_v_hack(diffs, VHackConfig(method="mean_diff", noise_quantile=0.4))
     assert set(kept) == {"a", "b"}
-    assert torch.equal(kept["a"], torch.eye(3, 5)[:2]) and torch.equal(kept["b"], torch.eye(2, 4))
-    assert {n: v.shape[0] for n, v in noise_cut(V, S, 0.0).items()} == {"a": 3, "b": 2, "c": 2}
-    with pytest.raises(ValueError):
-        noise_cut(V, S, 1.0)
+    assert torch.allclose(kept["a"], e[:1])
+    kept, _ = fit_v_hack(diffs, VHackConfig(method="mean_diff", noise_quantile=0.0, min_split_half=0.9))
+    assert set(kept) == {"a", "b", "c"}  # d's mean direction does not reproduce across halves
+    with pytest.raises(ValueError, match="noise_quantile"):
+        fit_v_hack(diffs, VHackConfig(noise_quantile=1.0))
 
 
-def test_malformed_pairs_are_named(tmp_path):
+def test_bad_pairs_files_are_named(tmp_path):
     good = json.loads(PAIRS.read_text().splitlines()[0])
+    second = json.loads(PAIRS.read_text().splitlines()[1])
+    path = tmp_path / "pairs.jsonl"
     for row, field in ((good | {"hack": ""}, "hack"), ({k: v for k, v in good.items() if k != "clean"}, "clean"), (good | {"id": 1}, "id")):
-        path = tmp_path / "pairs.jsonl"
         path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
         with pytest.raises(PairFormatError, match=f"pairs.jsonl:2: field '{field}'"):
             load_pairs(path, PROBLEMS)
+    path.write_text(json.dumps(second) + "\n" + json.dumps(good | {"id": 123456}) + "\n")
+    with pytest.raises(PairFormatError, match="problem 123456 is not in the problems file; pass the file that defines it"):
+        load_pairs(path, PROBLEMS)
     path.write_text("{not json\n")
     with pytest.raises(PairFormatError, match="pairs.jsonl:1: invalid JSON"):
         load_pairs(path, PROBLEMS)
+    for text, count in (("", 0), (json.dumps(good) + "\n", 1)):
+        path.write_text(text)
+        with pytest.raises(PairFormatError, match=f"{count} pair\\(s\\); extraction needs at least 2"):
+            load_pairs(path, PROBLEMS)
+    with pytest.raises(PairFormatError, match="does not exist; bundled ones: pairs.jsonl"):
+        load_pairs(tmp_path / "missing.jsonl", PROBLEMS)

@@ -5,13 +5,13 @@ from svd_adapter import (
     DEFAULT_TARGETS,
     SVDLinear,
     cached_svd,
-    load_model,
     merged,
     model_fingerprint,
     reference_mode,
     svd_error,
     wrap_svd,
 )
+from models import load_model
 
 
 @pytest.fixture

@@ -124,7 +124,7 @@ def test_loss_is_policy_gradient_at_ratio_one_and_clips():
 
 
 def test_presets_resolve():
-    assert set(PRESETS) == {"smoke", "fast-dev-run", "fast", "full"}
+    assert set(PRESETS) == {"smoke", "fast-dev-run", "smollm2", "fast", "full"}
     smoke = PRESETS["smoke"][1]
     assert (smoke.steps, smoke.group_size, smoke.sampling.max_new_tokens, smoke.n_problems, smoke.prompts_per_step) == (30, 2, 32, 10, 1)
     full = PRESETS["full"][1]
@@ -155,7 +155,7 @@ def test_queue_full_dry_run_lists_extraction_then_six_dependent_jobs():
     proc = subprocess.run(["bash", "scripts/queue_full.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert "extract.py --model Qwen/Qwen3-4B" in lines[0] and " after " not in lines[0]
+    assert "train.py extract full" in lines[0] and " after " not in lines[0]
     jobs = lines[1:]
     assert len(jobs) == 6 and all(" after job1]" in j and "train.py full" in j for j in jobs)
     assert sorted((j.split("--intervention ")[1].split()[0], j.split("--seed ")[1]) for j in jobs) == sorted(
@@ -184,7 +184,8 @@ def test_sampler_logprobs_match_the_learner(tmp_path, bucket):
     """The PPO ratio is taken against logprobs recorded while sampling (merged weights, KV
     cache, left padding); the learner recomputes them on the adapter path: they must agree."""
     from grader import load_problems, render_prompt
-    from svd_adapter import DEFAULT_TARGETS, completion_logprobs, load_model, merged, wrap_svd
+    from models import completion_logprobs, load_model
+    from svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
     from train import Rollout, Sampling, collate, generate
 
     torch.manual_seed(0)

