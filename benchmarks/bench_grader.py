@@ -30,7 +30,8 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grader import SHARED_SPLIT, Grader, Problem, _plan, _Run, load_problems  # noqa: E402
+from grader import SHARED_SPLIT, Grader, Problem, _plan, load_problems  # noqa: E402
+from sandbox import Run  # noqa: E402
 
 RUNNER = """
 {setup}
@@ -57,7 +58,7 @@ def limit_like_the_benchmark() -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (3, 3))
 
 
-def run_program(run: _Run) -> bool:
+def run_program(run: Run) -> bool:
     """One fresh interpreter per program: the benchmark's grading of one program."""
     script = RUNNER.format(setup=run.setup, program=run.program, tests=list(run.tests))
     try:
