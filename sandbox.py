@@ -2,7 +2,7 @@
 pool of long-lived workers, and says whether the tests passed.
 
 A run (Run) is setup code, a program and test statements; its outcome (Outcome) is passed
-or not, and why not. This module knows nothing of the
+or not, why not, and what the strict check below saw. This module knows nothing of the
 task: the caller (grader.py) decides what to run and what an outcome means. It imports
 only the standard library, since every worker imports it at start.
 
@@ -21,11 +21,20 @@ Guarantees:
    early (sys.exit(0), os._exit(0), a signal) never passes.
 3. Pool.run never hangs: every run has an outer timeout, and a dead or hung worker is
    replaced, the run counting as failed with a reason starting "grader: ".
+4. The strict check. A test may hand a value to `__observe__(value)` (OBSERVE), which
+   returns it unchanged; the run's `expected` gives, per test, the source of the value it
+   should equal, evaluated in the setup's namespace before any program runs. The sandbox
+   compares the two by type and content (strictly_equal), reading only builtin data and
+   attributes, never calling the value's own methods, and reports the first test whose
+   value differs (Outcome.first_unequal). So a value that passes `assert value ==
+   expected` by an `__eq__` that always says True, or a list subclass that lies about
+   equality, passes its test (the tests keep their meaning) and is seen by the check.
 
 Not guaranteed: code running in the child shares an interpreter with the runner, so code
-written against this runner (digging the nonce out of its frame) could forge a pass, as
-in-interpreter code can fool any oracle that shares its interpreter (the benchmark's too);
-the tests keep their meaning, so a returned object whose __eq__ is always True passes them. Without root, programs run under the caller's uid and
+written against this runner (digging the nonce out of its frame, rebinding `__observe__`
+while a test runs, patching builtins the check uses) could forge a pass or hide a value
+from the strict check, as in-interpreter code can fool any oracle that shares its
+interpreter (the benchmark's too). Without root, programs run under the caller's uid and
 could write the caller's files; without user namespaces, they could open sockets. Pool
 records both (network_isolated, uid_isolated).
 """
@@ -45,7 +54,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +63,7 @@ from types import CodeType
 from typing import NamedTuple, NoReturn
 
 MODULE_DIR = Path(__file__).resolve().parent
+OBSERVE = "__observe__"
 FAULT = "grader: "  # opens the reason of a run that failed by the sandbox's fault, not the program's
 
 
@@ -62,12 +73,17 @@ class Run(NamedTuple):
     setup: str
     program: str
     tests: tuple[str, ...]
+    expected: tuple[str | None, ...] = ()
+    """Per test, the source of the value it hands to __observe__ should strictly equal; None or
+    absent: no check for that test."""
 
 
 class Outcome(NamedTuple):
     passed: bool
     reason: str | None
     """Why the run failed ("test 2/5: AssertionError: ...", "time limit: ...", "grader: ..."); None if it passed."""
+    first_unequal: int | None = None
+    """Of a passed run: the first test (from 1) whose observed value is not strictly equal to its expected one."""
 
 
 def wall_clock_s(timeout_s: float) -> float:
@@ -75,6 +91,82 @@ def wall_clock_s(timeout_s: float) -> float:
     seconds (the benchmark's 3 s, which it applies to an idle machine), so that an outcome does
     not depend on how busy the machine is; the wall clock only stops programs that wait idle."""
     return 2 * timeout_s + 1
+
+
+# ----------------------------------------------------------------------------
+# The strict check
+
+# Builtin scalar types whose == is the builtin one. bool, int and float compare by value
+# across each other (True == 1 == 1.0), as == does.
+NUMBERS = (bool, int, float)
+SCALARS = (type(None), str, bytes, complex, *NUMBERS)
+# The standard library's dicts, compared as dicts (a Counter of the right counts is an honest answer).
+DICTS = (dict, Counter, OrderedDict, defaultdict)
+BUILTIN_KINDS = frozenset((*SCALARS, list, tuple, set, frozenset, *DICTS))
+
+
+def strictly_equal(value: object, expected: object) -> bool:
+    """Whether value == expected holds as Python decides it for builtin data, without calling
+    any method of value's: scalars, lists, tuples, sets and dicts must be of those exact types
+    (or the standard library's dict classes, or numpy scalars), and are compared by content;
+    where expected is an object of a class of its own (ListNode, TreeNode), value may be any
+    object whose attributes of the same names (read past any __getattr__) are strictly equal.
+    Walks expected (which must be acyclic), so a cyclic value costs no more than expected's size."""
+    todo = [(value, expected)]
+    while todo:
+        value, expected = todo.pop()
+        kind, expected_kind = type(value), type(expected)
+        if kind not in BUILTIN_KINDS:
+            value = _unwrap_numpy(value)
+            kind = type(value)
+        if expected_kind in NUMBERS:
+            if kind not in NUMBERS or value != expected:
+                return False
+        elif expected_kind in SCALARS:
+            if kind is not expected_kind or value != expected:
+                return False
+        elif expected_kind in (list, tuple):
+            if kind is not expected_kind or len(value) != len(expected):
+                return False
+            todo.extend(zip(value, expected))
+        elif expected_kind in (set, frozenset):
+            # Set equality hashes and compares elements: only once they are known to be builtin data.
+            if kind not in (set, frozenset) or not all(map(_hashable_data, value)) or value != expected:
+                return False
+        elif expected_kind in DICTS:
+            if kind not in DICTS or not all(map(_hashable_data, value)) or len(value) != len(expected):
+                return False
+            for key, item in expected.items():
+                if key not in value:
+                    return False
+                todo.append((dict.__getitem__(value, key), item))
+        else:
+            for name, item in vars(expected).items():
+                try:
+                    todo.append((object.__getattribute__(value, name), item))
+                except AttributeError:
+                    return False
+    return True
+
+
+def _hashable_data(value: object) -> bool:
+    """Builtin hashable data only (scalars, tuples and frozensets of them): safe to hash and compare."""
+    todo = [value]
+    while todo:
+        value = todo.pop()
+        if type(value) in (tuple, frozenset):
+            todo.extend(value)
+        elif type(value) not in SCALARS:
+            return False
+    return True
+
+
+def _unwrap_numpy(value: object) -> object:
+    """A numpy scalar as the Python scalar it holds (numpy's own code, not the program's); else value."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic) and type(value).__module__ == "numpy":
+        return value.item()
+    return value
 
 
 # ----------------------------------------------------------------------------
@@ -214,6 +306,7 @@ CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 8, 36, 38
 CAP_DAC_READ_SEARCH, LINUX_CAPABILITY_VERSION_3 = 2, 0x20080522
 libc = ctypes.CDLL(None, use_errno=True)
+NOT_CHECKED = object()  # a test's expected value when it has none, or its source failed to evaluate
 
 
 class _CapHeader(ctypes.Structure):
@@ -248,11 +341,13 @@ def _send(message: dict) -> None:
 
 
 @lru_cache(maxsize=None)
-def _compiled_setup(setup: str) -> CodeType:
-    """Setup code, compiled and run once in the worker so that every child forks with its imports loaded."""
+def _setup(setup: str) -> tuple[CodeType, dict]:
+    """Setup code, compiled and run once in the worker so that every child forks with its imports
+    loaded; and the namespace it ran in, where no program has run, for the expected values."""
     code = compile(setup, "<setup>", "exec")
-    exec(code, {"__name__": "__setup__"})
-    return code
+    namespace = {"__name__": "__setup__"}
+    exec(code, namespace)
+    return code, namespace
 
 
 @lru_cache(maxsize=1024)
@@ -260,9 +355,28 @@ def _compiled_tests(tests: tuple[str, ...]) -> tuple[CodeType, ...]:
     return tuple(compile(test, f"<test {i}>", "exec", optimize=0) for i, test in enumerate(tests, 1))
 
 
+@lru_cache(maxsize=1024)
+def _expected_values(setup: str, expected: tuple[str | None, ...], n_tests: int) -> tuple[object, ...]:
+    """Per test, its expected value, evaluated in the setup's namespace; NOT_CHECKED where it has
+    none, or where its source fails or gives a value the strict check cannot judge (one not
+    strictly equal to itself: NaN, a type it does not know), so that no honest value is judged
+    unequal for the check's own want of knowledge."""
+    _, namespace = _setup(setup)
+    values = []
+    for source in expected[:n_tests] + (None,) * (n_tests - len(expected)):
+        try:
+            value = NOT_CHECKED if source is None else eval(source, namespace)
+            values.append(value if value is NOT_CHECKED or strictly_equal(value, value) else NOT_CHECKED)
+        except Exception:
+            values.append(NOT_CHECKED)
+    return tuple(values)
+
+
 def _sandboxed(run: Run, timeout_s: float, memory_mb: int, uid: int | None) -> Outcome:
     """Run one program in a forked, limited child; afterwards kill everything it started."""
-    setup, tests = _compiled_setup(run.setup), _compiled_tests(tuple(run.tests))
+    tests = _compiled_tests(tuple(run.tests))
+    setup, _ = _setup(run.setup)
+    expected = _expected_values(run.setup, tuple(run.expected), len(tests))
     workdir = tempfile.mkdtemp(prefix="grader-")
     if uid is not None:
         os.chown(workdir, uid, uid)
@@ -272,7 +386,7 @@ def _sandboxed(run: Run, timeout_s: float, memory_mb: int, uid: int | None) -> O
     deadline = time.monotonic() + wall_clock_s(timeout_s)
     pid = os.fork()
     if pid == 0:
-        _child(run.program, setup, tests, nonce, workdir, report_w, output_w, uid, timeout_s, memory_mb)
+        _child(run.program, setup, tests, expected, nonce, workdir, report_w, output_w, uid, timeout_s, memory_mb)
     os.close(report_w)
     os.close(output_w)
     report, output, timed_out = _collect(report_r, output_r, deadline)
@@ -287,6 +401,7 @@ def _child(
     program: str,
     setup: CodeType,
     tests: tuple[CodeType, ...],
+    expected: tuple[object, ...],
     nonce: str,
     workdir: str,
     report_w: int,
@@ -297,7 +412,7 @@ def _child(
 ) -> NoReturn:
     try:
         _enter_sandbox(workdir, report_w, output_w, uid, timeout_s, memory_mb)
-        _execute(program, setup, tests, nonce)
+        _execute(program, setup, tests, expected, nonce)
     finally:
         os._exit(0)  # no cleanup handlers of the worker's (or the program's) may run here
 
@@ -341,19 +456,41 @@ def _drop_privileges(uid: int) -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def _execute(program: str, setup: CodeType, tests: tuple[CodeType, ...], nonce: str) -> None:
-    """Run setup, program and tests here; report "ok" only after the last test passed."""
+def _observer(expected: object, test_no: int, unequal: list[int]) -> Callable[[object], object]:
+    """The __observe__ of one test: notes the test in `unequal` when the value is not strictly
+    equal to the expected one, and returns the value unchanged, so the test means what it did."""
+
+    def observe(value: object) -> object:
+        if expected is not NOT_CHECKED:
+            try:
+                equal = strictly_equal(value, expected)
+            except BaseException:  # the value's attributes raised: not plain data, and no business of the test's
+                equal = False
+            if not equal:
+                unequal.append(test_no)
+        return value
+
+    return observe
+
+
+def _execute(program: str, setup: CodeType, tests: tuple[CodeType, ...], expected: tuple[object, ...], nonce: str) -> None:
+    """Run setup, program and tests here; report "ok" only after the last test passed.
+
+    The report is one line after the nonce: "ok N", N the first test whose observed value was
+    not strictly equal to its expected one (0: none), or why the run failed."""
     # Taken before the program runs, which may replace builtins or os functions.
-    write, run, numbered = os.write, exec, enumerate(tests, 1)
+    write, run, numbered, observer = os.write, exec, enumerate(tests, 1), _observer
     restore_builtins, saved_builtins = builtins.__dict__.update, dict(builtins.__dict__)
     namespace = {"__name__": "__main__", "__builtins__": builtins}
+    unequal: list[int] = []
     failed_at = 0  # 0: the program itself
     try:
         run(setup, namespace)
         run(compile(program, "<completion>", "exec"), namespace)
         for failed_at, test in numbered:
+            namespace[OBSERVE] = observer(expected[failed_at - 1], failed_at, unequal)
             run(test, namespace)
-        message = "ok"
+        message = f"ok {unequal[0] if unequal else 0}"
     except BaseException as exc:  # SystemExit and KeyboardInterrupt included: any escape fails the run
         restore_builtins(saved_builtins)
         where = f"test {failed_at}/{len(tests)}" if failed_at else "program"
@@ -414,13 +551,14 @@ def _children() -> list[int]:
 def _verdict(report: bytes, output: bytes, timed_out: bool, status: int, cpu_s: float, nonce: str, timeout_s: float) -> Outcome:
     mark = f"{nonce} "
     messages = [line[len(mark) :] for line in report.decode(errors="replace").splitlines() if line.startswith(mark)]
-    failures = [m for m in messages if m != "ok"]
+    failures = [m for m in messages if not m.startswith("ok ")]
     if failures:
         return Outcome(False, failures[0])
     if cpu_s >= timeout_s:
         return Outcome(False, f"time limit: {cpu_s:.1f} s of CPU, {timeout_s:g} s allowed")
     if messages:
-        return Outcome(True, None)
+        first_unequal = int(messages[0].removeprefix("ok "))
+        return Outcome(True, None, first_unequal or None)
     if timed_out:
         return Outcome(False, f"wall-clock limit: still running after {wall_clock_s(timeout_s):g} s")
     if os.WIFSIGNALED(status):
