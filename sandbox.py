@@ -2,7 +2,7 @@
 pool of long-lived workers, and says whether the tests passed.
 
 A run (Run) is setup code, a program and test statements; its outcome (Outcome) is passed
-or not, why not, and what the strict check below saw. This module knows nothing of the
+or not, why not (and by which exception), and what the strict check below saw. This module knows nothing of the
 task: the caller (grader.py) decides what to run and what an outcome means. It imports
 only the standard library, since every worker imports it at start.
 
@@ -82,6 +82,9 @@ class Outcome(NamedTuple):
     passed: bool
     reason: str | None
     """Why the run failed ("test 2/5: AssertionError: ...", "time limit: ...", "grader: ..."); None if it passed."""
+    exception: str | None = None
+    """The name of the type of the exception that failed the run (SystemExit included); None if
+    it passed or ended otherwise (a limit, os._exit, a signal)."""
     first_unequal: int | None = None
     """Of a passed run: the first test (from 1) whose observed value is not strictly equal to its expected one."""
 
@@ -477,7 +480,7 @@ def _execute(program: str, setup: CodeType, tests: tuple[CodeType, ...], expecte
     """Run setup, program and tests here; report "ok" only after the last test passed.
 
     The report is one line after the nonce: "ok N", N the first test whose observed value was
-    not strictly equal to its expected one (0: none), or why the run failed."""
+    not strictly equal to its expected one (0: none), or "failed EXCEPTION REASON"."""
     # Taken before the program runs, which may replace builtins or os functions.
     write, run, numbered, observer = os.write, exec, enumerate(tests, 1), _observer
     restore_builtins, saved_builtins = builtins.__dict__.update, dict(builtins.__dict__)
@@ -494,7 +497,8 @@ def _execute(program: str, setup: CodeType, tests: tuple[CodeType, ...], expecte
     except BaseException as exc:  # SystemExit and KeyboardInterrupt included: any escape fails the run
         restore_builtins(saved_builtins)
         where = f"test {failed_at}/{len(tests)}" if failed_at else "program"
-        message = f"{where}: {type(exc).__name__}: {exc}"[:300].replace("\n", " ")
+        name = "".join(type(exc).__name__.split()) or "?"  # one word, whatever a program named its class
+        message = f"failed {name} " + f"{where}: {type(exc).__name__}: {exc}"[:300].replace("\n", " ")
     write(REPORT_FD, f"{nonce} {message}\n".encode())
 
 
@@ -551,14 +555,15 @@ def _children() -> list[int]:
 def _verdict(report: bytes, output: bytes, timed_out: bool, status: int, cpu_s: float, nonce: str, timeout_s: float) -> Outcome:
     mark = f"{nonce} "
     messages = [line[len(mark) :] for line in report.decode(errors="replace").splitlines() if line.startswith(mark)]
-    failures = [m for m in messages if not m.startswith("ok ")]
+    failures = [m.split(" ", 2)[1:] for m in messages if m.startswith("failed ")]
     if failures:
-        return Outcome(False, failures[0])
+        exception, reason = failures[0]
+        return Outcome(False, reason, exception)
     if cpu_s >= timeout_s:
         return Outcome(False, f"time limit: {cpu_s:.1f} s of CPU, {timeout_s:g} s allowed")
     if messages:
         first_unequal = int(messages[0].removeprefix("ok "))
-        return Outcome(True, None, first_unequal or None)
+        return Outcome(True, None, None, first_unequal or None)
     if timed_out:
         return Outcome(False, f"wall-clock limit: still running after {wall_clock_s(timeout_s):g} s")
     if os.WIFSIGNALED(status):

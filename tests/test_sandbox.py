@@ -162,6 +162,22 @@ def test_expected_values_are_evaluated_before_the_program_runs(pool: Pool):
     assert outcome == Outcome(passed=True, reason=None, first_unequal=1)
 
 
+def test_a_failed_run_names_its_exception(pool: Pool):
+    runs = [
+        Run("", "def run_tests(case):\n    pass\n", ("run_tests()",)),
+        Run("", "", ("assert 1 == 2",)),
+        Run("", "class My Error(Exception):\n    pass\n", ()),
+        Run("", "import sys\nsys.exit(0)\n", ()),
+        Run("", "import os\nos._exit(0)\n", ()),
+    ]
+    needs_argument, assertion, syntax, exit_, died = pool.run(runs)
+    assert (needs_argument.exception, needs_argument.reason) == ("TypeError", "test 1/1: TypeError: run_tests() missing 1 required positional argument: 'case'")
+    assert (assertion.exception, assertion.reason) == ("AssertionError", "test 1/1: AssertionError: ")
+    assert syntax.exception == "SyntaxError" and syntax.reason.startswith("program: SyntaxError")
+    assert exit_.exception == "SystemExit"
+    assert died.exception is None and died.reason.startswith("exited with code 0")
+
+
 def test_identical_runs_run_once_and_outcomes_keep_input_order(pool: Pool, tmp_path: Path):
     log = tmp_path / "runs.log"
     log.write_text("")
