@@ -24,11 +24,14 @@ Guarantees:
 4. The strict check. A test may hand a value to `__observe__(value)` (OBSERVE), which
    returns it unchanged; the run's `expected` gives, per test, the source of the value it
    should equal, evaluated in the setup's namespace before any program runs. The sandbox
-   compares the two by type and content (strictly_equal), reading only builtin data and
-   attributes, never calling the value's own methods, and reports the first test whose
-   value differs (Outcome.first_unequal). So a value that passes `assert value ==
+   compares the two by type and content (strictly_equal: builtin data of exact types,
+   attributes as object.__getattribute__ reads them), so that no __eq__, __hash__ or
+   __getattr__ of the value's decides, and reports the first test whose value differs
+   (Outcome.first_unequal). So a value that passes `assert value ==
    expected` by an `__eq__` that always says True, or a list subclass that lies about
-   equality, passes its test (the tests keep their meaning) and is seen by the check.
+   equality, passes its test (the tests keep their meaning) and is seen by the check. The
+   check walks the expected value, inside the run's time limit: it costs about what the
+   comparison itself does.
 
 Not guaranteed: code running in the child shares an interpreter with the runner, so code
 written against this runner (digging the nonce out of its frame, rebinding `__observe__`
