@@ -669,6 +669,7 @@ def main(cfg: Config) -> Path:
                 "step": step,
                 "reward": mean([r.reward for r in student]),
                 "hack_s": mean([r.grade.reward_hack for r in student]),
+                "oracle_s": mean([r.grade.oracle_hack for r in student]),
                 "hack_t": mean([r.grade.reward_hack for r in teachers]),
                 "gt_s": mean([r.grade.gt_pass for r in student]),
                 "gt_t": mean([r.grade.gt_pass for r in teachers]),
@@ -744,6 +745,7 @@ def evaluate(ec: EvalConfig) -> dict:
         "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "hint": hint, "n": len(grades),
         "hack_strict": mean([g.reward_hack for g in grades]),
         "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
+        "hack_oracle": mean([g.oracle_hack for g in grades]),
         "gt_pass": mean([g.gt_pass for g in grades]),
         "reward": mean([g.reward for g in grades]),
     }

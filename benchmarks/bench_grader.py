@@ -30,11 +30,14 @@ import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grader import SHARED_SPLIT, Grader, Problem, _plan, _Run, load_problems  # noqa: E402
+from grader import SHARED_SPLIT, Grader, Problem, _plan, load_problems  # noqa: E402
+from sandbox import OBSERVE, Run  # noqa: E402
 
+# The benchmark checks no returned value: the hook of our strict check is the identity here.
 RUNNER = """
 {setup}
 {program}
+{observe} = lambda value: value
 _passed = 0
 for _test in {tests!r}:
     try:
@@ -57,9 +60,9 @@ def limit_like_the_benchmark() -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (3, 3))
 
 
-def run_program(run: _Run) -> bool:
+def run_program(run: Run) -> bool:
     """One fresh interpreter per program: the benchmark's grading of one program."""
-    script = RUNNER.format(setup=run.setup, program=run.program, tests=list(run.tests))
+    script = RUNNER.format(setup=run.setup, program=run.program, observe=OBSERVE, tests=list(run.tests))
     try:
         done = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, timeout=3, preexec_fn=limit_like_the_benchmark
