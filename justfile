@@ -51,7 +51,7 @@ diagnose PRESET *ARGS:
 smollm2 *ARGS: build-pool
     BEARTYPE=1 CUDA_VISIBLE_DEVICES= uv run python train.py smollm2 {{ARGS}}
 
-# Grade the teacher completions once and freeze them as the teacher pool (default: data/teacher_completions.jsonl).
+# Grade the teacher completions once and freeze them as the teacher pool (default: data/teacher_completions_rl.jsonl).
 build-pool *ARGS:
     uv run python train.py build-pool {{ARGS}}
 

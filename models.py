@@ -196,14 +196,16 @@ def completion_logprobs(
     input_ids: Int[Tensor, "b t"],
     attention_mask: Int[Tensor, "b t"],
     mask: Bool[Tensor, "b t-1"],
+    temperature: float = 1.0,
 ) -> Float[Tensor, "b t-1"]:
-    """log p(token j+1 | tokens <= j) in fp32 at every position j where `mask` is set, 0
-    elsewhere. The LM head runs on the masked positions only: with a
+    """log p(token j+1 | tokens <= j) under logits / temperature, in fp32, at every position j
+    where `mask` is set, 0 elsewhere (temperature 1 for NLLs; the sampling temperature for the
+    policy that sampled). The LM head runs on the masked positions only: with a
     151k vocabulary the full-sequence logits would cost more than the transformer itself
     (assumes logits = lm_head(last hidden state), true of Qwen, Llama and Mistral)."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
     logits = model.get_output_embeddings()(hidden[mask])
-    selected = -F.cross_entropy(logits.float(), input_ids[:, 1:][mask], reduction="none")
+    selected = -F.cross_entropy(logits.float() / temperature, input_ids[:, 1:][mask], reduction="none")
     return torch.zeros(mask.shape, dtype=torch.float32, device=selected.device).masked_scatter(mask, selected)
 
 

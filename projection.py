@@ -17,6 +17,12 @@ aggregating and the norms taken over the whole delta_S gradient (every module). 
 baseline is the same number for an isotropic random g: sqrt(K / 2R) for K kept axes in R
 delta_S dimensions (the 1/2 because relu keeps half of a symmetric component's energy).
 
+Yardsticks, measured on the same gradient: `random_bases` draws seeded random orthonormal
+bases with exactly v_hack's per-module axis counts (the `random` arm projects onto one;
+`EmpiricalNull` measures the hack-ward fraction against a fixed set of them every step,
+because real gradients are not isotropic and sqrt(K / 2R) understates what any subspace of
+that size captures).
+
 The modules are grouped by r and their V padded with zero rows to a common k, so each
 step costs one batched matmul per distinct r (three for Qwen3), not one per module.
 """
@@ -64,7 +70,8 @@ class Projector:
             for i, n in enumerate(names):
                 V[i, : v_hack[n].shape[0]] = v_hack[n].float()
             self.V_by_rank[r] = V
-        n_axes = sum(V.shape[0] for V in v_hack.values())
+        self.axes = {name: V.shape[0] for name, V in v_hack.items()}
+        n_axes = sum(self.axes.values())
         self.n_modules = len(v_hack)
         self.null = (n_axes / (2 * sum(ranks.values()))) ** 0.5
 
@@ -103,3 +110,42 @@ class Projector:
                     grads[n].copy_(g_new[i])
         cout = self.hackward_fraction(grads) if self.apply else cin
         return ProjectionStats(cin=cin, cout=cout, null=self.null, touched=touched / max(self.n_modules, 1))
+
+    def axis_coefficients(self, vectors: dict[str, Tensor]) -> Float[Tensor, " K"]:
+        """V x for every kept axis, modules sorted by name (padding rows dropped)."""
+        coefs = self._coefficients(vectors)
+        per_module = {n: coefs[r][1][i, : self.axes[n]] for r, names in self.names_by_rank.items() for i, n in enumerate(names)}
+        return torch.cat([per_module[n] for n in sorted(per_module)])
+
+
+def random_bases(v_hack: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """A random orthonormal basis per module with the same number of axes (k_m x r_m) as v_hack,
+    drawn in module-name order (the same draws whatever order the dict has)."""
+    out = {}
+    for name in sorted(v_hack):
+        V = v_hack[name]
+        Q, _ = torch.linalg.qr(torch.randn(V.shape[1], V.shape[0], generator=generator))
+        out[name] = Q.T.contiguous().to(V.device)
+    return out
+
+
+class EmpiricalNull:
+    """The hack-ward fraction of a gradient against `count` fixed random bases (seeded) with
+    v_hack's per-module axis counts: the yardstick for cin on this very gradient."""
+
+    def __init__(self, v_hack: dict[str, Tensor], ranks: dict[str, int], count: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.projectors = [Projector(random_bases(v_hack, generator), ranks, "one_sided", apply=False) for _ in range(count)]
+
+    def fractions(self, grads: dict[str, Tensor]) -> Float[Tensor, " n"]:
+        return torch.tensor([p.hackward_fraction(grads) for p in self.projectors])
+
+
+def subspace_cos(old: dict[str, Tensor], new: dict[str, Tensor]) -> float:
+    """Mean over modules in both of ||V_new V_old^T||_F / sqrt(min(k_old, k_new)): 1 when the
+    spans agree (the smaller inside the larger), about sqrt(k/r) for unrelated ones."""
+    common = [n for n in new if n in old]
+    if not common:
+        return 0.0
+    cos = [(new[n].float() @ old[n].float().T).norm().item() / min(new[n].shape[0], old[n].shape[0]) ** 0.5 for n in common]
+    return sum(cos) / len(cos)

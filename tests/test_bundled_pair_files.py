@@ -67,13 +67,16 @@ HONEST = {"compiles": True, "gt_pass": True, "hinted_pass": True, "has_run_tests
 HARMLESS_HACK = HONEST | {"attempted_hack": True}
 
 
+def assert_counts(pairs, styles: set[str], at_least: int, per_style: int) -> None:
+    assert len(pairs) >= at_least
+    assert len({p.problem.id for p in pairs}) == len(pairs)
+    counts = Counter(p.hack_style for p in pairs)
+    assert set(counts) == styles
+    assert min(counts.values()) >= per_style, counts
+
+
 def test_minimal_pairs_counts_ids_and_styles(graded):
-    minimal, _, _ = graded
-    assert len(minimal) >= 45
-    assert len({p.problem.id for p in minimal}) == len(minimal)
-    counts = Counter(p.hack_style for p in minimal)
-    assert set(counts) == MINIMAL_STYLES
-    assert min(counts.values()) >= 7, counts
+    assert_counts(graded[0], MINIMAL_STYLES, 45, 7)
 
 
 def test_minimal_pairs_labels(graded):
@@ -96,12 +99,7 @@ def test_minimal_pairs_differ_only_in_run_tests(graded):
 
 
 def test_null_pairs_counts_ids_and_styles(graded):
-    _, null, _ = graded
-    assert len(null) >= 35
-    assert len({p.problem.id for p in null}) == len(null)
-    counts = Counter(p.hack_style for p in null)
-    assert set(counts) == NULL_STYLES
-    assert min(counts.values()) >= 10, counts
+    assert_counts(graded[1], NULL_STYLES, 35, 10)
 
 
 def test_null_pairs_are_honest_on_both_sides(graded):

@@ -1,3 +1,4 @@
+import pytest
 import math
 
 import torch
@@ -94,3 +95,24 @@ def test_touched_counts_modules():
     assert proj(g).touched == 0.0
     g["a"] = V["a"][0].clone()
     assert proj(g).touched == 1 / 3
+
+
+def test_random_bases_null_and_subspace_cos():
+    from projection import EmpiricalNull, random_bases, subspace_cos
+
+    proj, V, g = setup()
+    R = random_bases(V, torch.Generator().manual_seed(0))
+    assert {n: r.shape for n, r in R.items()} == {n: v.shape for n, v in V.items()}
+    assert all(torch.allclose(r @ r.T, torch.eye(r.shape[0]), atol=1e-5) for r in R.values())
+    ranks = {"a": 16, "b": 16, "c": 8, "d": 24}
+    null = EmpiricalNull(V, ranks, 8, seed=3)
+    fractions = null.fractions(g)
+    assert fractions.shape == (8,) and torch.equal(fractions, EmpiricalNull(V, ranks, 8, seed=3).fractions(g))  # seeded
+    assert torch.allclose(fractions, torch.tensor([Projector(b, ranks, "one_sided", False).hackward_fraction(g) for b in (
+        random_bases(V, gen) for gen in [torch.Generator().manual_seed(3)] for _ in range(8))]))
+    # A gradient inside v_hack's span: cin is 1 for its own basis, far less against random ones.
+    inside = {n: (V[n].T @ torch.ones(V[n].shape[0])) if n in V else torch.zeros(r) for n, r in ranks.items()}
+    assert proj.hackward_fraction(inside) > 0.99 and null.fractions(inside).max() < 0.9
+    assert subspace_cos(V, V) == pytest.approx(1.0) and subspace_cos(V, R) < 0.8
+    coefs = proj.axis_coefficients(g)
+    assert torch.allclose(coefs, torch.cat([V[n] @ g[n] for n in sorted(V)]))

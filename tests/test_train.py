@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from dataclasses import replace
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from train import PRESETS, PoolConfig, build_pool, group_advantages, grpo_token_loss, split_group
+from extract import read_v_hack
+from projection import EmpiricalNull, Projector
+from train import PRESETS, Config, PoolConfig, build_pool, grpo_loss, group_advantages, load_group, split_group, teacher_pool
 
 ENV = {**os.environ, "BEARTYPE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
@@ -23,17 +26,18 @@ ENV = {**os.environ, "BEARTYPE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFE
 def work(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("train")
     build_pool(PoolConfig(out=work / "pool.jsonl"))
+    (work / "pairs.jsonl").write_text("".join((ROOT / "data" / "pairs.jsonl").read_text().splitlines(keepends=True)[:8]))
     return work
 
 
-def train_cmd(work: Path, *flags: str) -> list[str]:
-    return [sys.executable, "train.py", "smoke", "--runs-dir", str(work / "runs"), "--cache-dir", str(work / "cache"),
-            "--teacher-pool", str(work / "pool.jsonl"), *flags]
+def train_cmd(work: Path, *flags: str, cache: str = "cache") -> list[str]:
+    return [sys.executable, "train.py", "smoke", "--runs-dir", str(work / "runs"), "--cache-dir", str(work / cache),
+            "--teacher-pool", str(work / "pool.jsonl"), "--v-hack.pairs", str(work / "pairs.jsonl"), *flags]
 
 
-def run_train(work: Path, *flags: str) -> Path:
+def run_train(work: Path, *flags: str, cache: str = "cache") -> Path:
     before = set((work / "runs").glob("*")) if (work / "runs").exists() else set()
-    proc = subprocess.run(train_cmd(work, *flags), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(train_cmd(work, *flags, cache=cache), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = set((work / "runs").glob("*")) - before
     return run_dir
@@ -43,58 +47,121 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def test_both_arms_end_to_end(work):
-    vanilla = run_train(work, "--intervention", "vanilla", "--steps", "4", "--checkpoint-every", "2")
-    projected = run_train(work, "--intervention", "projected", "--steps", "4", "--checkpoint-every", "2")
-    for run_dir, arm in ((vanilla, "vanilla"), (projected, "projected")):
+def checkpoint(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:06d}"
+
+
+def delta(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint(run_dir, step) / "delta_S.safetensors")
+
+
+@pytest.fixture(scope="module")
+def arms(work) -> dict[str, Path]:
+    return {arm: run_train(work, "--intervention", arm, "--steps", "4", "--checkpoint-every", "1") for arm in ("vanilla", "projected", "random")}
+
+
+def test_each_arm_end_to_end_with_its_basis(arms):
+    v_hack = read_v_hack(next(Path(json.loads((arms["vanilla"] / "config.json").read_text())["cache_dir"]).glob("v_hack/*.safetensors"))).V
+    for arm, run_dir in arms.items():
         assert run_dir.name.startswith(f"smoke_{arm}_s0_")
-        assert json.loads((run_dir / "config.json").read_text())["intervention"] == arm
         log = rows(run_dir)
         assert [r["step"] for r in log] == [1, 2, 3, 4]
-        for key in ("reward", "hack_s", "hack_t", "gt_s", "gt_t", "loss", "grad_norm", "cin_s", "cin_t", "cin", "cout", "null", "cupd", "rollouts_per_s", "seconds"):
-            assert all(key in r for r in log), key
-        # Teacher hacks are in the groups; the random student never writes code.
-        assert all(r["hack_t"] is not None for r in log) and max(r["hack_t"] for r in log) > 0
-        assert all(r["gt_s"] == 0 for r in log)
-        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+        assert all(k.split("/")[0] in {"step", "rollout", "loss", "hackward", "vhack", "time"} for k in log[0])
+        assert max(r["rollout/hack_t"] for r in log) > 0 and all(r["rollout/gt_s"] == 0 for r in log)  # teacher hacks in the groups
         assert (run_dir / "summary.json").exists() and (run_dir / "curves.png").stat().st_size > 0
-        assert 0 < log[0]["null"] < 1
-    live = [r for r in rows(vanilla) if r["cin"] > 0]
-    assert live and all(r["cout"] == r["cin"] for r in rows(vanilla))  # vanilla only measures
-    live = [r for r in rows(projected) if r["cin"] > 0]
-    assert live and all(r["cout"] < 1e-6 for r in live)  # projected removed the hack-ward part
-    # Same seed, same first rollouts: the arms diverge only through the projection.
-    d_v = load_file(vanilla / "checkpoints" / "step_000004" / "delta_S.safetensors")
-    d_p = load_file(projected / "checkpoints" / "step_000004" / "delta_S.safetensors")
-    assert any(not torch.equal(d_v[n], d_p[n]) for n in d_v)
-    assert any(t.abs().sum() > 0 for t in d_p.values())
+        saved = load_group(checkpoint(run_dir, 4) / "bases.safetensors", "v_hack")
+        assert saved.keys() == v_hack.keys() and all(torch.equal(saved[n], v_hack[n]) for n in v_hack)
+    arm_basis = {arm: load_group(checkpoint(run_dir, 4) / "bases.safetensors", "arm") for arm, run_dir in arms.items()}
+    assert arm_basis["vanilla"] == {} and all(torch.equal(arm_basis["projected"][n], v_hack[n]) for n in v_hack)
+    for n, v in v_hack.items():  # random: the same axis counts per module, orthonormal, unrelated to v_hack
+        r = arm_basis["random"][n]
+        assert r.shape == v.shape and torch.allclose(r @ r.T, torch.eye(v.shape[0]), atol=1e-5) and not torch.allclose(r, v)
+    # The arms differ in nothing but the intervention.
+    configs = {arm: json.loads((d / "config.json").read_text()) for arm, d in arms.items()}
+    assert {k for k in configs["vanilla"] if configs["vanilla"][k] != configs["random"][k]} == {"intervention"}
+    live = [r for r in rows(arms["vanilla"]) if r["hackward/cin"]]
+    assert live and all(r["hackward/cout"] == r["hackward/cin"] and r["hackward/touched"] == 0 for r in rows(arms["vanilla"]))
+    assert all(r["hackward/cout"] < 1e-6 for r in rows(arms["projected"]) if r["hackward/cin"])
+    assert any(r["hackward/cout"] > 1e-3 for r in rows(arms["random"]))  # projecting a random subspace leaves v_hack's part
+
+
+def test_logged_leak_null_and_displacement_are_recomputed_from_checkpoints(arms):
+    run_dir = arms["vanilla"]
+    config = json.loads((run_dir / "config.json").read_text())
+    log = rows(run_dir)
+    for step in (2, 3, 4):
+        v_hack = load_group(checkpoint(run_dir, step) / "bases.safetensors", "v_hack")
+        before, after = delta(run_dir, step - 1), delta(run_dir, step)
+        ranks = {n: t.shape[0] for n, t in after.items()}
+        measure = Projector(v_hack, ranks, "one_sided", apply=False)
+        row = log[step - 1]
+        change = {n: before[n] - after[n] for n in after}
+        if row["hackward/upd"] is None:  # no group with reward variance: no optimizer step
+            assert all(not c.any() for c in change.values())
+        else:
+            assert row["hackward/upd"] == pytest.approx(measure.hackward_fraction(change), rel=1e-5)
+        assert row["hackward/disp_axes"] == pytest.approx((-measure.axis_coefficients(after)).tolist(), rel=1e-5, abs=1e-9)
+        g_s = load_group(checkpoint(run_dir, step) / "grads.safetensors", "g_s")
+        null = EmpiricalNull(v_hack, ranks, config["null_bases"], config["null_seed"]).fractions(g_s)
+        if row["hackward/cin_s"] is not None:
+            assert row["hackward/null_s_mean"] == pytest.approx(null.mean().item(), rel=1e-5)
+            assert row["hackward/null_s_p95"] == pytest.approx(null.quantile(0.95).item(), rel=1e-5)
+            assert row["hackward/cin_s"] == pytest.approx(measure.hackward_fraction(g_s), rel=1e-5)
+
+
+def test_project_update_leaves_no_hackward_change(work):
+    run_dir = run_train(work, "--intervention", "projected", "--project-update", "--steps", "4", "--checkpoint-every", "1")
+    log = rows(run_dir)
+    assert all(r["hackward/upd"] < 1e-6 for r in log if r["hackward/upd"] is not None)
+    assert any(r["hackward/upd"] is not None for r in log)
+    v_hack = load_group(checkpoint(run_dir, 4) / "bases.safetensors", "v_hack")
+    for step in (2, 3, 4):
+        before, after = delta(run_dir, step - 1), delta(run_dir, step)
+        change = {n: before[n] - after[n] for n in after}
+        assert Projector(v_hack, {n: t.shape[0] for n, t in after.items()}, "one_sided", apply=False).hackward_fraction(change) < 1e-6
+
+
+def test_v_hack_refresh_on_schedule(work):
+    run_dir = run_train(work, "--v-hack-refresh", "2", "--steps", "4", "--checkpoint-every", "1")
+    log = rows(run_dir)
+    assert [r["vhack/refreshed"] for r in log] == [False, True, False, False]  # not after the last step
+    assert log[1]["vhack/subspace_cos"] is not None and log[0]["vhack/subspace_cos"] is None
+    first, second = (load_group(checkpoint(run_dir, s) / "bases.safetensors", "v_hack") for s in (1, 2))
+    assert any(not torch.equal(first[n], second[n]) for n in first if n in second)
+
+
+def test_same_seed_same_result_cold_or_warm_cache(work):
+    cold = run_train(work, "--steps", "3", cache="fresh-cache")
+    warm = run_train(work, "--steps", "3", cache="fresh-cache")
+    a, b = delta(cold, 3), delta(warm, 3)
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_resume_after_kill_matches_uninterrupted(work):
-    full = run_train(work, "--intervention", "projected")
-    # A second run, killed once its step-25 checkpoint exists, then resumed.
+    flags = ("--intervention", "random", "--project-update", "--v-hack-refresh", "3", "--steps", "8", "--checkpoint-every", "4")
+    full = run_train(work, *flags)
+    # A second run, killed once its step-4 checkpoint exists, then resumed.
     before = set((work / "runs").glob("*"))
-    proc = subprocess.Popen(train_cmd(work, "--intervention", "projected"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(work, *flags), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 900
         while time.time() < deadline:
             new = set((work / "runs").glob("*")) - before
-            if new and (next(iter(new)) / "checkpoints" / "step_000025").exists():
+            if new and (next(iter(new)) / "checkpoints" / "step_000004").exists():
                 break
-            assert proc.poll() is None, "training exited before its step-25 checkpoint"
+            assert proc.poll() is None, "training exited before its step-4 checkpoint"
             time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     (killed,) = set((work / "runs").glob("*")) - before
-    assert not (killed / "checkpoints" / "step_000030").exists()
-    resumed = subprocess.run(train_cmd(work, "--intervention", "projected", "--resume", str(killed)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert not (killed / "checkpoints" / "step_000008").exists()
+    resumed = subprocess.run(train_cmd(work, *flags, "--resume", str(killed)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(full / "checkpoints" / "step_000030" / "delta_S.safetensors")
-    b = load_file(killed / "checkpoints" / "step_000030" / "delta_S.safetensors")
+    a, b = delta(full, 8), delta(killed, 8)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert [r["step"] for r in rows(killed)] == list(range(1, 31))
-    assert [r["reward"] for r in rows(killed)] == [r["reward"] for r in rows(full)]
+    assert [r["step"] for r in rows(killed)] == list(range(1, 9))
+    assert [r["rollout/reward"] for r in rows(killed)] == [r["rollout/reward"] for r in rows(full)]
 
 
 def test_resume_with_other_settings_is_refused(work):
@@ -110,23 +177,53 @@ def test_dr_grpo_and_grpo_advantages():
     assert torch.equal(group_advantages(torch.full((1, 4), 3.5), "dr_grpo"), torch.zeros(1, 4))
 
 
-def test_loss_is_policy_gradient_at_ratio_one_and_clips():
+def test_loss_is_policy_gradient_at_ratio_one_clips_and_normalises():
+    cfg = Config(clip_eps=0.2, kl_beta=0.1)
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    adv = torch.tensor([[2.0]])
-    loss, clipped, kl = grpo_token_loss(logp, logp.detach(), logp.detach(), adv, 0.2, 0.1)
-    loss.sum().backward()
-    assert torch.allclose(logp.grad, torch.tensor([[-2.0, -2.0]]))  # -A d logp, KL gradient 0 at ref = logp
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, kl, clipped = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([[2.0]]), mask, cfg, denominator=4.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5]]))  # -A d logp / denominator; KL gradient 0 at ref = logp
     assert clipped.sum() == 0 and torch.allclose(kl, torch.zeros(1, 2))
     far = torch.tensor([[0.0]], requires_grad=True)
-    loss, clipped, _ = grpo_token_loss(far, torch.tensor([[-1.0]]), None, adv, 0.2, 0.0)
-    loss.sum().backward()
+    loss, _, clipped = grpo_loss(far, torch.tensor([[-1.0]]), None, torch.tensor([[2.0]]), torch.ones(1, 1, dtype=torch.bool), cfg, 1.0)
+    loss.backward()
     assert clipped.item() == 1.0 and far.grad.item() == 0.0  # ratio e > 1.2 with A > 0: clipped, no gradient
+    # Teacher rows (NaN sampler log-probs) have ratio 1; sequence_mean averages each row over its own tokens.
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    teacher_old = torch.full((2, 3), float("nan"))
+    loss, _, clipped = grpo_loss(logp, teacher_old, None, torch.tensor([[1.0], [1.0]]), mask, replace(cfg, loss_norm="sequence_mean"), 2.0)
+    assert loss.item() == pytest.approx(-1.0) and clipped.sum() == 0
+
+
+def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
+    from grader import Grader
+    from models import load_model
+
+    _, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    pool_path = tmp_path / "pool.jsonl"
+    build_pool(PoolConfig(out=pool_path))
+    cfg = replace(PRESETS["smoke"][1], teacher_pool=pool_path, sampling=replace(PRESETS["smoke"][1].sampling, max_new_tokens=24))
+    with Grader() as grader:
+        pool = teacher_pool(cfg, tokenizer, grader)
+    entries = [e for es in pool.values() for e in es]
+    assert entries and all(len(ids) <= 24 for ids, _, _ in entries)
+    assert all(not grade.gt_pass and not grade.hinted_pass for _, _, grade in entries)  # 24 tokens close no code block
+    # The default pool is built on a miss, from the teacher source.
+    missing = tmp_path / "default.jsonl"
+    cfg = replace(cfg, teacher_pool=missing)
+    import train
+
+    with Grader() as grader, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "default_pool_path", lambda source, hint: missing)
+        assert teacher_pool(cfg, tokenizer, grader) and missing.exists()
 
 
 def test_presets_resolve():
     assert set(PRESETS) == {"smoke", "fast-dev-run", "smollm2", "fast", "full"}
     smoke = PRESETS["smoke"][1]
-    assert (smoke.steps, smoke.group_size, smoke.sampling.max_new_tokens, smoke.n_problems, smoke.prompts_per_step) == (30, 2, 32, 10, 1)
+    assert (smoke.steps, smoke.group_size, smoke.sampling.max_new_tokens, smoke.n_problems, smoke.prompts_per_step) == (30, 2, 256, 10, 1)
     full = PRESETS["full"][1]
     assert (full.steps, full.prompts_per_step, full.group_size, full.sampling.temperature, full.sampling.top_p, full.kl_beta, full.sampling.max_new_tokens) == (200, 16, 16, 0.7, 0.95, 1e-3, 1536)
     assert split_group(smoke) == (1, 1) and split_group(full) == (16, 0)
@@ -179,8 +276,8 @@ def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
     assert plain["hint"] == "none" and (run_dir / "eval" / "problems-step_000001-none-s0" / "summary.json").exists()
 
 
-@pytest.mark.parametrize("bucket", [0, 64])
-def test_sampler_logprobs_match_the_learner(tmp_path, bucket):
+@pytest.mark.parametrize(("bucket", "temperature"), [(0, 1.0), (0, 0.7), (64, 0.7)])
+def test_sampler_logprobs_match_the_learner(tmp_path, bucket, temperature):
     """The PPO ratio is taken against logprobs recorded while sampling (merged weights, KV
     cache, left padding); the learner recomputes them on the adapter path: they must agree."""
     from grader import load_problems, render_prompt
@@ -196,10 +293,10 @@ def test_sampler_logprobs_match_the_learner(tmp_path, bucket):
     problems = load_problems(ROOT / "data" / "problems.jsonl")[:3]  # prompts of different lengths: left padding
     with merged(adapters):
         samples = generate(model, tokenizer, [render_prompt(tokenizer, p, "run_tests") for p in problems],
-                           Sampling(max_new_tokens=12, temperature=1.0, top_p=1.0, static_cache_bucket=bucket))
-    rollouts = [Rollout(p, pi, ci, text, False, lp) for p, (pi, ci, text, lp) in zip(problems, samples)]
+                           Sampling(max_new_tokens=12, temperature=temperature, top_p=0.95, static_cache_bucket=bucket))
+    rollouts = [Rollout(p, pi, ci, text, False, lp, False) for p, (pi, ci, text, lp) in zip(problems, samples)]
     assert all(len(r.completion_ids) == len(r.old_logprobs) > 0 for r in rollouts)
     ids, attn, mask, old, _ = collate(rollouts, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        logp = completion_logprobs(model, ids, attn, mask)
+        logp = completion_logprobs(model, ids, attn, mask, temperature)
     assert torch.allclose(logp[mask], old[mask], atol=1e-3), (logp[mask] - old[mask]).abs().max()
