@@ -27,7 +27,7 @@ smoke-both: build-pool
     {{smoke_env}} uv run python train.py smoke --intervention vanilla
     {{smoke_env}} uv run python train.py smoke --intervention projected
 
-# The real pipeline at larger numbers on the tiny model (CPU, 1-2 min).
+# The real pipeline at larger numbers on the tiny model (CPU, ~3 min).
 fast-dev-run *ARGS: build-pool
     {{smoke_env}} uv run python train.py fast-dev-run {{ARGS}}
 
