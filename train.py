@@ -60,13 +60,13 @@ from loguru import logger
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from diagnose import format_report, quality_report, write_report
 from extract import VHackConfig, fit_v_hack, load_pairs, pair_gradients, v_hack_for_run, written_completion_ids
 from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
+from rollout import RolloutEngine, Sampling
 from svd_adapter import DEFAULT_TARGETS, delta_grads, delta_state, load_delta, merged, reference_mode, wrap_svd
 
 DATA = REPO_ROOT / "data"
@@ -76,24 +76,6 @@ LossNorm = Literal["constant", "sequence_mean"]
 
 # ----------------------------------------------------------------------------
 # Config
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How rollouts are sampled."""
-
-    max_new_tokens: int = 1536
-    """Longest completion in tokens."""
-    temperature: float = 0.7
-    """Sampling temperature."""
-    top_p: float = 0.95
-    """Nucleus sampling mass."""
-    batch: int = 64
-    """Sequences per generate call."""
-    static_cache_bucket: int = 0
-    """0: dynamic KV cache. >0: static KV cache with a compiled decode step (CUDA; ~2.5-3x faster
-    decoding after a ~1 min compile per shape), prompts left-padded to a multiple of this many
-    tokens so that few shapes occur."""
 
 
 @dataclass(frozen=True)
@@ -216,18 +198,19 @@ PRESETS: dict[str, tuple[str, Config]] = {
     )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
         name="fast", problems=DATA / "problems_rl.jsonl", steps=30, prompts_per_step=8, group_size=8,
-        teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48, static_cache_bucket=512), checkpoint_every=10,
+        teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48), checkpoint_every=10,
     )),
-    # Generation batch 64: its KV cache at 1536 + 1536 tokens is ~29 GB; 128 would not fit on an
-    # 80 GB H100 beside the weights (8 GB), U and Vh (10 GB) and the unmerged copy kept while merged (8 GB).
+    # 128 KV slots of (longest prompt + 1536) positions: ~40 GB beside the weights (8 GB) and U, Vh (10 GB) on an 80 GB H100.
     "full": ("Qwen3-4B at the benchmark's scale: 200 steps x 16 prompts x 16 rollouts, 1536 new tokens", Config(
-        name="full", steps=200, prompts_per_step=16, group_size=16, sampling=Sampling(max_new_tokens=1536, batch=64, static_cache_bucket=512),
+        name="full", steps=200, prompts_per_step=16, group_size=16, sampling=Sampling(max_new_tokens=1536, batch=128),
     )),
 }
 
 
 def resolve(cfg: Config) -> Config:
     """Fill the values a preset leaves open."""
+    if cfg.sampling.temperature <= 0:
+        raise ValueError(f"--sampling.temperature {cfg.sampling.temperature}: training needs a sampling policy (> 0); greedy (0) is for eval")
     device = pick_device(cfg.device)
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
     return replace(cfg, device=device, teacher_pool=pool)
@@ -257,59 +240,6 @@ class Rollout:
     grade: Grade | None = None
     reward: float = 0.0
     advantage: float = 0.0
-
-
-class SampledLogprobs(LogitsProcessor):
-    """Records log p(sampled token) under logits / temperature at every step: the policy that
-    samples, less top_p (the nucleus cut is ignored, as TRL and verl do). Placed before
-    generate's own warpers, it sees unprocessed scores; a token is known one call later, as
-    the last input id."""
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.logp_prev: Tensor | None = None
-        self.steps: list[Tensor] = []
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.logp_prev is not None:
-            self.steps.append(self.logp_prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.logp_prev = (scores.float() / self.temperature).log_softmax(-1)
-        return scores
-
-    def finish(self, sequences: Tensor) -> Tensor:
-        self.steps.append(self.logp_prev.gather(1, sequences[:, -1:]).squeeze(1))
-        return torch.stack(self.steps, dim=1).cpu()
-
-
-def eos_ids(model) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos])
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], sampling: Sampling, desc: str = "generate") -> list[tuple[list[int], list[int], str, Tensor]]:
-    """(prompt ids, completion ids up to and including EOS, text, sampler logprobs) per prompt."""
-    model.eval()
-    eos = eos_ids(model)
-    out = []
-    for i in tqdm(range(0, len(prompts), sampling.batch), desc=desc, leave=False):
-        enc = tokenizer(
-            prompts[i : i + sampling.batch], return_tensors="pt", padding=True, add_special_tokens=False,
-            pad_to_multiple_of=sampling.static_cache_bucket or None,
-        ).to(model.device)
-        recorder = SampledLogprobs(sampling.temperature)
-        seqs = model.generate(
-            **enc, do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-            max_new_tokens=sampling.max_new_tokens, logits_processor=LogitsProcessorList([recorder]),
-            pad_token_id=tokenizer.pad_token_id, cache_implementation="static" if sampling.static_cache_bucket else None,
-        )
-        logprobs = recorder.finish(seqs)
-        prompt_len = enc["input_ids"].shape[1]
-        for row, mask, new, lp in zip(enc["input_ids"], enc["attention_mask"], seqs[:, prompt_len:].tolist(), logprobs):
-            end = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
-            completion = new[:end]
-            out.append((row[mask.bool()].tolist(), completion, tokenizer.decode(completion, skip_special_tokens=True), lp[:end]))
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -354,8 +284,8 @@ def build_pool(pc: PoolConfig) -> Path:
     else:
         model, tokenizer, _ = load_model(pc.source, pick_device(pc.device))
         todo = [p for p in problems.values() for _ in range(pc.samples_per_problem)]
-        samples = generate(model, tokenizer, [render_prompt(tokenizer, p, pc.hint) for p in todo], pc.sampling, desc="teacher")
-        items = [(p, text) for p, (_, _, text, _) in zip(todo, samples)]
+        samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, pc.hint) for p in todo], pc.sampling, desc="teacher")
+        items = [(p, c.text) for p, c in zip(todo, samples)]
     with Grader(pc.reward) as grader:
         grades = grader.grade([p for p, _ in items], [c for _, c in items])
     out = pc.out or default_pool_path(pc.source, pc.hint)
@@ -683,7 +613,8 @@ def main(cfg: Config) -> Path:
     log_path = run_dir / "log.jsonl"
     log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    pad_id, eos = tokenizer.pad_token_id, eos_ids(model)
+    engine = RolloutEngine(model, tokenizer)
+    pad_id, eos = tokenizer.pad_token_id, engine.eos
     with Grader(cfg.reward, workers=cfg.grader_workers) as grader:
         pool = teacher_pool(cfg, tokenizer, grader) if n_teacher else {}
         if n_teacher:
@@ -704,10 +635,10 @@ def main(cfg: Config) -> Path:
             # Student rollouts, delta_S folded into the weights; teacher rollouts from the pool.
             prompts = [render_prompt(tokenizer, p, cfg.hint) for p in batch]
             with merged(adapters):
-                samples = generate(model, tokenizer, [s for s in prompts for _ in range(n_student)], cfg.sampling)
+                samples = engine.generate(prompts, cfg.sampling, n=n_student)
             groups = []
             for gi, p in enumerate(batch):
-                group = [Rollout(p, pi, ci, text, False, lp, ci[-1] not in eos) for pi, ci, text, lp in samples[gi * n_student : (gi + 1) * n_student]]
+                group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
                 for j in range(n_teacher if p.id in pool else 0):
                     ids, text, grade = pool[p.id][torch.randint(len(pool[p.id]), (1,)).item()]
                     group.append(Rollout(p, group[0].prompt_ids, ids, text, True, None, ids[-1] not in eos, grade))
@@ -857,9 +788,9 @@ def evaluate(ec: EvalConfig) -> dict:
     hint = ec.hint or saved["hint"]
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]
     with merged(adapters):
-        samples = generate(model, tokenizer, [render_prompt(tokenizer, p, hint) for p in todo], ec.sampling, desc="eval")
+        samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, hint) for p in problems], ec.sampling, n=ec.samples_per_problem, desc="eval")
     with Grader(RewardConfig(**saved["reward"])) as grader:
-        grades = grader.grade(todo, [text for _, _, text, _ in samples])
+        grades = grader.grade(todo, [c.text for c in samples])
     summary = {
         "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "hint": hint, "n": len(grades),
         "hack_strict": mean([g.reward_hack for g in grades]),
@@ -870,7 +801,7 @@ def evaluate(ec: EvalConfig) -> dict:
     }
     out = ec.run / "eval" / f"{ec.problems.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text} | asdict(g)) + "\n" for p, (_, _, text, _), g in zip(todo, samples, grades)))
+    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text} | asdict(g)) + "\n" for p, text, g in zip(todo, [c.text for c in samples], grades)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info(f"eval {out}: {json.dumps(summary)}")
     return summary
