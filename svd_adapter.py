@@ -8,10 +8,14 @@ vector delta_S (length r = min(d_in, d_out), fp32 master copy, zeros at start):
 Guarantees:
 - At delta_S = 0 the logits equal the unwrapped model's bit for bit (the added term is an
   exact zero), so `reference_mode` gives the KL reference model for free.
-- The fp32 SVD of each weight is cached on disk under a hash of the weight's bytes; an
-  entry that does not reconstruct its weight within `SVD_TOLERANCE` is recomputed.
-- `merge` folds U diag(delta_S) Vh into the weights (plain Linears, no extra matmuls for
-  rollouts) and `unmerge` restores the original weight tensors exactly.
+- The SVD of each weight (computed in fp32) is cached on disk under a key of the weight's
+  shape, dtype and content checksums, with U and Vh in the adapter's dtype (the model's) and
+  S in fp32; an entry that does not reconstruct its weight within `svd_tolerance(dtype)` is
+  recomputed, so a stale or foreign entry is never used.
+- `merge` folds U diag(delta_S) Vh into the weights in place (plain Linears, no extra matmuls
+  for rollouts) and `unmerge` restores the original weights bit for bit from a host copy
+  (pinned CPU memory, made at the first merge: the base weights never change), so no second
+  copy of the weights is kept on the GPU.
 
 """
 
@@ -31,8 +35,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Relative Frobenius error ||W - U diag(S) Vh|| / ||W|| a cached or fresh SVD must meet.
-SVD_TOLERANCE = 1e-4
+
+
+def svd_tolerance(dtype: torch.dtype) -> float:
+    """Relative Frobenius error ||W - U diag(S) Vh|| / ||W|| an SVD with U, Vh stored in `dtype`
+    must meet: 1e-4 in fp32, twice the dtype's epsilon below it (bf16 rounding alone is ~0.3%)."""
+    return max(1e-4, 2 * torch.finfo(dtype).eps)
 
 
 # ----------------------------------------------------------------------------
@@ -53,7 +61,8 @@ class SVDLinear(nn.Module):
         # fp32 master copy whatever the model dtype: Adam's small steps survive bf16 rounding.
         self.delta_S = nn.Parameter(torch.zeros(S.shape[0], device=device, dtype=torch.float32))
         self.delta_enabled = True
-        self.merged_from: Tensor | None = None
+        self.merged = False
+        self.W_host: Tensor | None = None  # the base weight on the host, for an exact unmerge
 
     @property
     def rank(self) -> int:
@@ -61,7 +70,7 @@ class SVDLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
-        if not self.delta_enabled or self.merged_from is not None:
+        if not self.delta_enabled or self.merged:
             return y
         h = F.linear(x, self.Vh) * self.delta_S.to(x.dtype)
         return y + F.linear(h, self.U)
@@ -70,59 +79,71 @@ class SVDLinear(nn.Module):
     # reading the same addresses.
     @torch.no_grad()
     def merge(self) -> None:
-        assert self.merged_from is None, "already merged"
+        assert not self.merged, "already merged"
         W = self.base.weight
-        self.merged_from = W.detach().clone()
+        if self.W_host is None:
+            self.W_host = W.detach().to("cpu", copy=True)
+            if W.is_cuda:
+                self.W_host = self.W_host.pin_memory()
         W.copy_(W.float() + (self.U.float() * self.delta_S) @ self.Vh.float())
+        self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        assert self.merged_from is not None, "not merged"
-        self.base.weight.copy_(self.merged_from)
-        self.merged_from = None
+        assert self.merged, "not merged"
+        self.base.weight.copy_(self.W_host)
+        self.merged = False
 
 
 def weight_key(W: Tensor) -> str:
-    """Hash of a weight's shape, dtype and bytes: the SVD cache key and the model fingerprint."""
+    """Hash of a weight's shape, dtype and three position-weighted checksums of its bytes,
+    computed where the weight lives (hashing 8 GB of bytes on the CPU took longer than loading
+    the SVD cache): the SVD cache key and the model fingerprint. Integer sums wrap exactly, so
+    the key is the same on every device. Not cryptographic; the cache's reconstruction check
+    catches any entry a collision would bring."""
+    x = W.detach().contiguous().view(torch.uint8).flatten().to(torch.int64)
+    i = torch.arange(x.numel(), device=x.device)
+    sums = [x.sum(), (x * (i % 65521 + 1)).sum(), (x * ((i * 2654435761) % 4294967291 + 1)).sum()]
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(W.shape)}|{W.dtype}".encode())
-    h.update(W.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    h.update(f"{tuple(W.shape)}|{W.dtype}|{[int(v) for v in sums]}".encode())
     return h.hexdigest()
 
 
 def svd_error(W: Float[Tensor, "d_out d_in"], U: Float[Tensor, "d_out r"], S: Float[Tensor, " r"], Vh: Float[Tensor, "r d_in"]) -> float:
     """Relative Frobenius reconstruction error of an SVD, computed in fp32."""
     W = W.float()
-    return ((W - (U * S) @ Vh).norm() / W.norm().clamp_min(1e-30)).item()
+    return ((W - (U.float() * S) @ Vh.float()).norm() / W.norm().clamp_min(1e-30)).item()
 
 
 def svd_fp32(W: Float[Tensor, "d_out d_in"]) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD in fp32 (gesvda on CUDA: ~8x faster than the default driver and more
-    accurate on these shapes); falls back to fp64 if the result misses SVD_TOLERANCE."""
+    accurate on these shapes); falls back to fp64 if the result misses fp32's tolerance."""
     Wf = W.detach().float()
     driver = "gesvda" if Wf.is_cuda else None
     U, S, Vh = torch.linalg.svd(Wf, full_matrices=False, driver=driver)
-    if svd_error(Wf, U, S, Vh) > SVD_TOLERANCE:
+    if svd_error(Wf, U, S, Vh) > svd_tolerance(torch.float32):
         U, S, Vh = (t.float() for t in torch.linalg.svd(Wf.double(), full_matrices=False))
     return U, S, Vh
 
 
 def cached_svd(W: Tensor, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, str]:
-    """SVD of W from `cache_dir` if a valid entry exists, else computed and saved.
-    Returns U, S, Vh on W's device and the weight's key."""
+    """SVD of W from `cache_dir` if a valid entry exists, else computed and saved. Returns U and
+    Vh in W's dtype, S in fp32, on W's device, and the weight's key."""
     key = weight_key(W)
     path = cache_dir / f"{key}.safetensors"
+    tolerance = svd_tolerance(W.dtype)
     if path.exists():
         try:
             t = load_file(path, device=str(W.device))
             U, S, Vh = t["U"], t["S"], t["Vh"]
             err = svd_error(W, U, S, Vh)
-            if err <= SVD_TOLERANCE:
+            if err <= tolerance and U.dtype == Vh.dtype == W.dtype:
                 return U, S, Vh, key
-            logger.warning(f"SVD cache entry {path} reconstructs its weight with error {err:.2e} > {SVD_TOLERANCE:.0e}; recomputing")
+            logger.warning(f"SVD cache entry {path} reconstructs its weight with error {err:.2e} (tolerance {tolerance:.0e}, U in {U.dtype}); recomputing")
         except Exception as e:  # a truncated or foreign file is a cache miss, not a crash
             logger.warning(f"SVD cache entry {path} is unreadable ({type(e).__name__}: {e}); recomputing")
     U, S, Vh = svd_fp32(W)
+    U, Vh = U.to(W.dtype), Vh.to(W.dtype)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"U": U.contiguous(), "S": S.contiguous(), "Vh": Vh.contiguous()}, tmp)
@@ -162,7 +183,7 @@ def model_fingerprint(adapters: dict[str, SVDLinear]) -> str:
 @contextlib.contextmanager
 def reference_mode(adapters: dict[str, SVDLinear]) -> Iterator[None]:
     """The base model: every delta branch off, which equals delta_S = 0 exactly."""
-    assert all(a.merged_from is None for a in adapters.values()), "reference_mode needs unmerged weights"
+    assert not any(a.merged for a in adapters.values()), "reference_mode needs unmerged weights"
     for a in adapters.values():
         a.delta_enabled = False
     try:

@@ -111,3 +111,37 @@ def test_fingerprint_changes_with_weights(tiny):
     with torch.no_grad():
         other.model.layers[0].self_attn.q_proj.weight.mul_(1.001)
     assert model_fingerprint(wrap_svd(other, ("q_proj",), cache)) != f1
+
+
+def test_bf16_cache_stores_the_adapter_dtype_and_checks_reconstruction(tmp_path):
+    """U and Vh are cached in the weight's dtype (half the I/O of fp32 for a bf16 model), S in
+    fp32; the reconstruction check uses that dtype's tolerance and still rejects a wrong entry."""
+    from safetensors.torch import load_file, save_file
+
+    from svd_adapter import svd_tolerance, weight_key
+
+    W = torch.randn(64, 40).to(torch.bfloat16)
+    U, S, Vh, key = cached_svd(W, tmp_path)
+    stored = load_file(tmp_path / f"{key}.safetensors")
+    assert stored["U"].dtype == stored["Vh"].dtype == torch.bfloat16 and stored["S"].dtype == torch.float32
+    assert 1e-4 < svd_error(W, U, S, Vh) < svd_tolerance(torch.bfloat16) < 0.05
+    save_file({"U": stored["U"], "S": stored["S"] * 1.1, "Vh": stored["Vh"]}, tmp_path / f"{key}.safetensors")
+    U2, S2, Vh2, _ = cached_svd(W, tmp_path)  # 10% off: rejected and recomputed
+    assert torch.allclose(S2, S) and svd_error(W, U2, S2, Vh2) < svd_tolerance(torch.bfloat16)
+    # The key follows content and position, not only the multiset of bytes.
+    assert weight_key(W) != weight_key(W.flip(0)) and weight_key(W) == weight_key(W.clone())
+
+
+def test_merge_writes_in_place_and_unmerges_from_the_host_copy(tiny):
+    """A CUDA-graphed decode step keeps reading the weights' addresses: merge and unmerge must
+    write into the same storage; the host copy is made once."""
+    model, ids, cache = tiny
+    adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
+    a = next(iter(adapters.values()))
+    address, original = a.base.weight.data_ptr(), a.base.weight.detach().clone()
+    torch.nn.init.normal_(a.delta_S, std=0.1)
+    for _ in range(2):
+        with merged(adapters):
+            assert a.base.weight.data_ptr() == address and not torch.equal(a.base.weight, original)
+        assert a.base.weight.data_ptr() == address and torch.equal(a.base.weight, original)
+    assert a.W_host is not None and a.W_host.data_ptr() != address
