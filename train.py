@@ -52,7 +52,6 @@ from typing import Annotated, Literal
 import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
 
 import matplotlib
-import polars as pl
 import torch
 import tyro
 from jaxtyping import Bool, Float, Int
@@ -507,6 +506,8 @@ SUMMARY_KEYS = ["rollout/reward", "rollout/hack_s", "rollout/hack_t", "rollout/g
 
 def write_summary(run_dir: Path, rows: list[dict]) -> dict:
     """summary.json (first and last-10-step means) and curves.png from the step log."""
+    import polars as pl  # here, not at the top: the GPU images lack polars and its wheel is 54 MB
+
     df = pl.DataFrame(rows)
     tail = df.tail(min(10, len(df)))
     summary = {"steps": len(df), "seconds": df["time/step"].sum(), "last10": {k: tail[k].mean() for k in SUMMARY_KEYS}, "first": {k: df[k][0] for k in SUMMARY_KEYS}}

@@ -1,28 +1,32 @@
-"""What each part of a GRPO step costs, with ratios against baselines measured in the same run.
+"""What each part of a GRPO step costs, as ratios against baselines measured in the same run.
 
 On CUDA: the Qwen3-4B architecture with random weights (`random-qwen3-4b`, built on first
-use; no hub access needed), bf16. On CPU: tiny-random-qwen3, fp32. Generation lengths are
-forced (no EOS), so random weights cost what real ones would.
+use; no hub access needed), bf16. On CPU (CI): tiny-random-qwen3, fp32, small shapes.
 
     uv run python benchmarks/bench_step.py               # what `just bench` runs
-    uv run python benchmarks/bench_step.py --model tiny-random-qwen3 --new-tokens 32
+    uv run python benchmarks/bench_step.py --batches 128 --new-tokens 256
 
-Reported:
+Reported (table on stdout, everything in out/bench/bench.json):
+- Memory bandwidth of this device (a large device-to-device copy), the yardstick of decoding.
+- Decode, per batch size, lengths forced (EOS switched off), 0.7 / 0.95 sampling: plain HF
+  `generate` first (the baseline), then the rollout engine (rollout.py, with delta_S merged:
+  the path training takes; its first call, which compiles and captures, is reported apart);
+  the ratio; the bound B / ((weights + mean KV cache bytes) / bandwidth) and the fraction of
+  it reached.
 - SVD wrap, cold (fresh cache: SVD + save) vs warm (cache hit: load + reconstruction check).
-- Generation tok/s: the plain model (baseline) vs the adapter merged into the weights (what
-  rollouts use) vs the adapter's hooked path (U diag(delta_S) Vh as extra matmuls) vs merged
-  with a static KV cache and compiled decode step (`static_cache_bucket`; its first call,
-  the compile, is reported apart).
 - Learner: forward+backward of the per-token log-probs on delta_S, tok/s and peak memory.
-- Projection: one Projector call over every module vs one learner micro-batch (the ratio
-  is the projection's share of a step's learner time, an upper bound).
+- A step of PRESET with realistic lengths: a random set of V / mean_len token ids act as EOS, so
+  completion lengths spread geometrically around --mean-len (random weights spread their
+  probability nearly evenly), then grading, the learner (train.backward_part, the reference
+  forward of the KL included) and projection; seconds per part and peak memory.
 - Extraction: seconds per contrastive pair.
 """
 
+import json
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,28 +35,38 @@ import torch
 import tyro
 
 from extract import load_pairs, pair_gradients
-from grader import load_problems
-from projection import Projector
+from grader import Grader, load_problems
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device
-from svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
+from projection import EmpiricalNull, Projector
+from rollout import RolloutEngine, Sampling
+from svd_adapter import DEFAULT_TARGETS, delta_grads, merged, wrap_svd
+from train import PRESETS, Rollout, backward_part, split_group
 
 
 @dataclass
 class Args:
     model: str | None = None
     """Model to time; default random-qwen3-4b on CUDA, tiny-random-qwen3 on CPU."""
-    batch: int = 64
-    """Sequences per generate call."""
-    prompt_tokens: int = 256
-    """Prompt length for generation."""
-    new_tokens: int = 128
-    """Forced number of generated tokens."""
+    batches: tuple[int, ...] | None = None
+    """Decode batch sizes; default 64 128 on CUDA, 4 8 on CPU."""
+    prompt_tokens: int | None = None
+    """Prompt length for decoding; default 256 on CUDA, 32 on CPU."""
+    new_tokens: int | None = None
+    """Forced new tokens per sequence; default 512 on CUDA, 16 on CPU."""
     learner_batch: int = 8
     """Sequences per learner micro-batch."""
-    learner_tokens: int = 768
-    """Sequence length of a learner micro-batch."""
+    learner_tokens: int | None = None
+    """Sequence length of a learner micro-batch; default 768 on CUDA, 64 on CPU."""
+    step_preset: str | None = None
+    """Preset whose step is timed with realistic lengths; default full on CUDA, smoke on CPU; '' skips."""
+    mean_len: float = 0.4
+    """Mean completion length of the realistic step, as a fraction of the preset's max_new_tokens."""
     pairs: int = 4
     """Contrastive pairs to time extraction on."""
+    compile: bool = True
+    """torch.compile the engine's decode step (CUDA)."""
+    out: Path = REPO_ROOT / "out" / "bench"
+    """Folder of bench.json."""
 
 
 def sync() -> None:
@@ -60,9 +74,10 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeat: int = 1) -> float:
-    """Mean seconds of fn() over `repeat` calls after one warm-up call."""
-    fn()
+def timed(fn, repeat: int = 1, warmup: int = 1) -> float:
+    """Mean seconds of fn() over `repeat` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     sync()
     t = time.perf_counter()
     for _ in range(repeat):
@@ -71,23 +86,52 @@ def timed(fn, repeat: int = 1) -> float:
     return (time.perf_counter() - t) / repeat
 
 
-def main(args: Args) -> None:
+def bandwidth(device: str) -> float:
+    """Bytes per second of a large device-to-device copy (each byte read once and written once)."""
+    n = 2**31 if device == "cuda" else 2**27
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    seconds = timed(lambda: y.copy_(x), repeat=10 if device == "cuda" else 2)
+    del x, y
+    return 2 * n / seconds
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def main(args: Args) -> dict:
     device = pick_device("auto")
-    name = args.model or ("random-qwen3-4b" if device == "cuda" else "tiny-random-qwen3")
+    cuda = device == "cuda"
+    name = args.model or ("random-qwen3-4b" if cuda else "tiny-random-qwen3")
+    batches = args.batches or ((64, 128) if cuda else (4, 8))
+    prompt_tokens = args.prompt_tokens or (256 if cuda else 32)
+    new_tokens = args.new_tokens or (512 if cuda else 16)
+    learner_tokens = args.learner_tokens or (768 if cuda else 64)
+    step_preset = ("full" if cuda else "smoke") if args.step_preset is None else args.step_preset
     model, tokenizer, dtype = load_model(name, device)
-    print(f"# bench_step: {name}, {dtype}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    config = model.config
+    report: dict = {"model": name, "dtype": str(dtype), "device": torch.cuda.get_device_name() if cuda else "cpu",
+                    "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    print(f"# bench_step: {name}, {dtype}, {report['device']}, torch {report['torch']}, transformers {report['transformers']}")
+
+    bw = bandwidth(device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+    report["bandwidth_gbs"] = bw / 1e9
+    print(f"memory bandwidth {bw / 1e9:,.0f} GB/s (device copy); weights {weight_bytes / 1e9:.2f} GB; KV {kv_bytes_per_token / 1024:.1f} KiB per token")
+
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(1000, 100000, (args.batch, args.prompt_tokens), generator=gen).to(device)
+    sampling = dict(temperature=0.7, top_p=0.95)
 
-    def generate(cache_implementation: str | None = None) -> None:
-        model.generate(
-            input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=0.7, top_p=0.95, top_k=0,
-            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id,
-            cache_implementation=cache_implementation,
-        )
+    def hf_generate(prompts: torch.Tensor) -> None:
+        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0, **sampling,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
 
-    gen_tokens = args.batch * args.new_tokens
-    plain = gen_tokens / timed(generate)
+    # Baseline first, in this process: plain HF generate per batch size.
+    prompts = {b: torch.randint(1000, 100000, (b, prompt_tokens), generator=gen).to(device) for b in batches}
+    plain = {b: b * new_tokens / timed(lambda: hf_generate(prompts[b]), warmup=0 if cuda else 1) for b in batches}
 
     with tempfile.TemporaryDirectory() as cache:
         t = time.perf_counter()
@@ -97,54 +141,136 @@ def main(args: Args) -> None:
         for module_name, a in adapters.items():  # unwrap to time a second, warm wrap of the same weights
             parent_name, _, child = module_name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, a.base)
+        del adapters
         t = time.perf_counter()
         adapters = wrap_svd(model, DEFAULT_TARGETS, Path(cache))
         sync()
         warm = time.perf_counter() - t
-    print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s, warm (cache hit) {warm:.1f} s, cold/warm {cold / warm:.1f}x")
-
+    report["svd_wrap"] = {"modules": len(adapters), "cold_s": cold, "warm_s": warm}
+    print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s, warm (cache hit) {warm:.1f} s")
     for a in adapters.values():
         torch.nn.init.normal_(a.delta_S, std=1e-3)
-    with merged(adapters):
-        merged_tps = gen_tokens / timed(generate)
-        t = time.perf_counter()
-        static_tps = gen_tokens / timed(lambda: generate("static"))  # the warm-up call compiles
-        static_first = time.perf_counter() - t - gen_tokens / static_tps
-    hooked_tps = gen_tokens / timed(generate)
-    print(f"generate {args.batch} x {args.new_tokens} new tokens (prompt {args.prompt_tokens}): plain {plain:,.0f} tok/s, "
-          f"merged {merged_tps:,.0f} tok/s ({merged_tps / plain:.2f}x plain), hooked {hooked_tps:,.0f} tok/s ({hooked_tps / plain:.2f}x plain), "
-          f"merged + static cache {static_tps:,.0f} tok/s ({static_tps / plain:.2f}x plain; first call {static_first:.0f} s)")
 
-    if device == "cuda":
+    engine = RolloutEngine(model, tokenizer)
+    eos = engine.eos
+    engine.eos = []  # forced lengths, as min_new_tokens does for generate
+    report["decode"] = []
+    print(f"\ndecode, {prompt_tokens}-token prompts, {new_tokens} new (tok/s of the whole call, prefill included)")
+    print(f"{'B':>5} {'generate':>10} {'engine':>10} {'ratio':>7} {'bound':>10} {'of bound':>9} {'1st call s':>11}")
+    with merged(adapters):
+        for b in batches:
+            ids = prompts[b].tolist()
+            run = lambda: engine.generate_ids(ids, Sampling(max_new_tokens=new_tokens, batch=b, compile=args.compile, **sampling))  # noqa: E731
+            t = time.perf_counter()
+            run()
+            sync()
+            first = time.perf_counter() - t
+            tps = b * new_tokens / timed(run, repeat=2 if cuda else 1, warmup=0)
+            mean_kv = b * (prompt_tokens + (new_tokens - 1) / 2) * kv_bytes_per_token
+            bound = b / ((weight_bytes + mean_kv) / bw)
+            row = {"batch": b, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "generate_tok_s": plain[b], "engine_tok_s": tps,
+                   "ratio": tps / plain[b], "bound_tok_s": bound, "fraction_of_bound": tps / bound, "engine_first_call_s": first}
+            report["decode"].append(row)
+            print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound:>10,.0f} {tps / bound:>9.1%} {first:>11.1f}")
+    engine.eos = eos
+
+    if cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    ids = torch.randint(1000, 100000, (args.learner_batch, args.learner_tokens), generator=gen).to(device)
+    ids = torch.randint(1000, 100000, (args.learner_batch, learner_tokens), generator=gen).to(device)
     completion_mask = torch.zeros(ids[:, 1:].shape, dtype=torch.bool, device=device)
-    completion_mask[:, args.prompt_tokens - 1 :] = True  # the learner scores completion tokens only
+    completion_mask[:, learner_tokens // 3 :] = True  # the learner scores completion tokens only
 
     def learner() -> None:
         logp = completion_logprobs(model, ids, torch.ones_like(ids), completion_mask)
         logp.mean().backward()
 
     learner_s = timed(learner, repeat=3)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    print(f"learner fwd+bwd {args.learner_batch} x {args.learner_tokens}: {args.learner_batch * args.learner_tokens / learner_s:,.0f} tok/s, peak {peak:.1f} GiB")
+    report["learner"] = {"batch": args.learner_batch, "tokens": learner_tokens, "tok_s": args.learner_batch * learner_tokens / learner_s, "peak_gib": peak_gib()}
+    print(f"\nlearner fwd+bwd {args.learner_batch} x {learner_tokens}: {report['learner']['tok_s']:,.0f} tok/s, peak {report['learner']['peak_gib']:.1f} GiB")
+    model.eval()
 
-    ranks = {n: a.rank for n, a in adapters.items()}
-    v_hack = {n: torch.linalg.qr(torch.randn(r, 4, device=device))[0].T.contiguous() for n, r in ranks.items()}
-    projector = Projector(v_hack, ranks, "one_sided", apply=True)
-    grads = {n: a.delta_S.grad for n, a in adapters.items()}
-    proj_s = timed(lambda: projector(grads), repeat=10)
-    print(f"projection over {len(ranks)} modules ({sum(ranks.values()):,} delta_S entries, k=4): {proj_s * 1e3:.2f} ms = {proj_s / learner_s:.2%} of one learner micro-batch")
+    if step_preset:
+        report["step"] = realistic_step(step_preset, args.mean_len, engine, adapters, device, gen, args.compile)
 
     problems = {p.id: p for p in load_problems(REPO_ROOT / "data" / "problems.jsonl")}
     pairs = load_pairs(REPO_ROOT / "data" / "pairs.jsonl", problems)[: args.pairs]
-    model.eval()
     t = time.perf_counter()
     pair_gradients(model, adapters, tokenizer, pairs)
     sync()
-    print(f"extraction: {(time.perf_counter() - t) / len(pairs):.2f} s per pair ({len(pairs)} pairs)")
+    report["extraction_s_per_pair"] = (time.perf_counter() - t) / len(pairs)
+    print(f"extraction: {report['extraction_s_per_pair']:.2f} s per pair ({len(pairs)} pairs)")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
+    print(f"wrote {args.out / 'bench.json'}")
+    return report
+
+
+def realistic_step(preset: str, mean_len: float, engine: RolloutEngine, adapters, device: str, gen: torch.Generator, compile: bool) -> dict:
+    """One GRPO step of `preset` on random prompts of the benchmark's lengths (245-483 tokens),
+    completions ending at a geometric spread of lengths, each part timed (the engine arrives
+    compiled: its graphs for this shape are captured inside the timed generation)."""
+    cfg = PRESETS[preset][1]
+    n_student, _ = split_group(cfg)
+    sampling = replace(cfg.sampling, compile=compile)
+    model, tokenizer = engine.model, engine.tokenizer
+    vocab = model.config.vocab_size
+    eos = engine.eos
+    stop_tokens = max(1, round(vocab / (mean_len * sampling.max_new_tokens)))
+    engine.eos = torch.randperm(vocab, generator=gen)[:stop_tokens].tolist()
+    lengths = torch.randint(245, 484, (cfg.prompts_per_step,), generator=gen).tolist()
+    prompts = [torch.randint(1000, 100000, (n,), generator=gen).tolist() for n in lengths]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    seconds = {}
+    t = time.perf_counter()
+    with merged(adapters):
+        out = engine.generate_ids(prompts, sampling, n=n_student, desc="step")
+    sync()
+    engine.eos = eos
+    seconds["generation"] = time.perf_counter() - t
+    peak_generation = peak_gib()
+    problem = load_problems(REPO_ROOT / "data" / "problems_rl.jsonl")[0]
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c, _, _ in out]
+    t = time.perf_counter()
+    with Grader(cfg.reward) as grader:
+        grades = grader.grade([problem] * len(texts), texts)
+    seconds["grading"] = time.perf_counter() - t
+    rollouts = [Rollout(problem, prompts[i // n_student], c, text, False, lp, trunc, grade) for i, ((c, lp, trunc), text, grade) in enumerate(zip(out, texts, grades))]
+    for r in rollouts:
+        r.advantage = torch.randn(1, generator=gen).item()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cfg = replace(cfg, device=device)
+    t = time.perf_counter()
+    for a in adapters.values():
+        a.delta_S.grad = None
+    backward_part(model, adapters, rollouts, cfg, tokenizer.pad_token_id, float(len(rollouts) * sampling.max_new_tokens))
+    sync()
+    seconds["learner"] = time.perf_counter() - t
+    peak_learner = peak_gib()
+    grads = delta_grads(adapters)
+    ranks = {n: a.rank for n, a in adapters.items()}
+    v_hack = {n: torch.linalg.qr(torch.randn(r, 4, device=device))[0].T.contiguous() for n, r in ranks.items()}
+    t = time.perf_counter()
+    Projector(v_hack, ranks, "one_sided", apply=False).hackward_fraction(grads)
+    EmpiricalNull(v_hack, ranks, 8, 0).fractions(grads)
+    Projector(v_hack, ranks, "one_sided", apply=True)(grads)
+    sync()
+    seconds["projection"] = time.perf_counter() - t
+    completion_lengths = torch.tensor([len(c) for c, _, _ in out], dtype=torch.float)
+    step = {"preset": preset, "rollouts": len(out), "max_new_tokens": sampling.max_new_tokens, "kv_slots": sampling.batch,
+            "completion_len_mean": completion_lengths.mean().item(), "completion_len_p10_p90": completion_lengths.quantile(torch.tensor([0.1, 0.9])).tolist(),
+            "truncated": sum(trunc for _, _, trunc in out) / len(out), "generation_tok_s": completion_lengths.sum().item() / seconds["generation"],
+            "seconds": seconds, "step_s": sum(seconds.values()), "peak_gib_generation": peak_generation, "peak_gib_learner": peak_learner}
+    print(f"\nstep of {preset} ({len(out)} rollouts, lengths mean {step['completion_len_mean']:.0f}, p10-p90 {step['completion_len_p10_p90'][0]:.0f}-{step['completion_len_p10_p90'][1]:.0f}, "
+          f"{step['truncated']:.0%} cut at {sampling.max_new_tokens}): {step['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+          + f"; generation {step['generation_tok_s']:,.0f} tok/s; peak {peak_generation:.1f} GiB (generation), {peak_learner:.1f} GiB (learner)")
+    return step
 
 
 if __name__ == "__main__":
