@@ -4,8 +4,9 @@ Used by training, eval, build-pool and the benchmark alike. The engine runs the 
 modules (embedding, norms, projections, MLP, rotary embedding, LM head; SVD adapters as they
 are, merged or not) and owns only the KV cache, attention and sampling:
 
-- KV cache: `batch` slots of (longest prompt + max_new_tokens) positions, one sequence per
-  slot at its own length (no padding). Attention is grouped-query on the K/V heads as
+- KV cache: `batch` slots of (longest prompt + max_new_tokens) positions, head-major
+  ([slot, K/V head, position, dim]: a window is one strided block per head), one sequence
+  per slot at its own length (no padding). Attention is grouped-query on the K/V heads as
   stored (the query heads of a group are folded into the query-length axis, so K and V are
   never copied out to every query head) and reads the cache only up to the next multiple
   of KV_WINDOW past the longest live sequence.
@@ -14,8 +15,9 @@ are, merged or not) and owns only the KV cache, attention and sampling:
   held by its longest sequence. A prompt sampled n times is prefilled once and its K/V
   copied to its slots.
 - On CUDA the decode step (transformer + first sampling rounds) is replayed as a CUDA graph,
-  one per KV window, and with `compile` the transformer is torch.compile'd once with
-  dynamic shapes. On CPU the same functions run eagerly.
+  one per KV window, and with `compile` one decoder layer is torch.compile'd (regional
+  compilation: one compile serves all layers, and a second window or batch size makes it
+  dynamic once). On CPU the same functions run eagerly.
 
 Guarantees:
 - Exact sampling from softmax(logits / T) cut to the nucleus of mass top_p, without a sort:
@@ -41,7 +43,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-KV_WINDOW = 256  # decode reads the KV cache in windows of this many positions (one CUDA graph each)
+KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (one CUDA graph each)
 REFILL = 1 / 8  # refill free slots once this fraction of the batch is free (or nothing is live)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activation memory)
 DRAW_ROUNDS = 2  # exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are redrawn
@@ -147,7 +149,7 @@ class RolloutEngine:
         self.group = config.num_attention_heads // self.n_kv
         eos = model.generation_config.eos_token_id
         self.eos = sorted(set(eos if isinstance(eos, list) else [eos]))
-        self._compiled = None  # torch.compile'd decode, made once per engine
+        self._compiled = None  # torch.compile'd decode layer, made once per engine (one compile serves every layer)
 
     # -- the transformer, with the engine's attention -------------------------
 
@@ -176,7 +178,7 @@ class RolloutEngine:
         x, cos, sin = self._embed(ids, torch.arange(t, device=ids.device).expand_as(ids))
         for layer, kc, vc in zip(self.body.layers, k_cache, v_cache):
             def attend(q, k, v, scale, kc=kc, vc=vc):
-                kc[slots, :t], vc[slots, :t] = k[source], v[source]
+                kc[slots, :, :t], vc[slots, :, :t] = k[source].transpose(1, 2), v[source].transpose(1, 2)
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True)
                 return o.transpose(1, 2).flatten(2)
             x = self._layer(layer, x, cos, sin, attend)
@@ -186,19 +188,25 @@ class RolloutEngine:
     def decode(self, tokens: Int[Tensor, " b"], positions: Int[Tensor, " b"], k_cache: list[Tensor], v_cache: list[Tensor], window: int) -> Float[Tensor, "b v"]:
         """One token per slot at its own position: write its K/V there, attend to positions
         0..position (within the first `window` of the cache), return the next-token logits."""
-        b = tokens.shape[0]
         x, cos, sin = self._embed(tokens[:, None], positions[:, None])
-        rows = torch.arange(b, device=tokens.device)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
         mask = (torch.arange(window, device=tokens.device) <= positions[:, None])[:, None, None, :]
+        layer_step = self._compiled or self._decode_layer
         for layer, kc, vc in zip(self.body.layers, k_cache, v_cache):
-            def attend(q, k, v, scale, kc=kc, vc=vc):
-                kc[rows, positions], vc[rows, positions] = k[:, 0], v[:, 0]
-                # the `group` query heads sharing a K/V head act as `group` query positions
-                q = q.view(b, self.n_kv, self.group, self.head_dim)
-                o = F.scaled_dot_product_attention(q, kc[:, :window].transpose(1, 2), vc[:, :window].transpose(1, 2), attn_mask=mask, scale=scale)
-                return o.reshape(b, 1, -1)
-            x = self._layer(layer, x, cos, sin, attend)
+            x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask)
         return self.lm_head(self.body.norm(x[:, 0])).float()
+
+    def _decode_layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        b, window = x.shape[0], mask.shape[-1]
+
+        def attend(q, k, v, scale):
+            kc[rows, :, positions], vc[rows, :, positions] = k[:, 0], v[:, 0]
+            # the `group` query heads sharing a K/V head act as `group` query positions
+            q = q.view(b, self.n_kv, self.group, self.head_dim)
+            o = F.scaled_dot_product_attention(q, kc[:, :, :window], vc[:, :, :window], attn_mask=mask, scale=scale)
+            return o.reshape(b, 1, -1)
+
+        return self._layer(layer, x, cos, sin, attend)
 
     # -- the loop -------------------------------------------------------------
 
@@ -219,7 +227,7 @@ class RolloutEngine:
         b = min(sampling.batch, len(work))
         capacity = max(map(len, prompts)) + max_new
         dtype = self.lm_head.weight.dtype
-        k_cache = [torch.zeros(b, capacity, self.n_kv, self.head_dim, dtype=dtype, device=device) for _ in self.body.layers]
+        k_cache = [torch.zeros(b, self.n_kv, capacity, self.head_dim, dtype=dtype, device=device) for _ in self.body.layers]
         v_cache = [torch.zeros_like(k) for k in k_cache]
         eos = torch.tensor(self.eos, device=device)
         # Per slot: the token to feed next, where it goes, how many were generated, outputs so far.
@@ -252,7 +260,9 @@ class RolloutEngine:
             ended = torch.isin(new, eos) | (n_gen[slots] == max_new)
             return slots[ended].tolist()
 
-        while work or any(o is not None for o in owner):
+        live: list[int] = []  # slots with a sequence, and the same on the device (rebuilt when it changes)
+        live_t = torch.zeros(0, dtype=torch.long, device=device)
+        while work or live:
             free = [s for s in range(b) if owner[s] is None]
             if work and free and (len(free) >= max(1, int(b * REFILL)) or len(free) == b):
                 take = [work.popleft() for _ in range(min(len(free), len(work)))]
@@ -276,8 +286,9 @@ class RolloutEngine:
                     done += record(slots, new, logp)
                 if done:
                     finish(done)
+                live = [s for s in range(b) if owner[s] is not None]
+                live_t = torch.tensor(live, device=device)
                 continue
-            live = [s for s in range(b) if owner[s] is not None]
             window = min(capacity, -(-(max(length[s] for s in live) + 1) // KV_WINDOW) * KV_WINDOW)
             if step is not None:
                 new, logp, accepted, logits = step(window)
@@ -286,13 +297,14 @@ class RolloutEngine:
                 new, logp, accepted = draw(logits, temperature, top_p)
             new, logp, accepted = new.clone(), logp.clone(), accepted.clone()
             redraw(logits, new, logp, accepted, temperature, top_p)
-            live_t = torch.tensor(live, device=device)
             positions[live_t] += 1
             for s in live:
                 length[s] += 1
             done = record(live_t, new[live_t], logp[live_t])
             if done:
                 finish(done)
+                live = [s for s in range(b) if owner[s] is not None]
+                live_t = torch.tensor(live, device=device)
         bar.close()
         return [results[item] for item in (divmod(i, n) for i in range(len(prompts) * n))]
 
@@ -312,14 +324,15 @@ class RolloutEngine:
     def _graphed_step(self, k_cache: list[Tensor], v_cache: list[Tensor], tokens: Tensor, positions: Tensor, sampling: Sampling):
         """decode + draw as CUDA graphs over static inputs, captured lazily per KV window."""
         if sampling.compile and self._compiled is None:
-            self._compiled = torch.compile(self.decode, dynamic=True)
-        forward = self._compiled if sampling.compile else self.decode
+            self._compiled = torch.compile(self._decode_layer)
+        elif not sampling.compile:
+            self._compiled = None
         temperature, top_p = sampling.temperature, sampling.top_p
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple]] = {}
 
         def run(window: int):
-            logits = forward(tokens, positions, k_cache, v_cache, window)
+            logits = self.decode(tokens, positions, k_cache, v_cache, window)
             return (*draw(logits, temperature, top_p, DRAW_ROUNDS), logits)
 
         def step(window: int):
