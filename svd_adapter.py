@@ -22,7 +22,10 @@ Guarantees:
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SAVE_BACKLOG = 8  # SVD cache entries that may wait in host memory for the writer thread
 
 
 def svd_tolerance(dtype: torch.dtype) -> float:
@@ -126,9 +130,10 @@ def svd_fp32(W: Float[Tensor, "d_out d_in"]) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, Vh
 
 
-def cached_svd(W: Tensor, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, str]:
-    """SVD of W from `cache_dir` if a valid entry exists, else computed and saved. Returns U and
-    Vh in W's dtype, S in fp32, on W's device, and the weight's key."""
+def cached_svd(W: Tensor, cache_dir: Path, save: Callable[[dict[str, Tensor], Path], object] | None = None) -> tuple[Tensor, Tensor, Tensor, str]:
+    """SVD of W from `cache_dir` if a valid entry exists, else computed and saved (by `save`,
+    default `save_atomically` right away). Returns U and Vh in W's dtype, S in fp32, on W's
+    device, and the weight's key."""
     key = weight_key(W)
     path = cache_dir / f"{key}.safetensors"
     tolerance = svd_tolerance(W.dtype)
@@ -144,11 +149,15 @@ def cached_svd(W: Tensor, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, str]
             logger.warning(f"SVD cache entry {path} is unreadable ({type(e).__name__}: {e}); recomputing")
     U, S, Vh = svd_fp32(W)
     U, Vh = U.to(W.dtype), Vh.to(W.dtype)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"U": U.contiguous(), "S": S.contiguous(), "Vh": Vh.contiguous()}, tmp)
-    tmp.replace(path)
+    (save or save_atomically)({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, path)
     return U, S, Vh, key
+
+
+def save_atomically(tensors: dict[str, Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+    save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
+    tmp.replace(path)
 
 
 def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: Path) -> dict[str, SVDLinear]:
@@ -159,14 +168,21 @@ def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: 
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and "lm_head" not in n]
     if not names:
         raise ValueError(f"no nn.Linear in the model matches targets {list(targets)}")
-    adapters = {}
-    for name in tqdm(names, desc="svd", leave=False):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, child)
-        adapter = SVDLinear(base, *cached_svd(base.weight, cache_dir))
-        setattr(parent, child, adapter)
-        adapters[name] = adapter
+    adapters, saving = {}, deque()
+    # Cache files (~10 GB for Qwen3-4B) are written by a thread while the next SVD computes;
+    # at most SAVE_BACKLOG of them wait in host memory.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for name in tqdm(names, desc="svd", leave=False):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            base = getattr(parent, child)
+            adapter = SVDLinear(base, *cached_svd(base.weight, cache_dir, lambda t, path: saving.append(writer.submit(save_atomically, t, path))))
+            setattr(parent, child, adapter)
+            adapters[name] = adapter
+            while len(saving) > SAVE_BACKLOG or (saving and saving[0].done()):
+                saving.popleft().result()  # re-raises a failed write
+        for saved in saving:
+            saved.result()
     n_delta = sum(a.rank for a in adapters.values())
     logger.info(f"SVD adapter on {len(adapters)} Linears ({', '.join(targets)}): {n_delta:,} delta_S entries; cache {cache_dir}")
     return adapters

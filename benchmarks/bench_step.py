@@ -15,10 +15,13 @@ Reported (table on stdout, everything in out/bench/bench.json):
   it reached.
 - SVD wrap, cold (fresh cache: SVD + save) vs warm (cache hit: load + reconstruction check).
 - Learner: forward+backward of the per-token log-probs on delta_S, tok/s and peak memory.
-- A step of PRESET with realistic lengths: a random set of V / mean_len token ids act as EOS, so
-  completion lengths spread geometrically around --mean-len (random weights spread their
-  probability nearly evenly), then grading, the learner (train.backward_part, the reference
-  forward of the KL included) and projection; seconds per part and peak memory.
+- Where a decode step's device time goes (CUDA): one step at the largest batch, the engine's
+  compiled layers run eagerly under the profiler, kernels grouped into matmuls, attention and
+  the rest, against the step time the graphed engine reached.
+- A step of PRESET with realistic lengths (random-qwen3-4b ends on a random set of token ids,
+  models.py, so lengths spread geometrically around ~600 tokens): generation, grading, the
+  learner (train.backward_part, the reference forward of the KL included) and projection;
+  seconds per part and peak memory.
 - Extraction: seconds per contrastive pair.
 """
 
@@ -38,7 +41,7 @@ from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device
 from projection import EmpiricalNull, Projector
-from rollout import RolloutEngine, Sampling
+from rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw
 from svd_adapter import DEFAULT_TARGETS, delta_grads, merged, wrap_svd
 from train import PRESETS, Rollout, backward_part, split_group
 
@@ -59,8 +62,6 @@ class Args:
     """Sequence length of a learner micro-batch; default 768 on CUDA, 64 on CPU."""
     step_preset: str | None = None
     """Preset whose step is timed with realistic lengths; default full on CUDA, smoke on CPU; '' skips."""
-    mean_len: float = 0.4
-    """Mean completion length of the realistic step, as a fraction of the preset's max_new_tokens."""
     pairs: int = 4
     """Contrastive pairs to time extraction on."""
     compile: bool = True
@@ -175,6 +176,10 @@ def main(args: Args) -> dict:
                    "ratio": tps / plain[b], "bound_tok_s": bound, "fraction_of_bound": tps / bound, "engine_first_call_s": first}
             report["decode"].append(row)
             print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound:>10,.0f} {tps / bound:>9.1%} {first:>11.1f}")
+        b = max(batches)
+        window = -(-(prompt_tokens + new_tokens // 2) // KV_WINDOW) * KV_WINDOW  # the mean window of the timed calls
+        step_ms = 1e3 * b / report["decode"][-1]["engine_tok_s"]
+        report["decode_profile"] = decode_profile(engine, b, window, sampling, step_ms)
     engine.eos = eos
 
     if cuda:
@@ -196,7 +201,7 @@ def main(args: Args) -> dict:
     model.eval()
 
     if step_preset:
-        report["step"] = realistic_step(step_preset, args.mean_len, engine, adapters, device, gen, args.compile)
+        report["step"] = realistic_step(step_preset, engine, adapters, device, gen, args.compile)
 
     problems = {p.id: p for p in load_problems(REPO_ROOT / "data" / "problems.jsonl")}
     pairs = load_pairs(REPO_ROOT / "data" / "pairs.jsonl", problems)[: args.pairs]
@@ -212,18 +217,62 @@ def main(args: Args) -> dict:
     return report
 
 
-def realistic_step(preset: str, mean_len: float, engine: RolloutEngine, adapters, device: str, gen: torch.Generator, compile: bool) -> dict:
+# Kernel (CUDA) or op (CPU) names, by kind; the first kind that matches wins.
+KERNEL_KINDS = {"attention": ("fmha", "flash", "attention", "sdpa"), "matmul": ("gemm", "nvjet", "xmma", "cutlass", "splitk", "aten::mm", "aten::addmm", "aten::bmm")}
+
+
+def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, step_ms: float) -> dict:
+    """Device time of one decode step (transformer + draw) at batch b and this KV window, by
+    kernel: the engine's compiled layers run eagerly under the profiler (the graph replays the
+    same kernels without the launch gaps), averaged over 5 steps after 2 warm-up steps. On
+    CPU: self time by op."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = engine.lm_head.weight.device
+    cuda = device.type == "cuda"
+    dtype = engine.lm_head.weight.dtype
+    k_cache = [torch.randn(b, engine.n_kv, window, engine.head_dim, dtype=dtype, device=device) for _ in engine.body.layers]
+    v_cache = [torch.randn_like(k) for k in k_cache]
+    tokens = torch.randint(1000, 100000, (b,), device=device)
+    positions = torch.full((b,), window - KV_WINDOW // 2, device=device)
+
+    def step() -> None:
+        logits = engine.decode(tokens, positions, k_cache, v_cache, window)
+        draw(logits, sampling["temperature"], sampling["top_p"], DRAW_ROUNDS)
+
+    steps = 5
+    with torch.no_grad():
+        for _ in range(2):
+            step()
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+            sync()
+    kernels = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
+    kernels = [k for k in kernels if k[1] > 0]
+    kernels.sort(key=lambda k: -k[1])
+    kind = lambda name: next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")  # noqa: E731
+    by_kind = {k: sum(ms for name, ms, _ in kernels if kind(name) == k) for k in (*KERNEL_KINDS, "other")}
+    total = sum(by_kind.values())
+    print(f"\ndecode step at B={b}, KV window {window}: {total:.2f} ms of kernels vs {step_ms:.2f} ms per step of the timed engine calls; "
+          + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
+    print(f"{'ms/step':>8} {'calls':>6}  kernel")
+    for name, ms, calls in kernels[:12]:
+        print(f"{ms:>8.3f} {calls:>6}  {name[:100]}")
+    del k_cache, v_cache
+    return {"batch": b, "window": window, "kernel_ms": total, "engine_step_ms": step_ms, "by_kind_ms": by_kind,
+            "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
+
+
+def realistic_step(preset: str, engine: RolloutEngine, adapters, device: str, gen: torch.Generator, compile: bool) -> dict:
     """One GRPO step of `preset` on random prompts of the benchmark's lengths (245-483 tokens),
-    completions ending at a geometric spread of lengths, each part timed (the engine arrives
+    completions ending where the model's EOS set ends them, each part timed (the engine arrives
     compiled: its graphs for this shape are captured inside the timed generation)."""
     cfg = PRESETS[preset][1]
     n_student, _ = split_group(cfg)
     sampling = replace(cfg.sampling, compile=compile)
     model, tokenizer = engine.model, engine.tokenizer
-    vocab = model.config.vocab_size
-    eos = engine.eos
-    stop_tokens = max(1, round(vocab / (mean_len * sampling.max_new_tokens)))
-    engine.eos = torch.randperm(vocab, generator=gen)[:stop_tokens].tolist()
     lengths = torch.randint(245, 484, (cfg.prompts_per_step,), generator=gen).tolist()
     prompts = [torch.randint(1000, 100000, (n,), generator=gen).tolist() for n in lengths]
     if torch.cuda.is_available():
@@ -234,7 +283,6 @@ def realistic_step(preset: str, mean_len: float, engine: RolloutEngine, adapters
     with merged(adapters):
         out = engine.generate_ids(prompts, sampling, n=n_student, desc="step")
     sync()
-    engine.eos = eos
     seconds["generation"] = time.perf_counter() - t
     peak_generation = peak_gib()
     problem = load_problems(REPO_ROOT / "data" / "problems_rl.jsonl")[0]

@@ -1,0 +1,54 @@
+"""The step benchmark runs end to end on CPU (as `just bench` does in CI) and its report is
+self-consistent: ratios and fractions are recomputed from the numbers they divide. No timing
+is asserted (timings live in the benchmark's output, never in tests)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "benchmarks/bench_step.py", "--batches", "2", "4", "--new-tokens", "8", "--pairs", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text()) | {"stdout": proc.stdout}
+
+
+def test_decode_rows_are_consistent(bench: dict):
+    assert [r["batch"] for r in bench["decode"]] == [2, 4]
+    for r in bench["decode"]:
+        assert r["generate_tok_s"] > 0 and r["engine_tok_s"] > 0 and r["bound_tok_s"] > 0
+        assert math.isclose(r["ratio"], r["engine_tok_s"] / r["generate_tok_s"], rel_tol=1e-9)
+        assert math.isclose(r["fraction_of_bound"], r["engine_tok_s"] / r["bound_tok_s"], rel_tol=1e-9)
+    assert bench["bandwidth_gbs"] > 0
+    # The bound is B / ((weights + mean KV) / bandwidth): doubling B less than doubles it.
+    b2, b4 = bench["decode"]
+    assert b2["bound_tok_s"] < b4["bound_tok_s"] < 2 * b2["bound_tok_s"]
+
+
+def test_profile_accounts_for_its_kernels(bench: dict):
+    prof = bench["decode_profile"]
+    assert prof["batch"] == 4
+    assert math.isclose(sum(prof["by_kind_ms"].values()), prof["kernel_ms"], rel_tol=1e-9)
+    assert prof["by_kind_ms"]["matmul"] > 0 and prof["by_kind_ms"]["attention"] > 0
+    assert math.isclose(prof["engine_step_ms"], 1e3 * 4 / bench["decode"][-1]["engine_tok_s"], rel_tol=1e-9)
+
+
+def test_step_and_the_rest_are_reported(bench: dict):
+    step = bench["step"]
+    assert set(step["seconds"]) == {"generation", "grading", "learner", "projection"}
+    assert math.isclose(step["step_s"], sum(step["seconds"].values()), rel_tol=1e-9)
+    assert step["rollouts"] > 0 and 0 <= step["truncated"] <= 1
+    assert bench["learner"]["tok_s"] > 0 and bench["extraction_s_per_pair"] > 0
+    assert bench["svd_wrap"]["modules"] > 0
+    assert "wrote" in bench["stdout"] and "decode step at B=4" in bench["stdout"]
