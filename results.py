@@ -289,13 +289,11 @@ def compare(arm: list[Run], base: list[Run], last_n: int) -> dict[str, object]:
     by_seed = {r.seed: r for r in base}
     pairs = [(r, by_seed[r.seed]) for r in arm if r.seed in by_seed]
     use_eval = bool(pairs) and all(a.held_out and b.held_out for a, b in pairs)
-    keys = ("eval_strict", "eval_pass") if use_eval else ("hack_s", "gt_s")
-    rate = (lambda r, k: r.held_out[k]) if use_eval else (lambda r, k: r.last[k])
     source = "held-out eval (strict, gt_pass)" if use_eval else f"training last {last_n} (hack_s, gt_s)"
-    out: dict[str, object] = {"source": source if pairs else "",
-                              "n": len(pairs), "seeds": ",".join(str(a.seed) for a, _ in pairs)}
-    for name, k in zip(("hack", "pass"), keys):
-        m, lo, hi = t_interval([rate(a, k) - rate(b, k) for a, b in pairs])
+    out: dict[str, object] = {"source": source if pairs else "", "n": len(pairs), "seeds": ",".join(str(a.seed) for a, _ in pairs)}
+    rates = (lambda r: r.held_out) if use_eval else (lambda r: r.last)
+    for name, k in zip(("hack", "pass"), ("eval_strict", "eval_pass") if use_eval else ("hack_s", "gt_s")):
+        m, lo, hi = t_interval([rates(a)[k] - rates(b)[k] for a, b in pairs])
         out |= {f"d_{name}": m, f"d_{name}_lo": lo, f"d_{name}_hi": hi}
     return out
 
@@ -333,7 +331,8 @@ def tables(runs: list[Run], last_n: int) -> tuple[pl.DataFrame, pl.DataFrame, li
                 continue
             base = groups.get(g.baseline(base_arm), [])
             c = compare(members, base, last_n)
-            c["H1"] = verdict(c["n"], (c["d_hack"], c["d_hack_lo"], c["d_hack_hi"]), (c["d_pass"], c["d_pass_lo"], c["d_pass_hi"]), HACK_DROP[base_arm]) if base else f"undetermined (no {base_arm} runs to compare with)"
+            hack, passed = ((c[f"d_{k}"], c[f"d_{k}_lo"], c[f"d_{k}_hi"]) for k in ("hack", "pass"))
+            c["H1"] = verdict(c["n"], hack, passed, HACK_DROP[base_arm]) if base else f"undetermined (no {base_arm} runs to compare with)"
             row |= {f"vs_{base_arm}_{k}": v for k, v in c.items()}
             comparisons.append({k: row[k] for k in ("preset", "arm", "gate", "pairs", "update")} | {"vs": base_arm} | c)
             sentences.append(f"{describe(g)}: {h1_words(base_arm, c['H1'])}")
