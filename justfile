@@ -59,6 +59,10 @@ build-pool *ARGS:
 eval RUN *ARGS:
     uv run python train.py eval --run {{RUN}} {{ARGS}}
 
+# Every run folder under RUNS_DIR across seeds: table per arm x gate x pairs, paired differences to vanilla, H1 in words; results.{csv,md} and PNGs beside them.
+results RUNS_DIR="out/runs" *ARGS:
+    uv run python results.py {{RUNS_DIR}} {{ARGS}}
+
 # Extraction, then 3 seeds x {vanilla, projected} of `full`, queued on pueue (or task-spooler) after it. --dry-run prints the commands.
 queue-full *ARGS:
     bash scripts/queue_full.sh {{ARGS}}
