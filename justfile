@@ -63,9 +63,10 @@ eval RUN *ARGS:
 results RUNS_DIR="out/runs" *ARGS:
     uv run python results.py {{RUNS_DIR}} {{ARGS}}
 
-# Extraction, then 3 seeds x {vanilla, projected} of `full`, queued on pueue (or task-spooler) after it. --dry-run prints the commands.
+# Queue a sweep (default: the headline, `full` x vanilla/projected/random x seeds 1-3): extraction, runs, evals, results. --backend pueue|slurm; --dry-run.
+[positional-arguments]
 queue-full *ARGS:
-    bash scripts/queue_full.sh {{ARGS}}
+    uv run python sweep.py "$@"
 
 # Grader throughput: this sandbox pool vs a fresh `python -c` per completion, on the shared real split.
 bench-grader *ARGS:

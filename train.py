@@ -172,6 +172,8 @@ class Config:
     """Run folder to continue from its last checkpoint."""
     name: str = "custom"
     """Preset name, used in the run folder's name."""
+    run_name: str | None = None
+    """Run folder name under runs_dir; None = <name>_<arm>_s<seed>_<stamp>."""
 
 
 PRESETS: dict[str, tuple[str, Config]] = {
@@ -567,8 +569,10 @@ def main(cfg: Config) -> Path:
             raise ValueError(f"--resume {run_dir}: the run was started with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)})")
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = cfg.runs_dir / f"{cfg.name}_{cfg.intervention}_s{cfg.seed}_{stamp}"
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir = cfg.runs_dir / (cfg.run_name or f"{cfg.name}_{cfg.intervention}_s{cfg.seed}_{stamp}")
+        if run_dir.exists():
+            raise FileExistsError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or give another --run-name")
+        run_dir.mkdir(parents=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
     logger.add(run_dir / "train.log")
     logger.info(f"run folder {run_dir}")

@@ -249,15 +249,14 @@ def test_pool_from_a_model_is_graded_and_keyed_by_hint(tmp_path):
         load_pool(out, "aware")
 
 
-def test_queue_full_dry_run_lists_extraction_then_six_dependent_jobs():
-    proc = subprocess.run(["bash", "scripts/queue_full.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert "train.py extract full" in lines[0] and " after " not in lines[0]
-    jobs = lines[1:]
-    assert len(jobs) == 6 and all(" after job1]" in j and "train.py full" in j for j in jobs)
-    assert sorted((j.split("--intervention ")[1].split()[0], j.split("--seed ")[1]) for j in jobs) == sorted(
-        (arm, seed) for arm in ("vanilla", "projected") for seed in ("1", "2", "3"))
+def test_run_name_names_the_folder_and_an_existing_one_is_refused(tmp_path):
+    from train import main
+
+    (tmp_path / "taken").mkdir()
+    cfg = replace(PRESETS["smoke"][1], runs_dir=tmp_path, run_name="taken")
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(cfg)  # before any model is loaded
+    assert list((tmp_path / "taken").iterdir()) == []
 
 
 def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):

@@ -1,0 +1,281 @@
+"""Queue a sweep of train.py runs on pueue (one box) or SLURM (through submitit), in order:
+
+1. one v_hack extraction per distinct pairs file (`train.py extract`: the very file its runs load;
+   every arm needs it, vanilla included, since vanilla measures along v_hack);
+2. every run, after the extraction of its pairs file;
+3. each run's held-out eval (`train.py eval --run RUN`), after that run;
+4. one results job (`just results RUNS_DIR`), after every eval.
+
+    python sweep.py --dry-run                                  # the headline sweep's jobs, printed
+    python sweep.py                                            # ... queued on this box's pueue daemon
+    python sweep.py --backend slurm --slurm.partition gpu --slurm.time-min 1440
+    python sweep.py --preset fast --arms vanilla projected --seeds 1 --train-flags="--steps 50"
+
+Vanilla trains the same whatever the gate and the pairs (it only measures), so it is queued once
+per seed, measured along the first pairs file's v_hack (checkpoints keep g_s and g_t, to measure
+along any other basis later); projected and random once per gate x pairs file x seed. Run folders
+get fixed names (train.py --run-name), so that each eval job names its run before the run exists.
+A job whose dependency fails does not run (pueue fails it, SLURM cancels it).
+"""
+
+import functools
+import json
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import submitit
+import tyro
+
+from models import REPO_ROOT
+from projection import Gate
+from train import DATA, OUT, PRESETS, EvalConfig
+
+Arm = Literal["vanilla", "projected", "random"]
+# Flags each job gets from the sweep itself: the same flag in --train-flags / --eval-flags is refused.
+RUN_FLAGS = ("--intervention", "--gate", "--seed", "--v-hack.pairs", "--runs-dir", "--run-name", "--resume")
+EVAL_FLAGS = ("--run",)
+
+
+@dataclass(frozen=True)
+class PueueConfig:
+    """pueue: one box, its daemon (`pueued -d`) already running."""
+
+    group: str = "projected_grpo"
+    """pueue group of the sweep's tasks (created if missing; other groups are left alone)."""
+    parallel: int = 1
+    """Tasks the group runs at once (`pueue parallel`); above 1 each task sees one GPU: CUDA_VISIBLE_DEVICES=$PUEUE_WORKER_ID."""
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """SLURM through submitit: one sbatch job per step, chained with --dependency=afterok."""
+
+    partition: str | None = None
+    """sbatch --partition; None = the cluster's default partition."""
+    account: str | None = None
+    """sbatch --account; None = the user's default."""
+    gpus: int = 1
+    """GPUs of each extraction, run and eval job (--gpus-per-node); 0 = none. The results job gets none."""
+    cpus: int = 8
+    """CPUs of each job (--cpus-per-task): the grader's sandbox workers run on them."""
+    mem_gb: int | None = None
+    """Memory of each job in GB (--mem); None = the partition's default."""
+    time_min: int = 1440
+    """Wall-clock limit of each extraction, run and eval job in minutes (a `full` run is ~13 h on one H100)."""
+    results_time_min: int = 30
+    """Wall-clock limit of the results job in minutes."""
+    logs: Path | None = None
+    """submitit's folder (sbatch scripts, <job id>_0_log.out/.err); None = <runs_dir>/slurm."""
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep: arms x gates x pairs files x seeds of one preset, each run with its eval, then the results table."""
+
+    preset: Literal[tuple(PRESETS)] = "full"  # type: ignore[valid-type]
+    """train.py preset of every run."""
+    arms: tuple[Arm, ...] = ("vanilla", "projected", "random")
+    """Arms (--intervention). vanilla is queued once per seed, whatever the gates and pairs files."""
+    gates: tuple[Gate, ...] = ("one_sided",)
+    """Gates (--gate) of the projected and random arms."""
+    pairs: tuple[Path, ...] = (DATA / "pairs.jsonl",)
+    """Pairs files (--v-hack.pairs): one extraction each; vanilla is measured along the first."""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """Seeds (--seed)."""
+    runs_dir: Path | None = None
+    """Folder of the sweep's run folders, tabulated by the results job; None = out/sweeps/<preset>-<time>."""
+    train_flags: str = ""
+    """More train.py flags for every extraction and run, as one string: --train-flags="--steps 50 --lr 5e-4"."""
+    eval_flags: str = ""
+    """More `train.py eval` flags for every eval, as one string: --eval-flags="--samples-per-problem 4"."""
+    python: str = "uv run python"
+    """How each job starts Python (e.g. .venv/bin/python where the nodes have no uv)."""
+    results: str = "just results"
+    """Command of the results job; the runs dir is its last argument."""
+    backend: Literal["pueue", "slurm"] = "pueue"
+    """pueue (one box) or slurm (a cluster, through submitit)."""
+    dry_run: bool = False
+    """Print every job (label, command, the labels it waits for, the backend's options) and queue nothing."""
+    pueue: PueueConfig = field(default_factory=PueueConfig)
+    """pueue options."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """SLURM options."""
+
+
+@dataclass(frozen=True)
+class Job:
+    label: str
+    """extract:<pairs>, run:<run name>, eval:<run name> or results."""
+    argv: tuple[str, ...]
+    """The command, run in the repository root."""
+    after: tuple[str, ...] = ()
+    """Labels of the jobs that must succeed first."""
+    gpu: bool = True
+    """Whether the job needs a GPU (all but the results job)."""
+
+
+def here(path: Path) -> str:
+    """A path as the jobs (run in the repository root) see it: relative inside the repository, else absolute."""
+    path = path.resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def run_name(preset: str, arm: str, gate: str, pairs: Path, seed: int) -> str:
+    return f"{preset}_{arm if arm == 'vanilla' else f'{arm}-{gate}'}_{pairs.stem}_s{seed}"
+
+
+def plan(cfg: SweepConfig) -> list[Job]:
+    """Every job of the sweep, each after the jobs it needs, in queueing order (seed-major, so that
+    a one-at-a-time queue finishes whole seeds first)."""
+    if cfg.runs_dir is None:
+        raise ValueError("plan needs a runs_dir (sweep() fills in the default)")
+    for flags, refused, what in ((cfg.train_flags, RUN_FLAGS, "--train-flags"), (cfg.eval_flags, EVAL_FLAGS, "--eval-flags")):
+        clash = [f for f in shlex.split(flags) if f.split("=")[0].replace("_", "-") in refused]
+        if clash:
+            raise ValueError(f"{what} {' '.join(clash)}: the sweep sets {', '.join(refused)} itself")
+    stems = [p.stem for p in cfg.pairs]
+    if len(set(stems)) < len(stems):
+        raise ValueError(f"pairs files {[str(p) for p in cfg.pairs]} share a file name, which names their runs: rename one")
+    py, train_flags, runs = shlex.split(cfg.python), tuple(shlex.split(cfg.train_flags)), here(cfg.runs_dir)
+    jobs = [Job(f"extract:{p.stem}", (*py, "train.py", "extract", cfg.preset, "--v-hack.pairs", here(p), *train_flags)) for p in cfg.pairs]
+    evals = []
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            for gate in cfg.gates[:1] if arm == "vanilla" else cfg.gates:
+                for pairs in cfg.pairs[:1] if arm == "vanilla" else cfg.pairs:
+                    name = run_name(cfg.preset, arm, gate, pairs, seed)
+                    gate_flag = () if arm == "vanilla" else ("--gate", gate)
+                    jobs.append(Job(f"run:{name}", (*py, "train.py", cfg.preset, "--intervention", arm, *gate_flag, "--v-hack.pairs", here(pairs),
+                                                    "--seed", str(seed), "--runs-dir", runs, "--run-name", name, *train_flags), (f"extract:{pairs.stem}",)))
+                    evals.append(Job(f"eval:{name}", (*py, "train.py", "eval", "--run", f"{runs}/{name}", *shlex.split(cfg.eval_flags)), (f"run:{name}",)))
+                    jobs.append(evals[-1])
+    jobs.append(Job("results", (*shlex.split(cfg.results), runs), tuple(j.label for j in evals), gpu=False))
+    return jobs
+
+
+def check(cfg: SweepConfig, jobs: list[Job]) -> None:
+    """Fail before anything is queued: a missing pairs file, a run folder that exists, or a flag
+    that train.py would refuse hours later (one command of each kind is parsed as train.py would)."""
+    for p in cfg.pairs:
+        if not p.exists():
+            raise FileNotFoundError(f"pairs file {p} does not exist")
+    taken = [j.label for j in jobs if j.label.startswith("run:") and (cfg.runs_dir / j.label[4:]).exists()]
+    if taken:
+        raise FileExistsError(f"{cfg.runs_dir} already has {', '.join(taken)}: give another --runs-dir")
+    presets = tyro.extras.subcommand_type_from_defaults({name: c for name, (_, c) in PRESETS.items()})
+    for kind in ("extract", "run", "eval"):
+        argv = next(j.argv for j in jobs if j.label.startswith(kind + ":"))
+        args = list(argv[argv.index("train.py") + 1 :])
+        if kind == "eval":
+            tyro.cli(EvalConfig, args=args[1:], prog="train.py eval")
+        else:
+            tyro.cli(presets, args=args[1:] if kind == "extract" else args, prog="train.py")
+
+
+# ----------------------------------------------------------------------------
+# Backends: the options each job is queued with (shown by --dry-run), and the queueing
+
+
+def pueue_options(cfg: SweepConfig, job: Job, ids: dict[str, str]) -> list[str]:
+    """Group, label and dependencies of one job's `pueue add`; `ids` maps the labels queued so far to task ids."""
+    after = ["--after", *(ids[a] for a in job.after)] if job.after else []
+    return ["--group", cfg.pueue.group, "--label", job.label, *after]
+
+
+def pueue_add(cfg: SweepConfig, job: Job, ids: dict[str, str]) -> list[str]:
+    command = shlex.join(job.argv)
+    if cfg.pueue.parallel > 1 and job.gpu:
+        command = f"CUDA_VISIBLE_DEVICES=$PUEUE_WORKER_ID {command}"  # pueue runs it through sh
+    return ["pueue", "add", "--print-task-id", "--working-directory", str(REPO_ROOT), *pueue_options(cfg, job, ids), "--", command]
+
+
+def slurm_params(cfg: SweepConfig, job: Job, ids: dict[str, str]) -> dict:
+    """submitit SlurmExecutor parameters of one job (every key set: the executor keeps old values)."""
+    s = cfg.slurm
+    return {
+        "job_name": job.label, "partition": s.partition, "account": s.account, "cpus_per_task": s.cpus if job.gpu else 1,
+        "gpus_per_node": s.gpus if job.gpu and s.gpus else None, "mem": f"{s.mem_gb}GB" if s.mem_gb and job.gpu else None,
+        "time": s.time_min if job.gpu else s.results_time_min,
+        "dependency": "afterok:" + ":".join(ids[a] for a in job.after) if job.after else None,
+        "additional_parameters": {"kill-on-invalid-dep": "yes"},  # a job whose dependency failed is cancelled, not left pending
+    }
+
+
+def sbatch_options(params: dict) -> str:
+    flat = {k: v for k, v in params.items() if k != "additional_parameters"} | params["additional_parameters"]
+    return " ".join(f"--{k.replace('_', '-')}={v}" for k, v in flat.items() if v is not None)
+
+
+def describe(cfg: SweepConfig, jobs: list[Job]) -> str:
+    """The dry run: per job its label, the labels it waits for, its command and the backend's options
+    (dependencies on jobs not queued yet are shown as <label>)."""
+    ids = {j.label: f"<{j.label}>" for j in jobs}
+    n_runs = sum(j.label.startswith("run:") for j in jobs)
+    if cfg.backend == "pueue":
+        how = f"pueue group {cfg.pueue.group}, {cfg.pueue.parallel} task(s) at a time"
+    else:
+        how = f"slurm through submitit, logs in {here(cfg.slurm.logs or cfg.runs_dir / 'slurm')}"
+    lines = [f"{len(jobs)} jobs ({n_runs} run{'s' * (n_runs != 1)} of {cfg.preset}) into {here(cfg.runs_dir)}, on {how}:"]
+    for job in jobs:
+        lines.append(job.label + (f"  after {', '.join(job.after)}" if job.after else ""))
+        lines.append(f"    $ {shlex.join(job.argv)}")
+        if cfg.backend == "pueue":
+            lines.append(f"    pueue add {' '.join(pueue_options(cfg, job, ids))}")
+        else:
+            lines.append(f"    sbatch {sbatch_options(slurm_params(cfg, job, ids))}")
+    return "\n".join(lines)
+
+
+def pueue(*args: str) -> str:
+    proc = subprocess.run(["pueue", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"sweep: `pueue {shlex.join(args[:3])} ...` failed: {(proc.stderr or proc.stdout).strip()} (is `pueued -d` running?)")
+    return proc.stdout.strip()
+
+
+def submit_pueue(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
+    if shutil.which("pueue") is None:
+        raise SystemExit("sweep: pueue is not on PATH (install it and start `pueued -d`), or use --backend slurm")
+    if cfg.pueue.group not in json.loads(pueue("group", "--json")):
+        pueue("group", "add", cfg.pueue.group)
+    pueue("parallel", str(cfg.pueue.parallel), "--group", cfg.pueue.group)
+    ids: dict[str, str] = {}
+    for job in jobs:
+        ids[job.label] = pueue(*pueue_add(cfg, job, ids)[1:])
+    return ids
+
+
+def submit_slurm(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
+    executor = submitit.SlurmExecutor(folder=cfg.slurm.logs or cfg.runs_dir / "slurm", max_num_timeout=0)
+    ids: dict[str, str] = {}
+    for job in jobs:
+        executor.update_parameters(**slurm_params(cfg, job, ids))
+        # subprocess.run pickles by reference, so the node needs nothing of this file; its output goes to the job's log.
+        ids[job.label] = executor.submit(functools.partial(subprocess.run, list(job.argv), cwd=REPO_ROOT, check=True)).job_id
+    return ids
+
+
+def sweep(cfg: SweepConfig) -> dict[str, str]:
+    """Plan, check and queue (or print) the sweep; returns job label -> task or job id."""
+    if cfg.runs_dir is None:
+        cfg = replace(cfg, runs_dir=OUT / "sweeps" / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg = replace(cfg, runs_dir=cfg.runs_dir.resolve())
+    jobs = plan(cfg)
+    check(cfg, jobs)
+    if cfg.dry_run:
+        print(describe(cfg, jobs))
+        return {}
+    ids = (submit_pueue if cfg.backend == "pueue" else submit_slurm)(cfg, jobs)
+    width = max(map(len, ids))
+    print("\n".join(f"{label:<{width}}  {ids[label]}" for label in ids))
+    print(f"queued {len(jobs)} jobs on {cfg.backend}; run folders and the results go to {cfg.runs_dir}")
+    return ids
+
+
+if __name__ == "__main__":
+    sweep(tyro.cli(SweepConfig))

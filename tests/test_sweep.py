@@ -1,0 +1,313 @@
+"""sweep.py: the jobs it plans and their dependencies (dry runs on both backends), the pueue calls it
+makes (against a stand-in pueue), and a tiny sweep end to end on a one-node SLURM cluster that the
+test starts on this machine (slurm-wlm and munge; skipped where they are absent)."""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from sweep import PueueConfig, SlurmConfig, SweepConfig, check, plan, sweep
+
+PAIRS, NULL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl"
+
+
+def parse_dry_run(out: str) -> list[dict]:
+    """Label, labels waited for, command and backend options of each job printed by --dry-run."""
+    jobs = []
+    for line in out.splitlines()[1:]:
+        if not line.startswith(" "):
+            label, _, after = line.partition("  after ")
+            jobs.append({"label": label, "after": after.split(", ") if after else []})
+        elif line.startswith("    $ "):
+            jobs[-1]["command"] = shlex.split(line[6:])
+        else:
+            jobs[-1]["backend"] = line.split()
+    return jobs
+
+
+def train_args(command: list[str]) -> list[str]:
+    return command[command.index("train.py") :]
+
+
+def flag(command: list[str], name: str) -> str | None:
+    return command[command.index(name) + 1] if name in command else None
+
+
+@pytest.mark.parametrize("backend", ["pueue", "slurm"])
+def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "sweep.py", "--dry-run", "--backend", backend, "--seeds", "1", "2", "--gates", "one_sided", "no_gate",
+                           "--pairs", "data/pairs.jsonl", "data/pairs_null.jsonl", "--runs-dir", str(runs_dir), "--train-flags=--steps 50"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = parse_dry_run(proc.stdout)
+    labels = [j["label"] for j in jobs]
+    assert len(set(labels)) == len(labels) and not runs_dir.exists()  # a dry run queues and writes nothing
+    assert all(labels.index(a) < labels.index(j["label"]) for j in jobs for a in j["after"])  # queued after what it waits for
+
+    # One extraction per pairs file, first, waiting for nothing: the command a run of `full` with these flags uses.
+    extracts = [j for j in jobs if j["label"].startswith("extract:")]
+    assert [j["label"] for j in extracts] == labels[:2] == ["extract:pairs", "extract:pairs_null"]
+    for j, pairs in zip(extracts, ("data/pairs.jsonl", "data/pairs_null.jsonl")):
+        assert j["after"] == [] and train_args(j["command"])[:3] == ["train.py", "extract", "full"] and flag(j["command"], "--v-hack.pairs") == pairs
+        assert flag(j["command"], "--steps") == "50"
+
+    # Runs: vanilla once per seed (not per gate, not per pairs file), the others per gate x pairs x seed; each after its extraction.
+    runs = [j for j in jobs if j["label"].startswith("run:")]
+    grid = sorted((flag(j["command"], "--intervention"), flag(j["command"], "--gate"), flag(j["command"], "--v-hack.pairs"), flag(j["command"], "--seed")) for j in runs)
+    assert grid == sorted([("vanilla", None, "data/pairs.jsonl", s) for s in "12"] + [
+        (arm, gate, pairs, s) for arm in ("projected", "random") for gate in ("one_sided", "no_gate") for pairs in ("data/pairs.jsonl", "data/pairs_null.jsonl") for s in "12"])
+    for j in runs:
+        cmd = j["command"]
+        assert train_args(cmd)[:2] == ["train.py", "full"] and flag(cmd, "--steps") == "50"
+        assert j["after"] == [f"extract:{Path(flag(cmd, '--v-hack.pairs')).stem}"]
+        assert flag(cmd, "--runs-dir") == str(runs_dir) and f"run:{flag(cmd, '--run-name')}" == j["label"]
+
+    # Each run's eval right after it, naming its folder; the results job last, after every eval.
+    evals = [j for j in jobs if j["label"].startswith("eval:")]
+    assert [j["label"] for j in evals] == [f"eval:{j['label'][4:]}" for j in runs]
+    for j in evals:
+        name = j["label"][5:]
+        assert j["after"] == [f"run:{name}"] and train_args(j["command"]) == ["train.py", "eval", "--run", str(runs_dir / name)]
+    assert labels[-1] == "results" and jobs[-1]["after"] == [j["label"] for j in evals]
+    assert jobs[-1]["command"] == ["just", "results", str(runs_dir)]
+    assert len(jobs) == 2 + 2 * len(runs) + 1
+
+    # The backend's options carry the same dependencies (task ids / job ids stand as <label>).
+    for j in jobs:
+        opts = j["backend"]
+        if backend == "pueue":
+            assert opts[:6] == ["pueue", "add", "--group", "projected_grpo", "--label", j["label"]]
+            assert opts[7:] == [f"<{a}>" for a in j["after"]] and (opts[6:7] == ["--after"]) == bool(j["after"])
+        else:
+            assert opts[0] == "sbatch" and f"--job-name={j['label']}" in opts and "--kill-on-invalid-dep=yes" in opts
+            deps = [o for o in opts if o.startswith("--dependency=")]
+            assert deps == (["--dependency=afterok:" + ":".join(f"<{a}>" for a in j["after"])] if j["after"] else [])
+            assert ("--gpus-per-node=1" in opts) == (j["label"] != "results") and ("--time=1440" in opts) == (j["label"] != "results")
+
+
+def test_headline_defaults_and_refusals(tmp_path):
+    cfg = SweepConfig(runs_dir=tmp_path / "runs")
+    jobs = plan(cfg)
+    kinds = [j.label.split(":")[0] for j in jobs]
+    assert (kinds.count("extract"), kinds.count("run"), kinds.count("eval"), kinds.count("results")) == (1, 9, 9, 1)
+    assert {j.label for j in jobs if j.label.startswith("run:")} == {
+        f"run:full_{arm}_pairs_s{s}" for arm in ("vanilla", "projected-one_sided", "random-one_sided") for s in (1, 2, 3)}
+    assert all(j.gpu for j in jobs[:-1]) and not jobs[-1].gpu
+    check(cfg, jobs)
+    for bad in ("--seed 3", "--v_hack.pairs=data/pairs_null.jsonl", "--run-name x"):  # set by the sweep itself
+        with pytest.raises(ValueError, match="the sweep sets"):
+            plan(replace(cfg, train_flags=bad))
+    with pytest.raises(ValueError, match="share a file name"):
+        plan(replace(cfg, pairs=(PAIRS, tmp_path / "pairs.jsonl")))
+    with pytest.raises(SystemExit):  # a typo fails now, not when the job starts
+        check(cfg, plan(replace(cfg, train_flags="--stepz 3")))
+    (tmp_path / "runs" / "full_random-one_sided_pairs_s2").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="full_random-one_sided_pairs_s2"):
+        check(cfg, jobs)
+
+
+def test_pueue_queues_each_task_after_the_task_ids_it_needs(tmp_path, monkeypatch):
+    """Against a stand-in `pueue` that records its calls, knows only the default group and answers `add` with task ids 100, 101, ..."""
+    calls = tmp_path / "calls.jsonl"
+    fake = tmp_path / "bin" / "pueue"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!{sys.executable}
+import json, sys
+with open({str(calls)!r}, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1] == "add":
+    print(99 + sum(json.loads(line)[0] == "add" for line in open({str(calls)!r})))
+if sys.argv[1:] == ["group", "--json"]:
+    print(json.dumps({{"default": {{"status": "Running", "parallel_tasks": 1}}}}))
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    cfg = SweepConfig(preset="smoke", seeds=(1, 2), pairs=(PAIRS, NULL_PAIRS), runs_dir=tmp_path / "runs", pueue=PueueConfig(group="sweeps", parallel=2))
+    ids = sweep(cfg)
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert made[:3] == [["group", "--json"], ["group", "add", "sweeps"], ["parallel", "2", "--group", "sweeps"]]
+    adds = made[3:]
+    jobs = plan(replace(cfg, runs_dir=cfg.runs_dir.resolve()))
+    assert list(ids) == [j.label for j in jobs] and list(ids.values()) == [str(100 + i) for i in range(len(jobs))]
+    label_of = {v: k for k, v in ids.items()}
+    for job, add in zip(jobs, adds):
+        assert add[:2] == ["add", "--print-task-id"] and flag(add, "--group") == "sweeps" and flag(add, "--label") == job.label
+        assert flag(add, "--working-directory") == str(ROOT) and add[-2] == "--"
+        after = add[add.index("--after") + 1 : -2] if "--after" in add else []
+        assert [label_of[i] for i in after] == list(job.after)
+        # Two tasks at a time: each GPU job sees the GPU of its pueue worker slot; the results job none.
+        assert add[-1] == ("CUDA_VISIBLE_DEVICES=$PUEUE_WORKER_ID " if job.gpu else "") + shlex.join(job.argv)
+
+
+# ----------------------------------------------------------------------------
+# A one-node SLURM cluster on this machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SLURM_CONF = """\
+ClusterName=sweeptest
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={d}/munge.socket
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+# Finished jobs stay in slurmctld's memory for an hour: scontrol reports their state and times
+# (there is no slurmdbd, so no sacct).
+MinJobAge=3600
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+JobAcctGatherType=jobacct_gather/none
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """munged (own key and socket), slurmctld and slurmd, all in a temp folder; SLURM_CONF points
+    this process (and so submitit's sbatch, and the jobs) at them. Stopped at the end."""
+    missing = [t for t in ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"no SLURM here: {', '.join(missing)} not on PATH (`apt-get install slurm-wlm munge`, as .ci/run does)")
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster runs its daemons and jobs as root (SlurmUser=root)")
+    d = tmp_path_factory.mktemp("slurm")
+    (d / "state").mkdir()
+    (d / "spool").mkdir()
+    key = d / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    # --force: munged otherwise refuses a socket in a folder that others cannot enter (pytest's are 0700).
+    subprocess.run(["munged", "--force", f"--socket={d}/munge.socket", f"--key-file={key}", f"--pid-file={d}/munged.pid",
+                    f"--log-file={d}/munged.log", f"--seed-file={d}/munged.seed"], check=True, timeout=30)
+    conf = d / "slurm.conf"
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    conf.write_text(SLURM_CONF.format(host=host, d=d, ctld_port=free_port(), d_port=free_port(), cpus=os.cpu_count()))
+    daemons = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(conf))
+        try:
+            for daemon in ("slurmctld", "slurmd"):
+                out = open(d / f"{daemon}.out", "w")
+                daemons.append(subprocess.Popen([daemon, "-D", "-f", str(conf)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            deadline = time.time() + 60
+            while subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout.strip() != "idle":
+                if time.time() > deadline or any(p.poll() is not None for p in daemons):
+                    pytest.fail("the test cluster did not come up:\n" + "\n".join(f"{n}: {(d / n).read_text()[-1500:]}" for n in ("slurmctld.out", "slurmd.out") if (d / n).exists()))
+                time.sleep(0.5)
+            yield d
+        finally:
+            left = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+            if left:
+                subprocess.run(["scancel", *left])
+                time.sleep(2)
+            for p in reversed(daemons):
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            if (d / "munged.pid").exists():
+                os.kill(int((d / "munged.pid").read_text()), signal.SIGTERM)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def wait_for(ids: dict[str, str], timeout: float) -> dict[str, dict[str, str]]:
+    """scontrol's fields of each job (by label) once every one has ended."""
+    deadline = time.time() + timeout
+    while not all((info := {label: job_info(i) for label, i in ids.items()})[label]["JobState"] in DONE for label in ids):
+        assert time.time() < deadline, f"jobs still not done: { {k: v['JobState'] for k, v in info.items()} }"
+        time.sleep(2)
+    return info
+
+
+def tiny_sweep(tmp_path: Path, **changes) -> SweepConfig:
+    """vanilla and projected of the smoke preset, one seed, 2 steps, each evaluated on 2 problems x 1 sample."""
+    problems, pairs = tmp_path / "problems.jsonl", tmp_path / "pairs.jsonl"
+    problems.write_text("".join((ROOT / "data" / "problems.jsonl").read_text().splitlines(keepends=True)[:2]))
+    pairs.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:8]))
+    # `just results` once results.py is in the tree; until then a stand-in that fails unless every eval summary is there.
+    results = "just results" if (ROOT / "results.py").exists() else """sh -c 'ls "$0"/*/eval/*/summary.json'"""
+    return replace(SweepConfig(
+        preset="smoke", arms=("vanilla", "projected"), seeds=(1,), pairs=(pairs,), runs_dir=tmp_path / "runs", backend="slurm",
+        train_flags=f"--steps 2 --teacher-mix 0 --n-problems 2 --sampling.max-new-tokens 16 --cache-dir {tmp_path / 'cache'}",
+        eval_flags=f"--problems {problems} --samples-per-problem 1 --sampling.max-new-tokens 8 --device cpu",
+        python=sys.executable, results=results, slurm=SlurmConfig(gpus=0, cpus=1, time_min=10, results_time_min=5),
+    ), **changes)
+
+
+def test_tiny_sweep_end_to_end_on_slurm(slurm, tmp_path):
+    cfg = tiny_sweep(tmp_path)
+    ids = sweep(cfg)
+    jobs = plan(replace(cfg, runs_dir=cfg.runs_dir.resolve()))
+    assert list(ids) == [j.label for j in jobs] == [
+        "extract:pairs", "run:smoke_vanilla_pairs_s1", "eval:smoke_vanilla_pairs_s1",
+        "run:smoke_projected-one_sided_pairs_s1", "eval:smoke_projected-one_sided_pairs_s1", "results"]
+    info = wait_for(ids, timeout=420)
+    logs = cfg.runs_dir / "slurm"
+    failed = {label: v["JobState"] for label, v in info.items() if v["JobState"] != "COMPLETED"}
+    assert not failed, f"{failed}\n" + "\n".join(
+        f"--- {label}:\n{(logs / f'{ids[label]}_0_log.err').read_text()[-2000:]}" for label in failed if (logs / f"{ids[label]}_0_log.err").exists())
+    # Dependencies held: each job started once the jobs it waits for had ended (slurm times, in seconds) ...
+    for job in jobs:
+        assert all(info[job.label]["StartTime"] >= info[a]["EndTime"] for a in job.after), (job.label, info[job.label]["StartTime"])
+    # ... and the files say the same at finer grain: v_hack before each run's folder, each run's summary before its eval's.
+    (v_hack,) = (tmp_path / "cache" / "v_hack").glob("*.safetensors")
+    for name in ("smoke_vanilla_pairs_s1", "smoke_projected-one_sided_pairs_s1"):
+        run = cfg.runs_dir / name
+        config = json.loads((run / "config.json").read_text())
+        assert config["run_name"] == name and config["intervention"] == name.split("_")[1].split("-")[0]
+        assert (run / "checkpoints" / "step_000002" / "delta_S.safetensors").exists()
+        assert "v_hack cache hit" in (run / "train.log").read_text()  # extracted once, by the extraction job
+        summary = run / "eval" / "problems-step_000002-run_tests-s0" / "summary.json"
+        assert json.loads(summary.read_text())["n"] == 2
+        assert v_hack.stat().st_mtime <= (run / "config.json").stat().st_mtime and (run / "summary.json").stat().st_mtime <= summary.stat().st_mtime
+    # The results job ran last, over the sweep's runs dir.
+    assert info["results"]["StartTime"] >= max(info[label]["EndTime"] for label in ids if label.startswith("eval:"))
+    if "ls" in cfg.results:
+        assert len((logs / f"{ids['results']}_0_log.out").read_text().split("summary.json")) == 3
+
+
+def test_a_failed_job_cancels_every_job_that_waits_for_it(slurm, tmp_path):
+    ids = sweep(tiny_sweep(tmp_path, python="false"))  # every train.py job exits 1 at once
+    info = wait_for(ids, timeout=120)
+    assert {label: v["JobState"] for label, v in info.items()} == {label: "FAILED" if label.startswith("extract:") else "CANCELLED" for label in ids}
