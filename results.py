@@ -15,7 +15,9 @@ What it guarantees:
 - Groups: (preset, arm, gate, pairs file name, --project-update). Vanilla projects nothing, so
   its gate and --project-update change nothing it does: a vanilla group is keyed by (preset,
   pairs file) alone, shown with gate and update "-", and it is the baseline of every projected
-  and random group of that preset and pairs file. A projected group's control is the random
+  and random group of that preset and pairs file (or, where no vanilla run used that pairs
+  file, of the preset's vanilla group: vanilla's training does not depend on v_hack, and
+  sweep.py runs it once per seed). A projected group's control is the random
   group with the same preset, pairs file, gate and update.
 - One run per group and seed: the newest folder (train.py stamps the start time into its
   name) is kept, the others are listed as skipped. Differences pair runs by seed; seeds
@@ -329,7 +331,12 @@ def tables(runs: list[Run], last_n: int) -> tuple[pl.DataFrame, pl.DataFrame, li
         for base_arm in HACK_DROP:
             if g.arm == "vanilla" or (base_arm == "random" and g.arm != "projected"):
                 continue
-            base = groups.get(g.baseline(base_arm), [])
+            key = g.baseline(base_arm)
+            if key not in groups and base_arm == "vanilla":
+                # Vanilla trains the same whatever v_hack measures it (sweep.py runs it once per
+                # seed, measured against the first pairs file): a vanilla group of the preset serves.
+                key = next((k for k in sorted(groups) if k.arm == "vanilla" and k.preset == g.preset), key)
+            base = groups.get(key, [])
             c = compare(members, base, last_n)
             hack, passed = ((c[f"d_{k}"], c[f"d_{k}_lo"], c[f"d_{k}_hi"]) for k in ("hack", "pass"))
             c["H1"] = verdict(c["n"], hack, passed, HACK_DROP[base_arm]) if base else f"undetermined (no {base_arm} runs to compare with)"

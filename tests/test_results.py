@@ -27,12 +27,12 @@ T2 = 4.302652729749464  # t quantile 0.975, 2 degrees of freedom (tables: 4.3027
 
 
 def write_run(runs: Path, name: str, arm: str, seed: int, hack: list[float], gt: list[float], steps: int = 4, gate: str = "one_sided",
-              update: bool = True, lr: float = 1e-3, **columns: list[float | None]) -> Path:
+              update: bool = True, lr: float = 1e-3, pairs: str = "pairs.jsonl", **columns: list[float | None]) -> Path:
     """A run folder as train.py leaves it: config.json and one log row per step (every LOG_KEY)."""
     path = runs / name
     path.mkdir(parents=True)
     config = {"name": "syn", "intervention": arm, "gate": gate, "project_update": update, "seed": seed, "steps": steps, "hint": "run_tests",
-              "lr": lr, "runs_dir": str(runs), "v_hack": {"pairs": "/somewhere/data/pairs.jsonl", "method": "mean_diff"}}
+              "lr": lr, "runs_dir": str(runs), "v_hack": {"pairs": f"/somewhere/data/{pairs}", "method": "mean_diff"}}
     (path / "config.json").write_text(json.dumps(config))
     rows = []
     for i in range(len(hack)):
@@ -179,6 +179,16 @@ def test_settings_that_differ_are_named_and_a_lone_seed_is_undetermined(tmp_path
     assert "vs vanilla): undetermined (n seeds < 2)" in md and "vs random): undetermined (no random runs to compare with)" in md
     with pytest.raises(FileNotFoundError, match="not a folder of run folders"):
         main(ResultsConfig(runs_dir=tmp_path / "absent"))
+
+
+def test_vanilla_of_another_pairs_file_is_the_baseline_when_none_used_this_one(tmp_path):
+    runs = tmp_path / "runs"  # as sweep.py queues it: vanilla once per seed, measured with the first pairs file
+    for seed in (1, 2):
+        write_run(runs, f"v{seed}", "vanilla", seed, last2(0.9), last2(0.3))
+        write_run(runs, f"p{seed}", "projected", seed, last2(0.2 + 0.1 * seed), last2(0.3), pairs="pairs_minimal.jsonl")
+    main(ResultsConfig(runs_dir=runs, last_n=2))
+    p = table(runs)["projected"]
+    assert p["pairs"] == "pairs_minimal.jsonl" and p["vs_vanilla_n"] == 2 and p["vs_vanilla_d_hack"] == pytest.approx(-0.55)
 
 
 def test_cli_writes_into_out(synthetic, tmp_path):
