@@ -28,6 +28,7 @@ Guarantees:
 
 import contextlib
 import os
+from datetime import timedelta
 from collections.abc import Iterator
 from functools import partialmethod
 
@@ -38,6 +39,10 @@ from loguru import logger
 from torch import Tensor
 from tqdm import tqdm
 
+# On a cache miss rank 0 alone computes (the SVD of every weight, v_hack's extraction) while the
+# others wait in a barrier: longer than the collectives' default timeout (10 min for NCCL).
+TIMEOUT = timedelta(hours=2)
+
 
 def init(device: str) -> None:
     """Join torchrun's process group, if there is one, on `device` (cpu, or cuda: this rank's GPU)."""
@@ -47,9 +52,9 @@ def init(device: str) -> None:
         if device != "cuda":
             raise ValueError(f"--device {device}: under torchrun pass --device cuda (or auto); rank r takes cuda:LOCAL_RANK")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # "cuda" now means this rank's GPU
-        dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device("cuda", torch.cuda.current_device()))
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=TIMEOUT)
     if not is_main():
         logger.remove()
         tqdm.__init__ = partialmethod(tqdm.__init__, disable=True)

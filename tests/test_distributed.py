@@ -1,6 +1,6 @@
 """One run over several processes (CPU, gloo): the ranks' all-reduced gradients equal the
 one-process gradient of the same rollouts, and `torchrun --nproc-per-node 2 train.py smoke`
-writes one run folder of whole-batch rows, checkpoints, and resumes at world size 2 and 1."""
+writes one run folder of whole-batch rows and checkpoints, and a plain `python train.py` resumes it."""
 
 import json
 import os
@@ -114,13 +114,13 @@ def test_two_ranks_all_reduced_gradients_equal_the_one_process_gradients(work):
 @pytest.fixture(scope="module")
 def smoke_flags(work) -> list[str]:
     """Short teacher texts (a 16-token hack and a dud per problem) so that 24-token rollouts keep
-    groups with reward variance; 4 extraction pairs."""
+    groups with reward variance; 4 extraction pairs, re-extracted after step 2 (by rank 0, sent to the others)."""
     source = work / "teacher.jsonl"
     source.write_text("".join(json.dumps({"id": p.id, "completion": c}) + "\n" for p in load_problems(DATA / "problems_rl.jsonl")[:10] for c in (HACK, "No idea.")))
     build_pool(PoolConfig(source=str(source), out=work / "pool.jsonl"))
     (work / "pairs.jsonl").write_text("".join((ROOT / "data" / "pairs.jsonl").read_text().splitlines(keepends=True)[:4]))
     return ["smoke", "--runs-dir", str(work / "runs"), "--cache-dir", str(work / "cache"), "--teacher-pool", str(work / "pool.jsonl"),
-            "--v-hack.pairs", str(work / "pairs.jsonl"), "--sampling.max-new-tokens", "24", "--prompts-per-step", "2", "--steps", "4", "--checkpoint-every", "2"]
+            "--v-hack.pairs", str(work / "pairs.jsonl"), "--sampling.max-new-tokens", "24", "--prompts-per-step", "2", "--steps", "4", "--checkpoint-every", "2", "--v-hack-refresh", "2"]
 
 
 def launch(world: int, flags: list[str]) -> subprocess.CompletedProcess:
@@ -132,10 +132,6 @@ def launch(world: int, flags: list[str]) -> subprocess.CompletedProcess:
 
 def log_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-def untimed(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))}
 
 
 def final_delta(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -157,22 +153,17 @@ def test_torchrun_smoke_run_logs_the_whole_batch_and_resumes_at_any_world_size(w
         assert r["time/rollouts_per_s"] * r["time/step"] == pytest.approx(2)  # both ranks' students: 2 prompts x 1
         assert r["rollout/hack_t"] in (0, 0.5, 1) and r["rollout/skipped_groups"] in (0, 0.5, 1)  # two teachers, two groups
     assert any(r["rollout/hack_t"] == 0.5 for r in rows) and any(r["hackward/cin_t"] is not None for r in rows)
-    full = final_delta(run_dir)
-    assert any(t.abs().sum() > 0 for t in full.values())
+    assert [r["vhack/refreshed"] for r in rows] == [False, True, False, False] and rows[1]["vhack/subspace_cos"] is not None
+    two_ranks = final_delta(run_dir)
+    assert any(t.abs().sum() > 0 for t in two_ranks.values())
 
-    # Killed after the step-2 checkpoint, resumed at world size 2: the same steps again, bit for bit.
-    shutil.rmtree(run_dir / "checkpoints" / "step_000004")
-    launch(2, [*smoke_flags, "--resume", str(run_dir)])
-    again = final_delta(run_dir)
-    assert all(torch.equal(full[n], again[n]) for n in full)
-    assert [untimed(r) for r in log_rows(run_dir)] == [untimed(r) for r in rows]
-
-    # ... and at world size 1, a plain `python train.py`: the same prompts and teacher picks, another sampling stream.
+    # As if killed after the step-2 checkpoint, resumed at world size 1 by a plain `python train.py`:
+    # the same prompts and teacher picks, another sampling stream.
     shutil.rmtree(run_dir / "checkpoints" / "step_000004")
     launch(1, [*smoke_flags, "--resume", str(run_dir)])
     resumed = log_rows(run_dir)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4] and [r["dist/world_size"] for r in resumed] == [2, 2, 1, 1]
-    assert resumed[:2] == rows[:2] and (run_dir / "checkpoints" / "step_000004").exists()
+    assert resumed[:2] == rows[:2] and final_delta(run_dir).keys() == two_ranks.keys()
     assert [(r["rollout/hack_t"], r["rollout/gt_t"]) for r in resumed[2:]] == [(r["rollout/hack_t"], r["rollout/gt_t"]) for r in rows[2:]]
     assert all(r["time/rollouts_per_s"] * r["time/step"] == pytest.approx(2) for r in resumed)
     assert (run_dir / "summary.json").exists() and len(list((work / "runs").iterdir())) == 1
