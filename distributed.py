@@ -28,8 +28,8 @@ Guarantees:
 
 import contextlib
 import os
-from datetime import timedelta
 from collections.abc import Iterator
+from datetime import timedelta
 from functools import partialmethod
 
 import torch
