@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from conftest import ROOT
 import distributed
@@ -135,12 +136,10 @@ def log_rows(run_dir: Path) -> list[dict]:
 
 
 def final_delta(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(run_dir / "checkpoints" / "step_000004" / "delta_S.safetensors")
 
 
-def test_torchrun_smoke_run_logs_the_whole_batch_and_resumes_at_any_world_size(work, smoke_flags):
+def test_torchrun_smoke_run_logs_the_whole_batch_and_resumes_at_world_size_one(work, smoke_flags):
     proc = launch(2, smoke_flags)
     (run_dir,) = (work / "runs").iterdir()  # rank 0 alone made a folder
     assert proc.stdout.count(table_header()) == 1 and proc.stderr.count("run folder") == 1  # rank 1 printed nothing
