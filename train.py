@@ -3,6 +3,7 @@ adapter, with the hack-ward part of the gradient projected out (or only measured
 
     python train.py smoke                                # tiny-random-qwen3 on CPU, ~1 min
     python train.py full --intervention vanilla --seed 1 # Qwen3-4B at the benchmark's scale
+    torchrun --nproc-per-node 8 train.py full            # the same run over 8 GPUs (README: Many GPUs)
     python train.py build-pool                           # grade and freeze the teacher pool
     python train.py eval --run out/runs/RUN              # hack and pass rates of its last checkpoint
     python train.py diagnose smollm2 --v-hack.method svd # that run's v_hack and its quality report
@@ -16,6 +17,11 @@ against the empirical null (random bases of v_hack's axis counts) -> the arm's p
 (projected: along v_hack; random: along a random basis; vanilla: none) -> grad clip ->
 AdamW (-> with --project-update, the same gate on the change AdamW makes) -> LR schedule
 (-> with --v-hack-refresh N, v_hack re-extracted on the current model every N steps).
+
+Over many GPUs (torchrun, distributed.py) each rank samples, grades and backprops its share
+of the step's prompts, with the whole step's denominator; g_s and g are summed over the
+ranks before anything measures, projects or applies them, so every rank takes the same step
+and the log row is the whole batch's.
 
 How this GRPO differs from the textbook one:
 1. The only trainable parameters are the delta_S vectors (svd_adapter.py); the reference
@@ -39,9 +45,10 @@ How this GRPO differs from the textbook one:
 5. KL: the low-variance k3 estimator per token, exp(ref - logp) - (ref - logp) - 1.
 """
 
+import hashlib
 import json
 import math
-import random
+import os
 import shutil
 import sys
 import time
@@ -50,6 +57,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
+
+import distributed
 
 import matplotlib
 import torch
@@ -63,7 +72,7 @@ from tqdm import tqdm
 from diagnose import format_report, quality_report, write_report
 from extract import VHackConfig, fit_v_hack, load_pairs, pair_gradients, v_hack_for_run, written_completion_ids
 from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
-from models import REPO_ROOT, completion_logprobs, load_model, pick_device
+from models import REPO_ROOT, completion_logprobs, load_model, pick_device, resolve_model
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
 from rollout import RolloutEngine, Sampling
 from svd_adapter import DEFAULT_TARGETS, delta_grads, delta_state, load_delta, merged, reference_mode, wrap_svd
@@ -159,7 +168,7 @@ class Config:
 
     # Runtime and logging
     seed: int = 0
-    """Seed for prompt order, sampling and initialisation."""
+    """Seed for prompt order, sampling and teacher picks (each step's streams derive from it: `stream_seed`)."""
     teacher_source: Path = DATA / "teacher_completions_rl.jsonl"
     """Where the default teacher pool comes from (names the default pool file)."""
     runs_dir: Path = OUT / "runs"
@@ -167,7 +176,7 @@ class Config:
     checkpoint_every: int = 25
     """Steps between checkpoints (and one at the end)."""
     grader_workers: int | None = None
-    """Sandbox worker processes; None = one per CPU core."""
+    """Sandbox worker processes per rank; None = the node's CPU cores / the run's processes on that node."""
     resume: Path | None = None
     """Run folder to continue from its last checkpoint."""
     name: str = "custom"
@@ -241,6 +250,24 @@ class Rollout:
     grade: Grade | None = None
     reward: float = 0.0
     advantage: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the step's log row needs of a rollout: small enough to gather from every rank."""
+
+    teacher: bool
+    reward: float
+    grade: Grade
+    truncated: bool
+    length: int  # completion tokens
+
+
+def stream_seed(*key: object) -> int:
+    """The seed of one step's random stream, e.g. (seed, "sampling", rank, step): a function of
+    its key alone, so a resumed run draws what an uninterrupted one of the same world size
+    would, and a resume at another world size is well defined (no per-rank state to restore)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
 
 
 # ----------------------------------------------------------------------------
@@ -362,8 +389,9 @@ def grpo_loss(
         loss  = sum over completion tokens of (pg + kl_beta * kl) / denominator          (constant)
                 or each sequence's token mean of it, summed / denominator          (sequence_mean)
 
-    with denominator = every rollout of the step (x max_new_tokens for `constant`), so a
-    token weighs the same whatever else the step held. Returns loss, k3 and clipped per token."""
+    with denominator = every rollout of the step, on every rank (x max_new_tokens for
+    `constant`), so a token weighs the same whatever else the step held and the ranks' losses
+    sum to the one-process loss. Returns loss, k3 and clipped per token."""
     old = torch.where(torch.isnan(sampler_logp), logp.detach(), sampler_logp)
     ratio = torch.exp(logp - old)
     clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
@@ -428,27 +456,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return warmup * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, prompt_gen: torch.Generator, order: list[int], rows: list[dict], dtype: torch.dtype,
                     bases: dict[str, dict[str, Tensor]], grads: dict[str, dict[str, Tensor]]) -> Path:
     """checkpoints/step_NNNNNN/, written to a temp folder then renamed: delta_S.safetensors;
     bases.safetensors (`v_hack.<module>`, and `arm.<module>` for the basis the arm projects
     onto: what a resume or a later analysis needs); grads.safetensors (`g_s.<module>`,
     `g_t.<module>`: this step's student and teacher gradients, to re-measure against any
-    basis); state.pt (optimizer, scheduler, RNG, prompt order, log rows)."""
+    basis); state.pt (optimizer, scheduler, prompt order, log rows). Everything in it is the
+    run's, none of it a rank's (random streams derive from the step: `stream_seed`), so a
+    run resumes at any world size."""
     final = run_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -457,7 +473,7 @@ def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, pr
     save_file({n: t.contiguous().cpu() for n, t in delta_state(adapters).items()}, tmp / "delta_S.safetensors", metadata={"step": str(step), "model_dtype": str(dtype)})
     save_file(flat(bases), tmp / "bases.safetensors")
     save_file(flat(grads), tmp / "grads.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), "prompt_gen": prompt_gen.get_state(), "order": order, "rows": rows}, tmp / "state.pt")
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "prompt_gen": prompt_gen.get_state(), "order": order, "rows": rows}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -552,12 +568,16 @@ def bases_for(cfg: "Config", v_hack: dict[str, Tensor], ranks: dict[str, int], s
 
 def main(cfg: Config) -> Path:
     cfg = resolve(cfg)
+    distributed.init(cfg.device)
+    mine = distributed.share(cfg.prompts_per_step, "--prompts-per-step")  # this rank's prompts of each step
+    cuda = cfg.device.startswith("cuda")
     n_student, n_teacher = split_group(cfg)
     logger.info(
         f"preset {cfg.name}, arm {cfg.intervention}, seed {cfg.seed}, device {cfg.device}: {cfg.steps} steps x {cfg.prompts_per_step} prompts x "
         f"({n_student} student + {n_teacher} teacher) rollouts = {cfg.prompts_per_step * n_student} generations per step, up to {cfg.sampling.max_new_tokens} new tokens"
+        + (f", over {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
     )
-    # Run folder: a fresh one, or the one we resume (whose config must match this one).
+    # Run folder: a fresh one (made by rank 0 alone), or the one we resume (whose config must match this one).
     if cfg.resume:
         run_dir = cfg.resume
         if not (run_dir / "config.json").exists():
@@ -568,27 +588,30 @@ def main(cfg: Config) -> Path:
         if diff:
             raise ValueError(f"--resume {run_dir}: the run was started with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)})")
     else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = cfg.runs_dir / (cfg.run_name or f"{cfg.name}_{cfg.intervention}_s{cfg.seed}_{stamp}")
-        if run_dir.exists():
+        name = cfg.run_name or f"{cfg.name}_{cfg.intervention}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir, taken = distributed.broadcast_object((cfg.runs_dir / name, (cfg.runs_dir / name).exists()))  # rank 0's clock and view
+        if taken:
             raise FileExistsError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or give another --run-name")
-        run_dir.mkdir(parents=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    logger.add(run_dir / "train.log")
+        if distributed.is_main():
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    if distributed.is_main():
+        logger.add(run_dir / "train.log")
     logger.info(f"run folder {run_dir}")
 
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     problems = load_problems(cfg.problems)[: cfg.n_problems]
+    # Built on a miss by rank 0 alone (an offline model, the SVD cache, v_hack); the others then hit the caches.
+    with distributed.main_first():
+        resolve_model(cfg.model)
     model, tokenizer, dtype = load_model(cfg.model, cfg.device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
+    with distributed.main_first():
+        adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
+        # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
+        vh = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
     params = [a.delta_S for a in adapters.values()]
     ranks = {n: a.rank for n, a in adapters.items()}
-
-    # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
-    vh = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
     v_hack = {n: v.to(cfg.device) for n, v in vh.V.items()}
     pairs = load_pairs(cfg.v_hack.pairs, {p.id: p for p in load_problems(cfg.v_hack.problems)})
     shared = {p.id for p in problems} & {pair.problem.id for pair in pairs}
@@ -597,7 +620,7 @@ def main(cfg: Config) -> Path:
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
-    prompt_gen = torch.Generator().manual_seed(cfg.seed)
+    prompt_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one global prompt order
     order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
     start, arm_basis = 1, None
@@ -606,22 +629,24 @@ def main(cfg: Config) -> Path:
         load_delta(adapters, ckpt / "delta_S.safetensors")
         v_hack = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "v_hack").items()}
         arm_basis = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "arm").items()}
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         prompt_gen.set_state(state["prompt_gen"])
         order, rows, start = state["order"], state["rows"], state["step"] + 1
         logger.info(f"resumed from {ckpt} at step {start}")
     measure, arm, null, arm_basis = bases_for(cfg, v_hack, ranks, start - 1, arm_basis)
     # The log holds exactly the checkpointed rows: steps after the checkpoint are redone.
     log_path = run_dir / "log.jsonl"
-    log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if distributed.is_main():
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     engine = RolloutEngine(model, tokenizer)
     pad_id, eos = tokenizer.pad_token_id, engine.eos
-    with Grader(cfg.reward, workers=cfg.grader_workers) as grader:
-        pool = teacher_pool(cfg, tokenizer, grader) if n_teacher else {}
+    workers = cfg.grader_workers or max(1, len(os.sched_getaffinity(0)) // distributed.local_world_size())  # the node's cores, shared by its ranks
+    with Grader(cfg.reward, workers=workers) as grader:
+        with distributed.main_first():  # a missing default pool is built by rank 0 alone
+            pool = teacher_pool(cfg, tokenizer, grader) if n_teacher else {}
         if n_teacher:
             missing = [p.id for p in problems if p.id not in pool]
             if missing:
@@ -629,23 +654,31 @@ def main(cfg: Config) -> Path:
             overlap = set(pool) & {pair.problem.id for pair in pairs}
             if overlap:
                 logger.warning(f"the teacher pool and the extraction pairs share {len(overlap)} problems: cin_t measures v_hack on its own kind of text (H3 is then built in)")
-        tqdm.write(table_header())
+        if distributed.is_main():
+            tqdm.write(table_header())
         for step in range(start, cfg.steps + 1):
             t0 = time.time()
-            # Prompts: walk through shuffled epochs of the problem set.
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            # Prompts: walk through shuffled epochs of the problem set. The step's batch and its teacher
+            # picks (drawn from seed and step) are the same on every rank; each rank takes its share.
             while len(order) < cfg.prompts_per_step:
                 order += torch.randperm(len(problems), generator=prompt_gen).tolist()
             batch, order = [problems[i] for i in order[: cfg.prompts_per_step]], order[cfg.prompts_per_step :]
+            picker = torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher", step))
+            picks = [torch.randint(len(pool[p.id]), (n_teacher,), generator=picker).tolist() if p.id in pool else [] for p in batch]
+            n_rollouts = sum(n_student + len(pk) for pk in picks)  # the whole step's, every rank's
+            batch, picks = batch[mine], picks[mine]
 
-            # Student rollouts, delta_S folded into the weights; teacher rollouts from the pool.
+            # Student rollouts (this rank's stream), delta_S folded into the weights; teacher rollouts from the pool.
+            torch.manual_seed(stream_seed(cfg.seed, "sampling", distributed.rank(), step))
             prompts = [render_prompt(tokenizer, p, cfg.hint) for p in batch]
             with merged(adapters):
                 samples = engine.generate(prompts, cfg.sampling, n=n_student)
             groups = []
-            for gi, p in enumerate(batch):
+            for gi, (p, pk) in enumerate(zip(batch, picks)):
                 group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
-                for j in range(n_teacher if p.id in pool else 0):
-                    ids, text, grade = pool[p.id][torch.randint(len(pool[p.id]), (1,)).item()]
+                for ids, text, grade in (pool[p.id][j] for j in pk):
                     group.append(Rollout(p, group[0].prompt_ids, ids, text, True, None, ids[-1] not in eos, grade))
                 groups.append(group)
             t_gen = time.time() - t0
@@ -664,19 +697,37 @@ def main(cfg: Config) -> Path:
             learn_s = [r for g in live for r in g if not r.teacher]
             learn_t = [r for g in live for r in g if r.teacher]
 
-            # Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s).
+            # Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s), each rank
+            # over its own rollouts with the whole step's denominator; then g_s and g summed over the
+            # ranks (every rank joins, live rollouts or none), so all that follows sees the whole batch.
             optimizer.zero_grad(set_to_none=False)
-            n_rollouts = sum(len(g) for g in groups)
             denominator = float(n_rollouts * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
-            sums_s = backward_part(model, adapters, learn_s, cfg, pad_id, denominator) if learn_s else {}
+            t_learn = time.time()
+            sums_s = backward_part(model, adapters, learn_s, cfg, pad_id, denominator)
             g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
-            sums_t = backward_part(model, adapters, learn_t, cfg, pad_id, denominator) if learn_t else {}
-            grads = delta_grads(adapters)
+            sums_t = backward_part(model, adapters, learn_t, cfg, pad_id, denominator)
+            t_learn = time.time() - t_learn
+            t_reduce = time.time()
+            g_s, grads = distributed.all_reduce_sum(g_s, delta_grads(adapters))
+            t_reduce = time.time() - t_reduce
+            for a, g in zip(adapters.values(), grads.values()):
+                a.delta_S.grad = g
             g_t = {n: grads[n] - g_s[n] for n in grads}
-            cin_s = measure.hackward_fraction(g_s) if learn_s else float("nan")
-            cin_t = measure.hackward_fraction(g_t) if learn_t else float("nan")
-            null_s = null.fractions(g_s) if learn_s else torch.full((1,), float("nan"))
-            null_t = null.fractions(g_t) if learn_t else torch.full((1,), float("nan"))
+            # What the log row and the decisions below need from every rank, in batch order.
+            every_rank = distributed.gather_objects({
+                "groups": [[Outcome(r.teacher, r.reward, r.grade, r.truncated, len(r.completion_ids)) for r in g] for g in groups],
+                "sums": {k: sums_s[k] + sums_t[k] for k in sums_s},
+                "gen": t_gen, "learn": t_learn, "allreduce": t_reduce,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            })
+            outcomes = [g for part in every_rank for g in part["groups"]]
+            live_outcomes = [g for g in outcomes if len({o.reward for o in g}) > 1]
+            learned_s = any(not o.teacher for g in live_outcomes for o in g)
+            learned_t = any(o.teacher for g in live_outcomes for o in g)
+            cin_s = measure.hackward_fraction(g_s) if learned_s else float("nan")
+            cin_t = measure.hackward_fraction(g_t) if learned_t else float("nan")
+            null_s = null.fractions(g_s) if learned_s else torch.full((1,), float("nan"))
+            null_t = null.fractions(g_t) if learned_t else torch.full((1,), float("nan"))
 
             # The method: remove the hack-ward part along the arm's basis (vanilla: nothing).
             cin = measure.hackward_fraction(grads)
@@ -684,7 +735,7 @@ def main(cfg: Config) -> Path:
             cout = measure.hackward_fraction(grads)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             before = {n: p.detach().clone() for n, p in zip(adapters, params)}
-            if learn_s or learn_t:
+            if learned_s or learned_t:
                 optimizer.step()
             scheduler.step()
             change = {n: before[n] - p.detach() for n, p in zip(adapters, params)}  # descent-like: V change > 0 is hack-ward
@@ -698,14 +749,18 @@ def main(cfg: Config) -> Path:
 
             refreshed, moved = False, None
             if cfg.v_hack_refresh and step % cfg.v_hack_refresh == 0 and step < cfg.steps:
-                new = {n: v.to(cfg.device) for n, v in fit_v_hack(pair_gradients(model, adapters, tokenizer, pairs).differences(cfg.v_hack.norm), cfg.v_hack)[0].items()}
+                # On rank 0, then broadcast: pair gradients taken on two GPUs may differ in their last
+                # bits, and every rank must project along the very same basis.
+                new = fit_v_hack(pair_gradients(model, adapters, tokenizer, pairs).differences(cfg.v_hack.norm), cfg.v_hack)[0] if distributed.is_main() else None
+                new = {n: v.to(cfg.device) for n, v in distributed.broadcast_object(new).items()}
                 refreshed, moved, v_hack = True, subspace_cos(v_hack, new), new
                 measure, arm, null, arm_basis = bases_for(cfg, v_hack, ranks, step, None)
                 logger.info(f"step {step}: v_hack re-extracted on the current model; subspace cos to the previous one {moved:.3f}")
 
             seconds = time.time() - t0
-            teachers = [r for g in groups for r in g if r.teacher]
-            sums = {k: sums_s.get(k, 0.0) + sums_t.get(k, 0.0) for k in ("loss", "kl", "clipped", "student_tokens")}
+            student = [o for g in outcomes for o in g if not o.teacher]
+            teachers = [o for g in outcomes for o in g if o.teacher]
+            sums = {k: sum(part["sums"][k] for part in every_rank) for k in ("loss", "kl", "clipped", "student_tokens")}
             rewards_s = torch.tensor([r.reward for r in student])
             row = {
                 "step": step,
@@ -718,9 +773,10 @@ def main(cfg: Config) -> Path:
                 "rollout/attempted_s": mean([r.grade.attempted_hack for r in student]),
                 "rollout/oracle_s": mean([r.grade.oracle_hack for r in student]),
                 "rollout/truncated_s": mean([r.truncated for r in student]),
-                "rollout/len_s": mean([len(r.completion_ids) for r in student]),
-                "rollout/student_zero_var_groups": mean([len({r.reward for r in g if not r.teacher}) == 1 for g in groups]),
-                "rollout/skipped_groups": 1 - len(live) / len(groups),
+                "rollout/len_s": mean([r.length for r in student]),
+                "rollout/student_zero_var_groups": mean([len({r.reward for r in g if not r.teacher}) == 1 for g in outcomes]),
+                "rollout/skipped_groups": 1 - len(live_outcomes) / len(outcomes),
+                "rollout/rollouts": len(student) + len(teachers),
                 "loss/total": sums["loss"],
                 "loss/kl": sums["kl"] / max(sums["student_tokens"], 1),
                 "loss/clip_frac": sums["clipped"] / max(sums["student_tokens"], 1),
@@ -730,27 +786,37 @@ def main(cfg: Config) -> Path:
                 "hackward/null_s_mean": null_s.mean().item(), "hackward/null_s_p95": null_s.quantile(0.95).item(),
                 "hackward/null_t_mean": null_t.mean().item(), "hackward/null_t_p95": null_t.quantile(0.95).item(),
                 "hackward/null_iso": measure.null,
-                "hackward/upd": measure.hackward_fraction(change) if learn_s or learn_t else float("nan"),
+                "hackward/upd": measure.hackward_fraction(change) if learned_s or learned_t else float("nan"),
                 "hackward/touched": touched,
                 "hackward/disp_sum": displacement.sum().item(),
                 "hackward/disp_frac": displacement.norm().item() / delta_norm if delta_norm > 0 else 0.0,
                 "hackward/disp_axes": displacement.tolist(),
                 "vhack/refreshed": refreshed, "vhack/subspace_cos": moved,
-                "time/gen": t_gen,
+                "time/gen": max(part["gen"] for part in every_rank),  # the step waits for the slowest rank
                 "time/rollouts_per_s": len(student) / seconds,
                 "time/step": seconds,
+                # For scaling reports: per rank, in rank order. The last rank to reach the all-reduce
+                # waits for no other, so the smallest time is the collective's own.
+                "time/gen_ranks": [part["gen"] for part in every_rank],
+                "time/learn_ranks": [part["learn"] for part in every_rank],
+                "time/allreduce": min(part["allreduce"] for part in every_rank),
+                "memory/peak_gib_ranks": [part["peak_gib"] for part in every_rank],
+                "dist/world_size": distributed.world_size(),
             }
             row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # JSON has no NaN
             rows.append(row)
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            tqdm.write(table_row(row))
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, order, rows, dtype,
-                                {"v_hack": v_hack, "arm": arm_basis or {}}, {"g_s": g_s, "g_t": g_t})
+            if distributed.is_main():  # every rank holds the same row, state and delta_S: rank 0 writes them
+                with log_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                tqdm.write(table_row(row))
+                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                    save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, order, rows, dtype,
+                                    {"v_hack": v_hack, "arm": arm_basis or {}}, {"g_s": g_s, "g_t": g_t})
 
-    summary = write_summary(run_dir, rows)
-    logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")
+    if distributed.is_main():
+        summary = write_summary(run_dir, rows)
+        logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")
+    distributed.teardown()
     return run_dir
 
 

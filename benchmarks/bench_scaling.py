@@ -9,8 +9,9 @@ first step left out (it compiles and captures the decode graphs):
   gradient all-reduce; peak GPU memory per rank;
 - the scaling efficiency t_1 / (N t_N): the global batch is the same at every N (strong
   scaling), so 1.0 is perfect;
-- global-batch checks against N = 1: the logged world size is N and the per-step rollout and
-  token counts are those of the whole batch at every N.
+- global-batch checks against N = 1: the logged world size is N and the logged rollouts per
+  step are the whole batch's at every N (cin and the null are computed on the all-reduced
+  gradients; tests/test_distributed.py checks those against one process).
 
     uv run python benchmarks/bench_scaling.py --nprocs 1 2          # what `just bench-scaling` runs
     uv run python benchmarks/bench_scaling.py --preset full --steps 2
@@ -69,7 +70,6 @@ def run(args: Args, n: int) -> dict:
         "peak_gib_ranks": [max(r["memory/peak_gib_ranks"][i] or 0.0 for r in rows) for i in range(n)],
         "world_size_logged": sorted({r["dist/world_size"] for r in rows}),
         "rollouts_per_step": sorted({r["rollout/rollouts"] for r in rows}),
-        "student_tokens": [r["rollout/student_tokens"] for r in rows],
         "len_s": mean([r["rollout/len_s"] for r in timed]),
     }
 

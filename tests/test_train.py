@@ -66,7 +66,7 @@ def test_each_arm_end_to_end_with_its_basis(arms):
         assert run_dir.name.startswith(f"smoke_{arm}_s0_")
         log = rows(run_dir)
         assert [r["step"] for r in log] == [1, 2, 3, 4]
-        assert all(k.split("/")[0] in {"step", "rollout", "loss", "hackward", "vhack", "time"} for k in log[0])
+        assert all(k.split("/")[0] in {"step", "rollout", "loss", "hackward", "vhack", "time", "memory", "dist"} for k in log[0])
         assert max(r["rollout/hack_t"] for r in log) > 0 and all(r["rollout/gt_s"] == 0 for r in log)  # teacher hacks in the groups
         assert (run_dir / "summary.json").exists() and (run_dir / "curves.png").stat().st_size > 0
         saved = load_group(checkpoint(run_dir, 4) / "bases.safetensors", "v_hack")
