@@ -22,6 +22,7 @@ so N = 1 and N = 2 may be measured by separate invocations on the same machine.
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ class Args:
     """Model the preset runs."""
     steps: int = 3
     """Optimizer steps per run (the first is left out of the means)."""
-    extra: tuple[str, ...] = ()
-    """More train.py flags, e.g. --extra --prompts-per-step 16."""
+    extra: str = ""
+    """More train.py flags, one string: --extra="--prompts-per-step 16 --teacher-mix 0"."""
     out: Path = REPO_ROOT / "out" / "bench" / "scaling"
     """Folder of the runs and scaling.json."""
 
@@ -52,7 +53,7 @@ def run(args: Args, n: int) -> dict:
     runs_dir = args.out / f"n{n}"
     before = set(runs_dir.glob("*")) if runs_dir.exists() else set()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "train.py", args.preset, "--model", args.model,
-           "--steps", str(args.steps), "--checkpoint-every", str(10 * args.steps), "--runs-dir", str(runs_dir), *args.extra]
+           "--steps", str(args.steps), "--checkpoint-every", str(10 * args.steps), "--runs-dir", str(runs_dir), *shlex.split(args.extra)]
     print("$ " + " ".join(cmd), flush=True)
     env = os.environ | {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast stays off (a shared host's GPUs)
     subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True)
