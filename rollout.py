@@ -13,9 +13,12 @@ are, merged or not) and owns only the KV cache, attention and sampling:
 - Continuous batching: when a sequence ends its slot is refilled with a waiting one (once
   at least REFILL of the slots are free, so a prefill serves several), so a batch is not
   held by its longest sequence. A prompt sampled n times is prefilled once and its K/V
-  copied to its slots.
+  copied to its slots. Once nothing waits and at most half of the decoded slots are live,
+  the live ones move into the lower half and decoding continues on it alone (the step reads
+  every decoded slot's K/V window, live or not, so the tail of long completions would
+  otherwise cost as much per token as the full batch).
 - On CUDA the decode step (transformer + first sampling rounds) is replayed as a CUDA graph,
-  one per KV window, and with `compile` one decoder layer is torch.compile'd (regional
+  one per (decoded slots, KV window), and with `compile` one decoder layer is torch.compile'd (regional
   compilation: one compile serves all layers, and a second window or batch size makes it
   dynamic once). On CPU the same functions run eagerly.
 
@@ -240,7 +243,6 @@ class RolloutEngine:
         length = [0] * b  # host mirror of positions, for the KV window
         results: dict[tuple[int, int], tuple[list[int], Tensor, bool]] = {}
         step = self._graphed_step(k_cache, v_cache, tokens, positions, sampling) if device.type == "cuda" else None
-        rows = torch.arange(b, device=device)
         bar = tqdm(total=len(work), desc=desc, leave=False)
 
         def finish(done: list[int]) -> None:
@@ -262,7 +264,24 @@ class RolloutEngine:
 
         live: list[int] = []  # slots with a sequence, and the same on the device (rebuilt when it changes)
         live_t = torch.zeros(0, dtype=torch.long, device=device)
+        active = b  # decode runs on slots [0, active)
         while work or live:
+            if not work and len(live) <= active // 2:
+                while len(live) <= active // 2:
+                    active //= 2
+                moving = [s for s in live if s >= active]
+                if moving:
+                    free_below = [s for s in range(active) if owner[s] is None][: len(moving)]
+                    src, dst = torch.tensor(moving, device=device), torch.tensor(free_below, device=device)
+                    window = min(capacity, -(-(max(length[s] for s in moving) + 1) // KV_WINDOW) * KV_WINDOW)
+                    for cache in (*k_cache, *v_cache):
+                        cache[dst, :, :window] = cache[src, :, :window]
+                    for state in (tokens, positions, n_gen, out_tokens, out_logprobs):
+                        state[dst] = state[src]
+                    for s, d in zip(moving, free_below):
+                        owner[d], length[d], owner[s] = owner[s], length[s], None
+                live = [s for s in range(active) if owner[s] is not None]
+                live_t = torch.tensor(live, device=device)
             free = [s for s in range(b) if owner[s] is None]
             if work and free and (len(free) >= max(1, int(b * REFILL)) or len(free) == b):
                 take = [work.popleft() for _ in range(min(len(free), len(work)))]
@@ -291,9 +310,9 @@ class RolloutEngine:
                 continue
             window = min(capacity, -(-(max(length[s] for s in live) + 1) // KV_WINDOW) * KV_WINDOW)
             if step is not None:
-                new, logp, accepted, logits = step(window)
+                new, logp, accepted, logits = step(active, window)
             else:
-                logits = self.decode(tokens, positions, k_cache, v_cache, window)
+                logits = self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window)
                 new, logp, accepted = draw(logits, temperature, top_p)
             new, logp, accepted = new.clone(), logp.clone(), accepted.clone()
             redraw(logits, new, logp, accepted, temperature, top_p)
@@ -322,31 +341,31 @@ class RolloutEngine:
         return chunks
 
     def _graphed_step(self, k_cache: list[Tensor], v_cache: list[Tensor], tokens: Tensor, positions: Tensor, sampling: Sampling):
-        """decode + draw as CUDA graphs over static inputs, captured lazily per KV window."""
+        """decode + draw of slots [0, active) as CUDA graphs over static inputs, captured lazily per (active, KV window)."""
         if sampling.compile and self._compiled is None:
             self._compiled = torch.compile(self._decode_layer)
         elif not sampling.compile:
             self._compiled = None
         temperature, top_p = sampling.temperature, sampling.top_p
         pool = torch.cuda.graph_pool_handle()
-        graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
 
-        def run(window: int):
-            logits = self.decode(tokens, positions, k_cache, v_cache, window)
+        def run(active: int, window: int):
+            logits = self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window)
             return (*draw(logits, temperature, top_p, DRAW_ROUNDS), logits)
 
-        def step(window: int):
-            if window not in graphs:
+        def step(active: int, window: int):
+            if (active, window) not in graphs:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up (idempotent: rewrites the same K/V)
-                    run(window)
+                    run(active, window)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    outputs = run(window)
-                graphs[window] = (graph, outputs)
-            graph, outputs = graphs[window]
+                    outputs = run(active, window)
+                graphs[active, window] = (graph, outputs)
+            graph, outputs = graphs[active, window]
             graph.replay()
             return outputs
 

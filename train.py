@@ -428,6 +428,9 @@ def backward_part(model, adapters, rollouts: list[Rollout], cfg: "Config", pad_i
     sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "student_tokens": 0.0}
     temperature = cfg.sampling.temperature
     model.train()
+    # Micro-batches of similar lengths pad little (completion lengths spread widely); the
+    # gradient is a sum over sequences, so the order changes only its rounding.
+    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
     for i in range(0, len(rollouts), cfg.learner_batch):
         ids, attn, mask, old, adv = collate(rollouts[i : i + cfg.learner_batch], pad_id, cfg.device)
         ref = None

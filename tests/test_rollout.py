@@ -67,6 +67,25 @@ def test_eos_ends_each_sequence_and_every_sample_returns_once(tiny):
         assert completion == ref[:cut]
 
 
+def test_tail_moves_to_fewer_slots_and_keeps_every_sequence(tiny):
+    """Once nothing waits and at most half the decoded slots are live, decoding continues on
+    fewer slots (their K/V moved down): greedy outputs still equal HF's, sequence by sequence."""
+    model, tokenizer = tiny
+    engine = RolloutEngine(model, tokenizer)
+    engine.eos = list(range(0, model.config.vocab_size, 17))  # lengths spread geometrically (mean ~17)
+    prompts = prompts_of([3 + (7 * i) % 23 for i in range(12)], seed=1)
+    decoded_slots = []
+    decode = engine.decode
+    engine.decode = lambda tokens, *args: decoded_slots.append(len(tokens)) or decode(tokens, *args)
+    out = engine.generate_ids(prompts, Sampling(max_new_tokens=40, temperature=0, top_p=1.0, batch=8), n=1)
+    assert {8, 4} <= set(decoded_slots) and decoded_slots == sorted(decoded_slots, reverse=True)
+    eos = set(engine.eos)
+    for p, (completion, logprobs, truncated) in zip(prompts, out):
+        ref = hf_greedy(model, p, 40)
+        cut = next((j + 1 for j, t in enumerate(ref) if t in eos), len(ref))
+        assert completion == ref[:cut] and len(logprobs) == len(completion) and truncated == (cut == 40 and ref[39] not in eos)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_recorded_logprobs_match_the_learner(tiny, tmp_path, temperature):
     """Sampler (merged weights, engine attention, KV cache) vs learner (adapter path, HF attention)."""
