@@ -72,6 +72,10 @@ queue-full *ARGS:
 bench-grader *ARGS:
     uv run python benchmarks/bench_grader.py {{ARGS}}
 
+# One run over N GPUs (torchrun) for N = 1 2 by default: step, generation, learner and all-reduce seconds per rank, peak memory, efficiency against N = 1.
+bench-scaling *ARGS:
+    uv run python benchmarks/bench_scaling.py {{ARGS}}
+
 # Every benchmark that runs on this machine: grader throughput, then the step-cost benchmark (GPU if present).
 bench: bench-grader
     uv run python benchmarks/bench_step.py
