@@ -46,9 +46,12 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
 
-KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (one CUDA graph each)
+KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (a CUDA graph per window and slot count)
 REFILL = 1 / 8  # refill free slots once this fraction of the batch is free (or nothing is live)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activation memory)
+# Compiles of the decode layer an engine may make (batch sizes as the tail halves them, KV
+# capacities, grad-mode flips): at dynamo's default of 8 a training run's later shapes ran uncompiled.
+RECOMPILE_LIMIT = 64
 DRAW_ROUNDS = 2  # exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are redrawn
 
 
@@ -358,7 +361,8 @@ class RolloutEngine:
             if (active, window) not in graphs:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up (idempotent: rewrites the same K/V)
+                # Warm-up (idempotent: rewrites the same K/V), where a new shape compiles.
+                with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                     run(active, window)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
