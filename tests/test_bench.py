@@ -52,3 +52,18 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert bench["learner"]["tok_s"] > 0 and bench["extraction_s_per_pair"] > 0
     assert bench["svd_wrap"]["modules"] > 0
     assert "wrote" in bench["stdout"] and "decode step at B=4" in bench["stdout"]
+
+
+def test_scaling_bench_reads_what_train_logs(tmp_path: Path):
+    """bench_scaling.py on CPU at N=1 (torchrun, gloo): its table comes from the keys train.py logs."""
+    out = tmp_path / "scaling"
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    extra = f"--prompts-per-step 1 --sampling.max-new-tokens 16 --cache-dir {tmp_path / 'cache'}"
+    cmd = [sys.executable, "benchmarks/bench_scaling.py", "--nprocs", "1", "--preset", "smoke", "--model", "tiny-random-qwen3", "--steps", "2", f"--extra={extra}", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads((out / "scaling.json").read_text()).values()
+    assert r["n"] == 1 and r["efficiency"] == 1.0 and r["world_size_logged"] == [1] and r["steps_timed"] == 1
+    assert r["rollouts_per_step"] == [2]  # smoke: 1 prompt x (1 student + 1 teacher)
+    assert len(r["gen_s_ranks"]) == len(r["learn_s_ranks"]) == 1 and r["step_s"] >= r["gen_s_ranks"][0] > 0
+    assert "efficiency" in proc.stdout
