@@ -66,7 +66,7 @@ class SlurmConfig:
     mem_gb: int | None = None
     """Memory of each job in GB (--mem); None = the partition's default."""
     time_min: int = 1440
-    """Wall-clock limit of each extraction, run and eval job in minutes (a `full` run is ~13 h on one H100)."""
+    """Wall-clock limit of each extraction, run and eval job in minutes (a `full` step measured ~120 s on one H200: ~7 h for 200 steps)."""
     results_time_min: int = 30
     """Wall-clock limit of the results job in minutes."""
     logs: Path | None = None
