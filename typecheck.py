@@ -7,7 +7,7 @@ each call. Off by default because the checks cost a few percent of a step.
 
 import os
 
-HARNESS_MODULES = ["grader", "sandbox", "models", "svd_adapter", "projection", "extract", "diagnose", "distributed", "train", "results"]
+HARNESS_MODULES = ["grader", "sandbox", "models", "svd_adapter", "rollout", "projection", "extract", "diagnose", "distributed", "train", "results"]
 
 ENABLED = os.environ.get("BEARTYPE", "0") == "1"
 if ENABLED:

@@ -34,7 +34,7 @@ def test_greedy_equals_hf_generate_through_slot_reuse(tiny):
     """5 prompts x 2 samples through 3 slots: refills, ragged lengths, a prompt prefilled once for two slots."""
     model, tokenizer = tiny
     prompts = prompts_of([5, 17, 3, 30, 9])
-    out = RolloutEngine(model, tokenizer).generate_ids(prompts, Sampling(max_new_tokens=12, temperature=0, top_p=1.0, batch=3), n=2)
+    out = RolloutEngine(model, tokenizer).generate_ids(prompts, Sampling(max_new_tokens=12, temperature=0.0, top_p=1.0, batch=3), n=2)
     assert len(out) == 10
     for i, (completion, logprobs, truncated) in enumerate(out):
         expected = hf_greedy(model, prompts[i // 2], 12)
@@ -60,7 +60,7 @@ def test_eos_ends_each_sequence_and_every_sample_returns_once(tiny):
         lengths.append(len(completion))
     assert len(set(lengths)) > 2  # the test exercises ragged ends, not one length
     # Each sample continues its own prompt: greedy decoding with the same EOS set equals HF's.
-    engine_greedy = engine.generate_ids(prompts, Sampling(max_new_tokens=10, temperature=0, top_p=1.0, batch=4), n=1)
+    engine_greedy = engine.generate_ids(prompts, Sampling(max_new_tokens=10, temperature=0.0, top_p=1.0, batch=4), n=1)
     for p, (completion, _, _) in zip(prompts, engine_greedy):
         ref = hf_greedy(model, p, 10)
         cut = next((j + 1 for j, t in enumerate(ref) if t in eos), len(ref))
@@ -77,7 +77,7 @@ def test_tail_moves_to_fewer_slots_and_keeps_every_sequence(tiny):
     decoded_slots = []
     decode = engine.decode
     engine.decode = lambda tokens, *args: decoded_slots.append(len(tokens)) or decode(tokens, *args)
-    out = engine.generate_ids(prompts, Sampling(max_new_tokens=40, temperature=0, top_p=1.0, batch=8), n=1)
+    out = engine.generate_ids(prompts, Sampling(max_new_tokens=40, temperature=0.0, top_p=1.0, batch=8), n=1)
     assert {8, 4} <= set(decoded_slots) and decoded_slots == sorted(decoded_slots, reverse=True)
     eos = set(engine.eos)
     for p, (completion, logprobs, truncated) in zip(prompts, out):
