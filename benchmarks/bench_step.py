@@ -267,8 +267,9 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
 
 def realistic_step(preset: str, engine: RolloutEngine, adapters, device: str, gen: torch.Generator, compile: bool) -> dict:
     """One GRPO step of `preset` on random prompts of the benchmark's lengths (245-483 tokens),
-    completions ending where the model's EOS set ends them, each part timed (the engine arrives
-    compiled: its graphs for this shape are captured inside the timed generation)."""
+    completions ending where the model's EOS set ends them, each part timed. The step's
+    generation runs once untimed first (as a run's first step does, it compiles and captures
+    the graphs of the shapes it meets), so the timed one is a steady-state step."""
     cfg = PRESETS[preset][1]
     n_student, _ = split_group(cfg)
     sampling = replace(cfg.sampling, compile=compile)
@@ -279,6 +280,11 @@ def realistic_step(preset: str, engine: RolloutEngine, adapters, device: str, ge
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     seconds = {}
+    t = time.perf_counter()
+    with merged(adapters):
+        engine.generate_ids(prompts, sampling, n=n_student, desc="first step")
+    sync()
+    first_generation = time.perf_counter() - t
     t = time.perf_counter()
     with merged(adapters):
         out = engine.generate_ids(prompts, sampling, n=n_student, desc="step")
@@ -317,10 +323,10 @@ def realistic_step(preset: str, engine: RolloutEngine, adapters, device: str, ge
     step = {"preset": preset, "rollouts": len(out), "max_new_tokens": sampling.max_new_tokens, "kv_slots": sampling.batch,
             "completion_len_mean": completion_lengths.mean().item(), "completion_len_p10_p90": completion_lengths.quantile(torch.tensor([0.1, 0.9])).tolist(),
             "truncated": sum(trunc for _, _, trunc in out) / len(out), "generation_tok_s": completion_lengths.sum().item() / seconds["generation"],
-            "seconds": seconds, "step_s": sum(seconds.values()), "peak_gib_generation": peak_generation, "peak_gib_learner": peak_learner}
+            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "peak_gib_generation": peak_generation, "peak_gib_learner": peak_learner}
     print(f"\nstep of {preset} ({len(out)} rollouts, lengths mean {step['completion_len_mean']:.0f}, p10-p90 {step['completion_len_p10_p90'][0]:.0f}-{step['completion_len_p10_p90'][1]:.0f}, "
           f"{step['truncated']:.0%} cut at {sampling.max_new_tokens}): {step['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
-          + f"; generation {step['generation_tok_s']:,.0f} tok/s; peak {peak_generation:.1f} GiB (generation), {peak_learner:.1f} GiB (learner)")
+          + f"; generation {step['generation_tok_s']:,.0f} tok/s (the first call, compiling and capturing: {first_generation:.1f} s); peak {peak_generation:.1f} GiB (generation), {peak_learner:.1f} GiB (learner)")
     return step
 
 

@@ -48,7 +48,7 @@ def test_step_and_the_rest_are_reported(bench: dict):
     step = bench["step"]
     assert set(step["seconds"]) == {"generation", "grading", "learner", "projection"}
     assert math.isclose(step["step_s"], sum(step["seconds"].values()), rel_tol=1e-9)
-    assert step["rollouts"] > 0 and 0 <= step["truncated"] <= 1
+    assert step["rollouts"] > 0 and 0 <= step["truncated"] <= 1 and step["first_generation_s"] > 0
     assert bench["learner"]["tok_s"] > 0 and bench["extraction_s_per_pair"] > 0
     assert bench["svd_wrap"]["modules"] > 0
     assert "wrote" in bench["stdout"] and "decode step at B=4" in bench["stdout"]
