@@ -245,7 +245,12 @@ class RolloutEngine:
         owner: list[tuple[int, int] | None] = [None] * b  # (prompt, sample) per slot; None = free
         length = [0] * b  # host mirror of positions, for the KV window
         results: dict[tuple[int, int], tuple[list[int], Tensor, bool]] = {}
-        step = self._graphed_step(k_cache, v_cache, tokens, positions, sampling) if device.type == "cuda" else None
+
+        def decode_slots(active: int, window: int) -> Tensor:
+            """Next-token logits of slots [0, active), reading `window` positions of their K/V."""
+            return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window)
+
+        step = self._graphed_step(decode_slots, sampling) if device.type == "cuda" else None
         bar = tqdm(total=len(work), desc=desc, leave=False)
 
         def finish(done: list[int]) -> None:
@@ -265,8 +270,16 @@ class RolloutEngine:
             ended = torch.isin(new, eos) | (n_gen[slots] == max_new)
             return slots[ended].tolist()
 
-        live: list[int] = []  # slots with a sequence, and the same on the device (rebuilt when it changes)
-        live_t = torch.zeros(0, dtype=torch.long, device=device)
+        def window_of(slots: list[int]) -> int:
+            """The KV window these slots' next tokens read: past the longest, in KV_WINDOW steps."""
+            return min(capacity, -(-(max(length[s] for s in slots) + 1) // KV_WINDOW) * KV_WINDOW)
+
+        def live_slots() -> tuple[list[int], Tensor]:
+            """Slots with a sequence, and the same on the device (rebuilt when it changes)."""
+            live = [s for s in range(b) if owner[s] is not None]
+            return live, torch.tensor(live, dtype=torch.long, device=device)
+
+        live, live_t = live_slots()
         active = b  # decode runs on slots [0, active)
         while work or live:
             if not work and len(live) <= active // 2:
@@ -276,15 +289,14 @@ class RolloutEngine:
                 if moving:
                     free_below = [s for s in range(active) if owner[s] is None][: len(moving)]
                     src, dst = torch.tensor(moving, device=device), torch.tensor(free_below, device=device)
-                    window = min(capacity, -(-(max(length[s] for s in moving) + 1) // KV_WINDOW) * KV_WINDOW)
+                    window = window_of(moving)
                     for cache in (*k_cache, *v_cache):
                         cache[dst, :, :window] = cache[src, :, :window]
                     for state in (tokens, positions, n_gen, out_tokens, out_logprobs):
                         state[dst] = state[src]
                     for s, d in zip(moving, free_below):
                         owner[d], length[d], owner[s] = owner[s], length[s], None
-                live = [s for s in range(active) if owner[s] is not None]
-                live_t = torch.tensor(live, device=device)
+                live, live_t = live_slots()
             free = [s for s in range(b) if owner[s] is None]
             if work and free and (len(free) >= max(1, int(b * REFILL)) or len(free) == b):
                 take = [work.popleft() for _ in range(min(len(free), len(work)))]
@@ -308,14 +320,13 @@ class RolloutEngine:
                     done += record(slots, new, logp)
                 if done:
                     finish(done)
-                live = [s for s in range(b) if owner[s] is not None]
-                live_t = torch.tensor(live, device=device)
+                live, live_t = live_slots()
                 continue
-            window = min(capacity, -(-(max(length[s] for s in live) + 1) // KV_WINDOW) * KV_WINDOW)
+            window = window_of(live)
             if step is not None:
                 new, logp, accepted, logits = step(active, window)
             else:
-                logits = self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window)
+                logits = decode_slots(active, window)
                 new, logp, accepted = draw(logits, temperature, top_p)
             new, logp, accepted = new.clone(), logp.clone(), accepted.clone()
             redraw(logits, new, logp, accepted, temperature, top_p)
@@ -325,8 +336,7 @@ class RolloutEngine:
             done = record(live_t, new[live_t], logp[live_t])
             if done:
                 finish(done)
-                live = [s for s in range(b) if owner[s] is not None]
-                live_t = torch.tensor(live, device=device)
+                live, live_t = live_slots()
         bar.close()
         return [results[item] for item in (divmod(i, n) for i in range(len(prompts) * n))]
 
@@ -343,8 +353,8 @@ class RolloutEngine:
             chunks[-1].append(item)
         return chunks
 
-    def _graphed_step(self, k_cache: list[Tensor], v_cache: list[Tensor], tokens: Tensor, positions: Tensor, sampling: Sampling):
-        """decode + draw of slots [0, active) as CUDA graphs over static inputs, captured lazily per (active, KV window)."""
+    def _graphed_step(self, decode_slots, sampling: Sampling):
+        """decode_slots + draw as CUDA graphs over the engine's static buffers, captured lazily per (active slots, KV window)."""
         if sampling.compile and self._compiled is None:
             self._compiled = torch.compile(self._decode_layer)
         elif not sampling.compile:
@@ -354,7 +364,7 @@ class RolloutEngine:
         graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
 
         def run(active: int, window: int):
-            logits = self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window)
+            logits = decode_slots(active, window)
             return (*draw(logits, temperature, top_p, DRAW_ROUNDS), logits)
 
         def step(active: int, window: int):
