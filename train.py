@@ -687,8 +687,8 @@ def main(cfg: Config) -> Path:
             t_gen = time.time() - t0
 
             # Grades (teacher grades are frozen in the pool), rewards, advantages.
-            student = [r for g in groups for r in g if not r.teacher]
-            for r, grade in zip(student, grader.grade([r.problem for r in student], [r.text for r in student])):
+            sampled = [r for g in groups for r in g if not r.teacher]  # this rank's student rollouts
+            for r, grade in zip(sampled, grader.grade([r.problem for r in sampled], [r.text for r in sampled])):
                 r.grade = grade
             for g in groups:
                 for r in g:
