@@ -50,7 +50,7 @@ KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (
 REFILL = 1 / 8  # refill free slots once this fraction of the batch is free (or nothing is live)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activation memory)
 # Compiles of the decode layer an engine may make (batch sizes as the tail halves them, KV
-# capacities, grad-mode flips): at dynamo's default of 8 a training run's later shapes ran uncompiled.
+# windows): at dynamo's default of 8 a training run's later shapes ran uncompiled.
 RECOMPILE_LIMIT = 64
 DRAW_ROUNDS = 2  # exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are redrawn
 
@@ -171,7 +171,9 @@ class RolloutEngine:
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _embed(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = self.body.embed_tokens(ids)
+        # detach: HF's gradient checkpointing hooks the embedding so that its output requires grad
+        # (for the learner), even under no_grad; layer 0 would then get a compiled graph of its own.
+        x = self.body.embed_tokens(ids).detach()
         cos, sin = self.body.rotary_emb(x, positions)
         return x, cos[:, :, None], sin[:, :, None]
 

@@ -10,11 +10,18 @@ first step left out (it compiles and captures the decode graphs):
 - the scaling efficiency t_1 / (N t_N): the global batch is the same at every N (strong
   scaling), so 1.0 is perfect;
 - global-batch checks against N = 1: the logged world size is N and the logged rollouts per
-  step are the whole batch's at every N (cin and the null are computed on the all-reduced
-  gradients; tests/test_distributed.py checks those against one process).
+  step are the whole batch's at every N. Beside them cin_s and the p95 of its empirical null
+  (means over the steps with a live student group): both come from the all-reduced gradients,
+  but rank r samples from its own stream, so at N > 1 they come from other rollouts and can
+  agree with N = 1 only in distribution. tests/test_distributed.py checks the all-reduced
+  gradients they are computed from against one process on the same rollouts.
 
     uv run python benchmarks/bench_scaling.py --nprocs 1 2          # what `just bench-scaling` runs
-    uv run python benchmarks/bench_scaling.py --preset full --steps 2
+    uv run python benchmarks/bench_scaling.py --preset full --steps 2 \
+        --extra="--problems data/problems_rl.jsonl --teacher-mix 0.25"
+
+Random weights never pass a test, so a group is live (and the learner has work) only through
+the teacher rollouts the `fast` preset mixes in; `full` mixes none, hence --teacher-mix above.
 
 Results of every N measured into --out are kept in scaling.json and the table covers them all,
 so N = 1 and N = 2 may be measured by separate invocations on the same machine.
@@ -61,6 +68,7 @@ def run(args: Args, n: int) -> dict:
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     timed = rows[1:] or rows
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    measured = lambda key: mean(xs) if (xs := [r[key] for r in rows if r[key] is not None]) else None  # noqa: E731  (None: no live student group)
     per_rank = lambda key: [mean([r[key][i] for r in timed]) for i in range(n)]  # noqa: E731
     return {
         "n": n, "run": str(run_dir), "steps_timed": len(timed),
@@ -72,6 +80,8 @@ def run(args: Args, n: int) -> dict:
         "world_size_logged": sorted({r["dist/world_size"] for r in rows}),
         "rollouts_per_step": sorted({r["rollout/rollouts"] for r in rows}),
         "len_s": mean([r["rollout/len_s"] for r in timed]),
+        "cin_s": measured("hackward/cin_s"),
+        "null_s_p95": measured("hackward/null_s_p95"),
     }
 
 
@@ -83,13 +93,14 @@ def main(args: Args) -> dict:
         results[n] = run(args, n)
         path.write_text(json.dumps(results, indent=2))
     base = results.get(1)
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"\n{args.preset} on {args.model}: seconds per step (first step left out), slowest rank's parts")
-    print(f"{'N':>3} {'step s':>8} {'gen s':>7} {'learn s':>8} {'allreduce s':>12} {'peak GiB':>9} {'efficiency':>11} {'rollouts':>9} {'len':>6}")
+    print(f"{'N':>3} {'step s':>8} {'gen s':>7} {'learn s':>8} {'allreduce s':>12} {'peak GiB':>9} {'efficiency':>11} {'rollouts':>9} {'len':>6} {'cin_s':>7} {'null95':>7}")
     for n, r in sorted(results.items()):
         eff = base["step_s"] / (n * r["step_s"]) if base else float("nan")
         r["efficiency"] = eff
         print(f"{n:>3} {r['step_s']:>8.1f} {max(r['gen_s_ranks']):>7.1f} {max(r['learn_s_ranks']):>8.1f} {r['allreduce_s']:>12.4f} "
-              f"{max(r['peak_gib_ranks']):>9.1f} {eff:>11.2f} {','.join(map(str, r['rollouts_per_step'])):>9} {r['len_s']:>6.0f}")
+              f"{max(r['peak_gib_ranks']):>9.1f} {eff:>11.2f} {','.join(map(str, r['rollouts_per_step'])):>9} {r['len_s']:>6.0f} {fmt(r.get('cin_s')):>7} {fmt(r.get('null_s_p95')):>7}")
         if r["world_size_logged"] != [n]:
             print(f"    ! N={n} logged world size {r['world_size_logged']}")
         if base and r["rollouts_per_step"] != base["rollouts_per_step"]:

@@ -66,4 +66,5 @@ def test_scaling_bench_reads_what_train_logs(tmp_path: Path):
     assert r["n"] == 1 and r["efficiency"] == 1.0 and r["world_size_logged"] == [1] and r["steps_timed"] == 1
     assert r["rollouts_per_step"] == [2]  # smoke: 1 prompt x (1 student + 1 teacher)
     assert len(r["gen_s_ranks"]) == len(r["learn_s_ranks"]) == 1 and r["step_s"] >= r["gen_s_ranks"][0] > 0
+    assert r["cin_s"] is None or 0.0 <= r["cin_s"] <= 1.0
     assert "efficiency" in proc.stdout

@@ -86,6 +86,20 @@ def test_tail_moves_to_fewer_slots_and_keeps_every_sequence(tiny):
         assert completion == ref[:cut] and len(logprobs) == len(completion) and truncated == (cut == 40 and ref[39] not in eos)
 
 
+def test_decoder_layers_see_no_grad_inputs_with_gradient_checkpointing_on():
+    """train.py turns on HF's gradient checkpointing, which hooks the embedding so that its output
+    requires grad even under no_grad: the engine's layer inputs must not (on CUDA, layer 0 would
+    get a compiled decode graph of its own for every batch size and KV window)."""
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seen = []
+    for layer in model.model.layers:
+        layer.input_layernorm.register_forward_pre_hook(lambda module, args: seen.append(args[0].requires_grad))
+    RolloutEngine(model, tokenizer).generate_ids(prompts_of([5, 9]), Sampling(max_new_tokens=4, temperature=1.0, top_p=1.0, batch=2))
+    assert len(seen) == 4 * len(model.model.layers)  # a prefill and 3 decode steps
+    assert not any(seen)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_recorded_logprobs_match_the_learner(tiny, tmp_path, temperature):
     """Sampler (merged weights, engine attention, KV cache) vs learner (adapter path, HF attention)."""
