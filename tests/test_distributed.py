@@ -139,7 +139,7 @@ def final_delta(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "checkpoints" / "step_000004" / "delta_S.safetensors")
 
 
-def test_torchrun_smoke_run_logs_the_whole_batch_and_resumes_at_world_size_one(work, smoke_flags):
+def test_torchrun_smoke_run_logs_the_whole_batch_and_resumes_at_world_sizes_one_and_two(work, smoke_flags):
     proc = launch(2, smoke_flags)
     (run_dir,) = (work / "runs").iterdir()  # rank 0 alone made a folder
     assert proc.stdout.count(table_header()) == 1 and proc.stderr.count("run folder") == 1  # rank 1 printed nothing
@@ -166,3 +166,12 @@ def test_torchrun_smoke_run_logs_the_whole_batch_and_resumes_at_world_size_one(w
     assert [(r["rollout/hack_t"], r["rollout/gt_t"]) for r in resumed[2:]] == [(r["rollout/hack_t"], r["rollout/gt_t"]) for r in rows[2:]]
     assert all(r["time/rollouts_per_s"] * r["time/step"] == pytest.approx(2) for r in resumed)
     assert (run_dir / "summary.json").exists() and len(list((work / "runs").iterdir())) == 1
+
+    # Resumed at world size 2 instead: every rank's stream is seeded by seed, rank and step, so
+    # steps 3 and 4 are the uninterrupted run's, to the last bit of delta_S.
+    shutil.rmtree(run_dir / "checkpoints" / "step_000004")
+    launch(2, [*smoke_flags, "--resume", str(run_dir)])
+    untimed = lambda rs: [{k: v for k, v in r.items() if not k.startswith(("time/", "memory/"))} for r in rs]  # noqa: E731
+    assert untimed(log_rows(run_dir)) == untimed(rows)
+    again = final_delta(run_dir)
+    assert all(torch.equal(again[n], two_ranks[n]) for n in two_ranks)
