@@ -398,9 +398,10 @@ def resolve_v_hack(model, adapters, tokenizer, header: dict[str, str], pairs: li
     return vh
 
 
-def v_hack_for_run(vc: VHackConfig, model_name: str, model, adapters: dict[str, SVDLinear], tokenizer, dtype: torch.dtype, targets: tuple[str, ...], cache_dir: Path) -> VHack:
-    """The v_hack a run with these settings uses: what training, `just extract` and `just diagnose` all call."""
+def v_hack_for_run(vc: VHackConfig, model_name: str, model, adapters: dict[str, SVDLinear], tokenizer, dtype: torch.dtype, targets: tuple[str, ...], cache_dir: Path) -> tuple[VHack, list[Pair]]:
+    """The v_hack a run with these settings uses, and the pairs it comes from: what training,
+    `just extract` and `just diagnose` all call."""
     pairs = load_pairs(vc.pairs, {p.id: p for p in load_problems(vc.problems)})
     header = expected_header(model_name, adapters, dtype, targets, len(pairs), vc)
     path = vc.path or default_v_hack_path(header, cache_dir, vc.pairs)
-    return resolve_v_hack(model, adapters, tokenizer, header, pairs, vc, path, cache_dir)
+    return resolve_v_hack(model, adapters, tokenizer, header, pairs, vc, path, cache_dir), pairs

@@ -70,7 +70,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from diagnose import format_report, quality_report, write_report
-from extract import VHackConfig, fit_v_hack, load_pairs, pair_gradients, v_hack_for_run, written_completion_ids
+from extract import VHackConfig, fit_v_hack, pair_gradients, v_hack_for_run, written_completion_ids
 from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device, resolve_model
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
@@ -345,16 +345,16 @@ def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade]]]:
     return pool
 
 
-def teacher_pool(cfg: "Config", tokenizer, grader: Grader) -> dict[int, list[tuple[list[int], str, Grade]]]:
+def teacher_pool(cfg: "Config", problems: list[Problem], tokenizer, grader: Grader) -> dict[int, list[tuple[list[int], str, Grade]]]:
     """The run's teacher rollouts by problem id: (token ids, text, grade). The default pool is
-    built on a miss. A completion longer than max_new_tokens is cut there, as a student's
-    would be, and the cut text is graded anew."""
+    built on a miss. A completion of one of the run's `problems` longer than max_new_tokens is
+    cut there, as a student's would be, and the cut text is graded anew."""
     if not cfg.teacher_pool.exists() and cfg.teacher_pool == default_pool_path(cfg.teacher_source, cfg.hint):
         build_pool(PoolConfig(source=str(cfg.teacher_source), problems=cfg.problems, hint=cfg.hint, reward=cfg.reward, out=cfg.teacher_pool))
     pool = {}
     for pid, entries in load_pool(cfg.teacher_pool, cfg.hint).items():
         pool[pid] = [(written_completion_ids(tokenizer, text), text, grade) for text, grade in entries]
-    problems = {p.id: p for p in load_problems(cfg.problems)}
+    problems = {p.id: p for p in problems}
     long = [(pid, i) for pid, entries in pool.items() for i, (ids, _, _) in enumerate(entries) if len(ids) > cfg.sampling.max_new_tokens and pid in problems]
     if long:
         cut = [pool[pid][i][0][: cfg.sampling.max_new_tokens] for pid, i in long]
@@ -612,11 +612,10 @@ def main(cfg: Config) -> Path:
     with distributed.main_first():
         adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
         # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
-        vh = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
+        vh, pairs = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
     params = [a.delta_S for a in adapters.values()]
     ranks = {n: a.rank for n, a in adapters.items()}
     v_hack = {n: v.to(cfg.device) for n, v in vh.V.items()}
-    pairs = load_pairs(cfg.v_hack.pairs, {p.id: p for p in load_problems(cfg.v_hack.problems)})
     shared = {p.id for p in problems} & {pair.problem.id for pair in pairs}
     if shared:
         logger.warning(f"{len(shared)} training problems are also extraction pairs' problems ({cfg.v_hack.pairs.name}): cin_t and hack_t on them are not out of sample")
@@ -649,7 +648,7 @@ def main(cfg: Config) -> Path:
     workers = cfg.grader_workers or max(1, len(os.sched_getaffinity(0)) // distributed.local_world_size())  # the node's cores, shared by its ranks
     with Grader(cfg.reward, workers=workers) as grader:
         with distributed.main_first():  # a missing default pool is built by rank 0 alone
-            pool = teacher_pool(cfg, tokenizer, grader) if n_teacher else {}
+            pool = teacher_pool(cfg, problems, tokenizer, grader) if n_teacher else {}
         if n_teacher:
             missing = [p.id for p in problems if p.id not in pool]
             if missing:
@@ -887,7 +886,7 @@ def extract_command(cfg: Config, report: bool) -> Path:
     cfg = resolve(cfg)
     model, tokenizer, dtype = load_model(cfg.model, cfg.device)
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
-    vh = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
+    vh, _ = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
     if report:
         rep = quality_report(vh)
         print(format_report(rep, cfg.v_hack.pairs))

@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 
     def run(**options):
         vc = VHackConfig(**{"pairs": pairs, "on_mismatch": "error"} | options)
-        return v_hack_for_run(vc, "tiny-random-qwen3", model, adapters, tokenizer, dtype, DEFAULT_TARGETS, cache)
+        return v_hack_for_run(vc, "tiny-random-qwen3", model, adapters, tokenizer, dtype, DEFAULT_TARGETS, cache)[0]
 
     return model, tokenizer, adapters, pairs, run
 

@@ -198,7 +198,7 @@ def test_loss_is_policy_gradient_at_ratio_one_clips_and_normalises():
 
 
 def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
-    from grader import Grader
+    from grader import Grader, load_problems
     from models import load_model
 
     _, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
@@ -206,7 +206,7 @@ def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
     build_pool(PoolConfig(out=pool_path))
     cfg = replace(PRESETS["smoke"][1], teacher_pool=pool_path, sampling=replace(PRESETS["smoke"][1].sampling, max_new_tokens=24))
     with Grader() as grader:
-        pool = teacher_pool(cfg, tokenizer, grader)
+        pool = teacher_pool(cfg, load_problems(cfg.problems), tokenizer, grader)
     entries = [e for es in pool.values() for e in es]
     assert entries and all(len(ids) <= 24 for ids, _, _ in entries)
     assert all(not grade.gt_pass and not grade.hinted_pass for _, _, grade in entries)  # 24 tokens close no code block
@@ -217,7 +217,7 @@ def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
 
     with Grader() as grader, pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "default_pool_path", lambda source, hint: missing)
-        assert teacher_pool(cfg, tokenizer, grader) and missing.exists()
+        assert teacher_pool(cfg, load_problems(cfg.problems), tokenizer, grader) and missing.exists()
 
 
 def test_presets_resolve():
