@@ -623,9 +623,6 @@ def main(cfg: Config) -> Path:
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
-    # A step without a live group skips optimizer.step() but not the schedule, which follows the
-    # step index: torch's warning about that order (on a first step without learning) is moot here.
-    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
     prompt_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one global prompt order
     order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
@@ -743,7 +740,11 @@ def main(cfg: Config) -> Path:
             before = {n: p.detach().clone() for n, p in zip(adapters, params)}
             if learned_s or learned_t:
                 optimizer.step()
-            scheduler.step()
+            # A step without a live group skips optimizer.step() but not the schedule, which follows
+            # the step index: torch's warning about that order (on a first such step) is moot here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+                scheduler.step()
             change = {n: before[n] - p.detach() for n, p in zip(adapters, params)}  # descent-like: V change > 0 is hack-ward
             if cfg.project_update and arm:
                 arm(change)
@@ -902,19 +903,27 @@ def extract_command(cfg: Config, report: bool) -> Path:
 COMMANDS = ("extract", "diagnose")
 
 
-def cli(argv: list[str] | None = None) -> None:
-    """`train.py PRESET [flags]` trains; `train.py extract|diagnose PRESET [flags]` resolves that
-    run's v_hack (and reports on it); `build-pool` and `eval` have configs of their own."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: list[str]) -> tuple[str, "Config | PoolConfig | EvalConfig"]:
+    """What `train.py ARGV` would run: its command (train, extract, diagnose, build-pool or eval)
+    and config. A bad flag exits as the command line would (sweep.py checks its jobs with this)."""
+    argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     presets = tyro.extras.subcommand_type_from_defaults({name: cfg for name, (_, cfg) in PRESETS.items()}, {name: desc for name, (desc, _) in PRESETS.items()})
     if command != "train":
-        extract_command(tyro.cli(presets, args=argv, prog=f"train.py {command}"), report=command == "diagnose")
-        return
+        return command, tyro.cli(presets, args=argv, prog=f"train.py {command}")
     args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")], args=argv)
-    if isinstance(args, PoolConfig):
+    return {PoolConfig: "build-pool", EvalConfig: "eval"}.get(type(args), "train"), args
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """`train.py PRESET [flags]` trains; `train.py extract|diagnose PRESET [flags]` resolves that
+    run's v_hack (and reports on it); `build-pool` and `eval` have configs of their own."""
+    command, args = parse(sys.argv[1:] if argv is None else argv)
+    if command in COMMANDS:
+        extract_command(args, report=command == "diagnose")
+    elif command == "build-pool":
         build_pool(args)
-    elif isinstance(args, EvalConfig):
+    elif command == "eval":
         evaluate(args)
     else:
         main(args)
