@@ -19,8 +19,8 @@ are, merged or not) and owns only the KV cache, attention and sampling:
   otherwise cost as much per token as the full batch).
 - On CUDA the decode step (transformer + first sampling rounds) is replayed as a CUDA graph,
   one per (decoded slots, KV window), and with `compile` one decoder layer is torch.compile'd (regional
-  compilation: one compile serves all layers, and a second window or batch size makes it
-  dynamic once). On CPU the same functions run eagerly.
+  compilation: one compile serves all layers; new windows and slot counts recompile it, up to
+  RECOMPILE_LIMIT times). On CPU the same functions run eagerly.
 
 Guarantees:
 - Exact sampling from softmax(logits / T) cut to the nucleus of mass top_p, without a sort:
@@ -132,6 +132,11 @@ def sample(logits: Float[Tensor, "b v"], temperature: float, top_p: float) -> tu
 
 # ----------------------------------------------------------------------------
 # The engine
+
+
+def kv_window(positions: int) -> int:
+    """The KV window that holds this many positions: decode reads the cache in KV_WINDOW steps."""
+    return -(-positions // KV_WINDOW) * KV_WINDOW
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -273,8 +278,8 @@ class RolloutEngine:
             return slots[ended].tolist()
 
         def window_of(slots: list[int]) -> int:
-            """The KV window these slots' next tokens read: past the longest, in KV_WINDOW steps."""
-            return min(capacity, -(-(max(length[s] for s in slots) + 1) // KV_WINDOW) * KV_WINDOW)
+            """The KV window these slots' next tokens read: past the longest."""
+            return min(capacity, kv_window(max(length[s] for s in slots) + 1))
 
         def live_slots() -> tuple[list[int], Tensor]:
             """Slots with a sequence, and the same on the device (rebuilt when it changes)."""

@@ -41,7 +41,7 @@ from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device
 from projection import EmpiricalNull, Projector
-from rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw
+from rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
 from svd_adapter import DEFAULT_TARGETS, delta_grads, merged, wrap_svd
 from train import PRESETS, Rollout, backward_part, split_group
 
@@ -177,7 +177,7 @@ def main(args: Args) -> dict:
             report["decode"].append(row)
             print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound:>10,.0f} {tps / bound:>9.1%} {first:>11.1f}")
         b = max(batches)
-        window = -(-(prompt_tokens + new_tokens // 2) // KV_WINDOW) * KV_WINDOW  # the mean window of the timed calls
+        window = kv_window(prompt_tokens + new_tokens // 2)  # the mean window of the timed calls
         step_ms = 1e3 * b / report["decode"][-1]["engine_tok_s"]
         report["decode_profile"] = decode_profile(engine, b, window, sampling, step_ms)
     engine.eos = eos
