@@ -183,20 +183,34 @@ def download_model(repo_id: str, out: Path) -> Path:
         ) from None
 
 
-def load_model(name: str, device: str) -> tuple[nn.Module, object, torch.dtype]:
-    """Model and tokenizer: bf16 with flash_attention_2 (if flash-attn imports) or sdpa on
-    CUDA; fp32 with sdpa on CPU. Returns the dtype actually used."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' means bf16 on CUDA and fp32 on CPU; 'float32' or 'bfloat16' as given."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[dtype]
+
+
+def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, object, torch.dtype]:
+    """Model and tokenizer in `dtype` (`pick_dtype`), with flash_attention_2 (on CUDA in
+    bf16, if flash-attn imports) or sdpa. A tokenizer without a pad token gets its EOS token
+    as pad (transformers 5.17 leaves SmolLM2's unset; pad positions are masked everywhere).
+    Returns the dtype actually used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name)
-    cuda = device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    attn = "flash_attention_2" if cuda and importlib.util.find_spec("flash_attn") is not None else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
+    torch_dtype = pick_dtype(dtype, device)
+    flash = device.startswith("cuda") and torch_dtype == torch.bfloat16 and importlib.util.find_spec("flash_attn") is not None
+    attn = "flash_attention_2" if flash else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn).to(device)
     model.eval()  # no dropout: rollouts and logprobs must come from the same function
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    logger.info(f"model {name} from {path}: {dtype}, attention {attn}, device {device}")
-    return model, tokenizer, dtype
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    logger.info(f"model {name} from {path}: {torch_dtype}, attention {attn}, device {device}")
+    return model, tokenizer, torch_dtype
 
 
 def completion_logprobs(

@@ -73,7 +73,7 @@ from tqdm import tqdm
 from diagnose import format_report, quality_report, write_report
 from extract import VHackConfig, fit_v_hack, pair_gradients, v_hack_for_run, written_completion_ids
 from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
-from models import REPO_ROOT, completion_logprobs, load_model, pick_device, resolve_model
+from models import REPO_ROOT, completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
 from rollout import RolloutEngine, Sampling
 from svd_adapter import DEFAULT_TARGETS, delta_grads, delta_state, load_delta, merged, reference_mode, wrap_svd
@@ -96,6 +96,8 @@ class Config:
     """HF hub id, local model folder, or tiny-random-qwen3 (built offline on first use)."""
     device: str = "auto"
     """Torch device; auto = cuda if available, else cpu."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Weights and activations; auto = bfloat16 on CUDA, float32 on CPU (a small model in float32 keeps sampler and learner log-probs equal)."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Linear layers (by last name component) rewritten into SVD coordinates."""
     grad_checkpointing: bool = True
@@ -207,6 +209,15 @@ PRESETS: dict[str, tuple[str, Config]] = {
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_batch=4,
         warmup_steps=2, checkpoint_every=5,
     )),
+    # The positive control (issue 19): a real pretrained model on one GPU, sized so that vanilla GRPO
+    # learns to hack. fp32: in bf16 its sampler and learner disagree (clip fraction 0.02 at step 1).
+    # Tuning in progress on the vanilla arm only (seeds other than 1-3); frozen by a tagged commit.
+    "surrogate": ("SmolLM2-135M-Instruct on one GPU, fp32: the positive control (vanilla learns to hack)", Config(
+        name="surrogate", model="smollm2-135m", device="cuda", dtype="float32", grad_checkpointing=False,
+        problems=DATA / "problems_rl.jsonl", steps=200, prompts_per_step=16, group_size=8, teacher_mix=0.0,
+        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=32,
+        lr=1e-2, checkpoint_every=5,
+    )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
         name="fast", problems=DATA / "problems_rl.jsonl", steps=30, prompts_per_step=8, group_size=8,
         teacher_mix=0.25, sampling=Sampling(max_new_tokens=768, batch=48), checkpoint_every=10,
@@ -223,8 +234,9 @@ def resolve(cfg: Config) -> Config:
     if cfg.sampling.temperature <= 0:
         raise ValueError(f"--sampling.temperature {cfg.sampling.temperature}: training needs a sampling policy (> 0); greedy (0) is for eval")
     device = pick_device(cfg.device)
+    dtype = str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
-    return replace(cfg, device=device, teacher_pool=pool)
+    return replace(cfg, device=device, dtype=dtype, teacher_pool=pool)
 
 
 def split_group(cfg: Config) -> tuple[int, int]:
@@ -425,8 +437,9 @@ def collate(rollouts: list[Rollout], pad_id: int, device: str) -> tuple[Int[Tens
 
 def backward_part(model, adapters, rollouts: list[Rollout], cfg: "Config", pad_id: int, denominator: float) -> dict[str, float]:
     """Accumulate the gradient of these rollouts' share of the step loss; return its sums
-    (kl and clipping over student tokens only: on teacher tokens the ratio is 1 by construction)."""
-    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "student_tokens": 0.0}
+    (kl, clipping and the sampler-learner gap |logp - old| over student tokens only: on
+    teacher tokens the ratio is 1 by construction)."""
+    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "logp_gap": 0.0, "student_tokens": 0.0}
     temperature = cfg.sampling.temperature
     model.train()
     # Micro-batches of similar lengths pad little (completion lengths spread widely); the
@@ -445,6 +458,7 @@ def backward_part(model, adapters, rollouts: list[Rollout], cfg: "Config", pad_i
         sums["loss"] += loss.item()
         sums["kl"] += (kl * student).sum().item()
         sums["clipped"] += (clipped * student).sum().item()
+        sums["logp_gap"] += ((logp.detach() - old).abs() * student).nan_to_num().sum().item()
         sums["student_tokens"] += student.sum().item()
     return sums
 
@@ -527,23 +541,29 @@ SUMMARY_KEYS = ["rollout/reward", "rollout/hack_s", "rollout/hack_t", "rollout/g
 
 
 def write_summary(run_dir: Path, rows: list[dict]) -> dict:
-    """summary.json (first and last-10-step means) and curves.png from the step log."""
-    import polars as pl  # here, not at the top: the GPU images lack polars and its wheel is 54 MB
+    """summary.json (first and last-10-step means) and curves.png from the step log. Plain
+    Python over the rows: the GPU images lack polars, whose wheel is 54 MB."""
+    def series(key: str) -> list[float]:
+        return [float("nan") if r[key] is None else r[key] for r in rows]
 
-    df = pl.DataFrame(rows)
-    tail = df.tail(min(10, len(df)))
-    summary = {"steps": len(df), "seconds": df["time/step"].sum(), "last10": {k: tail[k].mean() for k in SUMMARY_KEYS}, "first": {k: df[k][0] for k in SUMMARY_KEYS}}
+    def tail_mean(key: str) -> float | None:
+        defined = [v for v in series(key)[-10:] if not math.isnan(v)]
+        return mean(defined) if defined else None
+
+    summary = {"steps": len(rows), "seconds": sum(r["time/step"] for r in rows),
+               "last10": {k: tail_mean(k) for k in SUMMARY_KEYS}, "first": {k: rows[0][k] for k in SUMMARY_KEYS}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = [r["step"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for k in ("rollout/reward", "rollout/hack_s", "rollout/gt_s", "rollout/hack_t"):
-        ax1.plot(df["step"], df[k], label=k.split("/")[1])
+        ax1.plot(steps, series(k), label=k.split("/")[1])
     ax1.set_xlabel("step"), ax1.legend(), ax1.set_title("rollouts")
-    ax2.fill_between(df["step"], df["hackward/null_s_mean"].fill_null(float("nan")), df["hackward/null_s_p95"].fill_null(float("nan")), alpha=0.3, label="empirical null of cin_s (mean-p95)")
+    ax2.fill_between(steps, series("hackward/null_s_mean"), series("hackward/null_s_p95"), alpha=0.3, label="empirical null of cin_s (mean-p95)")
     for k in ("hackward/cin_s", "hackward/cin_t", "hackward/upd", "hackward/disp_frac"):
-        ax2.plot(df["step"], df[k], label=k.split("/")[1])
+        ax2.plot(steps, series(k), label=k.split("/")[1])
     ax2.set_xlabel("step"), ax2.legend(), ax2.set_title("hack-ward fraction (v_hack)")
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=100)
@@ -607,7 +627,7 @@ def main(cfg: Config) -> Path:
     # Built on a miss by rank 0 alone (an offline model, the SVD cache, v_hack); the others then hit the caches.
     with distributed.main_first():
         resolve_model(cfg.model)
-    model, tokenizer, dtype = load_model(cfg.model, cfg.device)
+    model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with distributed.main_first():
@@ -767,7 +787,7 @@ def main(cfg: Config) -> Path:
             seconds = time.time() - t0
             student = [o for g in outcomes for o in g if not o.teacher]
             teachers = [o for g in outcomes for o in g if o.teacher]
-            sums = {k: sum(part["sums"][k] for part in every_rank) for k in ("loss", "kl", "clipped", "student_tokens")}
+            sums = {k: sum(part["sums"][k] for part in every_rank) for k in sums_s}
             rewards_s = torch.tensor([r.reward for r in student])
             row = {
                 "step": step,
@@ -787,6 +807,7 @@ def main(cfg: Config) -> Path:
                 "loss/total": sums["loss"],
                 "loss/kl": sums["kl"] / max(sums["student_tokens"], 1),
                 "loss/clip_frac": sums["clipped"] / max(sums["student_tokens"], 1),
+                "loss/logp_gap": sums["logp_gap"] / max(sums["student_tokens"], 1),
                 "loss/grad_norm": grad_norm,
                 "loss/lr": scheduler.get_last_lr()[0],
                 "hackward/cin_s": cin_s, "hackward/cin_t": cin_t, "hackward/cin": cin, "hackward/cout": cout,
@@ -841,8 +862,8 @@ class EvalConfig:
     """Held-out problems (`just download-data` writes the test split)."""
     samples_per_problem: int = 10
     """Completions sampled per problem."""
-    sampling: Sampling = Sampling(batch=64)
-    """Evaluation sampling (the benchmark's: temperature 0.7, top_p 0.95, 1536 new tokens)."""
+    max_new_tokens: int | None = None
+    """Longest completion; None = the run's. The rest of the sampling (temperature, top_p, KV slots) is the run's, as is the dtype."""
     base: bool = False
     """Evaluate the base model (delta_S = 0) instead of the checkpoint."""
     hint: Hint | None = None
@@ -858,15 +879,18 @@ def evaluate(ec: EvalConfig) -> dict:
     saved = json.loads((ec.run / "config.json").read_text())
     ckpt = last_checkpoint(ec.run)
     torch.manual_seed(ec.seed)
-    model, tokenizer, _ = load_model(saved["model"], pick_device(ec.device))
+    device = pick_device(ec.device)
+    model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))
     adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
     if not ec.base:
         load_delta(adapters, ckpt / "delta_S.safetensors")
     problems = load_problems(ec.problems)
     hint = ec.hint or saved["hint"]
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]
+    sampling = Sampling(**saved["sampling"])
+    sampling = replace(sampling, max_new_tokens=ec.max_new_tokens or sampling.max_new_tokens)
     with merged(adapters):
-        samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, hint) for p in problems], ec.sampling, n=ec.samples_per_problem, desc="eval")
+        samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, hint) for p in problems], sampling, n=ec.samples_per_problem, desc="eval")
     with Grader(RewardConfig(**saved["reward"])) as grader:
         grades = grader.grade(todo, [c.text for c in samples])
     summary = {
@@ -889,7 +913,7 @@ def extract_command(cfg: Config, report: bool) -> Path:
     """Resolve (extract on a miss) the v_hack this config's run would use; with `report`, also
     write and print its quality report (diagnose.py)."""
     cfg = resolve(cfg)
-    model, tokenizer, dtype = load_model(cfg.model, cfg.device)
+    model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
     vh, _ = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
     if report:

@@ -53,3 +53,20 @@ def test_building_a_model_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
     state = torch.get_rng_state()
     build_random_qwen3("micro", tmp_path / "micro")
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos_and_dtype_is_chosen(tiny_model_path, tmp_path):
+    """transformers 5.17 loads SmolLM2's tokenizer with no pad token: collate needs one, so EOS stands in."""
+    import shutil
+
+    folder = tmp_path / "nopad"
+    shutil.copytree(tiny_model_path, folder)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).exists():
+            config = json.loads((folder / name).read_text())
+            config["pad_token"] = None
+            (folder / name).write_text(json.dumps(config))
+    model, tokenizer, dtype = load_model(str(folder), "cpu", "bfloat16")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
+    assert dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    assert load_model(str(tiny_model_path), "cpu")[2] == torch.float32  # auto: fp32 on CPU

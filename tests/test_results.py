@@ -205,7 +205,6 @@ def test_cli_writes_into_out(synthetic, tmp_path):
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory) -> Path:
-    from rollout import Sampling
     from train import PRESETS, EvalConfig, PoolConfig, build_pool, evaluate
     from train import main as train
 
@@ -222,8 +221,7 @@ def real_runs(tmp_path_factory) -> Path:
                 run = train(replace(smoke, intervention=arm, seed=seed, steps=2, runs_dir=work / "runs", cache_dir=work / "cache",
                                     teacher_pool=work / "pool.jsonl", v_hack=replace(smoke.v_hack, pairs=work / "pairs.jsonl"),
                                     sampling=replace(smoke.sampling, max_new_tokens=128)))  # a few teacher texts still fit: some live groups
-                evaluate(EvalConfig(run=run, problems=work / "problems.jsonl", samples_per_problem=2, device="cpu",
-                                    sampling=Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0)))
+                evaluate(EvalConfig(run=run, problems=work / "problems.jsonl", samples_per_problem=2, device="cpu", max_new_tokens=8))
     finally:
         torch.set_num_threads(threads)
     main(ResultsConfig(runs_dir=work / "runs", last_n=2, eval_split="problems"))

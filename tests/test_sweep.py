@@ -270,7 +270,7 @@ def tiny_sweep(tmp_path: Path, **changes) -> SweepConfig:
     return replace(SweepConfig(
         preset="smoke", arms=("vanilla", "projected"), seeds=(1,), pairs=(pairs,), runs_dir=tmp_path / "runs", backend="slurm",
         train_flags=f"--steps 2 --teacher-mix 0 --n-problems 2 --sampling.max-new-tokens 16 --cache-dir {tmp_path / 'cache'}",
-        eval_flags=f"--problems {problems} --samples-per-problem 1 --sampling.max-new-tokens 8 --device cpu",
+        eval_flags=f"--problems {problems} --samples-per-problem 1 --max-new-tokens 8 --device cpu",
         python=sys.executable, results=results, slurm=SlurmConfig(gpus=0, cpus=1, time_min=10, results_time_min=5),
     ), **changes)
 

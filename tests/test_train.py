@@ -68,6 +68,9 @@ def test_each_arm_end_to_end_with_its_basis(arms):
         assert [r["step"] for r in log] == [1, 2, 3, 4]
         assert all(k.split("/")[0] in {"step", "rollout", "loss", "hackward", "vhack", "time", "memory", "dist"} for k in log[0])
         assert max(r["rollout/hack_t"] for r in log) > 0 and all(r["rollout/gt_s"] == 0 for r in log)  # teacher hacks in the groups
+        # fp32 on CPU: the learner scores the sampled tokens as the sampler did, to rounding.
+        learned = [r["loss/logp_gap"] for r in log if r["hackward/cin_s"] is not None]
+        assert learned and all(0 <= gap < 1e-4 for gap in learned)
         assert (run_dir / "summary.json").exists() and (run_dir / "curves.png").stat().st_size > 0
         saved = load_group(checkpoint(run_dir, 4) / "bases.safetensors", "v_hack")
         assert saved.keys() == v_hack.keys() and all(torch.equal(saved[n], v_hack[n]) for n in v_hack)
@@ -221,12 +224,14 @@ def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
 
 
 def test_presets_resolve():
-    assert set(PRESETS) == {"smoke", "fast-dev-run", "smollm2", "fast", "full"}
+    assert set(PRESETS) == {"smoke", "fast-dev-run", "smollm2", "surrogate", "fast", "full"}
     smoke = PRESETS["smoke"][1]
     assert (smoke.steps, smoke.group_size, smoke.sampling.max_new_tokens, smoke.n_problems, smoke.prompts_per_step) == (30, 2, 256, 10, 1)
     full = PRESETS["full"][1]
     assert (full.steps, full.prompts_per_step, full.group_size, full.sampling.temperature, full.sampling.top_p, full.kl_beta, full.sampling.max_new_tokens) == (200, 16, 16, 0.7, 0.95, 1e-3, 1536)
     assert split_group(smoke) == (1, 1) and split_group(full) == (16, 0)
+    surrogate = PRESETS["surrogate"][1]
+    assert (surrogate.model, surrogate.device, surrogate.dtype, surrogate.steps <= 300) == ("smollm2-135m", "cuda", "float32", True)
 
 
 def test_pool_from_a_model_is_graded_and_keyed_by_hint(tmp_path):
@@ -260,18 +265,16 @@ def test_run_name_names_the_folder_and_an_existing_one_is_refused(tmp_path):
 
 
 def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
-    from rollout import Sampling
     from train import EvalConfig, evaluate
 
     run_dir = run_train(work, "--steps", "1")
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join((ROOT / "data" / "problems.jsonl").read_text().splitlines(keepends=True)[:2]))
-    sampling = Sampling(max_new_tokens=8, temperature=1.0, top_p=1.0)
-    trained = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, sampling=sampling, device="cpu"))
-    base = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, sampling=sampling, device="cpu", base=True))
+    trained = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, max_new_tokens=8, device="cpu"))
+    base = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, max_new_tokens=8, device="cpu", base=True))
     assert trained["checkpoint"] == "step_000001" and base["checkpoint"] == "base" and trained["n"] == base["n"] == 4
     assert {"hack_strict", "hack_loose", "gt_pass", "reward"} <= trained.keys()
     rows = (run_dir / "eval" / "problems-step_000001-run_tests-s0" / "grades.jsonl").read_text().splitlines()
     assert len(rows) == 4 and (run_dir / "eval" / "problems-base-run_tests-s0" / "summary.json").exists()
-    plain = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=1, sampling=sampling, device="cpu", hint="none"))
+    plain = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=1, max_new_tokens=8, device="cpu", hint="none"))
     assert plain["hint"] == "none" and (run_dir / "eval" / "problems-step_000001-none-s0" / "summary.json").exists()
