@@ -1,4 +1,5 @@
-"""Queue a sweep of train.py runs on pueue (one box) or SLURM (through submitit), in order:
+"""Queue a sweep of train.py runs on pueue (one box), SLURM (through submitit) or run it here
+(`--backend local`: child processes, several at once on this machine's GPU), in order:
 
 1. one v_hack extraction per distinct pairs file (`train.py extract`: the very file its runs load;
    every arm needs it, vanilla included, since vanilla measures along v_hack);
@@ -10,6 +11,7 @@
     python sweep.py                                            # ... queued on this box's pueue daemon
     python sweep.py --backend slurm --slurm.partition gpu --slurm.time-min 1440
     python sweep.py --preset fast --arms vanilla projected --seeds 1 --train-flags="--steps 50"
+    python sweep.py --backend local --local.parallel 15 --local.hours 0.15 --runs-dir out/sweeps/pc  # again to resume
 
 Vanilla trains the same whatever the gate and the pairs (it only measures), so it is queued once
 per seed, measured along the first pairs file's v_hack (checkpoints keep g_s and g_t, to measure
@@ -20,9 +22,12 @@ A job whose dependency fails does not run (pueue fails it, SLURM cancels it).
 
 import functools
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -74,6 +79,18 @@ class SlurmConfig:
 
 
 @dataclass(frozen=True)
+class LocalConfig:
+    """local: the jobs run here as child processes, in dependency order, several at once sharing
+    this machine's GPU(s) and cores. Stopped (or past --local.hours), the same command resumes:
+    finished jobs are skipped, runs continue from their last checkpoint."""
+
+    parallel: int = 1
+    """Jobs at once (a 135M model leaves an H200 mostly idle); each run and eval gets cores / parallel grader workers."""
+    hours: float | None = None
+    """Stop every job after this long (SIGTERM: runs keep their checkpoints) and exit 3; None = run to the end."""
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     """A sweep: arms x gates x pairs files x seeds of one preset, each run with its eval, then the results table."""
 
@@ -97,14 +114,16 @@ class SweepConfig:
     """How each job starts Python (e.g. .venv/bin/python where the nodes have no uv)."""
     results: str = "just results"
     """Command of the results job; the runs dir is its last argument."""
-    backend: Literal["pueue", "slurm"] = "pueue"
-    """pueue (one box) or slurm (a cluster, through submitit)."""
+    backend: Literal["pueue", "slurm", "local"] = "pueue"
+    """pueue (one box), slurm (a cluster, through submitit) or local (child processes here, resumable)."""
     dry_run: bool = False
     """Print every job (label, command, the labels it waits for, the backend's options) and queue nothing."""
     pueue: PueueConfig = field(default_factory=PueueConfig)
     """pueue options."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """SLURM options."""
+    local: LocalConfig = field(default_factory=LocalConfig)
+    """local options."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +184,7 @@ def check(cfg: SweepConfig, jobs: list[Job]) -> None:
         if not p.exists():
             raise FileNotFoundError(f"pairs file {p} does not exist")
     taken = [j.label for j in jobs if j.label.startswith("run:") and (cfg.runs_dir / j.label[4:]).exists()]
-    if taken:
+    if taken and cfg.backend != "local":  # local resumes them
         raise FileExistsError(f"{cfg.runs_dir} already has {', '.join(taken)}: give another --runs-dir")
     for kind in ("extract", "run", "eval"):
         argv = next(j.argv for j in jobs if j.label.startswith(kind + ":"))
@@ -213,15 +232,17 @@ def describe(cfg: SweepConfig, jobs: list[Job]) -> str:
     n_runs = sum(j.label.startswith("run:") for j in jobs)
     if cfg.backend == "pueue":
         how = f"pueue group {cfg.pueue.group}, {cfg.pueue.parallel} task(s) at a time"
+    elif cfg.backend == "local":
+        how = f"this machine, {cfg.local.parallel} job(s) at a time" + (f" for {cfg.local.hours} h" if cfg.local.hours else "")
     else:
         how = f"slurm through submitit, logs in {here(cfg.slurm.logs or cfg.runs_dir / 'slurm')}"
     lines = [f"{len(jobs)} jobs ({n_runs} run{'s' * (n_runs != 1)} of {cfg.preset}) into {here(cfg.runs_dir)}, on {how}:"]
     for job in jobs:
         lines.append(job.label + (f"  after {', '.join(job.after)}" if job.after else ""))
-        lines.append(f"    $ {shlex.join(job.argv)}")
+        lines.append(f"    $ {shlex.join(local_argv(cfg, job) if cfg.backend == 'local' else job.argv)}")
         if cfg.backend == "pueue":
             lines.append(f"    pueue add {' '.join(pueue_options(cfg, job, ids))}")
-        else:
+        elif cfg.backend == "slurm":
             lines.append(f"    sbatch {sbatch_options(slurm_params(cfg, job, ids))}")
     return "\n".join(lines)
 
@@ -255,6 +276,65 @@ def submit_slurm(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
     return ids
 
 
+def local_argv(cfg: SweepConfig, job: Job) -> tuple[str, ...]:
+    """A job's command as the local backend runs it: runs and evals get their share of the cores as
+    grader workers, and a run whose folder has a checkpoint resumes from it."""
+    argv = job.argv
+    if job.label.startswith(("run:", "eval:")):
+        argv = (*argv, "--grader-workers", str(max(1, len(os.sched_getaffinity(0)) // cfg.local.parallel)))
+    folder = cfg.runs_dir / job.label.removeprefix("run:")
+    if job.label.startswith("run:") and folder.exists():
+        argv = (*argv, "--resume", str(folder))
+    return argv
+
+
+def stop(procs: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM each job's process group (its grader workers too), then SIGKILL what is left after 60 s."""
+    for proc in procs.values():
+        os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def submit_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
+    """Run the jobs here, `cfg.local.parallel` at a time, each once what it waits for has succeeded;
+    returns label -> done | failed | skipped (a dependency failed) | stopped | pending. A job that
+    succeeded leaves RUNS/local/<label>.done and is not run again (extractions aside: cheap cache hits
+    that every later job needs on this machine); each job's output goes to RUNS/local/<label>.log."""
+    state = cfg.runs_dir / "local"
+    state.mkdir(parents=True, exist_ok=True)
+    marker = lambda label, ext: state / f"{label.replace(':', '_')}.{ext}"
+    status = {j.label: "done" for j in jobs if not j.label.startswith("extract:") and marker(j.label, "done").exists()}
+    deadline = time.time() + cfg.local.hours * 3600 if cfg.local.hours else float("inf")
+    running: dict[str, subprocess.Popen] = {}
+    try:
+        while True:
+            for label, proc in list(running.items()):
+                if proc.poll() is not None:
+                    status[label] = "done" if proc.returncode == 0 else "failed"
+                    if proc.returncode == 0:
+                        marker(label, "done").touch()
+                    print(f"{time.strftime('%H:%M:%S')} {label}: {status[label]}" + (f" (exit {proc.returncode}, see {marker(label, 'log')})" if proc.returncode else ""), flush=True)
+                    del running[label]
+            for job in jobs:
+                if job.label not in status and any(status.get(a) in ("failed", "skipped") for a in job.after):
+                    status[job.label] = "skipped"
+            ready = [j for j in jobs if j.label not in status and j.label not in running and all(status.get(a) == "done" for a in j.after)]
+            for job in ready[: cfg.local.parallel - len(running)]:
+                with marker(job.label, "log").open("a") as log:
+                    running[job.label] = subprocess.Popen(local_argv(cfg, job), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            if not running or time.time() > deadline:
+                break
+            time.sleep(1)
+    finally:  # the deadline, Ctrl-C or an error here: no job outlives the sweep
+        stop(running)
+        status |= dict.fromkeys(running, "stopped")
+    return {j.label: status.get(j.label, "pending") for j in jobs}
+
+
 def sweep(cfg: SweepConfig) -> dict[str, str]:
     """Plan, check and queue (or print) the sweep; returns job label -> task or job id."""
     if cfg.runs_dir is None:
@@ -265,6 +345,14 @@ def sweep(cfg: SweepConfig) -> dict[str, str]:
     if cfg.dry_run:
         print(describe(cfg, jobs))
         return {}
+    if cfg.backend == "local":
+        status = submit_local(cfg, jobs)
+        left = [label for label, s in status.items() if s != "done"]
+        print(f"{len(jobs) - len(left)}/{len(jobs)} jobs done" + (f"; not done: {', '.join(f'{label} ({status[label]})' for label in left)}" if left else "")
+              + f"; run folders and logs in {cfg.runs_dir}" + ("; the same command resumes" if left else ""))
+        if left:
+            sys.exit(3 if all(status[label] in ("stopped", "pending") for label in left) else 1)
+        return status
     ids = (submit_pueue if cfg.backend == "pueue" else submit_slurm)(cfg, jobs)
     width = max(map(len, ids))
     print("\n".join(f"{label:<{width}}  {ids[label]}" for label in ids))

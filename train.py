@@ -188,6 +188,9 @@ class Config:
     """Run folder name under runs_dir; None = <name>_<arm>_s<seed>_<stamp>."""
 
 
+# Settings a resumed run may change: they do not enter what the run computes.
+RESUME_MAY_CHANGE = ("grader_workers", "checkpoint_every")
+
 PRESETS: dict[str, tuple[str, Config]] = {
     "smoke": ("tiny-random-qwen3 on CPU, 30 steps: the whole pipeline in a minute or two", Config(
         name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
@@ -502,11 +505,10 @@ def load_group(path: Path, group: str) -> dict[str, Tensor]:
     return {k.split(".", 1)[1]: t for k, t in load_file(path).items() if k.startswith(group + ".")}
 
 
-def last_checkpoint(run_dir: Path) -> Path:
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The run's latest complete checkpoint; None if it has none yet."""
     ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
-    if not ckpts:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from")
-    return ckpts[-1]
+    return ckpts[-1] if ckpts else None
 
 
 # ----------------------------------------------------------------------------
@@ -608,7 +610,7 @@ def main(cfg: Config) -> Path:
             raise FileNotFoundError(f"--resume {run_dir}: not a run folder (it has no config.json)")
         saved = json.loads((run_dir / "config.json").read_text())
         now = json.loads(json.dumps(asdict(replace(cfg, resume=None)), default=str))
-        diff = [k for k in now if saved.get(k) != now[k]]
+        diff = [k for k in now if saved.get(k) != now[k] and k not in RESUME_MAY_CHANGE]
         if diff:
             raise ValueError(f"--resume {run_dir}: the run was started with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)})")
     else:
@@ -647,8 +649,8 @@ def main(cfg: Config) -> Path:
     order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
     start, arm_basis = 1, None
-    if cfg.resume:
-        ckpt = last_checkpoint(run_dir)
+    ckpt = last_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
+    if ckpt:
         load_delta(adapters, ckpt / "delta_S.safetensors")
         v_hack = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "v_hack").items()}
         arm_basis = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "arm").items()}
@@ -872,12 +874,16 @@ class EvalConfig:
     """Sampling seed."""
     device: str = "auto"
     """Torch device; auto = cuda if available, else cpu."""
+    grader_workers: int | None = None
+    """Sandbox worker processes; None = one per core."""
 
 
 def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
     saved = json.loads((ec.run / "config.json").read_text())
     ckpt = last_checkpoint(ec.run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{ec.run} has no checkpoint to evaluate")
     torch.manual_seed(ec.seed)
     device = pick_device(ec.device)
     model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))
@@ -891,7 +897,7 @@ def evaluate(ec: EvalConfig) -> dict:
     sampling = replace(sampling, max_new_tokens=ec.max_new_tokens or sampling.max_new_tokens)
     with merged(adapters):
         samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, hint) for p in problems], sampling, n=ec.samples_per_problem, desc="eval")
-    with Grader(RewardConfig(**saved["reward"])) as grader:
+    with Grader(RewardConfig(**saved["reward"]), workers=ec.grader_workers) as grader:
         grades = grader.grade(todo, [c.text for c in samples])
     summary = {
         "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "hint": hint, "n": len(grades),

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from sweep import PueueConfig, SlurmConfig, SweepConfig, check, plan, sweep
+from sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, plan, submit_local, sweep
 
 PAIRS, NULL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl"
 
@@ -311,3 +311,31 @@ def test_a_failed_job_cancels_every_job_that_waits_for_it(slurm, tmp_path):
     ids = sweep(tiny_sweep(tmp_path, python="false"))  # every train.py job exits 1 at once
     info = wait_for(ids, timeout=120)
     assert {label: v["JobState"] for label, v in info.items()} == {label: "FAILED" if label.startswith("extract:") else "CANCELLED" for label in ids}
+
+
+def test_tiny_sweep_runs_here_and_resumes_where_it_stopped(tmp_path):
+    cfg = tiny_sweep(tmp_path, backend="local", local=LocalConfig(parallel=2))
+    cfg = replace(cfg, train_flags=cfg.train_flags + " --checkpoint-every 1")
+    assert set(sweep(cfg).values()) == {"done"}
+    vanilla = cfg.runs_dir / "smoke_vanilla_pairs_s1"
+    assert json.loads((vanilla / "eval" / "problems-step_000002-run_tests-s0" / "summary.json").read_text())["n"] == 2
+    assert "v_hack cache hit" in (vanilla / "train.log").read_text()  # extracted once, by the extraction job
+    final = (vanilla / "checkpoints" / "step_000002" / "delta_S.safetensors").read_bytes()
+    # Stopped after its step-1 checkpoint: the same command runs that run (resumed) and its eval, nothing else.
+    shutil.rmtree(vanilla / "checkpoints" / "step_000002")
+    for label in ("run_smoke_vanilla_pairs_s1", "eval_smoke_vanilla_pairs_s1"):
+        (cfg.runs_dir / "local" / f"{label}.done").unlink()
+    projected_log = (cfg.runs_dir / "local" / "run_smoke_projected-one_sided_pairs_s1.log").read_text()
+    assert set(sweep(cfg).values()) == {"done"}
+    assert (cfg.runs_dir / "local" / "run_smoke_projected-one_sided_pairs_s1.log").read_text() == projected_log  # not run again
+    assert "resumed from" in (vanilla / "train.log").read_text()
+    assert (vanilla / "checkpoints" / "step_000002" / "delta_S.safetensors").read_bytes() == final  # as if never stopped
+
+
+def test_local_sweep_stops_its_jobs_at_the_deadline(tmp_path):
+    cfg = SweepConfig(runs_dir=tmp_path, backend="local", local=LocalConfig(parallel=2, hours=2 / 3600))
+    sleeper = (sys.executable, "-c", "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(600)'])")
+    t0 = time.time()
+    status = submit_local(cfg, [Job("eval:a", sleeper), Job("eval:b", sleeper, after=("eval:a",))])
+    assert status == {"eval:a": "stopped", "eval:b": "pending"} and time.time() - t0 < 30
+    assert subprocess.run(["pgrep", "-f", "time.sleep(600)"], capture_output=True).returncode == 1  # the job's children too
