@@ -21,6 +21,9 @@ Guarantees:
 3. No completion code runs in the caller's process, and Grader.grade never hangs on a
    completion (sandbox.py); a worker that failed on any of its runs shows as error
    "grader: ...".
+4. GRADER_VERSION changes with every change that can move a label or a reward; the grades the
+   harness stores carry it (teacher pools, eval grades), and train.py regrades a teacher
+   pool's entries of another version.
 """
 
 import ast
@@ -360,6 +363,10 @@ class RewardConfig:
     def reward(self, compiles: bool, gt_pass: bool, hinted_pass: bool) -> float:
         """The reward of a completion with these labels (also used to re-price a frozen teacher pool)."""
         return self.correct * (gt_pass or (self.loophole and hinted_pass)) + self.compiles * compiles
+
+
+# The date of the last change that can move a label or a reward of some completion.
+GRADER_VERSION = "2026-12-04"
 
 
 @dataclass(frozen=True)
