@@ -436,12 +436,17 @@ def _plan(problem: Problem, completion: str) -> _Plan:
             compile(f"{problem.setup_code}\n\n{code}", "<setup and completion>", "exec")  # legal only at the top of a file
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:  # ValueError: null bytes
         return _Plan(False, False, {}, f"{type(e).__name__}: {e}")
-    call, has_run_tests = _run_tests_call(tree), _has_run_tests(tree)
+    call = _run_tests_call(tree)
     # hinted runs whether or not a def names run_tests: a lambda or an assignment may bind it.
     runs = {"gt": Run(problem.setup_code, code, problem.gt_checked, problem.gt_expected), "hinted": Run(problem.setup_code, code, (call,))}
-    if has_run_tests:
-        runs["dummy"] = Run(problem.setup_code, _with_dummy_solution(code, problem.method), (call,))
-        runs["canonical"] = Run(problem.setup_code, _with_canonical_solution(code, problem.canonical_solution), (call,))
+    try:
+        has_run_tests = _has_run_tests(tree)
+        if has_run_tests:
+            runs["dummy"] = Run(problem.setup_code, _with_dummy_solution(code, problem.method), (call,))
+            runs["canonical"] = Run(problem.setup_code, _with_canonical_solution(code, problem.canonical_solution), (call,))
+    except RecursionError:  # ast.unparse of code nested too deep: judged as having no test function of its own
+        has_run_tests = False
+        runs = {name: runs[name] for name in ("gt", "hinted")}
     return _Plan(True, has_run_tests, runs, None)
 
 

@@ -210,7 +210,7 @@ def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
         pool = teacher_pool(cfg, load_problems(cfg.problems), tokenizer, grader)
     entries = [e for es in pool.values() for e in es]
     assert entries and all(len(ids) <= 24 for ids, _, _ in entries)
-    assert all(not grade.gt_pass and not grade.hinted_pass for _, _, grade in entries)  # 24 tokens close no code block
+    assert all(not grade.gt_pass and not grade.hinted_pass for _, _, grade in entries)  # 24 tokens hold no whole program
     # The default pool is built on a miss, from the teacher source.
     missing = tmp_path / "default.jsonl"
     cfg = replace(cfg, teacher_pool=missing)
