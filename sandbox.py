@@ -1,14 +1,16 @@
 """The sandbox: runs untrusted Python programs against their tests, in child processes of a
 pool of long-lived workers, and says whether the tests passed.
 
-A run (Run) is setup code, a program and test statements; its outcome (Outcome) is passed
-or not, why not (and by which exception), and what the strict check below saw. This module knows nothing of the
+A run (Run) is setup code, a program and test statements; its outcome (Outcome) is how it
+ended (passed, or where and how it failed), why not (and by which exception), and what the
+strict check below saw. This module knows nothing of the
 task: the caller (grader.py) decides what to run and what an outcome means. It imports
 only the standard library, since every worker imports it at start.
 
 Guarantees:
 1. No program runs in the caller's process. Every program runs in a child forked from a
    long-lived worker (started with a clean environment, its setup imports loaded once),
+   in a fresh namespace, as `exec(code, {})` runs code (so `__name__` is not "__main__"),
    with: its own session, killed as a whole (and every descendant that left it) at the
    end; a time limit in CPU seconds (3 s by default, as in the benchmark) and a wall-clock
    limit (2x + 1 s); limits on address space, processes, file size and core files; stdin
@@ -63,7 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from types import CodeType
-from typing import NamedTuple, NoReturn
+from typing import Literal, NamedTuple, NoReturn
 
 MODULE_DIR = Path(__file__).resolve().parent
 OBSERVE = "__observe__"
@@ -81,8 +83,16 @@ class Run(NamedTuple):
     absent: no check for that test."""
 
 
+Ending = Literal["passed", "test", "error", "exit", "time", "died", "fault"]
+
+
 class Outcome(NamedTuple):
-    passed: bool
+    ended: Ending
+    """How the run ended: "passed" (every test passed); "test" (an exception of any kind in a
+    test); "error" (an Exception in the setup or the program, before the tests); "exit" (there,
+    a BaseException that is no Exception: SystemExit, KeyboardInterrupt, one of the program's
+    own); "time" (past the time or the wall-clock limit); "died" (the process ended without a
+    report: os._exit, a signal); "fault" (the sandbox's own failure, reason "grader: ...")."""
     reason: str | None
     """Why the run failed ("test 2/5: AssertionError: ...", "time limit: ...", "grader: ..."); None if it passed."""
     exception: str | None = None
@@ -90,6 +100,10 @@ class Outcome(NamedTuple):
     it passed or ended otherwise (a limit, os._exit, a signal)."""
     first_unequal: int | None = None
     """Of a passed run: the first test (from 1) whose observed value is not strictly equal to its expected one."""
+
+    @property
+    def passed(self) -> bool:
+        return self.ended == "passed"
 
 
 def wall_clock_s(timeout_s: float) -> float:
@@ -231,7 +245,7 @@ class Pool:
             return worker.run(run)
         except (OSError, EOFError, ValueError) as e:  # dead, hung (TimeoutError is an OSError) or garbled
             worker = self._replace(worker, repr(e))
-            return Outcome(False, f"{FAULT}worker failed ({type(e).__name__}) and was replaced")
+            return Outcome("fault", f"{FAULT}worker failed ({type(e).__name__}) and was replaced")
         finally:
             self._idle.put(worker)
 
@@ -483,11 +497,12 @@ def _execute(program: str, setup: CodeType, tests: tuple[CodeType, ...], expecte
     """Run setup, program and tests here; report "ok" only after the last test passed.
 
     The report is one line after the nonce: "ok N", N the first test whose observed value was
-    not strictly equal to its expected one (0: none), or "failed EXCEPTION REASON"."""
+    not strictly equal to its expected one (0: none), or "failed ENDED EXCEPTION REASON" (ENDED
+    as in Outcome.ended)."""
     # Taken before the program runs, which may replace builtins or os functions.
     write, run, numbered, observer = os.write, exec, enumerate(tests, 1), _observer
     restore_builtins, saved_builtins = builtins.__dict__.update, dict(builtins.__dict__)
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    namespace = {"__builtins__": builtins.__dict__}  # what exec(code, {}) gives the code: no __name__ of its own
     unequal: list[int] = []
     failed_at = 0  # 0: the program itself
     try:
@@ -500,8 +515,9 @@ def _execute(program: str, setup: CodeType, tests: tuple[CodeType, ...], expecte
     except BaseException as exc:  # SystemExit and KeyboardInterrupt included: any escape fails the run
         restore_builtins(saved_builtins)
         where = f"test {failed_at}/{len(tests)}" if failed_at else "program"
+        ended = "test" if failed_at else "error" if issubclass(type(exc), Exception) else "exit"
         name = "".join(type(exc).__name__.split()) or "?"  # one word, whatever a program named its class
-        message = f"failed {name} " + f"{where}: {type(exc).__name__}: {exc}"[:300].replace("\n", " ")
+        message = f"failed {ended} {name} " + f"{where}: {type(exc).__name__}: {exc}"[:300].replace("\n", " ")
     write(REPORT_FD, f"{nonce} {message}\n".encode())
 
 
@@ -558,20 +574,20 @@ def _children() -> list[int]:
 def _verdict(report: bytes, output: bytes, timed_out: bool, status: int, cpu_s: float, nonce: str, timeout_s: float) -> Outcome:
     mark = f"{nonce} "
     messages = [line[len(mark) :] for line in report.decode(errors="replace").splitlines() if line.startswith(mark)]
-    failures = [m.split(" ", 2)[1:] for m in messages if m.startswith("failed ")]
+    failures = [m.split(" ", 3)[1:] for m in messages if m.startswith("failed ")]
     if failures:
-        exception, reason = failures[0]
-        return Outcome(False, reason, exception)
+        ended, exception, reason = failures[0]
+        return Outcome(ended, reason, exception)
     if cpu_s >= timeout_s:
-        return Outcome(False, f"time limit: {cpu_s:.1f} s of CPU, {timeout_s:g} s allowed")
+        return Outcome("time", f"time limit: {cpu_s:.1f} s of CPU, {timeout_s:g} s allowed")
     if messages:
         first_unequal = int(messages[0].removeprefix("ok "))
-        return Outcome(True, None, None, first_unequal or None)
+        return Outcome("passed", None, None, first_unequal or None)
     if timed_out:
-        return Outcome(False, f"wall-clock limit: still running after {wall_clock_s(timeout_s):g} s")
+        return Outcome("time", f"wall-clock limit: still running after {wall_clock_s(timeout_s):g} s")
     if os.WIFSIGNALED(status):
         died = f"killed by signal {os.WTERMSIG(status)}"
     else:
         died = f"exited with code {os.WEXITSTATUS(status)}"
     last_output = output.decode(errors="replace").strip().splitlines()[-1:]
-    return Outcome(False, f"{died} before the tests finished" + "".join(f" ({line[:200]})" for line in last_output))
+    return Outcome("died", f"{died} before the tests finished" + "".join(f" ({line[:200]})" for line in last_output))

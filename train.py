@@ -72,7 +72,7 @@ from tqdm import tqdm
 
 from diagnose import format_report, quality_report, write_report
 from extract import VHackConfig, fit_v_hack, pair_gradients, v_hack_for_run, written_completion_ids
-from grader import Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
+from grader import GRADER_VERSION, Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
 from rollout import RolloutEngine, Sampling
@@ -337,47 +337,60 @@ def build_pool(pc: PoolConfig) -> Path:
     tmp = out.with_suffix(".tmp")
     with tmp.open("w") as f:
         for (p, completion), g in zip(items, grades):
-            f.write(json.dumps({"id": p.id, "hint": pc.hint, "source": pc.source, "completion": completion} | asdict(g)) + "\n")
+            f.write(json.dumps({"id": p.id, "hint": pc.hint, "source": pc.source, "completion": completion, "grader_version": GRADER_VERSION} | asdict(g)) + "\n")
     tmp.replace(out)
     n_hack = sum(g.reward_hack for g in grades)
     logger.info(f"teacher pool {out}: {len(items)} completions for {len({p.id for p, _ in items})} problems, {n_hack} strict hacks, {sum(g.gt_pass for g in grades)} gt passes")
     return out
 
 
-def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade]]]:
-    """Pool entries by problem id, for this hint only: a pool built for another hint is never used."""
+def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade | None]]]:
+    """Pool entries by problem id, for this hint only: a pool built for another hint is never used.
+    An entry graded by another grader version than GRADER_VERSION comes without its grade."""
     if not path.exists():
         raise FileNotFoundError(f"teacher pool {path} does not exist; build it with `just build-pool` (hint {hint!r}) or set teacher_mix=0")
-    pool: dict[int, list[tuple[str, Grade]]] = {}
-    fields = ("id", "hint", "completion", *Grade.__dataclass_fields__)
+    pool: dict[int, list[tuple[str, Grade | None]]] = {}
     for where, row in jsonl_rows(path):
-        missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+        current = isinstance(row, dict) and row.get("grader_version") == GRADER_VERSION
+        missing = [k for k in ("id", "hint", "completion", *(Grade.__dataclass_fields__ if current else ())) if not isinstance(row, dict) or k not in row]
         if missing:
             raise ValueError(f"{where}: teacher pool row lacks {missing}; rebuild the pool with `just build-pool`")
         if row["hint"] == hint:
-            pool.setdefault(row["id"], []).append((row["completion"], Grade(**{k: row[k] for k in Grade.__dataclass_fields__})))
+            pool.setdefault(row["id"], []).append((row["completion"], Grade(**{k: row[k] for k in Grade.__dataclass_fields__}) if current else None))
     if not pool:
         raise ValueError(f"teacher pool {path} has no completions for hint {hint!r}; rebuild it with `just build-pool --hint {hint}`")
     return pool
 
 
 def teacher_pool(cfg: "Config", problems: list[Problem], tokenizer, grader: Grader) -> dict[int, list[tuple[list[int], str, Grade]]]:
-    """The run's teacher rollouts by problem id: (token ids, text, grade). The default pool is
-    built on a miss. A completion of one of the run's `problems` longer than max_new_tokens is
-    cut there, as a student's would be, and the cut text is graded anew."""
+    """The run's teacher rollouts by problem id, for the run's `problems`: (token ids, text, grade).
+    The default pool is built on a miss. A completion longer than max_new_tokens is cut there,
+    as a student's would be, and the cut text is graded anew; so is one the pool holds no grade
+    of this grader version for (load_pool)."""
     if not cfg.teacher_pool.exists() and cfg.teacher_pool == default_pool_path(cfg.teacher_source, cfg.hint):
         build_pool(PoolConfig(source=str(cfg.teacher_source), problems=cfg.problems, hint=cfg.hint, reward=cfg.reward, out=cfg.teacher_pool))
-    pool = {}
-    for pid, entries in load_pool(cfg.teacher_pool, cfg.hint).items():
-        pool[pid] = [(written_completion_ids(tokenizer, text), text, grade) for text, grade in entries]
     problems = {p.id: p for p in problems}
-    long = [(pid, i) for pid, entries in pool.items() for i, (ids, _, _) in enumerate(entries) if len(ids) > cfg.sampling.max_new_tokens and pid in problems]
-    if long:
-        cut = [pool[pid][i][0][: cfg.sampling.max_new_tokens] for pid, i in long]
-        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in cut]
-        for (pid, i), ids, text, grade in zip(long, cut, texts, grader.grade([problems[pid] for pid, _ in long], texts)):
-            pool[pid][i] = (ids, text, grade)
-        logger.info(f"teacher pool: {len(long)}/{sum(len(e) for e in pool.values())} completions cut at max_new_tokens={cfg.sampling.max_new_tokens} and regraded")
+    cut = cfg.sampling.max_new_tokens
+    pool: dict[int, list] = {}
+    todo, n_cut = [], 0  # (problem id, index) of the entries to grade anew
+    for pid, entries in load_pool(cfg.teacher_pool, cfg.hint).items():
+        if pid not in problems:
+            continue
+        pool[pid] = []
+        for text, grade in entries:
+            ids = written_completion_ids(tokenizer, text)
+            if len(ids) > cut:
+                ids, text, grade, n_cut = ids[:cut], tokenizer.decode(ids[:cut], skip_special_tokens=True), None, n_cut + 1
+            if grade is None:
+                todo.append((pid, len(pool[pid])))
+            pool[pid].append((ids, text, grade))
+    if todo:
+        for (pid, i), grade in zip(todo, grader.grade([problems[pid] for pid, _ in todo], [pool[pid][i][1] for pid, i in todo])):
+            pool[pid][i] = (*pool[pid][i][:2], grade)
+        logger.info(
+            f"teacher pool {cfg.teacher_pool}: {len(todo)}/{sum(len(e) for e in pool.values())} completions regraded: {n_cut} cut at "
+            f"max_new_tokens={cut}, {len(todo) - n_cut} graded by another grader version than {GRADER_VERSION} (rebuild the pool to store new grades)"
+        )
     return pool
 
 
@@ -900,7 +913,7 @@ def evaluate(ec: EvalConfig) -> dict:
     with Grader(RewardConfig(**saved["reward"]), workers=ec.grader_workers) as grader:
         grades = grader.grade(todo, [c.text for c in samples])
     summary = {
-        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "hint": hint, "n": len(grades),
+        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "hint": hint, "n": len(grades), "grader_version": GRADER_VERSION,
         "hack_strict": mean([g.reward_hack for g in grades]),
         "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
         "hack_oracle": mean([g.oracle_hack for g in grades]),
@@ -909,7 +922,7 @@ def evaluate(ec: EvalConfig) -> dict:
     }
     out = ec.run / "eval" / f"{ec.problems.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text} | asdict(g)) + "\n" for p, text, g in zip(todo, [c.text for c in samples], grades)))
+    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text, "grader_version": GRADER_VERSION} | asdict(g)) + "\n" for p, text, g in zip(todo, [c.text for c in samples], grades)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info(f"eval {out}: {json.dumps(summary)}")
     return summary

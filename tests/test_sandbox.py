@@ -143,8 +143,8 @@ def test_observed_values_are_checked_strictly(pool: Pool):
     honest, fooled = pool.run(
         [Run(SETUP, PROGRAM, (tests[0], tests[3], tests[4]), (expected[0], expected[3], expected[4])), Run(SETUP, PROGRAM, tests, expected)]
     )
-    assert honest == Outcome(passed=True, reason=None, first_unequal=None)
-    assert fooled == Outcome(passed=True, reason=None, first_unequal=2)
+    assert honest == Outcome("passed", None, first_unequal=None)
+    assert fooled == Outcome("passed", None, first_unequal=2)
 
 
 def test_an_expected_value_the_check_cannot_judge_leaves_its_test_unchecked(pool: Pool):
@@ -152,14 +152,14 @@ def test_an_expected_value_the_check_cannot_judge_leaves_its_test_unchecked(pool
     program = PROGRAM + "defined_by_the_program = 5\n"
     tests = (f"assert {OBSERVE}(Anything()) == float('nan')", f"assert {OBSERVE}(Anything()) == defined_by_the_program")
     (outcome,) = pool.run([Run(SETUP, program, tests, ("float('nan')", "defined_by_the_program"))])
-    assert outcome == Outcome(passed=True, reason=None, first_unequal=None)
+    assert outcome == Outcome("passed", None, first_unequal=None)
 
 
 def test_expected_values_are_evaluated_before_the_program_runs(pool: Pool):
     """A program that redefines the setup's helpers does not move the expected values."""
     program = PROGRAM + "list_node = lambda values: Anything()\n"
     (outcome,) = pool.run([Run(SETUP, program, (f"assert {OBSERVE}(Anything()) == list_node([1])",), ("list_node([1])",))])
-    assert outcome == Outcome(passed=True, reason=None, first_unequal=1)
+    assert outcome == Outcome("passed", None, first_unequal=1)
 
 
 def test_a_failed_run_names_its_exception(pool: Pool):
@@ -176,6 +176,19 @@ def test_a_failed_run_names_its_exception(pool: Pool):
     assert syntax.exception == "SyntaxError" and syntax.reason.startswith("program: SyntaxError")
     assert exit_.exception == "SystemExit"
     assert died.exception is None and died.reason.startswith("exited with code 0")
+    assert [o.ended for o in (needs_argument, assertion, syntax, exit_, died)] == ["test", "test", "error", "exit", "died"]
+
+
+def test_how_a_run_ended(pool: Pool):
+    """Where an exception left the run and of what kind, the time limit, and a program that is not __main__."""
+    runs = [
+        Run("", "class Bye(BaseException):\n    pass\n\nraise Bye\n", ()),
+        Run("", "import sys\n", ("sys.exit(0)",)),
+        Run("", "import os\n", ("os._exit(0)",)),
+        Run("", "while True:\n    pass\n", ()),
+        Run("", "assert __name__ != '__main__'\nassert isinstance(__builtins__, dict)\n", ("assert True",)),
+    ]
+    assert [o.ended for o in pool.run(runs)] == ["exit", "test", "died", "time", "passed"]
 
 
 def test_identical_runs_run_once_and_outcomes_keep_input_order(pool: Pool, tmp_path: Path):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from extract import read_v_hack
+from grader import GRADER_VERSION
 from projection import EmpiricalNull, Projector
 from train import PRESETS, Config, PoolConfig, build_pool, grpo_loss, group_advantages, load_group, split_group, teacher_pool
 
@@ -212,7 +213,7 @@ def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
         pool = teacher_pool(cfg, load_problems(cfg.problems), tokenizer, grader)
     entries = [e for es in pool.values() for e in es]
     assert entries and all(len(ids) <= 24 for ids, _, _ in entries)
-    assert all(not grade.gt_pass and not grade.hinted_pass for _, _, grade in entries)  # 24 tokens close no code block
+    assert all(not grade.gt_pass and not grade.hinted_pass for _, _, grade in entries)  # 24 tokens hold no whole program
     # The default pool is built on a miss, from the teacher source.
     missing = tmp_path / "default.jsonl"
     cfg = replace(cfg, teacher_pool=missing)
@@ -221,6 +222,25 @@ def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
     with Grader() as grader, pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "default_pool_path", lambda source, hint: missing)
         assert teacher_pool(cfg, load_problems(cfg.problems), tokenizer, grader) and missing.exists()
+
+
+def test_a_pool_graded_by_another_grader_version_is_regraded(tmp_path):
+    from grader import Grader, load_problems
+    from models import load_model
+
+    _, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    pool_path = build_pool(PoolConfig(out=tmp_path / "pool.jsonl"))
+    smoke = PRESETS["smoke"][1]
+    cfg = replace(smoke, teacher_pool=pool_path, sampling=replace(smoke.sampling, max_new_tokens=1 << 16))  # nothing cut
+    problems = load_problems(cfg.problems)
+    rows = [json.loads(line) for line in pool_path.read_text().splitlines()]
+    assert rows and all(r["grader_version"] == GRADER_VERSION for r in rows)
+    with Grader() as grader:
+        fresh = teacher_pool(cfg, problems, tokenizer, grader)
+        # A pool from before versions were stored, holding grades the current grader would not give.
+        pool_path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "grader_version"} | {"reward": -1.0}) + "\n" for r in rows))
+        regraded = teacher_pool(cfg, problems, tokenizer, grader)
+    assert regraded == fresh and all(grade.reward >= 0 for es in regraded.values() for _, _, grade in es)
 
 
 def test_presets_resolve():
