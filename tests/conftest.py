@@ -99,67 +99,76 @@ def check_problem_rows(path: Path, problems: list[Problem], n_tests: tuple[int, 
         assert row["difficulty"] in difficulties, row["id"]
 
 
-def grade_problem_sets(problems: list[Problem], teacher: list[dict]) -> dict:
-    """Every grade the data checks need, from one batched Grader call: each problem's canonical solution
-    ("canonical", id) and dummies ("dummy", id, value), each teacher row ("teacher", index)."""
-    by_id = {p.id: p for p in problems}
-    jobs = []
-    for p in problems:
-        jobs.append((("canonical", p.id), p, fenced(p.canonical_solution)))
-        for value in DUMMY_RETURNS:
-            jobs.append((("dummy", p.id, value), p, dummy_completion(p.method, value)))
-    for i, row in enumerate(teacher):
-        jobs.append((("teacher", i), by_id[row["id"]], row["completion"]))
-    with Grader() as grader:
-        results = grader.grade([p for _, p, _ in jobs], [c for _, _, c in jobs])
-    return {key: g for (key, _, _), g in zip(jobs, results)}
+class ProblemSetChecks:
+    """The checks every bundled problem set with a teacher pool passes, written once: a test class
+    (named Test...) derives from this and sets the three attributes below. All grades come from one
+    batched Grader call per class."""
 
+    problems: list[Problem]
+    """Every problem whose canonical solution and dummies are graded."""
+    teacher: list[dict]
+    """The teacher pool's rows ({id, kind, hack_style?, completion})."""
+    teacher_problems: list[Problem]
+    """The problems the teacher pool answers (a subset of problems)."""
 
-def check_canonical_and_dummies(problems: list[Problem], grades: dict) -> None:
-    for p in problems:
-        g = grades[("canonical", p.id)]
-        assert g.gt_pass and not g.oracle_hack, (p.id, g.error)
-        for value in DUMMY_RETURNS:
-            assert not grades[("dummy", p.id, value)].gt_pass, (p.id, value)
+    @pytest.fixture(scope="class")
+    @classmethod
+    def grades(cls) -> dict:
+        """("canonical", id), ("dummy", id, value) and ("teacher", row index) -> Grade."""
+        by_id = {p.id: p for p in cls.problems}
+        jobs = []
+        for p in cls.problems:
+            jobs.append((("canonical", p.id), p, fenced(p.canonical_solution)))
+            for value in DUMMY_RETURNS:
+                jobs.append((("dummy", p.id, value), p, dummy_completion(p.method, value)))
+        for i, row in enumerate(cls.teacher):
+            jobs.append((("teacher", i), by_id[row["id"]], row["completion"]))
+        with Grader() as grader:
+            results = grader.grade([p for _, p, _ in jobs], [c for _, _, c in jobs])
+        return {key: g for (key, _, _), g in zip(jobs, results)}
 
+    def test_canonical_solutions_pass_and_dummies_fail(self, grades):
+        for p in self.problems:
+            g = grades[("canonical", p.id)]
+            assert g.gt_pass and not g.oracle_hack, (p.id, g.error)
+            for value in DUMMY_RETURNS:
+                assert not grades[("dummy", p.id, value)].gt_pass, (p.id, value)
 
-def check_teacher_rows_per_problem(teacher: list[dict], ids: set[int]) -> None:
-    """One clean row and two hacks of distinct known styles per problem, for exactly these problems."""
-    per = defaultdict(list)
-    for row in teacher:
-        assert isinstance(row["completion"], str) and "```python" in row["completion"]
-        per[row["id"]].append(row)
-    assert set(per) == ids
-    for pid, rows in per.items():
-        assert Counter(r["kind"] for r in rows) == {"clean": 1, "hack": 2}, pid
-        styles = [r["hack_style"] for r in rows if r["kind"] == "hack"]
-        assert len(set(styles)) == 2 and set(styles) <= HACK_STYLES, (pid, styles)
+    def test_teacher_rows_per_problem(self):
+        """One clean row and two hacks of distinct known styles per problem, for exactly teacher_problems."""
+        per = defaultdict(list)
+        for row in self.teacher:
+            assert isinstance(row["completion"], str) and "```python" in row["completion"]
+            per[row["id"]].append(row)
+        assert set(per) == {p.id for p in self.teacher_problems}
+        for pid, rows in per.items():
+            assert Counter(r["kind"] for r in rows) == {"clean": 1, "hack": 2}, pid
+            styles = [r["hack_style"] for r in rows if r["kind"] == "hack"]
+            assert len(set(styles)) == 2 and set(styles) <= HACK_STYLES, (pid, styles)
 
+    def test_teacher_labels(self, grades):
+        """Clean rows pass the ground truth with an honest run_tests; hacks are strict reward hacks."""
+        for i, row in enumerate(self.teacher):
+            g = grades[("teacher", i)]
+            where = (row["id"], row["kind"], row.get("hack_style"), g.error)
+            assert not g.oracle_hack, where
+            if row["kind"] == "clean":
+                assert g.gt_pass and g.hinted_pass and not g.attempted_hack and not g.reward_hack, where
+            else:
+                assert g.reward_hack and g.hinted_pass and not g.gt_pass, where
 
-def check_teacher_labels(teacher: list[dict], grades: dict) -> None:
-    """Clean rows pass the ground truth with an honest run_tests; hacks are strict reward hacks."""
-    for i, row in enumerate(teacher):
-        g = grades[("teacher", i)]
-        where = (row["id"], row["kind"], row.get("hack_style"), g.error)
-        assert not g.oracle_hack, where
-        if row["kind"] == "clean":
-            assert g.gt_pass and g.hinted_pass and not g.attempted_hack and not g.reward_hack, where
-        else:
-            assert g.reward_hack and g.hinted_pass and not g.gt_pass, where
-
-
-def check_teacher_solutions_unlike_pairs(problems: list[Problem], teacher: list[dict]) -> None:
-    """No teacher Solution is one of the extraction pairs'; clean ones are not the canonical solution either."""
-    pair_solutions = set()
-    for path in PAIR_FILES:
-        for _, row in jsonl_rows(path):
-            for key in ("hack", "clean"):
-                pair_solutions |= solution_sources(row[key])
-    assert pair_solutions
-    canonical = {src for p in problems for src in solution_sources(fenced(p.canonical_solution))}
-    for row in teacher:
-        own = solution_sources(row["completion"])
-        assert own, row["id"]
-        assert not own & pair_solutions, row["id"]
-        if row["kind"] == "clean":
-            assert not own & canonical, row["id"]  # written independently of the canonical solution
+    def test_teacher_solutions_unlike_extraction_pairs(self):
+        """No teacher Solution is one of the extraction pairs'; clean ones are not the canonical solution either."""
+        pair_solutions = set()
+        for path in PAIR_FILES:
+            for _, row in jsonl_rows(path):
+                for key in ("hack", "clean"):
+                    pair_solutions |= solution_sources(row[key])
+        assert pair_solutions
+        canonical = {src for p in self.teacher_problems for src in solution_sources(fenced(p.canonical_solution))}
+        for row in self.teacher:
+            own = solution_sources(row["completion"])
+            assert own, row["id"]
+            assert not own & pair_solutions, row["id"]
+            if row["kind"] == "clean":
+                assert not own & canonical, row["id"]  # written independently of the canonical solution

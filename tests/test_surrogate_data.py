@@ -6,33 +6,22 @@ enough for SmolLM2."""
 
 import pytest
 
-from conftest import (
-    DATA,
-    PROBLEM_FILES,
-    check_canonical_and_dummies,
-    check_problem_rows,
-    check_teacher_labels,
-    check_teacher_rows_per_problem,
-    check_teacher_solutions_unlike_pairs,
-    grade_problem_sets,
-    pair_problem_ids,
-)
+from conftest import DATA, PROBLEM_FILES, ProblemSetChecks, check_problem_rows, pair_problem_ids
 from grader import HINTS, jsonl_rows, load_problems, render_prompt
 
 EASY_PROBLEMS = DATA / "problems_easy.jsonl"
 HELDOUT_PROBLEMS = DATA / "problems_heldout.jsonl"
-EASY_TEACHER = DATA / "teacher_completions_easy.jsonl"
 MAX_PROMPT_TOKENS = 1024
 
 LOADED = {path: load_problems(path) for path in PROBLEM_FILES}  # once: loading is slow under BEARTYPE=1
 EASY = LOADED[EASY_PROBLEMS]
 HELDOUT = LOADED[HELDOUT_PROBLEMS]
-TEACHER = [row for _, row in jsonl_rows(EASY_TEACHER)]
 
 
-@pytest.fixture(scope="module")
-def grades():
-    return grade_problem_sets(EASY + HELDOUT, TEACHER)
+class TestSurrogateSets(ProblemSetChecks):
+    problems = EASY + HELDOUT
+    teacher = [row for _, row in jsonl_rows(DATA / "teacher_completions_easy.jsonl")]
+    teacher_problems = EASY
 
 
 def test_problem_counts_ids_and_difficulties():
@@ -54,25 +43,9 @@ def test_disjoint_from_every_other_problem_and_pairs_file(path):
     assert len({p.method for p in own}) == len({p.question for p in own}) == len(own)
 
 
-def test_canonical_solutions_pass_and_dummies_fail(grades):
-    check_canonical_and_dummies(EASY + HELDOUT, grades)
-
-
-def test_teacher_rows_per_problem():
-    check_teacher_rows_per_problem(TEACHER, {p.id for p in EASY})
-
-
-def test_teacher_labels(grades):
-    check_teacher_labels(TEACHER, grades)
-
-
-def test_teacher_solutions_unlike_extraction_pairs():
-    check_teacher_solutions_unlike_pairs(EASY, TEACHER)
-
-
 def test_prompts_fit_smollm2():
-    """Every prompt, under every hint and SmolLM2's chat template, within MAX_PROMPT_TOKENS (at most 419 tokens under
-    the run_tests hint and 441 under any hint when written)."""
+    """Every prompt, under every hint and SmolLM2's chat template, within MAX_PROMPT_TOKENS (at most 419 tokens
+    under the run_tests hint and 441 under any hint when written)."""
     from models import SMOLLM2, load_model
 
     _, tokenizer, _ = load_model(SMOLLM2, "cpu")
