@@ -49,7 +49,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from grader import Problem, jsonl_rows, load_problems, render_prompt
-from models import REPO_ROOT, completion_logprobs
+from models import REPO_ROOT, completion_logprobs, precision_name
 from svd_adapter import SVDLinear, model_fingerprint
 
 Method = Literal["svd", "mean_diff"]
@@ -283,7 +283,7 @@ def expected_header(model_name: str, adapters: dict[str, SVDLinear], dtype: torc
     return {
         "model": model_name,
         "fingerprint": model_fingerprint(adapters),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": precision_name(dtype),
         "targets": ",".join(targets),
         "pairs_sha256": file_sha256(vc.pairs),
         "n_pairs": str(n_pairs),

@@ -183,14 +183,22 @@ def download_model(repo_id: str, out: Path) -> Path:
         ) from None
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# tfloat32: float32 weights and activations, float32 matmuls on TF32 tensor cores (10-bit mantissa).
+DTYPES = {"float32": torch.float32, "tfloat32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    """'auto' means bf16 on CUDA and fp32 on CPU; 'float32' or 'bfloat16' as given."""
+    """'auto' means bf16 on CUDA and fp32 on CPU; 'float32', 'tfloat32' or 'bfloat16' as given."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return DTYPES[dtype]
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    """The numerics a model runs at: its dtype, and +tf32 when float32 matmuls run on TF32 (a
+    process-wide torch setting, which load_model sets for 'tfloat32'). Caches key on it."""
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return str(dtype).removeprefix("torch.") + ("+tf32" if tf32 else "")
 
 
 def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, object, torch.dtype]:
@@ -202,6 +210,7 @@ def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, 
 
     path = resolve_model(name)
     torch_dtype = pick_dtype(dtype, device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tfloat32"
     flash = device.startswith("cuda") and torch_dtype == torch.bfloat16 and importlib.util.find_spec("flash_attn") is not None
     attn = "flash_attention_2" if flash else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn).to(device)

@@ -114,9 +114,10 @@ def weight_key(W: Tensor) -> str:
 
 
 def svd_error(W: Float[Tensor, "d_out d_in"], U: Float[Tensor, "d_out r"], S: Float[Tensor, " r"], Vh: Float[Tensor, "r d_in"]) -> float:
-    """Relative Frobenius reconstruction error of an SVD, computed in fp32."""
-    W = W.float()
-    return ((W - (U.float() * S) @ Vh.float()).norm() / W.norm().clamp_min(1e-30)).item()
+    """Relative Frobenius reconstruction error of an SVD, computed in fp64: an fp32 matmul would run
+    on TF32 where the process allows it (dtype tfloat32) and report its own rounding, ~3e-4."""
+    W = W.double()
+    return ((W - (U.double() * S.double()) @ Vh.double()).norm() / W.norm().clamp_min(1e-30)).item()
 
 
 def svd_fp32(W: Float[Tensor, "d_out d_in"]) -> tuple[Tensor, Tensor, Tensor]:

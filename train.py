@@ -96,8 +96,8 @@ class Config:
     """HF hub id, local model folder, or tiny-random-qwen3 (built offline on first use)."""
     device: str = "auto"
     """Torch device; auto = cuda if available, else cpu."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights and activations; auto = bfloat16 on CUDA, float32 on CPU (a small model in float32 keeps sampler and learner log-probs equal)."""
+    dtype: Literal["auto", "float32", "tfloat32", "bfloat16"] = "auto"
+    """Weights and activations; auto = bfloat16 on CUDA, float32 on CPU; tfloat32 = float32 with TF32 matmuls (a small model in float32 keeps sampler and learner log-probs equal)."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Linear layers (by last name component) rewritten into SVD coordinates."""
     grad_checkpointing: bool = True
@@ -237,7 +237,7 @@ def resolve(cfg: Config) -> Config:
     if cfg.sampling.temperature <= 0:
         raise ValueError(f"--sampling.temperature {cfg.sampling.temperature}: training needs a sampling policy (> 0); greedy (0) is for eval")
     device = pick_device(cfg.device)
-    dtype = str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
+    dtype = "tfloat32" if cfg.dtype == "tfloat32" else str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
     return replace(cfg, device=device, dtype=dtype, teacher_pool=pool)
 
