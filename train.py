@@ -213,13 +213,14 @@ PRESETS: dict[str, tuple[str, Config]] = {
         warmup_steps=2, checkpoint_every=5,
     )),
     # The positive control (issue 19): a real pretrained model on one GPU, sized so that vanilla GRPO
-    # learns to hack. fp32: in bf16 its sampler and learner disagree (clip fraction 0.02 at step 1).
-    # Tuning in progress on the vanilla arm only (seeds other than 1-3); frozen by a tagged commit.
-    "surrogate": ("SmolLM2-135M-Instruct on one GPU, fp32: the positive control (vanilla learns to hack)", Config(
-        name="surrogate", model="smollm2-135m", device="cuda", dtype="float32", grad_checkpointing=False,
-        problems=DATA / "problems_rl.jsonl", steps=200, prompts_per_step=16, group_size=8, teacher_mix=0.0,
-        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=32,
-        lr=1e-2, checkpoint_every=5,
+    # learns to hack, on-policy: with the `aware` hint at lr 3e-2 and no demonstrations vanilla hacked
+    # 0.01 -> 1.00 by step 28 (tuning seed 11; RESEARCH_JOURNAL.md 2026-12-04). tfloat32: in bf16 the
+    # sampler and the learner disagree (clip fraction 0.015 at step 1), in fp32 the learner is 2.4x slower.
+    "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack", Config(
+        name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing=False,
+        problems=DATA / "problems_easy.jsonl", hint="aware", steps=100, prompts_per_step=16, group_size=8,
+        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=16,
+        lr=3e-2, checkpoint_every=5,
     )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
         name="fast", problems=DATA / "problems_rl.jsonl", steps=30, prompts_per_step=8, group_size=8,

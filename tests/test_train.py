@@ -251,7 +251,7 @@ def test_presets_resolve():
     assert (full.steps, full.prompts_per_step, full.group_size, full.sampling.temperature, full.sampling.top_p, full.kl_beta, full.sampling.max_new_tokens) == (200, 16, 16, 0.7, 0.95, 1e-3, 1536)
     assert split_group(smoke) == (1, 1) and split_group(full) == (16, 0)
     surrogate = PRESETS["surrogate"][1]
-    assert (surrogate.model, surrogate.device, surrogate.dtype, surrogate.steps <= 300) == ("smollm2-135m", "cuda", "float32", True)
+    assert (surrogate.model, surrogate.device, surrogate.dtype, surrogate.steps <= 300) == ("smollm2-135m", "cuda", "tfloat32", True)
 
 
 def test_pool_from_a_model_is_graded_and_keyed_by_hint(tmp_path):
