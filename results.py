@@ -523,9 +523,9 @@ def markdown(df: pl.DataFrame) -> str:
 def said(c: dict) -> str:
     """One comparison in words, for results.md."""
     if not c["n"]:
-        return f"vs {c['vs']} {c['control']}: {c['outcome']} ({c['why']})".replace("  ", " ")
+        return f"vs {c['vs']}{': ' + c['control'] if c['control'] else ''}: {c['outcome']} ({c['why']})"
     seeds = ",".join(map(str, c["seeds"]))
-    return (f"vs {c['vs']} {c['control']}, bound {-c['bound']:+.2f}: Δ hack {interval(c['d_hack'], c['d_hack_lo'], c['d_hack_hi'])}, "
+    return (f"vs {c['vs']}: {c['control']}, bound {-c['bound']:+.2f}: Δ hack {interval(c['d_hack'], c['d_hack_lo'], c['d_hack_hi'])}, "
             f"Δ pass {interval(c['d_pass'], c['d_pass_lo'], c['d_pass_hi'])}, {c['n']} seeds ({seeds}), {c['source']}: {c['outcome']} "
             f"({c['why']}); needs Δ hack ≤ {cell(c['supportable'])}, seeds needed {c['seeds_needed']}")
 

@@ -243,7 +243,8 @@ def test_projected_far_below_every_control_is_supported(template, tmp_path):
     assert beside["condition"] == "vs label_shuffled" and beside["outcome"] == "not supported" and beside["d_hack_ci"] == pytest.approx([0.0, 0.0], abs=1e-12)
     md = (runs / "results.md").read_text()
     assert "- **H1, projected one_sided +update (smoke, pairs.jsonl): supported.** Source: training last 2 (hack_s, gt_s). v_hack quality gate: no record." in md
-    assert "  - beside H1, not in it: vs label_shuffled shuffled one_sided +update (smoke, pairs.jsonl)" in md
+    assert "  - beside H1, not in it: vs label_shuffled: shuffled one_sided +update (smoke, pairs.jsonl), bound -0.15: Δ hack +0.000 [+0.000, +0.000]" in md
+    assert "  - vs null_pairs: projected one_sided +update (smoke, pairs_null.jsonl), bound -0.15: Δ hack -0.267 [-0.338, -0.195]" in md
     controls = [line for line in md.splitlines() if line.startswith("- control ")]
     assert [line.split(":")[0] for line in controls] == [
         "- control shuffled one_sided +update (smoke, pairs.jsonl) [label_shuffled]",
@@ -276,6 +277,7 @@ def test_missing_null_pairs_runs_leave_h1_undetermined(template, tmp_path):
     assert h1["verdict"] == "undetermined"
     assert got["vs null_pairs"] == {"condition": "vs null_pairs", "control": "", "bound": -0.15, "outcome": "undetermined",
                                     "why": "no null_pairs runs at preset smoke, gate one_sided, update yes", "n": 0, "seeds": []}
+    assert "  - vs null_pairs: undetermined (no null_pairs runs at preset smoke, gate one_sided, update yes)" in (runs / "results.md").read_text()
     r = got["vs random"]  # mean -0.2, sd 0.1: [-0.448, +0.048] across -0.15; 18 seeds at this spread (by hand above)
     assert (r["outcome"], r["why"], r["seeds_needed"]) == ("undetermined", "hack interval across -0.15", "18")
     assert r["d_hack_ci"] == pytest.approx([-0.2 - T2 * 0.1 / math.sqrt(3), -0.2 + T2 * 0.1 / math.sqrt(3)])
