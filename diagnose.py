@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from extract import VHack, VHackConfig, fit_v_hack, split_half_cos
+from extract import VHack, VHackConfig, fit_v_hack, label_flips, split_half_cos
 
 MIN_PAIRS = 4
 
@@ -81,10 +81,7 @@ def quality_report(vh: VHack, folds: int = 5, shuffles: int = 20, random_bases: 
     proj, frac, frac_random = heldout(diffs, vc, fold_list, torch.ones(n), random_bases, gen)
     agree_sh, frac_sh = [], []
     for _ in range(shuffles):
-        # Exactly half the pairs swapped: the shared hack-ward part cancels, as it should under the null.
-        flip = torch.ones(n)
-        flip[torch.randperm(n, generator=gen)[: n // 2]] = -1
-        p, f, _ = heldout(diffs, vc, fold_list, flip, 0, gen)
+        p, f, _ = heldout(diffs, vc, fold_list, label_flips(n, gen), 0, gen)
         agree_sh.append((p > 0).float().mean().item())
         frac_sh.append(f.mean().item())
     reproducibility = torch.stack(list(split_half_cos(diffs, vc.method, vc.k).values()))  # modules x axis rank
@@ -126,6 +123,24 @@ def quality_report(vh: VHack, folds: int = 5, shuffles: int = 20, random_bases: 
 
 def report_path(vh: VHack) -> Path:
     return vh.path.with_name(vh.path.stem + ".report.json")
+
+
+GATE_NUMBERS = ("heldout_sign_agreement", "heldout_sign_agreement_shuffled_p95", "hackward_fraction_heldout", "hackward_fraction_shuffled_p95")
+
+
+def quality_gate(vh: VHack) -> dict:
+    """The verdict of this v_hack's quality report (`just diagnose`, written beside the file),
+    as a run records it when it starts: `beats_shuffled` and the numbers behind it, or
+    `beats_shuffled` None when there is no report of this very file (none, unreadable, or
+    written for a file with another header)."""
+    path = report_path(vh)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        report = None
+    if not isinstance(report, dict) or report.get("header") != vh.header:
+        return {"report": None, "beats_shuffled": None}
+    return {"report": str(path), "beats_shuffled": report["beats_shuffled"]} | {k: report[k] for k in GATE_NUMBERS}
 
 
 def format_report(report: dict, pairs: Path) -> str:

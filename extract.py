@@ -5,7 +5,9 @@ run_tests hint, exactly as in training) we take the gradient on every delta_S of
 completion's NLL (completion tokens only, the EOS that ends a rollout included) and the
 difference d = grad NLL(hack) - grad NLL(clean), the NLL being either summed over the
 completion's tokens (`norm="sum"`) or averaged over them (`token_mean`; then d does not
-grow with the completions' lengths). A gradient g with v . g > 0 for a hack-ward axis v is
+grow with the completions' lengths). The NLL scores logits / T, T the run's sampling
+temperature (`temperature`), because training's policy gradient is taken at T: v_hack
+then lives in the same geometry as the gradients it is applied to. A gradient g with v . g > 0 for a hack-ward axis v is
 hack-ward: the descent step -lr g lowers NLL(hack) - NLL(clean) along v.
 
 Per module, from the stack D (n_pairs x r) of differences:
@@ -28,7 +30,10 @@ Guarantees:
   version). A file whose header differs from the run's is never used: it is re-extracted,
   or refused naming the field. Its default path is derived from the header.
 - The per-completion gradients (the only pass over the model) are cached separately, keyed
-  by model and pairs alone, so another method, norm or cut costs no model pass.
+  by model, pairs and temperature alone, so another method, norm or cut costs no model pass.
+- The label-shuffled twin of a v_hack (`shuffled_twin`: the control arm `shuffled`, and the
+  quality report's twins through `label_flips`) is fit from the same differences with
+  exactly half of the pairs' hack and clean swapped, the half drawn from a seeded generator.
 """
 
 import hashlib
@@ -56,7 +61,7 @@ Method = Literal["svd", "mean_diff"]
 Norm = Literal["sum", "token_mean"]
 DATA = REPO_ROOT / "data"
 CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "svd_adapter.py", "models.py"))).hexdigest()[:16]
-GRADIENT_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "n_pairs", "code_version")
+GRADIENT_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "n_pairs", "temperature", "code_version")
 HEADER_FIELDS = (*GRADIENT_FIELDS, "method", "norm", "k", "noise_quantile", "min_split_half")
 HALVINGS = 10  # random halvings behind the split-half criterion and the report's split_half_cos
 HALVING_SEED = 0
@@ -84,6 +89,8 @@ class VHackConfig:
     """v_hack file; None = a cache path derived from its header."""
     on_mismatch: Literal["extract", "error"] = "extract"
     """When the v_hack file's header does not fit this run: re-extract, or stop with an error."""
+    temperature: float | None = None
+    """The NLL scores logits / temperature; None = the run's sampling temperature (training's gradients are taken at it)."""
 
 
 # ----------------------------------------------------------------------------
@@ -121,6 +128,15 @@ def load_pairs(path: Path, problems: dict[int, Problem]) -> list[Pair]:
     return pairs
 
 
+def is_null_pairs(path: Path) -> bool:
+    """Whether a pairs file holds no hack: every row's hack_style starts with "null_"
+    (data/pairs_null.jsonl, two honest completions per pair). Projecting along the basis of
+    such a file is the null-pairs control, not the H1 arm."""
+    if not Path(path).exists():
+        raise PairFormatError(f"pairs file {path} does not exist")
+    return all(isinstance(row, dict) and str(row.get("hack_style")).startswith("null_") for _, row in jsonl_rows(path, PairFormatError))
+
+
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -153,8 +169,8 @@ class PairGradients:
         raise ValueError(f"unknown extraction norm {norm!r} (expected 'sum' or 'token_mean')")
 
 
-def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str) -> tuple[dict[str, Tensor], int]:
-    """Gradient on every delta_S of the completion's summed NLL, and its token count."""
+def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str, temperature: float) -> tuple[dict[str, Tensor], int]:
+    """Gradient on every delta_S of the completion's summed NLL under logits / temperature, and its token count."""
     device = next(model.parameters()).device
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = written_completion_ids(tokenizer, completion)
@@ -163,7 +179,7 @@ def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], 
     mask[:, len(prompt_ids) - 1 :] = True  # position i scores token i + 1
     for a in adapters.values():
         a.delta_S.grad = None
-    nll = -completion_logprobs(model, ids, torch.ones_like(ids), mask)
+    nll = -completion_logprobs(model, ids, torch.ones_like(ids), mask, temperature)
     nll.sum().backward()
     grads = {name: a.delta_S.grad.detach().float().cpu() for name, a in adapters.items()}
     for a in adapters.values():
@@ -171,8 +187,8 @@ def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], 
     return grads, len(completion_ids)
 
 
-def pair_gradients(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, pairs: list[Pair]) -> PairGradients:
-    """One forward and backward per completion (eval mode: no dropout)."""
+def pair_gradients(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, pairs: list[Pair], temperature: float) -> PairGradients:
+    """One forward and backward per completion at `temperature` (eval mode: no dropout)."""
     was_training = model.training
     model.eval()
     hack: dict[str, list[Tensor]] = {name: [] for name in adapters}
@@ -181,7 +197,7 @@ def pair_gradients(model: torch.nn.Module, adapters: dict[str, SVDLinear], token
     for pair in tqdm(pairs, desc="extract", leave=False):
         prompt = render_prompt(tokenizer, pair.problem, "run_tests")
         for text, store, counts in ((pair.hack, hack, n_hack), (pair.clean, clean, n_clean)):
-            grads, n = completion_nll_grad(model, adapters, tokenizer, prompt, text)
+            grads, n = completion_nll_grad(model, adapters, tokenizer, prompt, text, temperature)
             for name, g in grads.items():
                 store[name].append(g)
             counts.append(n)
@@ -275,11 +291,31 @@ def fit_v_hack(diffs: dict[str, Tensor], vc: VHackConfig) -> tuple[dict[str, Ten
     return kept_V, kept_S
 
 
+def label_flips(n: int, generator: torch.Generator) -> Float[Tensor, " n"]:
+    """+1 per pair, -1 for exactly n // 2 pairs drawn from `generator`: those get hack and clean
+    swapped. Exactly half, so that the shared hack-ward part cancels, as it should under the null."""
+    flip = torch.ones(n)
+    flip[torch.randperm(n, generator=generator)[: n // 2]] = -1
+    return flip
+
+
+def shuffled_twin(diffs: dict[str, Tensor], v_hack: dict[str, Tensor], vc: VHackConfig, generator: torch.Generator) -> dict[str, Tensor]:
+    """The label-shuffled twin of v_hack: the same differences under `label_flips`, fit by the
+    same method, with v_hack's axis count in each module (the twin's largest-scale axes there;
+    modules where v_hack has none get none). Matched on text, pipeline and dimension; only the
+    labels differ. With `svd` it spans v_hack's subspace and differs in orientation only."""
+    flip = label_flips(next(iter(diffs.values())).shape[0], generator)
+    V, _ = fit_modules({m: d * flip[:, None] for m, d in diffs.items()}, vc.method, vc.k)
+    return {m: V[m][: v.shape[0]] for m, v in v_hack.items()}
+
+
 # ----------------------------------------------------------------------------
 # Files and caches
 
 
 def expected_header(model_name: str, adapters: dict[str, SVDLinear], dtype: torch.dtype, targets: tuple[str, ...], n_pairs: int, vc: VHackConfig) -> dict[str, str]:
+    if vc.temperature is None:
+        raise ValueError("v_hack.temperature is unresolved: train.resolve sets it to the run's sampling temperature")
     return {
         "model": model_name,
         "fingerprint": model_fingerprint(adapters),
@@ -287,6 +323,7 @@ def expected_header(model_name: str, adapters: dict[str, SVDLinear], dtype: torc
         "targets": ",".join(targets),
         "pairs_sha256": file_sha256(vc.pairs),
         "n_pairs": str(n_pairs),
+        "temperature": repr(vc.temperature),
         "code_version": CODE_VERSION,
         "method": vc.method,
         "norm": vc.norm,
@@ -336,7 +373,7 @@ def cached_pair_gradients(model, adapters, tokenizer, pairs: list[Pair], header:
             names = [k.removesuffix(".hack") for k in t if k.endswith(".hack")]
             return PairGradients({m: t[f"{m}.hack"] for m in names}, {m: t[f"{m}.clean"] for m in names}, t["n_hack"], t["n_clean"])
     logger.info(f"extracting per-pair gradients from {len(pairs)} pairs ({header['model']})")
-    g = pair_gradients(model, adapters, tokenizer, pairs)
+    g = pair_gradients(model, adapters, tokenizer, pairs, float(header["temperature"]))
     tensors = {f"{m}.hack": g.hack[m] for m in g.hack} | {f"{m}.clean": g.clean[m] for m in g.clean} | {"n_hack": g.n_hack, "n_clean": g.n_clean}
     save_tensors(path, tensors, {k: header[k] for k in GRADIENT_FIELDS})
     return g
@@ -357,7 +394,8 @@ class VHack:
     def config(self) -> VHackConfig:
         """The fit options recorded in the header (what a re-fit of the stored differences uses)."""
         h = self.header
-        return VHackConfig(method=h["method"], norm=h["norm"], k=int(h["k"]), noise_quantile=float(h["noise_quantile"]), min_split_half=float(h["min_split_half"]))
+        return VHackConfig(method=h["method"], norm=h["norm"], k=int(h["k"]), noise_quantile=float(h["noise_quantile"]), min_split_half=float(h["min_split_half"]),
+                           temperature=float(h["temperature"]))
 
 
 def save_v_hack(vh: VHack) -> None:

@@ -59,11 +59,11 @@ build-pool *ARGS:
 eval RUN *ARGS:
     uv run python train.py eval --run {{RUN}} {{ARGS}}
 
-# Every run folder under RUNS_DIR across seeds: table per arm x gate x pairs, paired differences to vanilla, H1 in words; results.{csv,md} and PNGs beside them.
+# Every run folder under RUNS_DIR across seeds: table per role x arm x gate x pairs, paired differences with power columns, one H1 verdict per projected group; results.{csv,md,json} and PNGs beside them.
 results RUNS_DIR="out/runs" *ARGS:
     uv run python results.py {{RUNS_DIR}} {{ARGS}}
 
-# Queue a sweep (default: the headline, `full` x vanilla/projected/random x seeds 1-3): extraction, runs, evals, results. --backend pueue|slurm; --dry-run.
+# Queue a sweep (default: the preregistered design, `full` x vanilla / projected, random, null_pairs with --project-update x seeds 1-3): diagnose, runs, evals, results. --backend pueue|slurm; --dry-run.
 [positional-arguments]
 queue-full *ARGS:
     uv run python sweep.py "$@"

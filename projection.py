@@ -48,6 +48,8 @@ class ProjectionStats:
     """The same fraction for an isotropic random gradient: sqrt(K / 2R)."""
     touched: float
     """Fraction of modules with axes where something was (or would be) removed."""
+    removed: float
+    """||g - g_projected|| / ||g||: how much of the whole gradient was (or would be) removed."""
 
 
 class Projector:
@@ -98,18 +100,22 @@ class Projector:
         """Measure, and in projecting mode remove in place, the hack-ward part of `grads`."""
         coefs = self._coefficients(grads)
         cin = self._fraction(grads, coefs)
-        touched = 0
+        total = torch.sqrt(sum(g.float().square().sum() for g in grads.values()))
+        touched, removed_sq = 0, torch.zeros((), device=total.device)
         for r, (g, c) in coefs.items():
             removed = c.clamp_min(0) if self.gate == "one_sided" else c
             # Rounding leaves ~1e-8 of a removed component behind; count a module as touched
             # only when what goes is more than that.
             touched += int((removed.norm(dim=1) > RELATIVE_EPS * g.norm(dim=1)).sum())
+            part = torch.einsum("mk,mkr->mr", removed, self.V_by_rank[r])
+            removed_sq = removed_sq + part.square().sum()
             if self.apply:
-                g_new = g - torch.einsum("mk,mkr->mr", removed, self.V_by_rank[r])
+                g_new = g - part
                 for i, n in enumerate(self.names_by_rank[r]):
                     grads[n].copy_(g_new[i])
         cout = self.hackward_fraction(grads) if self.apply else cin
-        return ProjectionStats(cin=cin, cout=cout, null=self.null, touched=touched / max(self.n_modules, 1))
+        removed_fraction = (removed_sq.sqrt() / total).item() if total > 0 else 0.0
+        return ProjectionStats(cin=cin, cout=cout, null=self.null, touched=touched / max(self.n_modules, 1), removed=removed_fraction)
 
     def axis_coefficients(self, vectors: dict[str, Tensor]) -> Float[Tensor, " K"]:
         """V x for every kept axis, modules sorted by name (padding rows dropped)."""

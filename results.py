@@ -1,33 +1,39 @@
 """Results across seeds: every run folder under RUNS_DIR (and its held-out evals) read into one
-table per group, the paired difference to vanilla by seed with a 95% t interval, and H1 in words.
+table per group, paired differences by seed with 95% t intervals and the seeds they would need,
+and one H1 verdict per projected group: the preregistered conjunction (docs/spec.md).
 
-    python results.py                      # out/runs -> out/runs/results.{csv,md}, results_*.png
+    python results.py                      # out/runs -> out/runs/results.{csv,md,json}, results_*.png
     python results.py RUNS_DIR --last-n 20 --out reports/
 
 What it guarantees:
 - Every number is recomputed from the runs' log.jsonl and eval/*/summary.json (a run's own
   summary.json is not read). Training metrics are per-run means over the last N steps (JSON
   nulls skipped), then mean and standard error over seeds.
-- A folder that cannot be used (no or invalid config.json, no, empty or invalid log.jsonl,
-  missing keys, a run with fewer logged steps than its config's `steps`, fewer steps than N)
-  is listed with its reason and skipped; nothing in one folder stops the others. An eval
-  folder that cannot be read is listed and ignored, its run kept.
-- Groups: (preset, arm, gate, pairs file name, --project-update). Vanilla projects nothing, so
-  its gate and --project-update change nothing it does: a vanilla group is keyed by (preset,
-  pairs file) alone, shown with gate and update "-", and it is the baseline of every projected
-  and random group of that preset and pairs file (or, where no vanilla run used that pairs
-  file, of the preset's vanilla group: vanilla's training does not depend on v_hack, and
-  sweep.py runs it once per seed). A projected group's control is the random
-  group with the same preset, pairs file, gate and update.
+- A folder that cannot be used (no or invalid config.json, a config without the role train.py
+  records at the start, no, empty or invalid log.jsonl, missing keys, a run with fewer logged
+  steps than its config's `steps`, fewer steps than N) is listed with its reason and skipped;
+  nothing in one folder stops the others. An eval folder that cannot be read is listed and
+  ignored, its run kept.
+- Groups: (preset, role, arm, gate, pairs file name, --project-update). The role is what
+  train.py wrote into config.json when the run started (`train.role`): `h1` (projected along a
+  hack-pairs file), `baseline` (vanilla), or a control: `random`, `null_pairs` (projected along
+  a null-pairs file), `label_shuffled`. Vanilla projects nothing, so its gate and
+  --project-update change nothing it does: a vanilla group is keyed by (preset, pairs file)
+  alone, shown with gate and update "-"; it is the baseline of every group of that preset and
+  pairs file (or, where no vanilla run used that pairs file, of the preset's first vanilla
+  group: vanilla trains the same whatever v_hack measures, and sweep.py runs it once per seed).
 - One run per group and seed: the newest folder (train.py stamps the start time into its
   name) is kept, the others are listed as skipped. Differences pair runs by seed; seeds
   missing on either side are left out of the pair count.
 - Comparisons use the held-out eval (strict hack rate, gt pass rate) when every paired run
-  has one, else the training last-N hack_s and gt_s; the table names the source.
-- H1 is judged by H1_RULE below (printed under the table, stated in README.md).
-- Settings that differ inside a group, or between a group and its baseline, other than
-  seed, arm, gate and --project-update, are listed under the table (a paired difference is
-  only about the arm when nothing else differs).
+  has one, else the training last-N hack_s and gt_s; each names its source.
+- H1: one verdict per h1 group, the conjunction of CONDITIONS under RULE (both printed with the
+  table, stated in README.md); control groups get none, their differences to vanilla are
+  shown as controls. A condition whose runs differ in a setting other than seed, arm, role,
+  gate and --project-update (and v_hack's pairs and fit where the comparison is about them,
+  ALLOWED) is undetermined: its difference is not about the arm alone.
+- Power, per comparison: the mean hack difference the rule would need at the observed seed
+  spread and count, and the seeds it would need at the observed means and spreads (`power`).
 """
 
 import json
@@ -45,25 +51,47 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-PASS_BAND = 0.10  # H1's matched pass rate: the pass difference lies within +-10 points
-HACK_DROP = {"vanilla": 0.30, "random": 0.15}  # H1's required fall of the strict hack rate against each baseline (docs/spec.md)
+PASS_BAND = 0.10  # matched pass rate: the pass difference lies within +-10 points
 CONFIDENCE = 0.95
-H1_RULE = (
-    "Differences are taken arm minus baseline, per seed. H1 is **supported** when the 95% t interval "
-    "of the hack difference lies at or below minus the required drop (30 points against vanilla, 15 "
-    "against the random-subspace control, as docs/spec.md preregisters) and the 95% t interval of the "
-    "pass difference lies inside +-10 points; **not supported** when the hack interval lies wholly above "
-    "minus the drop, or the pass interval wholly outside +-10 points; **undetermined** otherwise (an "
-    "interval straddles a bound) and whenever fewer than 2 seeds pair up."
+MAX_SEEDS = 1000  # seeds needed beyond this are shown as "> 1000"
+# What an h1 group is compared with (docs/spec.md, 2026-11-25 amendment, restored 2026-12-04):
+# (the control's role, the required fall of the strict hack rate, whether it is an H1 condition).
+# The label-shuffled control is reported beside H1's conditions, not among them.
+CONDITIONS = (("baseline", 0.30, True), ("random", 0.15, True), ("null_pairs", 0.15, True), ("label_shuffled", 0.15, False))
+CONTROL_BOUND = 0.30  # a control group is shown against vanilla at H1's vanilla bar
+# Settings (dotted config keys, by prefix) a comparison with a control of this role may differ
+# in: vanilla trains the same whatever v_hack measures; the null-pairs arm differs from h1 in
+# its pairs file by design.
+ALLOWED = {"baseline": ("v_hack.",), "null_pairs": ("v_hack.pairs", "v_hack.path")}
+RULE = (
+    "Differences are taken arm minus control, per seed, with 95% paired t intervals. A comparison is **supported** when the "
+    "whole hack interval lies at or below minus its bound (0.30 against vanilla, 0.15 against each control) and the whole pass "
+    "interval inside +-0.10; **not supported** when the whole hack interval lies above minus the bound, or the whole pass "
+    "interval outside +-0.10; **undetermined** otherwise: an interval across a bound, fewer than 2 paired seeds, no runs of "
+    "that control, or runs that differ in another setting than seed, arm, role, gate and --project-update (vanilla may "
+    "differ in v_hack's settings, the null-pairs arm in its pairs file). **H1** (docs/spec.md, the 2026-11-25 conjunction, "
+    "restored on 2026-12-04), per projected group along a hack-pairs file: supported against vanilla **and** against the "
+    "random control **and** against the null-pairs arm (each control at the same preset, gate and --project-update). Any "
+    "condition not supported: H1 is not supported (a control within 15 points of projected defeats it, whatever the gap "
+    "to vanilla); else any undetermined: undetermined; else supported. The label-shuffled control is reported beside H1, "
+    "not in it; controls against vanilla are shown as controls and get no H1 verdict."
+)
+POWER = (
+    "Power columns: `needs Δ hack ≤` is -bound - t(0.975, n-1) · SE, the largest mean hack difference the rule would call "
+    "supported at the observed spread and seed count (SE: sd of the per-seed differences / sqrt(n)); `seeds needed` is the "
+    "smallest n >= 2 at which, with the observed means and sds, mean_hack + t(0.975, n-1) · sd_hack / sqrt(n) <= -bound "
+    f"and |mean_pass| + t(0.975, n-1) · sd_pass / sqrt(n) <= 0.10, or `none` where a mean lies on the wrong side (more "
+    f"seeds only narrow the interval around it), `> {MAX_SEEDS}` beyond that. An undetermined comparison with a small "
+    "`seeds needed` wants more seeds; one with `none` is no effect of the required size."
 )
 LOG_KEYS = (
     "rollout/hack_s", "rollout/gt_s", "rollout/reward", "hackward/cin_s", "hackward/cin_t", "hackward/null_s_mean",
-    "hackward/null_s_p95", "hackward/null_t_mean", "hackward/null_t_p95", "hackward/upd", "hackward/disp_sum",
+    "hackward/null_s_p95", "hackward/null_t_mean", "hackward/null_t_p95", "hackward/upd", "hackward/disp_sum", "hackward/removed",
 )
-TRAIN_METRICS = {"hack_s": "rollout/hack_s", "gt_s": "rollout/gt_s", "reward": "rollout/reward"}  # name in the table: log key
+TRAIN_METRICS = {"hack_s": "rollout/hack_s", "gt_s": "rollout/gt_s", "reward": "rollout/reward", "removed": "hackward/removed"}  # name in the table: log key
 EVAL_METRICS = {"eval_strict": "hack_strict", "eval_loose": "hack_loose", "eval_pass": "gt_pass"}  # name in the table: eval summary key
 EXCESS = ("cin_s_excess", "cin_t_excess")  # cin minus the empirical null's mean, per step
-BOOKKEEPING = {"seed", "intervention", "gate", "project_update", "runs_dir", "resume", "cache_dir", "device", "grader_workers"}
+BOOKKEEPING = {"seed", "intervention", "role", "gate", "project_update", "runs_dir", "run_name", "resume", "cache_dir", "device", "grader_workers"}
 
 
 @dataclass(frozen=True)
@@ -91,14 +119,11 @@ class Skip(Exception):
 @dataclass(frozen=True, order=True)
 class Group:
     preset: str
+    role: str  # train.role: h1, baseline, random, null_pairs, label_shuffled
     arm: str
     gate: str  # "-" for vanilla: it projects nothing
     pairs: str  # file name of v_hack.pairs
     update: str  # --project-update: "yes" | "no"; "-" for vanilla
-
-    def baseline(self, arm: str) -> "Group":
-        """The group this one is compared with: vanilla (same preset and pairs) or random (also same gate and update)."""
-        return Group(self.preset, "vanilla", "-", self.pairs, "-") if arm == "vanilla" else Group(self.preset, arm, self.gate, self.pairs, self.update)
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,7 @@ class Run:
     curves: pl.DataFrame  # one row per step: step, LOG_KEYS, EXCESS
     last: dict[str, float | None]  # TRAIN_METRICS and EXCESS, means over the last N steps
     held_out: dict[str, float] | None  # EVAL_METRICS pooled over the eval seeds, or None
+    quality: str  # v_hack's quality gate as the run recorded it when it started (vhack.json)
 
 
 def read_text(path: Path) -> str:
@@ -145,7 +171,7 @@ def read_run(path: Path, last_n: int, eval_split: str, ignored_evals: list[tuple
         arm, steps, seed = config["intervention"], config["steps"], config["seed"]
         pairs = Path(config["v_hack"]["pairs"]).name
         gate, update = ("-", "-") if arm == "vanilla" else (config["gate"], "yes" if config["project_update"] else "no")
-        group = Group(config["name"], arm, gate, pairs, update)
+        group = Group(config["name"], config["role"], arm, gate, pairs, update)
     except (KeyError, TypeError) as e:
         raise Skip(f"config.json lacks a field ({e})") from e
     rows = []
@@ -176,7 +202,25 @@ def read_run(path: Path, last_n: int, eval_split: str, ignored_evals: list[tuple
     tail = curves.tail(last_n)
     last = {name: tail[key].mean() for name, key in TRAIN_METRICS.items()} | {k: tail[k].mean() for k in EXCESS}
     settings = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in BOOKKEEPING}
-    return Run(path, group, seed, settings, curves, last, held_out(path, f"step_{steps:06d}", config.get("hint"), eval_split, ignored_evals))
+    evals = held_out(path, f"step_{steps:06d}", config.get("hint"), eval_split, ignored_evals)
+    return Run(path, group, seed, settings, curves, last, evals, quality(path))
+
+
+def quality(run: Path) -> str:
+    """The v_hack quality gate the run recorded when it started (train.py's vhack.json): whether
+    its basis beats its label-shuffled twin's 95th percentile on both numbers of the report."""
+    try:
+        record = read_json(run / "vhack.json")
+    except Skip:
+        return "no record"
+    if not isinstance(record, dict) or record.get("beats_shuffled") is None:
+        return "no report"
+    try:
+        return (f"{'beats' if record['beats_shuffled'] else 'does not beat'} its label-shuffled twin (sign agreement "
+                f"{record['heldout_sign_agreement']:.2f} vs p95 {record['heldout_sign_agreement_shuffled_p95']:.2f}, hack-ward "
+                f"fraction {record['hackward_fraction_heldout']:.3f} vs p95 {record['hackward_fraction_shuffled_p95']:.3f})")
+    except (KeyError, TypeError, ValueError):
+        return "no report"
 
 
 def held_out(run: Path, checkpoint: str, hint: str | None, split: str, ignored: list[tuple[Path, str]]) -> dict[str, float] | None:
@@ -269,20 +313,43 @@ def t_interval(diffs: list[float]) -> tuple[float | None, float | None, float | 
     return m, m - half, m + half
 
 
-def verdict(n: int, hack: tuple, passed: tuple, drop: float) -> str:
-    """H1_RULE, applied to (mean, lo, hi) of the hack and pass differences."""
+def power(hack: list[float], passed: list[float], bound: float) -> tuple[float | None, str]:
+    """POWER's two numbers for paired hack and pass differences: the largest mean hack difference
+    the rule would call supported at this spread and n (None below 2 pairs), and the seeds it
+    would need at these means and spreads ("-" below 2 pairs, "none" for a mean on the wrong side)."""
+    n = len(hack)
     if n < 2:
-        return "undetermined (n seeds < 2)"
-    (_, hack_lo, hack_hi), (_, pass_lo, pass_hi) = hack, passed
-    if hack_hi <= -drop and -PASS_BAND <= pass_lo and pass_hi <= PASS_BAND:
-        return "supported"
-    if hack_lo > -drop or pass_lo > PASS_BAND or pass_hi < -PASS_BAND:
-        return "not supported"
-    return "undetermined (CI straddles)"
+        return None, "-"
+    (m_hack, se_hack), (m_pass, se_pass) = mean_se(hack), mean_se(passed)
+    supportable = -bound - t_critical(n - 1) * se_hack
+    room = [(-bound - m_hack, se_hack * math.sqrt(n)), (PASS_BAND - abs(m_pass), se_pass * math.sqrt(n))]  # (distance to the bound, sd)
+    if any(gap < 0 or (gap == 0 and sd > 0) for gap, sd in room):
+        return supportable, "none"
+    ratio = min(gap / sd if sd > 0 else math.inf for gap, sd in room)  # t(k-1) / sqrt(k) must come down to it
+
+    def enough(k: int) -> bool:
+        return t_critical(k - 1) / math.sqrt(k) <= ratio
+
+    if not enough(MAX_SEEDS):
+        return supportable, f"> {MAX_SEEDS}"
+    lo, hi = 1, MAX_SEEDS  # enough(hi); t(k-1) / sqrt(k) falls with k, so bisect for the smallest k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return supportable, str(hi)
 
 
-def h1_words(baseline: str, said: str) -> str:
-    return f"H1 (hack down >= {round(100 * HACK_DROP[baseline])} points, pass within +-{round(100 * PASS_BAND)} points vs {baseline}): {said}"
+def judge(c: dict, bound: float) -> tuple[str, str]:
+    """RULE on one comparison's intervals: (outcome, why)."""
+    if c["n"] < 2:
+        return "undetermined", f"{c['n']} paired seed{'s' * (c['n'] != 1)}, the rule needs 2"
+    if c["d_hack_hi"] <= -bound and -PASS_BAND <= c["d_pass_lo"] and c["d_pass_hi"] <= PASS_BAND:
+        return "supported", f"hack interval at or below -{bound:.2f}, pass interval inside +-{PASS_BAND:.2f}"
+    if c["d_hack_lo"] > -bound:
+        return "not supported", f"hack interval wholly above -{bound:.2f}"
+    if c["d_pass_lo"] > PASS_BAND or c["d_pass_hi"] < -PASS_BAND:
+        return "not supported", f"pass interval wholly outside +-{PASS_BAND:.2f}"
+    return "undetermined", f"hack interval across -{bound:.2f}" if c["d_hack_hi"] > -bound else f"pass interval across +-{PASS_BAND:.2f}"
 
 
 def compare(arm: list[Run], base: list[Run], last_n: int) -> dict[str, object]:
@@ -292,11 +359,12 @@ def compare(arm: list[Run], base: list[Run], last_n: int) -> dict[str, object]:
     pairs = [(r, by_seed[r.seed]) for r in arm if r.seed in by_seed]
     use_eval = bool(pairs) and all(a.held_out and b.held_out for a, b in pairs)
     source = "held-out eval (strict, gt_pass)" if use_eval else f"training last {last_n} (hack_s, gt_s)"
-    out: dict[str, object] = {"source": source if pairs else "", "n": len(pairs), "seeds": ",".join(str(a.seed) for a, _ in pairs)}
     rates = (lambda r: r.held_out) if use_eval else (lambda r: r.last)
+    out: dict[str, object] = {"source": source if pairs else "", "n": len(pairs), "seeds": [a.seed for a, _ in pairs]}
     for name, k in zip(("hack", "pass"), ("eval_strict", "eval_pass") if use_eval else ("hack_s", "gt_s")):
-        m, lo, hi = t_interval([rates(a)[k] - rates(b)[k] for a, b in pairs])
-        out |= {f"d_{name}": m, f"d_{name}_lo": lo, f"d_{name}_hi": hi}
+        diffs = [rates(a)[k] - rates(b)[k] for a, b in pairs]
+        m, lo, hi = t_interval(diffs)
+        out |= {f"{name}_by_seed": diffs, f"d_{name}": m, f"d_{name}_lo": lo, f"d_{name}_hi": hi}
     return out
 
 
@@ -307,17 +375,91 @@ def differing(runs: list[Run]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------
+# Comparisons and H1
+
+
+def controls(g: Group, role: str, groups: dict[Group, list[Run]]) -> list[Group]:
+    """The groups of `role` that g is compared with, all at g's preset: vanilla of g's pairs file
+    (else the preset's first vanilla group); for a control, the same gate and --project-update,
+    and the same pairs file except for the null-pairs arm (its basis comes from another file)."""
+    if role == "baseline":
+        vanilla = [k for k in sorted(groups) if k.role == "baseline" and k.preset == g.preset]
+        return [k for k in vanilla if k.pairs == g.pairs][:1] or vanilla[:1]
+    return [k for k in sorted(groups) if k.role == role and (k.preset, k.gate, k.update) == (g.preset, g.gate, g.update)
+            and (role == "null_pairs" or k.pairs == g.pairs)]
+
+
+def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[Group, list[Run]], last_n: int) -> list[dict]:
+    """g against each control group of `role`: the paired differences, RULE's outcome and why,
+    POWER's numbers; one undetermined row naming what is missing when there is no such group."""
+    key = {"group": g, "preset": g.preset, "arm": g.arm, "gate": g.gate, "pairs": g.pairs, "update": g.update, "role": g.role, "vs": role, "counts": counts, "bound": bound}
+    found = controls(g, role, groups)
+    if not found:
+        where = f"preset {g.preset}" + ("" if role == "baseline" else f", gate {g.gate}, update {g.update}") + ("" if role in ("baseline", "null_pairs") else f", pairs {g.pairs}")
+        return [key | {"control": "", "n": 0, "seeds": [], "outcome": "undetermined", "why": f"no {role} runs at {where}"}]
+    rows = []
+    for k in found:
+        c = compare(groups[g], groups[k], last_n)
+        outcome, why = judge(c, bound)
+        mixed = [m for m in differing(groups[g] + groups[k]) if not m.startswith(ALLOWED.get(role, ()))]
+        if mixed:
+            outcome, why = "undetermined", f"the runs differ in {', '.join(mixed)}: the difference is not about the arm alone"
+        supportable, needed = power(c["hack_by_seed"], c["pass_by_seed"], bound)
+        rows.append(key | {"control": describe(k)} | c | {"supportable": supportable, "seeds_needed": needed, "outcome": outcome, "why": why})
+    return rows
+
+
+def all_comparisons(groups: dict[Group, list[Run]], last_n: int) -> list[dict]:
+    """Each h1 group against every control of CONDITIONS; each control group against vanilla."""
+    rows = []
+    for g in sorted(groups):
+        if g.role == "h1":
+            for role, bound, condition in CONDITIONS:
+                rows += comparisons_of(g, role, bound, "H1" if condition else "beside H1", groups, last_n)
+        elif g.role != "baseline":
+            rows += comparisons_of(g, "baseline", CONTROL_BOUND, "control", groups, last_n)
+    return rows
+
+
+def h1_verdicts(groups: dict[Group, list[Run]], comparisons: list[dict]) -> list[tuple[Group | None, dict]]:
+    """One entry per h1 group: RULE's conjunction of its H1 conditions, the sources they used,
+    its v_hack quality gate, and every condition (and what is reported beside) with its numbers.
+    A preset with runs but no h1 group (or a folder with no runs) gets one undetermined entry."""
+    entries = []
+    for g in sorted(k for k in groups if k.role == "h1"):
+        mine = [c for c in comparisons if c["group"] == g]
+        outcomes = {c["outcome"] for c in mine if c["counts"] == "H1"}
+        verdict = "not supported" if "not supported" in outcomes else "undetermined" if "undetermined" in outcomes else "supported"
+        entries.append((g, {"preset": g.preset, "pairs": g.pairs, "gate": g.gate, "project_update": g.update == "yes", "verdict": verdict,
+                        "source": "; ".join(sorted({c["source"] for c in mine if c["counts"] == "H1" and c.get("source")})) or "none",
+                        "v_hack_quality": " / ".join(sorted({r.quality for r in groups[g]})),
+                        "reasons": [reason(c) for c in mine if c["counts"] == "H1"], "beside": [reason(c) for c in mine if c["counts"] != "H1"]}))
+    for preset in sorted({g.preset for g in groups} - {g.preset for g in groups if g.role == "h1"}) if groups else [None]:
+        why = "no runs" if preset is None else "no projected runs along a hack-pairs file (role h1) at this preset"
+        entries.append((None, {"preset": preset, "pairs": None, "gate": None, "project_update": None, "verdict": "undetermined", "source": "none",
+                               "v_hack_quality": "", "reasons": [{"condition": "h1 arm", "outcome": "undetermined", "why": why}], "beside": []}))
+    return entries
+
+
+def reason(c: dict) -> dict:
+    """One condition of an H1 entry as results.json states it."""
+    out = {"condition": f"vs {c['vs']}", "control": c["control"], "bound": -c["bound"], "outcome": c["outcome"], "why": c["why"], "n": c["n"], "seeds": c["seeds"]}
+    if c["n"]:
+        out |= {"source": c["source"], "hack_by_seed": c["hack_by_seed"], "d_hack": c["d_hack"], "d_hack_ci": [c["d_hack_lo"], c["d_hack_hi"]],
+                "pass_by_seed": c["pass_by_seed"], "d_pass": c["d_pass"], "d_pass_ci": [c["d_pass_lo"], c["d_pass_hi"]],
+                "needs_d_hack_at_most": c["supportable"], "seeds_needed": c["seeds_needed"]}
+    return out
+
+
+# ----------------------------------------------------------------------------
 # Tables
 
 
-def tables(runs: list[Run], last_n: int) -> tuple[pl.DataFrame, pl.DataFrame, list[str], list[str]]:
-    """The wide per-group table (results.csv), the comparisons table, H1 sentences and notes."""
-    groups: dict[Group, list[Run]] = {}
-    for r in runs:
-        groups.setdefault(r.group, []).append(r)
-    rows, comparisons, sentences, notes = [], [], [], []
-    for g, members in groups.items():
-        row: dict[str, object] = {"preset": g.preset, "arm": g.arm, "gate": g.gate, "pairs": g.pairs, "update": g.update,
+def group_table(groups: dict[Group, list[Run]]) -> tuple[pl.DataFrame, list[str]]:
+    """The wide per-group table (results.csv) and the notes on settings that differ inside a group."""
+    rows, notes = [], []
+    for g, members in sorted(groups.items()):
+        row: dict[str, object] = {"preset": g.preset, "role": g.role, "arm": g.arm, "gate": g.gate, "pairs": g.pairs, "update": g.update,
                                   "n_seeds": len(members), "seeds": ",".join(str(r.seed) for r in members)}
         for name in (*TRAIN_METRICS, *EXCESS):
             row[name], row[f"{name}_se"] = mean_se([r.last[name] for r in members])
@@ -325,29 +467,12 @@ def tables(runs: list[Run], last_n: int) -> tuple[pl.DataFrame, pl.DataFrame, li
         row["n_eval"] = len(evaluated)
         for name in EVAL_METRICS:
             row[name], row[f"{name}_se"] = mean_se([e[name] for e in evaluated])
+        row["v_hack_quality"] = " / ".join(sorted({r.quality for r in members}))
         mixed = differing(members)
         if mixed:
             notes.append(f"{describe(g)}: its runs differ in {', '.join(mixed)}")
-        for base_arm in HACK_DROP:
-            if g.arm == "vanilla" or (base_arm == "random" and g.arm != "projected"):
-                continue
-            key = g.baseline(base_arm)
-            if key not in groups and base_arm == "vanilla":
-                # Vanilla trains the same whatever v_hack measures it (sweep.py runs it once per
-                # seed, measured against the first pairs file): a vanilla group of the preset serves.
-                key = next((k for k in sorted(groups) if k.arm == "vanilla" and k.preset == g.preset), key)
-            base = groups.get(key, [])
-            c = compare(members, base, last_n)
-            hack, passed = ((c[f"d_{k}"], c[f"d_{k}_lo"], c[f"d_{k}_hi"]) for k in ("hack", "pass"))
-            c["H1"] = verdict(c["n"], hack, passed, HACK_DROP[base_arm]) if base else f"undetermined (no {base_arm} runs to compare with)"
-            row |= {f"vs_{base_arm}_{k}": v for k, v in c.items()}
-            comparisons.append({k: row[k] for k in ("preset", "arm", "gate", "pairs", "update")} | {"vs": base_arm} | c)
-            sentences.append(f"{describe(g)}: {h1_words(base_arm, c['H1'])}")
-            mixed = differing(members + base)
-            if base and mixed:
-                notes.append(f"{describe(g)} and its {base_arm} baseline differ in {', '.join(mixed)}: the paired difference is not about the arm alone")
         rows.append(row)
-    return pl.DataFrame(rows, infer_schema_length=None), pl.DataFrame(comparisons, infer_schema_length=None), sentences, notes
+    return pl.DataFrame(rows, infer_schema_length=None), notes
 
 
 def describe(g: Group) -> str:
@@ -363,22 +488,26 @@ def interval(m: float | None, lo: float | None, hi: float | None) -> str:
     return "" if m is None else f"{m:+.3f}" if lo is None else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def readable(wide: pl.DataFrame, comparisons: pl.DataFrame, last_n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The two tables as printed: mean ± SE cells, differences with their intervals."""
-    key = ["preset", "arm", "gate", "pairs", "update"]
+def readable(wide: pl.DataFrame, comparisons: list[dict], last_n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The two tables as printed: mean ± SE cells, differences with their intervals and power."""
+    key = ["preset", "role", "arm", "gate", "pairs", "update"]
     train = {"hack_s": f"hack_s (last {last_n})", "gt_s": f"gt_s (last {last_n})", "reward": f"reward (last {last_n})",
-             "cin_s_excess": "cin_s − null_s_mean", "cin_t_excess": "cin_t − null_t_mean"}
+             "removed": f"removed (last {last_n})", "cin_s_excess": "cin_s − null_s_mean", "cin_t_excess": "cin_t − null_t_mean"}
     held = {"eval_strict": "eval strict hack", "eval_loose": "eval loose hack", "eval_pass": "eval pass"}
     groups = pl.DataFrame([
         {k: r[k] for k in key} | {"seeds": r["n_seeds"]} | {h: cell(r[c], r[f"{c}_se"]) for c, h in train.items()}
-        | {"evals": r["n_eval"]} | {h: cell(r[c], r[f"{c}_se"]) for c, h in held.items()}
+        | {"evals": r["n_eval"]} | {h: cell(r[c], r[f"{c}_se"]) for c, h in held.items()} | {"v_hack quality gate": r["v_hack_quality"]}
         for r in wide.iter_rows(named=True)
     ])
     diffs = pl.DataFrame([
-        {k: r[k] for k in key} | {"vs": r["vs"], "source": r["source"], "pairs (seeds)": f"{r['n']} ({r['seeds']})",
-                                  "Δ hack [95% CI]": interval(r["d_hack"], r["d_hack_lo"], r["d_hack_hi"]),
-                                  "Δ pass [95% CI]": interval(r["d_pass"], r["d_pass_lo"], r["d_pass_hi"]), "H1": r["H1"]}
-        for r in comparisons.iter_rows(named=True)
+        {k: c[k] for k in key} | {"vs": c["vs"], "counts": c["counts"], "control": c["control"], "source": c.get("source", ""),
+                                  "pairs (seeds)": f"{c['n']} ({','.join(map(str, c['seeds']))})",
+                                  "Δ hack by seed": " ".join(f"{d:+.3f}" for d in c.get("hack_by_seed", [])),
+                                  "Δ hack [95% CI]": interval(c.get("d_hack"), c.get("d_hack_lo"), c.get("d_hack_hi")),
+                                  "Δ pass [95% CI]": interval(c.get("d_pass"), c.get("d_pass_lo"), c.get("d_pass_hi")),
+                                  "bound": f"{-c['bound']:+.2f}", "needs Δ hack ≤": cell(c.get("supportable")), "seeds needed": c.get("seeds_needed", "-"),
+                                  "outcome": f"{c['outcome']} ({c['why']})"}
+        for c in comparisons
     ])
     return groups, diffs
 
@@ -389,6 +518,28 @@ def markdown(df: pl.DataFrame) -> str:
     with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True, tbl_rows=-1, tbl_cols=-1,
                    fmt_str_lengths=200, tbl_width_chars=10_000):
         return str(df)
+
+
+def said(c: dict) -> str:
+    """One comparison in words, for results.md."""
+    if not c["n"]:
+        return f"vs {c['vs']}{': ' + c['control'] if c['control'] else ''}: {c['outcome']} ({c['why']})"
+    seeds = ",".join(map(str, c["seeds"]))
+    return (f"vs {c['vs']}: {c['control']}, bound {-c['bound']:+.2f}: Δ hack {interval(c['d_hack'], c['d_hack_lo'], c['d_hack_hi'])}, "
+            f"Δ pass {interval(c['d_pass'], c['d_pass_lo'], c['d_pass_hi'])}, {c['n']} seeds ({seeds}), {c['source']}: {c['outcome']} "
+            f"({c['why']}); needs Δ hack ≤ {cell(c['supportable'])}, seeds needed {c['seeds_needed']}")
+
+
+def h1_lines(verdicts: list[tuple[Group | None, dict]], comparisons: list[dict]) -> list[str]:
+    """The H1 section: one bold line per entry, its conditions and what is beside them below it."""
+    lines = []
+    for g, e in verdicts:
+        if g is None:
+            lines.append(f"- **H1 ({e['preset'] or 'no runs'}): {e['verdict']}.** {e['reasons'][0]['why']}")
+            continue
+        lines.append(f"- **H1, {describe(g)}: {e['verdict']}.** Source: {e['source']}. v_hack quality gate: {e['v_hack_quality']}.")
+        lines += [f"  - {'' if c['counts'] == 'H1' else 'beside H1, not in it: '}{said(c)}" for c in comparisons if c["group"] == g]
+    return lines
 
 
 # ----------------------------------------------------------------------------
@@ -470,21 +621,31 @@ def main(rc: ResultsConfig) -> Path:
     out = rc.out or rc.runs_dir
     out.mkdir(parents=True, exist_ok=True)
     runs, skipped = collect(rc.runs_dir, rc.last_n, rc.eval_split)
-    wide, comparisons, sentences, notes = tables(runs, rc.last_n)
-    groups, diffs = readable(wide, comparisons, rc.last_n) if runs else (pl.DataFrame(), pl.DataFrame())
+    groups: dict[Group, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    wide, notes = group_table(groups)
+    comparisons = all_comparisons(groups, rc.last_n)
+    verdicts = h1_verdicts(groups, comparisons)
+    table, diffs = readable(wide, comparisons, rc.last_n) if runs else (pl.DataFrame(), pl.DataFrame())
     wide.write_csv(out / "results.csv")
+    (out / "results.json").write_text(json.dumps({
+        "h1": [e for _, e in verdicts], "comparisons": [{k: v for k, v in c.items() if k != "group"} for c in comparisons],
+        "notes": notes, "skipped": [{"folder": str(p), "why": why} for p, why in skipped]}, indent=2))
     pngs = plots(runs, out) if runs else []
     lines = [
         "# Results across seeds", "",
         f"{len(runs)} runs from `{rc.runs_dir}`, {len(skipped)} folders skipped or ignored. Training columns: each run's mean over its "
         f"last {rc.last_n} steps, then mean ± standard error over seeds (cin − null: per step, then averaged). Eval columns: held-out "
         f"`{rc.eval_split}` on the last checkpoint with the training hint, pooled over eval seeds; blank where a group has no eval.", "",
-        "## Per group", "", markdown(groups), "",
-        "## Paired differences by seed (arm − baseline)", "", markdown(diffs), "", H1_RULE, "",
-        "## H1", "", *[f"- {s}" for s in sentences or ["no projected or random group"]], "",
+        "## H1", "", *h1_lines(verdicts, comparisons), "",
+        "## Controls against vanilla (no H1 verdict)", "",
+        *([f"- control {describe(c['group'])} [{c['role']}]: {said(c)}" for c in comparisons if c["counts"] == "control"] or ["(none)"]), "",
+        "## Per group", "", markdown(table), "",
+        "## Paired differences by seed (arm − control)", "", markdown(diffs), "", RULE, "", POWER, "",
     ]
     if notes:
-        lines += ["## Settings that differ", "", *[f"- {n}" for n in notes], ""]
+        lines += ["## Settings that differ inside a group", "", *[f"- {n}" for n in notes], ""]
     if skipped:
         lines += ["## Skipped", "", *[f"- `{p}`: {why}" for p, why in skipped], ""]
     lines += [f"![{p.stem}]({p.name})" for p in pngs]

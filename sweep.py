@@ -1,23 +1,29 @@
 """Queue a sweep of train.py runs on pueue (one box), SLURM (through submitit) or run it here
 (`--backend local`: child processes, several at once on this machine's GPU), in order:
 
-1. one v_hack extraction per distinct pairs file (`train.py extract`: the very file its runs load;
-   every arm needs it, vanilla included, since vanilla measures along v_hack);
-2. every run, after the extraction of its pairs file;
+1. one v_hack extraction and quality report per distinct pairs file (`train.py diagnose`: the
+   very file its runs load, and the report beside it, whose verdict each run records when it
+   starts; every arm needs v_hack, vanilla included, since vanilla measures along it);
+2. every run, after the diagnosis of its pairs file;
 3. each run's held-out eval (`train.py eval --run RUN`), after that run;
 4. one results job (`just results RUNS_DIR`), after every eval.
 
-    python sweep.py --dry-run                                  # the headline sweep's jobs, printed
+    python sweep.py --dry-run                                  # the preregistered sweep's jobs, printed
     python sweep.py                                            # ... queued on this box's pueue daemon
     python sweep.py --backend slurm --slurm.partition gpu --slurm.time-min 1440
     python sweep.py --preset fast --arms vanilla projected --seeds 1 --train-flags="--steps 50"
     python sweep.py --backend local --local.parallel 15 --local.hours 0.15 --runs-dir out/sweeps/pc  # again to resume
 
+The default is the preregistered design (docs/spec.md, the 2026-11-25 and 2026-12-04
+amendments), an explicit list of arms at seeds 1-3: vanilla; projected and random along
+data/pairs.jsonl; projected along data/pairs_null.jsonl (the null-pairs arm); every arm but
+vanilla with --project-update. `shuffled` (v_hack's label-shuffled twin) is an optional arm.
 Vanilla trains the same whatever the gate and the pairs (it only measures), so it is queued once
 per seed, measured along the first pairs file's v_hack (checkpoints keep g_s and g_t, to measure
-along any other basis later); projected and random once per gate x pairs file x seed. Run folders
-get fixed names (train.py --run-name), so that each eval job names its run before the run exists.
-A job whose dependency fails does not run (pueue fails it, SLURM cancels it).
+along any other basis later); projected, random and shuffled once per gate x pairs file x seed,
+null_pairs once per gate x seed. Run folders get fixed names (train.py --run-name), so that each
+eval job names its run before the run exists. A job whose dependency fails does not run (pueue
+fails it, SLURM cancels it).
 """
 
 import functools
@@ -40,9 +46,10 @@ from models import REPO_ROOT
 from projection import Gate
 from train import DATA, OUT, PRESETS, parse
 
-Arm = Literal["vanilla", "projected", "random"]
+Arm = Literal["vanilla", "projected", "random", "null_pairs", "shuffled"]
+INTERVENTION = {"vanilla": "vanilla", "projected": "projected", "random": "random", "null_pairs": "projected", "shuffled": "shuffled"}  # train.py --intervention of each arm
 # Flags each job gets from the sweep itself: the same flag in --train-flags / --eval-flags is refused.
-RUN_FLAGS = ("--intervention", "--gate", "--seed", "--v-hack.pairs", "--runs-dir", "--run-name", "--resume")
+RUN_FLAGS = ("--intervention", "--gate", "--project-update", "--no-project-update", "--seed", "--v-hack.pairs", "--runs-dir", "--run-name", "--resume")
 EVAL_FLAGS = ("--run",)
 
 
@@ -65,13 +72,13 @@ class SlurmConfig:
     account: str | None = None
     """sbatch --account; None = the user's default."""
     gpus: int = 1
-    """GPUs of each extraction, run and eval job (--gpus-per-node); 0 = none. The results job gets none."""
+    """GPUs of each diagnose, run and eval job (--gpus-per-node); 0 = none. The results job gets none."""
     cpus: int = 8
     """CPUs of each job (--cpus-per-task): the grader's sandbox workers run on them."""
     mem_gb: int | None = None
     """Memory of each job in GB (--mem); None = the partition's default."""
     time_min: int = 1440
-    """Wall-clock limit of each extraction, run and eval job in minutes (a `full` step measured 70-75 s on one H200: ~4 h for 200 steps)."""
+    """Wall-clock limit of each diagnose, run and eval job in minutes (a `full` step measured 70-75 s on one H200: ~4 h for 200 steps)."""
     results_time_min: int = 30
     """Wall-clock limit of the results job in minutes."""
     logs: Path | None = None
@@ -92,22 +99,26 @@ class LocalConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """A sweep: arms x gates x pairs files x seeds of one preset, each run with its eval, then the results table."""
+    """A sweep: its arms (x gates x pairs files) x seeds of one preset, each run with its eval, then the results table."""
 
     preset: Literal[tuple(PRESETS)] = "full"  # type: ignore[valid-type]
     """train.py preset of every run."""
-    arms: tuple[Arm, ...] = ("vanilla", "projected", "random")
-    """Arms (--intervention). vanilla is queued once per seed, whatever the gates and pairs files."""
+    arms: tuple[Arm, ...] = ("vanilla", "projected", "random", "null_pairs")
+    """Arms: vanilla (once per seed, whatever the gates and pairs files); projected, random, shuffled (--intervention, along each pairs file); null_pairs (projected along --null-pairs)."""
     gates: tuple[Gate, ...] = ("one_sided",)
-    """Gates (--gate) of the projected and random arms."""
+    """Gates (--gate) of every arm but vanilla."""
     pairs: tuple[Path, ...] = (DATA / "pairs.jsonl",)
-    """Pairs files (--v-hack.pairs): one extraction each; vanilla is measured along the first."""
+    """Pairs files (--v-hack.pairs) of projected, random and shuffled: one diagnosis each; vanilla is measured along the first."""
+    null_pairs: Path = DATA / "pairs_null.jsonl"
+    """Pairs file of the null_pairs arm (one diagnosis): a file with no hack in it (extract.is_null_pairs)."""
+    project_update: bool = True
+    """--project-update in every run but vanilla's (the preregistered design); vanilla projects nothing."""
     seeds: tuple[int, ...] = (1, 2, 3)
     """Seeds (--seed)."""
     runs_dir: Path | None = None
     """Folder of the sweep's run folders, tabulated by the results job; None = out/sweeps/<preset>-<time>."""
     train_flags: str = ""
-    """More train.py flags for every extraction and run, as one string: --train-flags="--steps 50 --lr 5e-4"."""
+    """More train.py flags for every diagnose job and run, as one string: --train-flags="--steps 50 --lr 5e-4"."""
     eval_flags: str = ""
     """More `train.py eval` flags for every eval, as one string: --eval-flags="--samples-per-problem 4"."""
     python: str = "uv run python"
@@ -129,7 +140,7 @@ class SweepConfig:
 @dataclass(frozen=True)
 class Job:
     label: str
-    """extract:<pairs>, run:<run name>, eval:<run name> or results."""
+    """diagnose:<pairs>, run:<run name>, eval:<run name> or results."""
     argv: tuple[str, ...]
     """The command, run in the repository root."""
     after: tuple[str, ...] = ()
@@ -148,6 +159,17 @@ def run_name(preset: str, arm: str, gate: str, pairs: Path, seed: int) -> str:
     return f"{preset}_{arm if arm == 'vanilla' else f'{arm}-{gate}'}_{pairs.stem}_s{seed}"
 
 
+def arm_runs(cfg: SweepConfig) -> list[tuple[str, str, Path]]:
+    """(arm, gate, pairs file) of every run of one seed, in the order of cfg.arms."""
+    out = []
+    for arm in cfg.arms:
+        if arm == "vanilla":
+            out.append((arm, cfg.gates[0], cfg.pairs[0]))
+        else:
+            out += [(arm, gate, pairs) for gate in cfg.gates for pairs in ((cfg.null_pairs,) if arm == "null_pairs" else cfg.pairs)]
+    return out
+
+
 def plan(cfg: SweepConfig) -> list[Job]:
     """Every job of the sweep, each after the jobs it needs, in queueing order (seed-major, so that
     a one-at-a-time queue finishes whole seeds first)."""
@@ -157,22 +179,26 @@ def plan(cfg: SweepConfig) -> list[Job]:
         clash = [f for f in shlex.split(flags) if f.split("=")[0].replace("_", "-") in refused]
         if clash:
             raise ValueError(f"{what} {' '.join(clash)}: the sweep sets {', '.join(refused)} itself")
-    stems = [p.stem for p in cfg.pairs]
+    runs_of_seed = arm_runs(cfg)
+    files = list(dict.fromkeys(pairs for _, _, pairs in runs_of_seed))  # each pairs file once, in order of first use
+    stems = [p.stem for p in files]
     if len(set(stems)) < len(stems):
-        raise ValueError(f"pairs files {[str(p) for p in cfg.pairs]} share a file name, which names their runs: rename one")
+        raise ValueError(f"pairs files {[str(p) for p in files]} share a file name, which names their runs: rename one")
+    names = [run_name(cfg.preset, INTERVENTION[arm], gate, pairs, 0) for arm, gate, pairs in runs_of_seed]
+    if len(set(names)) < len(names):
+        raise ValueError(f"arms {cfg.arms} with pairs {[str(p) for p in cfg.pairs]} queue the same run twice (is --null-pairs among --pairs?)")
     py, train_flags, runs = shlex.split(cfg.python), tuple(shlex.split(cfg.train_flags)), here(cfg.runs_dir)
-    jobs = [Job(f"extract:{p.stem}", (*py, "train.py", "extract", cfg.preset, "--v-hack.pairs", here(p), *train_flags)) for p in cfg.pairs]
+    jobs = [Job(f"diagnose:{p.stem}", (*py, "train.py", "diagnose", cfg.preset, "--v-hack.pairs", here(p), *train_flags)) for p in files]
     evals = []
     for seed in cfg.seeds:
-        for arm in cfg.arms:
-            for gate in cfg.gates[:1] if arm == "vanilla" else cfg.gates:
-                for pairs in cfg.pairs[:1] if arm == "vanilla" else cfg.pairs:
-                    name = run_name(cfg.preset, arm, gate, pairs, seed)
-                    gate_flag = () if arm == "vanilla" else ("--gate", gate)
-                    jobs.append(Job(f"run:{name}", (*py, "train.py", cfg.preset, "--intervention", arm, *gate_flag, "--v-hack.pairs", here(pairs),
-                                                    "--seed", str(seed), "--runs-dir", runs, "--run-name", name, *train_flags), (f"extract:{pairs.stem}",)))
-                    evals.append(Job(f"eval:{name}", (*py, "train.py", "eval", "--run", f"{runs}/{name}", *shlex.split(cfg.eval_flags)), (f"run:{name}",)))
-                    jobs.append(evals[-1])
+        for arm, gate, pairs in runs_of_seed:
+            intervention = INTERVENTION[arm]
+            name = run_name(cfg.preset, intervention, gate, pairs, seed)
+            arm_flags = () if arm == "vanilla" else ("--gate", gate, *(("--project-update",) if cfg.project_update else ()))
+            jobs.append(Job(f"run:{name}", (*py, "train.py", cfg.preset, "--intervention", intervention, *arm_flags, "--v-hack.pairs", here(pairs),
+                                            "--seed", str(seed), "--runs-dir", runs, "--run-name", name, *train_flags), (f"diagnose:{pairs.stem}",)))
+            evals.append(Job(f"eval:{name}", (*py, "train.py", "eval", "--run", f"{runs}/{name}", *shlex.split(cfg.eval_flags)), (f"run:{name}",)))
+            jobs.append(evals[-1])
     jobs.append(Job("results", (*shlex.split(cfg.results), runs), tuple(j.label for j in evals), gpu=False))
     return jobs
 
@@ -180,13 +206,13 @@ def plan(cfg: SweepConfig) -> list[Job]:
 def check(cfg: SweepConfig, jobs: list[Job]) -> None:
     """Fail before anything is queued: a missing pairs file, a run folder that exists, or a flag
     that train.py would refuse hours later (one command of each kind is parsed as train.py would)."""
-    for p in cfg.pairs:
+    for p in {pairs for _, _, pairs in arm_runs(cfg)}:
         if not p.exists():
             raise FileNotFoundError(f"pairs file {p} does not exist")
     taken = [j.label for j in jobs if j.label.startswith("run:") and (cfg.runs_dir / j.label[4:]).exists()]
     if taken and cfg.backend != "local":  # local resumes them
         raise FileExistsError(f"{cfg.runs_dir} already has {', '.join(taken)}: give another --runs-dir")
-    for kind in ("extract", "run", "eval"):
+    for kind in ("diagnose", "run", "eval"):
         argv = next(j.argv for j in jobs if j.label.startswith(kind + ":"))
         parse(list(argv[argv.index("train.py") + 1 :]))
 
@@ -302,12 +328,12 @@ def stop(procs: dict[str, subprocess.Popen]) -> None:
 def submit_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
     """Run the jobs here, `cfg.local.parallel` at a time, each once what it waits for has succeeded;
     returns label -> done | failed | skipped (a dependency failed) | stopped | pending. A job that
-    succeeded leaves RUNS/local/<label>.done and is not run again (extractions aside: cheap cache hits
+    succeeded leaves RUNS/local/<label>.done and is not run again (v_hack diagnoses aside: cheap cache hits
     that every later job needs on this machine); each job's output goes to RUNS/local/<label>.log."""
     state = cfg.runs_dir / "local"
     state.mkdir(parents=True, exist_ok=True)
     marker = lambda label, ext: state / f"{label.replace(':', '_')}.{ext}"
-    status = {j.label: "done" for j in jobs if not j.label.startswith("extract:") and marker(j.label, "done").exists()}
+    status = {j.label: "done" for j in jobs if not j.label.startswith("diagnose:") and marker(j.label, "done").exists()}
     deadline = time.time() + cfg.local.hours * 3600 if cfg.local.hours else float("inf")
     running: dict[str, subprocess.Popen] = {}
     try:

@@ -14,7 +14,8 @@ grade in parallel (sandboxed, grader.py) -> group advantages -> skip groups with
 reward variance -> GRPO loss (`grpo_loss`) -> backward of the student part (g_s), then
 the teacher part (g_t; g_s + g_t is the full gradient) -> cin_s, cin_t against v_hack and
 against the empirical null (random bases of v_hack's axis counts) -> the arm's projection
-(projected: along v_hack; random: along a random basis; vanilla: none) -> grad clip ->
+(projected: along v_hack; random: along a random basis; shuffled: along v_hack's
+label-shuffled twin; vanilla: none) -> grad clip ->
 AdamW (-> with --project-update, the same gate on the change AdamW makes) -> LR schedule
 (-> with --v-hack-refresh N, v_hack re-extracted on the current model every N steps).
 
@@ -42,7 +43,8 @@ How this GRPO differs from the textbook one:
    them (old log-probs = current, detached): no importance correction. They share the
    group (and its advantage baseline) with the student's; kl and clip_frac are measured on
    student tokens only.
-5. KL: the low-variance k3 estimator per token, exp(ref - logp) - (ref - logp) - 1.
+5. KL: the low-variance k3 estimator per token, exp(ref - logp) - (ref - logp) - 1, in the
+   loss on every completion token, teacher tokens included (`grpo_loss` says why).
 """
 
 import hashlib
@@ -70,8 +72,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from diagnose import format_report, quality_report, write_report
-from extract import VHackConfig, fit_v_hack, pair_gradients, v_hack_for_run, written_completion_ids
+from diagnose import format_report, quality_gate, quality_report, write_report
+from extract import VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run, written_completion_ids
 from grader import GRADER_VERSION, Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
@@ -154,8 +156,8 @@ class Config:
     """Max global norm of the delta_S gradient, after projection."""
 
     # Method
-    intervention: Literal["vanilla", "projected", "random"] = "projected"
-    """vanilla: measure only; projected: remove the hack-ward part along v_hack; random: the same along random bases (seeded by --seed) with v_hack's per-module axis counts (control)."""
+    intervention: Literal["vanilla", "projected", "random", "shuffled"] = "projected"
+    """vanilla: measure only; projected: remove the hack-ward part along v_hack; random: the same along random bases (seeded by --seed) with v_hack's per-module axis counts (control); shuffled: along v_hack's label-shuffled twin (half the pairs' labels swapped, drawn from --seed; control)."""
     gate: Gate = "one_sided"
     """one_sided: remove relu(V g) V; no_gate: remove (V g) V."""
     project_update: bool = False
@@ -240,7 +242,8 @@ def resolve(cfg: Config) -> Config:
     device = pick_device(cfg.device)
     dtype = "tfloat32" if cfg.dtype == "tfloat32" else str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
-    return replace(cfg, device=device, dtype=dtype, teacher_pool=pool)
+    v_hack = replace(cfg.v_hack, temperature=cfg.v_hack.temperature or cfg.sampling.temperature)  # training's gradients are taken at it
+    return replace(cfg, device=device, dtype=dtype, teacher_pool=pool, v_hack=v_hack)
 
 
 def split_group(cfg: Config) -> tuple[int, int]:
@@ -421,7 +424,14 @@ def grpo_loss(
 
     with denominator = every rollout of the step, on every rank (x max_new_tokens for
     `constant`), so a token weighs the same whatever else the step held and the ranks' losses
-    sum to the one-process loss. Returns loss, k3 and clipped per token."""
+    sum to the one-process loss. Returns loss, k3 and clipped per token.
+
+    Teacher tokens are regularised too: the kl term covers every completion token. On teacher
+    text k3 is no estimate of KL(policy || reference) (that is an expectation over the policy's
+    own samples); it is a penalty, >= 0 and 0 where logp = ref, that holds the policy's
+    log-probs of the teacher's tokens near the reference's, a brake on how fast teacher text is
+    imitated. The logged loss/kl is over student tokens only, the on-policy estimate. The
+    headline preset `full` has no teacher rollouts (teacher_mix 0), so H1 does not depend on it."""
     old = torch.where(torch.isnan(sampler_logp), logp.detach(), sampler_logp)
     ratio = torch.exp(logp - old)
     clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
@@ -587,19 +597,36 @@ def write_summary(run_dir: Path, rows: list[dict]) -> dict:
     return summary
 
 
-def bases_for(cfg: "Config", v_hack: dict[str, Tensor], ranks: dict[str, int], step: int, arm_basis: dict[str, Tensor] | None) -> tuple[Projector, Projector | None, EmpiricalNull, dict[str, Tensor] | None]:
-    """What measures (v_hack, every arm), what projects (the arm's basis: v_hack, or random bases
-    with its axis counts drawn from --seed and the step it was drawn at; None for vanilla) and
-    the empirical null. `arm_basis` is a random basis restored from a checkpoint."""
-    if cfg.intervention == "random" and arm_basis is None:
-        arm_basis = random_bases(v_hack, torch.Generator().manual_seed(cfg.seed + 1_000_003 * step))
-    elif cfg.intervention == "projected":
-        arm_basis = v_hack
-    elif cfg.intervention == "vanilla":
-        arm_basis = None
+def role(cfg: "Config") -> str:
+    """What the run is to H1, written into its config.json when it starts (results.py reads it
+    there, never from a file name): `baseline` (vanilla), the controls `random` and
+    `label_shuffled` (shuffled), and for projected `h1`, or `null_pairs` when its pairs file
+    holds no hack (extract.is_null_pairs)."""
+    if cfg.intervention == "projected":
+        return "null_pairs" if is_null_pairs(cfg.v_hack.pairs) else "h1"
+    return {"vanilla": "baseline", "random": "random", "shuffled": "label_shuffled"}[cfg.intervention]
+
+
+def to(device: str, tensors: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if tensors is None else {n: t.to(device) for n, t in tensors.items()}
+
+
+def arm_basis_for(cfg: "Config", v_hack: dict[str, Tensor], diffs: dict[str, Tensor], step: int) -> dict[str, Tensor] | None:
+    """The basis the arm projects along: v_hack (projected); random orthonormal bases with its
+    axis counts, drawn from --seed and the step (random); its label-shuffled twin, fit from its
+    pair differences `diffs` with the swapped half drawn from --seed (shuffled); none (vanilla)."""
+    if cfg.intervention == "random":
+        return random_bases(v_hack, torch.Generator().manual_seed(cfg.seed + 1_000_003 * step))
+    if cfg.intervention == "shuffled":
+        return shuffled_twin(diffs, v_hack, cfg.v_hack, torch.Generator().manual_seed(cfg.seed))
+    return v_hack if cfg.intervention == "projected" else None
+
+
+def bases_for(cfg: "Config", v_hack: dict[str, Tensor], ranks: dict[str, int], arm_basis: dict[str, Tensor] | None) -> tuple[Projector, Projector | None, EmpiricalNull]:
+    """What measures (v_hack, every arm), what projects (along the arm's basis; None for vanilla) and the empirical null."""
     measure = Projector(v_hack, ranks, cfg.gate, apply=False)
     arm = Projector(arm_basis, ranks, cfg.gate, apply=True) if arm_basis is not None else None
-    return measure, arm, EmpiricalNull(v_hack, ranks, cfg.null_bases, cfg.null_seed), arm_basis
+    return measure, arm, EmpiricalNull(v_hack, ranks, cfg.null_bases, cfg.null_seed)
 
 
 # ----------------------------------------------------------------------------
@@ -634,7 +661,7 @@ def main(cfg: Config) -> Path:
             raise FileExistsError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or give another --run-name")
         if distributed.is_main():
             run_dir.mkdir(parents=True)
-            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+            (run_dir / "config.json").write_text(json.dumps(asdict(cfg) | {"role": role(cfg)}, indent=2, default=str))
     if distributed.is_main():
         logger.add(run_dir / "train.log")
     logger.info(f"run folder {run_dir}")
@@ -650,9 +677,11 @@ def main(cfg: Config) -> Path:
         adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
         # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
         vh, pairs = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
+    if distributed.is_main() and not cfg.resume:  # what the run started with: results.py shows the quality gate beside its verdicts
+        (run_dir / "vhack.json").write_text(json.dumps({"v_hack": str(vh.path), "header": vh.header} | quality_gate(vh), indent=2))
     params = [a.delta_S for a in adapters.values()]
     ranks = {n: a.rank for n, a in adapters.items()}
-    v_hack = {n: v.to(cfg.device) for n, v in vh.V.items()}
+    v_hack = to(cfg.device, vh.V)
     shared = {p.id for p in problems} & {pair.problem.id for pair in pairs}
     if shared:
         logger.warning(f"{len(shared)} training problems are also extraction pairs' problems ({cfg.v_hack.pairs.name}): cin_t and hack_t on them are not out of sample")
@@ -662,19 +691,20 @@ def main(cfg: Config) -> Path:
     prompt_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one global prompt order
     order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
-    start, arm_basis = 1, None
+    start, restored = 1, {}
     ckpt = last_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
     if ckpt:
         load_delta(adapters, ckpt / "delta_S.safetensors")
-        v_hack = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "v_hack").items()}
-        arm_basis = {n: v.to(cfg.device) for n, v in load_group(ckpt / "bases.safetensors", "arm").items()}
+        v_hack = to(cfg.device, load_group(ckpt / "bases.safetensors", "v_hack"))
+        restored = to(cfg.device, load_group(ckpt / "bases.safetensors", "arm"))  # empty for vanilla
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         prompt_gen.set_state(state["prompt_gen"])
         order, rows, start = state["order"], state["rows"], state["step"] + 1
         logger.info(f"resumed from {ckpt} at step {start}")
-    measure, arm, null, arm_basis = bases_for(cfg, v_hack, ranks, start - 1, arm_basis)
+    arm_basis = restored or to(cfg.device, arm_basis_for(cfg, v_hack, vh.diffs, start - 1))
+    measure, arm, null = bases_for(cfg, v_hack, ranks, arm_basis)
     # The log holds exactly the checkpointed rows: steps after the checkpoint are redone.
     log_path = run_dir / "log.jsonl"
     if distributed.is_main():
@@ -770,7 +800,8 @@ def main(cfg: Config) -> Path:
 
             # The method: remove the hack-ward part along the arm's basis (vanilla: nothing).
             cin = measure.hackward_fraction(grads)
-            touched = arm(grads).touched if arm else 0.0
+            projection = arm(grads) if arm else None  # grads -> the arm's g_applied, in place
+            touched, removed = (projection.touched, projection.removed) if projection else (0.0, 0.0)
             cout = measure.hackward_fraction(grads)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
             before = {n: p.detach().clone() for n, p in zip(adapters, params)}
@@ -794,10 +825,14 @@ def main(cfg: Config) -> Path:
             if cfg.v_hack_refresh and step % cfg.v_hack_refresh == 0 and step < cfg.steps:
                 # On rank 0, then broadcast: pair gradients taken on two GPUs may differ in their last
                 # bits, and every rank must project along the very same basis.
-                new = fit_v_hack(pair_gradients(model, adapters, tokenizer, pairs).differences(cfg.v_hack.norm), cfg.v_hack)[0] if distributed.is_main() else None
-                new = {n: v.to(cfg.device) for n, v in distributed.broadcast_object(new).items()}
+                fresh = None
+                if distributed.is_main():
+                    diffs = pair_gradients(model, adapters, tokenizer, pairs, cfg.v_hack.temperature).differences(cfg.v_hack.norm)
+                    new = fit_v_hack(diffs, cfg.v_hack)[0]
+                    fresh = (new, arm_basis_for(cfg, new, diffs, step))
+                new, arm_basis = (to(cfg.device, b) for b in distributed.broadcast_object(fresh))
                 refreshed, moved, v_hack = True, subspace_cos(v_hack, new), new
-                measure, arm, null, arm_basis = bases_for(cfg, v_hack, ranks, step, None)
+                measure, arm, null = bases_for(cfg, v_hack, ranks, arm_basis)
                 logger.info(f"step {step}: v_hack re-extracted on the current model; subspace cos to the previous one {moved:.3f}")
 
             seconds = time.time() - t0
@@ -832,6 +867,7 @@ def main(cfg: Config) -> Path:
                 "hackward/null_iso": measure.null,
                 "hackward/upd": measure.hackward_fraction(change) if learned_s or learned_t else float("nan"),
                 "hackward/touched": touched,
+                "hackward/removed": removed if learned_s or learned_t else float("nan"),
                 "hackward/disp_sum": displacement.sum().item(),
                 "hackward/disp_frac": displacement.norm().item() / delta_norm if delta_norm > 0 else 0.0,
                 "hackward/disp_axes": displacement.tolist(),

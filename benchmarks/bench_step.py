@@ -206,7 +206,7 @@ def main(args: Args) -> dict:
     problems = {p.id: p for p in load_problems(REPO_ROOT / "data" / "problems.jsonl")}
     pairs = load_pairs(REPO_ROOT / "data" / "pairs.jsonl", problems)[: args.pairs]
     t = time.perf_counter()
-    pair_gradients(model, adapters, tokenizer, pairs)
+    pair_gradients(model, adapters, tokenizer, pairs, sampling["temperature"])  # extraction at the sampling temperature, as train.py does
     sync()
     report["extraction_s_per_pair"] = (time.perf_counter() - t) / len(pairs)
     print(f"extraction: {report['extraction_s_per_pair']:.2f} s per pair ({len(pairs)} pairs)")

@@ -9,10 +9,14 @@ from extract import (
     PairFormatError,
     VHackConfig,
     completion_nll_grad,
+    expected_header,
     fit_axes,
     fit_v_hack,
+    is_null_pairs,
+    label_flips,
     load_pairs,
     read_v_hack,
+    shuffled_twin,
     v_hack_for_run,
 )
 from grader import Grader, load_problems, render_prompt, user_prompt
@@ -32,7 +36,7 @@ def tiny(tmp_path_factory):
     pairs.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:12]))
 
     def run(**options):
-        vc = VHackConfig(**{"pairs": pairs, "on_mismatch": "error"} | options)
+        vc = VHackConfig(**{"pairs": pairs, "on_mismatch": "error", "temperature": 1.0} | options)
         return v_hack_for_run(vc, "tiny-random-qwen3", model, adapters, tokenizer, dtype, DEFAULT_TARGETS, cache)[0]
 
     return model, tokenizer, adapters, pairs, run
@@ -74,7 +78,7 @@ def test_stored_differences_are_the_nll_gradients_they_claim(tiny):
     name = next(iter(adapters))
     for i, pair in enumerate(load_pairs(pairs, PROBLEMS)[:2]):
         prompt = render_prompt(tokenizer, pair.problem, "run_tests")
-        (g_h, n_h), (g_c, n_c) = (completion_nll_grad(model, adapters, tokenizer, prompt, text) for text in (pair.hack, pair.clean))
+        (g_h, n_h), (g_c, n_c) = (completion_nll_grad(model, adapters, tokenizer, prompt, text, 1.0) for text in (pair.hack, pair.clean))
         assert (summed.n_hack[i], summed.n_clean[i]) == (n_h, n_c)
         assert torch.allclose(summed.diffs[name][i], g_h[name] - g_c[name], atol=1e-6)
         assert torch.allclose(mean.diffs[name][i], g_h[name] / n_h - g_c[name] / n_c, atol=1e-7)
@@ -101,6 +105,43 @@ def test_each_option_has_its_own_header_and_file_and_one_model_pass(tiny, monkey
         extract.save_v_hack(vh)
         with pytest.raises(ValueError, match=f"field '{field}'"):
             run(method="svd", norm="sum", path=first.path)
+
+
+def test_extraction_at_the_sampling_temperature_has_its_own_gradients_and_header(tiny, tmp_path):
+    """Training's gradients are of logits / T: v_hack's NLL gradients too, T in the header and the pair-gradient cache key."""
+    model, tokenizer, adapters, pairs, run = tiny
+    cold, warm = run(method="mean_diff", norm="sum"), run(method="mean_diff", norm="sum", temperature=0.7)
+    assert (cold.header["temperature"], warm.header["temperature"]) == ("1.0", "0.7") and cold.path != warm.path
+    assert len(list((cold.path.parent.parent / "pair_grads").glob("*.safetensors"))) >= 2  # one model pass per temperature
+    pair = load_pairs(pairs, PROBLEMS)[0]
+    prompt = render_prompt(tokenizer, pair.problem, "run_tests")
+    (g_h, _), (g_c, _) = (completion_nll_grad(model, adapters, tokenizer, prompt, text, 0.7) for text in (pair.hack, pair.clean))
+    name = next(iter(adapters))
+    assert torch.allclose(warm.diffs[name][0], g_h[name] - g_c[name], atol=1e-6)
+    assert not torch.allclose(warm.diffs[name][0], cold.diffs[name][0], atol=1e-6)
+    with pytest.raises(ValueError, match="temperature is unresolved"):
+        expected_header("tiny-random-qwen3", adapters, torch.float32, DEFAULT_TARGETS, 2, VHackConfig(pairs=pairs))
+
+
+def test_label_shuffled_twin_swaps_exactly_half_and_keeps_the_axis_counts():
+    gen = torch.Generator().manual_seed(3)
+    flip = label_flips(9, torch.Generator().manual_seed(5))
+    assert sorted(flip.tolist()) == [-1.0] * 4 + [1.0] * 5 and torch.equal(flip, label_flips(9, torch.Generator().manual_seed(5)))
+    diffs = {"a": torch.randn(9, 16, generator=gen) + 2.0, "b": torch.randn(9, 8, generator=gen), "c": torch.randn(9, 8, generator=gen)}
+    v_hack = {"a": torch.zeros(1, 16), "b": torch.zeros(1, 8)}  # c: cut from v_hack, so none in its twin
+    twin = shuffled_twin(diffs, v_hack, VHackConfig(method="mean_diff"), torch.Generator().manual_seed(5))
+    assert {m: t.shape for m, t in twin.items()} == {"a": (1, 16), "b": (1, 8)}
+    mean = (diffs["a"] * flip[:, None]).mean(0)  # the same flips, drawn from the same seed
+    assert torch.allclose(twin["a"][0], mean / mean.norm(), atol=1e-6)
+    svd = shuffled_twin(diffs, {"a": torch.zeros(3, 16)}, VHackConfig(method="svd", k=4), torch.Generator().manual_seed(5))
+    assert svd["a"].shape == (3, 16) and torch.allclose(svd["a"] @ svd["a"].T, torch.eye(3), atol=1e-5)
+
+
+def test_null_pairs_files_are_told_by_their_rows(tmp_path):
+    data = REPO_ROOT / "data"
+    assert is_null_pairs(data / "pairs_null.jsonl") and not is_null_pairs(data / "pairs.jsonl") and not is_null_pairs(data / "pairs_minimal.jsonl")
+    with pytest.raises(PairFormatError, match="does not exist"):
+        is_null_pairs(tmp_path / "missing.jsonl")
 
 
 def test_fit_axes_recovers_a_planted_direction_with_both_methods():

@@ -44,6 +44,20 @@ def test_one_sided_removes_only_hackward_part():
     assert stats.cout < 1e-6 < stats.cin
 
 
+def test_removed_is_the_norm_of_what_the_projection_took_out():
+    for gate in ("one_sided", "no_gate"):
+        proj, V, g = setup(gate)
+        before = {n: t.clone() for n, t in g.items()}
+        stats = proj(g)
+        norm = lambda d: math.sqrt(sum(t.square().sum().item() for t in d.values()))  # noqa: E731
+        assert stats.removed == pytest.approx(norm({n: before[n] - g[n] for n in g}) / norm(before), rel=1e-5) and stats.removed > 0
+        c = {n: v @ before[n] for n, v in V.items()}  # orthonormal rows: what goes has the norm of the removed coefficients
+        kept = {n: (x.clamp_min(0) if gate == "one_sided" else x) for n, x in c.items()}
+        assert stats.removed == pytest.approx(norm(kept) / norm(before), rel=1e-5)
+        measured = Projector(V, {"a": 16, "b": 16, "c": 8, "d": 24}, gate, apply=False)(before)  # what it would remove, nothing changed
+        assert measured.removed == pytest.approx(stats.removed, rel=1e-6)
+
+
 def test_projecting_twice_changes_nothing():
     for gate in ("one_sided", "no_gate"):
         proj, _, g = setup(gate)

@@ -19,7 +19,7 @@ import pytest
 from conftest import ROOT
 from sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, plan, submit_local, sweep
 
-PAIRS, NULL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl"
+PAIRS, NULL_PAIRS, MINIMAL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl", ROOT / "data" / "pairs_minimal.jsonl"
 
 
 def parse_dry_run(out: str) -> list[dict]:
@@ -48,7 +48,7 @@ def flag(command: list[str], name: str) -> str | None:
 def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
     runs_dir = tmp_path / "runs"
     proc = subprocess.run([sys.executable, "sweep.py", "--dry-run", "--backend", backend, "--seeds", "1", "2", "--gates", "one_sided", "no_gate",
-                           "--pairs", "data/pairs.jsonl", "data/pairs_null.jsonl", "--runs-dir", str(runs_dir), "--train-flags=--steps 50"],
+                           "--pairs", "data/pairs.jsonl", "data/pairs_minimal.jsonl", "--runs-dir", str(runs_dir), "--train-flags=--steps 50"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = parse_dry_run(proc.stdout)
@@ -56,22 +56,25 @@ def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
     assert len(set(labels)) == len(labels) and not runs_dir.exists()  # a dry run queues and writes nothing
     assert all(labels.index(a) < labels.index(j["label"]) for j in jobs for a in j["after"])  # queued after what it waits for
 
-    # One extraction per pairs file, first, waiting for nothing: the command a run of `full` with these flags uses.
-    extracts = [j for j in jobs if j["label"].startswith("extract:")]
-    assert [j["label"] for j in extracts] == labels[:2] == ["extract:pairs", "extract:pairs_null"]
-    for j, pairs in zip(extracts, ("data/pairs.jsonl", "data/pairs_null.jsonl")):
-        assert j["after"] == [] and train_args(j["command"])[:3] == ["train.py", "extract", "full"] and flag(j["command"], "--v-hack.pairs") == pairs
+    # One diagnosis per pairs file, first, waiting for nothing: the command a run of `full` with these flags uses.
+    diagnoses = [j for j in jobs if j["label"].startswith("diagnose:")]
+    assert [j["label"] for j in diagnoses] == labels[:3] == ["diagnose:pairs", "diagnose:pairs_minimal", "diagnose:pairs_null"]
+    for j, pairs in zip(diagnoses, ("data/pairs.jsonl", "data/pairs_minimal.jsonl", "data/pairs_null.jsonl")):
+        assert j["after"] == [] and train_args(j["command"])[:3] == ["train.py", "diagnose", "full"] and flag(j["command"], "--v-hack.pairs") == pairs
         assert flag(j["command"], "--steps") == "50"
 
-    # Runs: vanilla once per seed (not per gate, not per pairs file), the others per gate x pairs x seed; each after its extraction.
+    # Runs: vanilla once per seed (not per gate, not per pairs file), projected and random per gate x pairs x seed, the
+    # null-pairs arm (projected along pairs_null.jsonl) per gate x seed; each after its diagnosis.
     runs = [j for j in jobs if j["label"].startswith("run:")]
     grid = sorted((flag(j["command"], "--intervention"), flag(j["command"], "--gate"), flag(j["command"], "--v-hack.pairs"), flag(j["command"], "--seed")) for j in runs)
     assert grid == sorted([("vanilla", None, "data/pairs.jsonl", s) for s in "12"] + [
-        (arm, gate, pairs, s) for arm in ("projected", "random") for gate in ("one_sided", "no_gate") for pairs in ("data/pairs.jsonl", "data/pairs_null.jsonl") for s in "12"])
+        (arm, gate, pairs, s) for arm in ("projected", "random") for gate in ("one_sided", "no_gate") for pairs in ("data/pairs.jsonl", "data/pairs_minimal.jsonl") for s in "12"]
+        + [("projected", gate, "data/pairs_null.jsonl", s) for gate in ("one_sided", "no_gate") for s in "12"])
     for j in runs:
         cmd = j["command"]
         assert train_args(cmd)[:2] == ["train.py", "full"] and flag(cmd, "--steps") == "50"
-        assert j["after"] == [f"extract:{Path(flag(cmd, '--v-hack.pairs')).stem}"]
+        assert j["after"] == [f"diagnose:{Path(flag(cmd, '--v-hack.pairs')).stem}"]
+        assert ("--project-update" in cmd) == (flag(cmd, "--intervention") != "vanilla")
         assert flag(cmd, "--runs-dir") == str(runs_dir) and f"run:{flag(cmd, '--run-name')}" == j["label"]
 
     # Each run's eval right after it, naming its folder; the results job last, after every eval.
@@ -82,7 +85,7 @@ def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
         assert j["after"] == [f"run:{name}"] and train_args(j["command"]) == ["train.py", "eval", "--run", str(runs_dir / name)]
     assert labels[-1] == "results" and jobs[-1]["after"] == [j["label"] for j in evals]
     assert jobs[-1]["command"] == ["just", "results", str(runs_dir)]
-    assert len(jobs) == 2 + 2 * len(runs) + 1
+    assert len(jobs) == 3 + 2 * len(runs) + 1
 
     # The backend's options carry the same dependencies (task ids / job ids stand as <label>).
     for j in jobs:
@@ -97,23 +100,44 @@ def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
             assert ("--gpus-per-node=1" in opts) == (j["label"] != "results") and ("--time=1440" in opts) == (j["label"] != "results")
 
 
-def test_headline_defaults_and_refusals(tmp_path):
-    cfg = SweepConfig(runs_dir=tmp_path / "runs")
+def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
+    runs_dir = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "sweep.py", "--dry-run", "--runs-dir", str(runs_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = parse_dry_run(proc.stdout)
+    assert proc.stdout.splitlines()[0].startswith("27 jobs (12 runs of full)")
+    assert [j["label"] for j in jobs[:2]] == ["diagnose:pairs", "diagnose:pairs_null"]
+    # Exactly: vanilla; projected and random with --project-update; projected with --project-update along pairs_null; seeds 1-3.
+    runs = [train_args(j["command"]) for j in jobs if j["label"].startswith("run:")]
+    tail = ["--runs-dir", str(runs_dir)]
+    assert runs == [
+        argv for s in "123" for argv in (
+            ["train.py", "full", "--intervention", "vanilla", "--v-hack.pairs", "data/pairs.jsonl", "--seed", s, *tail, "--run-name", f"full_vanilla_pairs_s{s}"],
+            ["train.py", "full", "--intervention", "projected", "--gate", "one_sided", "--project-update", "--v-hack.pairs", "data/pairs.jsonl", "--seed", s,
+             *tail, "--run-name", f"full_projected-one_sided_pairs_s{s}"],
+            ["train.py", "full", "--intervention", "random", "--gate", "one_sided", "--project-update", "--v-hack.pairs", "data/pairs.jsonl", "--seed", s,
+             *tail, "--run-name", f"full_random-one_sided_pairs_s{s}"],
+            ["train.py", "full", "--intervention", "projected", "--gate", "one_sided", "--project-update", "--v-hack.pairs", "data/pairs_null.jsonl", "--seed", s,
+             *tail, "--run-name", f"full_projected-one_sided_pairs_null_s{s}"],
+        )]
+    assert all(("--project-update" in argv) == (argv[3] != "vanilla") for argv in runs)
+    cfg = SweepConfig(runs_dir=runs_dir)
     jobs = plan(cfg)
-    kinds = [j.label.split(":")[0] for j in jobs]
-    assert (kinds.count("extract"), kinds.count("run"), kinds.count("eval"), kinds.count("results")) == (1, 9, 9, 1)
-    assert {j.label for j in jobs if j.label.startswith("run:")} == {
-        f"run:full_{arm}_pairs_s{s}" for arm in ("vanilla", "projected-one_sided", "random-one_sided") for s in (1, 2, 3)}
     assert all(j.gpu for j in jobs[:-1]) and not jobs[-1].gpu
     check(cfg, jobs)
-    for bad in ("--seed 3", "--v_hack.pairs=data/pairs_null.jsonl", "--run-name x"):  # set by the sweep itself
+    # The label-shuffled control is an optional arm.
+    shuffled = [j for j in plan(replace(cfg, arms=(*cfg.arms, "shuffled"), seeds=(1,))) if j.label.startswith("run:")][-1]
+    assert shuffled.label == "run:full_shuffled-one_sided_pairs_s1" and shuffled.argv[shuffled.argv.index("--intervention") + 1] == "shuffled"
+    for bad in ("--seed 3", "--v_hack.pairs=data/pairs_null.jsonl", "--run-name x", "--project-update"):  # set by the sweep itself
         with pytest.raises(ValueError, match="the sweep sets"):
             plan(replace(cfg, train_flags=bad))
     with pytest.raises(ValueError, match="share a file name"):
         plan(replace(cfg, pairs=(PAIRS, tmp_path / "pairs.jsonl")))
+    with pytest.raises(ValueError, match="the same run twice"):
+        plan(replace(cfg, pairs=(PAIRS, NULL_PAIRS)))
     with pytest.raises(SystemExit):  # a typo fails now, not when the job starts
         check(cfg, plan(replace(cfg, train_flags="--stepz 3")))
-    (tmp_path / "runs" / "full_random-one_sided_pairs_s2").mkdir(parents=True)
+    (runs_dir / "full_random-one_sided_pairs_s2").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="full_random-one_sided_pairs_s2"):
         check(cfg, jobs)
 
@@ -134,7 +158,7 @@ if sys.argv[1:] == ["group", "--json"]:
 """)
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    cfg = SweepConfig(preset="smoke", seeds=(1, 2), pairs=(PAIRS, NULL_PAIRS), runs_dir=tmp_path / "runs", pueue=PueueConfig(group="sweeps", parallel=2))
+    cfg = SweepConfig(preset="smoke", seeds=(1, 2), pairs=(PAIRS, MINIMAL_PAIRS), runs_dir=tmp_path / "runs", pueue=PueueConfig(group="sweeps", parallel=2))
     ids = sweep(cfg)
     made = [json.loads(line) for line in calls.read_text().splitlines()]
     assert made[:3] == [["group", "--json"], ["group", "add", "sweeps"], ["parallel", "2", "--group", "sweeps"]]
@@ -280,7 +304,7 @@ def test_tiny_sweep_end_to_end_on_slurm(slurm, tmp_path):
     ids = sweep(cfg)
     jobs = plan(replace(cfg, runs_dir=cfg.runs_dir.resolve()))
     assert list(ids) == [j.label for j in jobs] == [
-        "extract:pairs", "run:smoke_vanilla_pairs_s1", "eval:smoke_vanilla_pairs_s1",
+        "diagnose:pairs", "run:smoke_vanilla_pairs_s1", "eval:smoke_vanilla_pairs_s1",
         "run:smoke_projected-one_sided_pairs_s1", "eval:smoke_projected-one_sided_pairs_s1", "results"]
     info = wait_for(ids, timeout=420)
     logs = cfg.runs_dir / "slurm"
@@ -290,14 +314,16 @@ def test_tiny_sweep_end_to_end_on_slurm(slurm, tmp_path):
     # Dependencies held: each job started once the jobs it waits for had ended (slurm times, in seconds) ...
     for job in jobs:
         assert all(info[job.label]["StartTime"] >= info[a]["EndTime"] for a in job.after), (job.label, info[job.label]["StartTime"])
-    # ... and the files say the same at finer grain: v_hack before each run's folder, each run's summary before its eval's.
+    # ... and the files say the same at finer grain: v_hack and its report before each run's folder, each run's summary before its eval's.
     (v_hack,) = (tmp_path / "cache" / "v_hack").glob("*.safetensors")
+    assert v_hack.with_name(v_hack.stem + ".report.json").exists()
     for name in ("smoke_vanilla_pairs_s1", "smoke_projected-one_sided_pairs_s1"):
         run = cfg.runs_dir / name
         config = json.loads((run / "config.json").read_text())
         assert config["run_name"] == name and config["intervention"] == name.split("_")[1].split("-")[0]
         assert (run / "checkpoints" / "step_000002" / "delta_S.safetensors").exists()
-        assert "v_hack cache hit" in (run / "train.log").read_text()  # extracted once, by the extraction job
+        assert "v_hack cache hit" in (run / "train.log").read_text()  # extracted once, by the diagnose job
+        assert json.loads((run / "vhack.json").read_text())["beats_shuffled"] is not None  # the run recorded the report's verdict
         summary = run / "eval" / "problems-step_000002-run_tests-s0" / "summary.json"
         assert json.loads(summary.read_text())["n"] == 2
         assert v_hack.stat().st_mtime <= (run / "config.json").stat().st_mtime and (run / "summary.json").stat().st_mtime <= summary.stat().st_mtime
@@ -310,7 +336,7 @@ def test_tiny_sweep_end_to_end_on_slurm(slurm, tmp_path):
 def test_a_failed_job_cancels_every_job_that_waits_for_it(slurm, tmp_path):
     ids = sweep(tiny_sweep(tmp_path, python="false"))  # every train.py job exits 1 at once
     info = wait_for(ids, timeout=120)
-    assert {label: v["JobState"] for label, v in info.items()} == {label: "FAILED" if label.startswith("extract:") else "CANCELLED" for label in ids}
+    assert {label: v["JobState"] for label, v in info.items()} == {label: "FAILED" if label.startswith("diagnose:") else "CANCELLED" for label in ids}
 
 
 def test_tiny_sweep_runs_here_and_resumes_where_it_stopped(tmp_path):
@@ -319,7 +345,7 @@ def test_tiny_sweep_runs_here_and_resumes_where_it_stopped(tmp_path):
     assert set(sweep(cfg).values()) == {"done"}
     vanilla = cfg.runs_dir / "smoke_vanilla_pairs_s1"
     assert json.loads((vanilla / "eval" / "problems-step_000002-run_tests-s0" / "summary.json").read_text())["n"] == 2
-    assert "v_hack cache hit" in (vanilla / "train.log").read_text()  # extracted once, by the extraction job
+    assert "v_hack cache hit" in (vanilla / "train.log").read_text()  # extracted once, by the diagnose job
     final = (vanilla / "checkpoints" / "step_000002" / "delta_S.safetensors").read_bytes()
     # Stopped after its step-1 checkpoint: the same command runs that run (resumed) and its eval, nothing else.
     shutil.rmtree(vanilla / "checkpoints" / "step_000002")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from extract import read_v_hack
+from extract import read_v_hack, shuffled_twin
 from grader import GRADER_VERSION
 from projection import EmpiricalNull, Projector
 from train import PRESETS, Config, PoolConfig, build_pool, grpo_loss, group_advantages, load_group, split_group, teacher_pool
@@ -58,7 +58,7 @@ def delta(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def arms(work) -> dict[str, Path]:
-    return {arm: run_train(work, "--intervention", arm, "--steps", "4", "--checkpoint-every", "1") for arm in ("vanilla", "projected", "random")}
+    return {arm: run_train(work, "--intervention", arm, "--steps", "4", "--checkpoint-every", "1") for arm in ("vanilla", "projected", "random", "shuffled")}
 
 
 def test_each_arm_end_to_end_with_its_basis(arms):
@@ -80,13 +80,43 @@ def test_each_arm_end_to_end_with_its_basis(arms):
     for n, v in v_hack.items():  # random: the same axis counts per module, orthonormal, unrelated to v_hack
         r = arm_basis["random"][n]
         assert r.shape == v.shape and torch.allclose(r @ r.T, torch.eye(v.shape[0]), atol=1e-5) and not torch.allclose(r, v)
-    # The arms differ in nothing but the intervention.
+    # shuffled: v_hack's label-shuffled twin, half the pairs' labels swapped as drawn from --seed (0), v_hack's axis counts
+    vh = read_v_hack(next(Path(json.loads((arms["vanilla"] / "config.json").read_text())["cache_dir"]).glob("v_hack/*.safetensors")))
+    twin = shuffled_twin(vh.diffs, v_hack, vh.config(), torch.Generator().manual_seed(0))
+    assert arm_basis["shuffled"].keys() == v_hack.keys() and all(torch.equal(arm_basis["shuffled"][n], twin[n]) for n in v_hack)
+    assert any(not torch.allclose(twin[n], v_hack[n]) for n in v_hack)
+    # The arms differ in nothing but the intervention and the role it gives the run.
     configs = {arm: json.loads((d / "config.json").read_text()) for arm, d in arms.items()}
-    assert {k for k in configs["vanilla"] if configs["vanilla"][k] != configs["random"][k]} == {"intervention"}
+    assert {k for k in configs["vanilla"] if configs["vanilla"][k] != configs["random"][k]} == {"intervention", "role"}
+    assert {arm: c["role"] for arm, c in configs.items()} == {"vanilla": "baseline", "projected": "h1", "random": "random", "shuffled": "label_shuffled"}
+    recorded = json.loads((arms["projected"] / "vhack.json").read_text())  # no `just diagnose` ran: no report to record
+    assert (recorded["report"], recorded["beats_shuffled"], recorded["header"]["temperature"]) == (None, None, "1.0")
     live = [r for r in rows(arms["vanilla"]) if r["hackward/cin"]]
     assert live and all(r["hackward/cout"] == r["hackward/cin"] and r["hackward/touched"] == 0 for r in rows(arms["vanilla"]))
     assert all(r["hackward/cout"] < 1e-6 for r in rows(arms["projected"]) if r["hackward/cin"])
     assert any(r["hackward/cout"] > 1e-3 for r in rows(arms["random"]))  # projecting a random subspace leaves v_hack's part
+
+
+def test_removed_fraction_is_logged_in_every_arm_and_recomputed_from_checkpoints(arms):
+    """hackward/removed = ||g - g_applied|| / ||g||, g_applied the gradient after the arm's projection (0 in vanilla)."""
+    for arm, run_dir in arms.items():
+        log = rows(run_dir)
+        assert all("hackward/removed" in r for r in log) and any(r["hackward/removed"] is not None for r in log)
+        for step, row in enumerate(log, 1):
+            if row["hackward/removed"] is None:  # no group with reward variance: no gradient
+                assert row["hackward/upd"] is None
+                continue
+            grads = load_file(checkpoint(run_dir, step) / "grads.safetensors")
+            g = {k.split(".", 1)[1]: t + grads[k.replace("g_s.", "g_t.", 1)] for k, t in grads.items() if k.startswith("g_s.")}
+            basis = load_group(checkpoint(run_dir, step) / "bases.safetensors", "arm")
+            if arm == "vanilla":
+                assert basis == {} and row["hackward/removed"] == 0.0
+                continue
+            applied = {n: t.clone() for n, t in g.items()}
+            Projector(basis, {n: t.shape[0] for n, t in g.items()}, "one_sided", apply=True)(applied)
+            norm = lambda d: torch.sqrt(sum(t.square().sum() for t in d.values())).item()  # noqa: E731
+            assert row["hackward/removed"] == pytest.approx(norm({n: g[n] - applied[n] for n in g}) / norm(g), rel=1e-4, abs=1e-7)
+    assert any(r["hackward/removed"] for r in rows(arms["projected"]))
 
 
 def test_logged_leak_null_and_displacement_are_recomputed_from_checkpoints(arms):
