@@ -524,10 +524,10 @@ def said(c: dict) -> str:
     """One comparison in words, for results.md."""
     if not c["n"]:
         return f"vs {c['vs']}{': ' + c['control'] if c['control'] else ''}: {c['outcome']} ({c['why']})"
-    seeds = ",".join(map(str, c["seeds"]))
+    seeds = f"{c['n']} seed{'s' * (c['n'] != 1)} ({','.join(map(str, c['seeds']))})"
+    power_said = "" if c["supportable"] is None else f"; needs Δ hack ≤ {cell(c['supportable'])}, seeds needed {c['seeds_needed']}"
     return (f"vs {c['vs']}: {c['control']}, bound {-c['bound']:+.2f}: Δ hack {interval(c['d_hack'], c['d_hack_lo'], c['d_hack_hi'])}, "
-            f"Δ pass {interval(c['d_pass'], c['d_pass_lo'], c['d_pass_hi'])}, {c['n']} seeds ({seeds}), {c['source']}: {c['outcome']} "
-            f"({c['why']}); needs Δ hack ≤ {cell(c['supportable'])}, seeds needed {c['seeds_needed']}")
+            f"Δ pass {interval(c['d_pass'], c['d_pass_lo'], c['d_pass_hi'])}, {seeds}, {c['source']}: {c['outcome']} ({c['why']}){power_said}")
 
 
 def h1_lines(verdicts: list[tuple[Group | None, dict]], comparisons: list[dict]) -> list[str]:

@@ -22,7 +22,7 @@ def synthetic(tmp_path: Path, signal: float, n: int = 24, seed: int = 0) -> VHac
         u = torch.nn.functional.normalize(torch.randn(r, generator=gen), dim=0)
         diffs[name] = signal * u + torch.randn(n, r, generator=gen) / r**0.5
     n_hack, n_clean = torch.randint(50, 300, (n,), generator=gen).float(), torch.randint(50, 300, (n,), generator=gen).float()
-    header = {"method": "mean_diff", "norm": "token_mean", "k": "4", "noise_quantile": "0.0", "min_split_half": "0.0"}
+    header = {"method": "mean_diff", "norm": "token_mean", "k": "4", "noise_quantile": "0.0", "min_split_half": "0.0", "temperature": "1.0"}
     vh = VHack({}, {}, diffs, n_hack, n_clean, header, tmp_path / "synthetic.safetensors")
     vh.V, vh.S = fit_v_hack(diffs, vh.config())
     return vh

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from conftest import ROOT
 from sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, plan, submit_local, sweep
@@ -339,6 +340,13 @@ def test_a_failed_job_cancels_every_job_that_waits_for_it(slurm, tmp_path):
     assert {label: v["JobState"] for label, v in info.items()} == {label: "FAILED" if label.startswith("diagnose:") else "CANCELLED" for label in ids}
 
 
+def checkpoint_contents(step_dir: Path) -> tuple[dict, dict]:
+    """delta_S's tensors (as raw bytes) and metadata. Not the file's bytes: safetensors writes the
+    metadata map in hash order, which differs between processes."""
+    with safe_open(step_dir / "delta_S.safetensors", "pt") as f:
+        return {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()}, f.metadata()
+
+
 def test_tiny_sweep_runs_here_and_resumes_where_it_stopped(tmp_path):
     cfg = tiny_sweep(tmp_path, backend="local", local=LocalConfig(parallel=2))
     cfg = replace(cfg, train_flags=cfg.train_flags + " --checkpoint-every 1")
@@ -346,7 +354,7 @@ def test_tiny_sweep_runs_here_and_resumes_where_it_stopped(tmp_path):
     vanilla = cfg.runs_dir / "smoke_vanilla_pairs_s1"
     assert json.loads((vanilla / "eval" / "problems-step_000002-run_tests-s0" / "summary.json").read_text())["n"] == 2
     assert "v_hack cache hit" in (vanilla / "train.log").read_text()  # extracted once, by the diagnose job
-    final = (vanilla / "checkpoints" / "step_000002" / "delta_S.safetensors").read_bytes()
+    final = checkpoint_contents(vanilla / "checkpoints" / "step_000002")
     # Stopped after its step-1 checkpoint: the same command runs that run (resumed) and its eval, nothing else.
     shutil.rmtree(vanilla / "checkpoints" / "step_000002")
     for label in ("run_smoke_vanilla_pairs_s1", "eval_smoke_vanilla_pairs_s1"):
@@ -355,7 +363,7 @@ def test_tiny_sweep_runs_here_and_resumes_where_it_stopped(tmp_path):
     assert set(sweep(cfg).values()) == {"done"}
     assert (cfg.runs_dir / "local" / "run_smoke_projected-one_sided_pairs_s1.log").read_text() == projected_log  # not run again
     assert "resumed from" in (vanilla / "train.log").read_text()
-    assert (vanilla / "checkpoints" / "step_000002" / "delta_S.safetensors").read_bytes() == final  # as if never stopped
+    assert checkpoint_contents(vanilla / "checkpoints" / "step_000002") == final  # as if never stopped
 
 
 def test_local_sweep_stops_its_jobs_at_the_deadline(tmp_path):
