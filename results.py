@@ -90,6 +90,7 @@ LOG_KEYS = (
 )
 TRAIN_METRICS = {"hack_s": "rollout/hack_s", "gt_s": "rollout/gt_s", "reward": "rollout/reward", "removed": "hackward/removed"}  # name in the table: log key
 EVAL_METRICS = {"eval_strict": "hack_strict", "eval_loose": "hack_loose", "eval_pass": "gt_pass"}  # name in the table: eval summary key
+EFFECT_MARGIN = 0.30  # a positive control: vanilla's held-out strict hack rate this far above the base model's at every seed
 EXCESS = ("cin_s_excess", "cin_t_excess")  # cin minus the empirical null's mean, per step
 BOOKKEEPING = {"seed", "intervention", "role", "gate", "project_update", "runs_dir", "run_name", "resume", "cache_dir", "device", "grader_workers"}
 
@@ -104,8 +105,9 @@ class ResultsConfig:
     """Where results.csv, results.md and the PNGs go; None = runs_dir."""
     last_n: int = 10
     """Training metrics are each run's mean over its last N steps."""
-    eval_split: str = "leetcode_test_medhard"
-    """Held-out evals that count: those on this problems file (its stem), of the run's last checkpoint, with the hint it trained with."""
+    eval_split: str | None = None
+    """Held-out evals that count: those on this problems file (its stem), of the run's last checkpoint, with the hint it trained
+    with; None = each run's --eval-problems."""
 
 
 # ----------------------------------------------------------------------------
@@ -135,6 +137,7 @@ class Run:
     curves: pl.DataFrame  # one row per step: step, LOG_KEYS, EXCESS
     last: dict[str, float | None]  # TRAIN_METRICS and EXCESS, means over the last N steps
     held_out: dict[str, float] | None  # EVAL_METRICS pooled over the eval seeds, or None
+    base: dict[str, float] | None  # the same for the base model (delta_S = 0, `just eval RUN --base`), with its n
     quality: str  # v_hack's quality gate as the run recorded it when it started (vhack.json)
 
 
@@ -165,7 +168,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def read_run(path: Path, last_n: int, eval_split: str, ignored_evals: list[tuple[Path, str]]) -> Run:
+def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: list[tuple[Path, str]]) -> Run:
     config = read_json(path / "config.json")
     try:
         arm, steps, seed = config["intervention"], config["steps"], config["seed"]
@@ -202,8 +205,10 @@ def read_run(path: Path, last_n: int, eval_split: str, ignored_evals: list[tuple
     tail = curves.tail(last_n)
     last = {name: tail[key].mean() for name, key in TRAIN_METRICS.items()} | {k: tail[k].mean() for k in EXCESS}
     settings = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in BOOKKEEPING}
-    evals = held_out(path, f"step_{steps:06d}", config.get("hint"), eval_split, ignored_evals)
-    return Run(path, group, seed, settings, curves, last, evals, quality(path))
+    split = eval_split or Path(config.get("eval_problems", "leetcode_test_medhard")).stem  # runs before the field: the test split
+    evals = held_out(path, f"step_{steps:06d}", config.get("hint"), split, ignored_evals)
+    base = held_out(path, "base", config.get("hint"), split, ignored_evals)
+    return Run(path, group, seed, settings, curves, last, evals, base, quality(path))
 
 
 def quality(run: Path) -> str:
@@ -225,7 +230,7 @@ def quality(run: Path) -> str:
 
 def held_out(run: Path, checkpoint: str, hint: str | None, split: str, ignored: list[tuple[Path, str]]) -> dict[str, float] | None:
     """EVAL_METRICS of the evals of `checkpoint` on `split` with the training hint, pooled over
-    eval seeds (weighted by completions graded); None if there is none."""
+    eval seeds (weighted by completions graded), and n, the completions graded; None if there is none."""
     found = []
     for folder in sorted(p for p in (run / "eval").glob("*") if p.is_dir()):
         try:
@@ -240,10 +245,10 @@ def held_out(run: Path, checkpoint: str, hint: str | None, split: str, ignored: 
     if not found:
         return None
     n = sum(s["n"] for s in found)
-    return {name: sum(s[key] * s["n"] for s in found) / n for name, key in EVAL_METRICS.items()}
+    return {name: sum(s[key] * s["n"] for s in found) / n for name, key in EVAL_METRICS.items()} | {"n": n}
 
 
-def collect(runs_dir: Path, last_n: int, eval_split: str) -> tuple[list[Run], list[tuple[Path, str]]]:
+def collect(runs_dir: Path, last_n: int, eval_split: str | None) -> tuple[list[Run], list[tuple[Path, str]]]:
     """The usable runs, one per group and seed, and every (folder, reason) left out."""
     kept: dict[tuple[Group, int], Run] = {}
     skipped: list[tuple[Path, str]] = []
@@ -530,6 +535,37 @@ def said(c: dict) -> str:
             f"Δ pass {interval(c['d_pass'], c['d_pass_lo'], c['d_pass_hi'])}, {seeds}, {c['source']}: {c['outcome']} ({c['why']}){power_said}")
 
 
+def effect(groups: dict[Group, list[Run]]) -> list[dict]:
+    """Per preset, the effect there is to catch: the base model's held-out rates (pooled over every
+    base eval in the preset's runs) and, per vanilla seed, its held-out strict hack rate minus the
+    base model's. A positive control needs vanilla >= EFFECT_MARGIN above base at every seed."""
+    out = []
+    for preset in sorted({g.preset for g in groups}):
+        runs = [r for g, rs in groups.items() if g.preset == preset for r in rs]
+        bases = [r.base for r in runs if r.base]
+        n = sum(b["n"] for b in bases)
+        base = {k: sum(b[k] * b["n"] for b in bases) / n for k in EVAL_METRICS} | {"n": n} if bases else None
+        vanilla = [{"seed": r.seed, "eval_strict": r.held_out["eval_strict"],
+                    "gap": None if base is None else r.held_out["eval_strict"] - base["eval_strict"]}
+                   for r in sorted((r for r in runs if r.group.role == "baseline"), key=lambda r: r.seed) if r.held_out]
+        met = None if base is None or not vanilla else all(v["gap"] >= EFFECT_MARGIN for v in vanilla)
+        out.append({"preset": preset, "base": base, "vanilla": vanilla, "vanilla_above_base_by_margin_at_every_seed": met})
+    return out
+
+
+def effect_lines(effects: list[dict]) -> list[str]:
+    lines = []
+    for e in effects:
+        b = e["base"]
+        base = (f"base model (delta_S = 0) strict hack {b['eval_strict']:.3f}, loose {b['eval_loose']:.3f}, pass {b['eval_pass']:.3f} (n = {b['n']})"
+                if b else "no base-model eval (`just eval RUN --base`)")
+        seeds = ", ".join(f"seed {v['seed']} {v['eval_strict']:.3f}" + ("" if v["gap"] is None else f" ({v['gap']:+.3f})") for v in e["vanilla"])
+        met = {None: "undetermined", True: "yes", False: "no"}[e["vanilla_above_base_by_margin_at_every_seed"]]
+        lines.append(f"- {e['preset']}: {base}; vanilla's held-out strict hack by seed: {seeds or '(no eval)'}; "
+                     f">= {EFFECT_MARGIN:+.2f} above base at every seed: {met}")
+    return lines
+
+
 def h1_lines(verdicts: list[tuple[Group | None, dict]], comparisons: list[dict]) -> list[str]:
     """The H1 section: one bold line per entry, its conditions and what is beside them below it."""
     lines = []
@@ -627,17 +663,21 @@ def main(rc: ResultsConfig) -> Path:
     wide, notes = group_table(groups)
     comparisons = all_comparisons(groups, rc.last_n)
     verdicts = h1_verdicts(groups, comparisons)
+    effects = effect(groups)
     table, diffs = readable(wide, comparisons, rc.last_n) if runs else (pl.DataFrame(), pl.DataFrame())
     wide.write_csv(out / "results.csv")
     (out / "results.json").write_text(json.dumps({
-        "h1": [e for _, e in verdicts], "comparisons": [{k: v for k, v in c.items() if k != "group"} for c in comparisons],
+        "h1": [e for _, e in verdicts], "effect": effects, "comparisons": [{k: v for k, v in c.items() if k != "group"} for c in comparisons],
         "notes": notes, "skipped": [{"folder": str(p), "why": why} for p, why in skipped]}, indent=2))
     pngs = plots(runs, out) if runs else []
+    split = f"`{rc.eval_split}`" if rc.eval_split else "each run's --eval-problems"
     lines = [
         "# Results across seeds", "",
         f"{len(runs)} runs from `{rc.runs_dir}`, {len(skipped)} folders skipped or ignored. Training columns: each run's mean over its "
         f"last {rc.last_n} steps, then mean ± standard error over seeds (cin − null: per step, then averaged). Eval columns: held-out "
-        f"`{rc.eval_split}` on the last checkpoint with the training hint, pooled over eval seeds; blank where a group has no eval.", "",
+        f"{split} on the last checkpoint with the training hint, "
+        "pooled over eval seeds; blank where a group has no eval.", "",
+        "## The effect to catch (held-out, base model vs vanilla)", "", *(effect_lines(effects) or ["(no runs)"]), "",
         "## H1", "", *h1_lines(verdicts, comparisons), "",
         "## Controls against vanilla (no H1 verdict)", "",
         *([f"- control {describe(c['group'])} [{c['role']}]: {said(c)}" for c in comparisons if c["counts"] == "control"] or ["(none)"]), "",

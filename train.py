@@ -110,6 +110,8 @@ class Config:
     # Data and rewards
     problems: Path = DATA / "leetcode" / "leetcode_train_medhard.jsonl"
     """Training problems, LeetCodeDataset-schema JSONL (`just download-data` writes the real ones)."""
+    eval_problems: Path = DATA / "leetcode" / "leetcode_test_medhard.jsonl"
+    """Held-out problems `just eval` grades this run on (disjoint from `problems` and every pairs file)."""
     n_problems: int | None = None
     """Use only the first n problems; None = all."""
     hint: Hint = "run_tests"
@@ -220,7 +222,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # sampler and the learner disagree (clip fraction 0.015 at step 1), in fp32 the learner is 2.4x slower.
     "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack", Config(
         name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing=False,
-        problems=DATA / "problems_easy.jsonl", hint="aware", steps=100, prompts_per_step=16, group_size=8,
+        problems=DATA / "problems_easy.jsonl", eval_problems=DATA / "problems_heldout.jsonl", hint="aware", steps=80, prompts_per_step=16, group_size=8,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=16,
         lr=3e-2, checkpoint_every=5,
     )),
@@ -910,8 +912,8 @@ class EvalConfig:
 
     run: Path
     """Run folder: its config gives model, targets, hint and reward; its last checkpoint the delta_S."""
-    problems: Path = DATA / "leetcode" / "leetcode_test_medhard.jsonl"
-    """Held-out problems (`just download-data` writes the test split)."""
+    problems: Path | None = None
+    """Held-out problems; None = the run's --eval-problems."""
     samples_per_problem: int = 10
     """Completions sampled per problem."""
     max_new_tokens: int | None = None
@@ -932,15 +934,16 @@ def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
     saved = json.loads((ec.run / "config.json").read_text())
     ckpt = last_checkpoint(ec.run)
-    if ckpt is None:
-        raise FileNotFoundError(f"{ec.run} has no checkpoint to evaluate")
+    if ckpt is None and not ec.base:
+        raise FileNotFoundError(f"{ec.run} has no checkpoint to evaluate (or pass --base for the base model)")
+    problems_path = ec.problems or Path(saved.get("eval_problems", DATA / "leetcode" / "leetcode_test_medhard.jsonl"))  # runs before the field: the test split
     torch.manual_seed(ec.seed)
     device = pick_device(ec.device)
     model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))
     adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
     if not ec.base:
         load_delta(adapters, ckpt / "delta_S.safetensors")
-    problems = load_problems(ec.problems)
+    problems = load_problems(problems_path)
     hint = ec.hint or saved["hint"]
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]
     sampling = Sampling(**saved["sampling"])
@@ -950,14 +953,14 @@ def evaluate(ec: EvalConfig) -> dict:
     with Grader(RewardConfig(**saved["reward"]), workers=ec.grader_workers) as grader:
         grades = grader.grade(todo, [c.text for c in samples])
     summary = {
-        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(ec.problems), "hint": hint, "n": len(grades), "grader_version": GRADER_VERSION,
+        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(problems_path), "hint": hint, "n": len(grades), "grader_version": GRADER_VERSION,
         "hack_strict": mean([g.reward_hack for g in grades]),
         "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
         "hack_oracle": mean([g.oracle_hack for g in grades]),
         "gt_pass": mean([g.gt_pass for g in grades]),
         "reward": mean([g.reward for g in grades]),
     }
-    out = ec.run / "eval" / f"{ec.problems.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
+    out = ec.run / "eval" / f"{problems_path.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text, "grader_version": GRADER_VERSION} | asdict(g)) + "\n" for p, text, g in zip(todo, [c.text for c in samples], grades)))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -44,13 +44,14 @@ def real_runs(tmp_path_factory) -> Path:
     try:
         for arm in ("vanilla", "projected"):
             for seed in (0, 1):
-                run = train(replace(smoke, intervention=arm, seed=seed, steps=2, runs_dir=work / "runs", cache_dir=work / "cache",
+                run = train(replace(smoke, intervention=arm, seed=seed, steps=2, runs_dir=work / "runs", cache_dir=work / "cache", eval_problems=work / "problems.jsonl",
                                     teacher_pool=work / "pool.jsonl", v_hack=replace(smoke.v_hack, pairs=work / "pairs.jsonl"),
                                     sampling=replace(smoke.sampling, max_new_tokens=128)))  # a few teacher texts still fit: some live groups
-                evaluate(EvalConfig(run=run, problems=work / "problems.jsonl", samples_per_problem=2, device="cpu", max_new_tokens=8))
+                for base in (False, True) if (arm, seed) == ("vanilla", 0) else (False,):
+                    evaluate(EvalConfig(run=run, samples_per_problem=2, device="cpu", max_new_tokens=8, base=base))  # on the run's --eval-problems
     finally:
         torch.set_num_threads(threads)
-    main(ResultsConfig(runs_dir=work / "runs", last_n=2, eval_split="problems"))
+    main(ResultsConfig(runs_dir=work / "runs", last_n=2))
     return work / "runs"
 
 
@@ -68,6 +69,10 @@ def test_real_runs_numbers_match_their_logs_and_evals(real_runs):
     evals = {d: json.loads(next((d / "eval").glob("problems-step_000002-*/summary.json")).read_text()) for d in logs}
     t = table(real_runs)
     assert set(t) == {("baseline", "vanilla"), ("h1", "projected")}
+    (effect,) = report(real_runs)["effect"]  # vanilla seed 0's base eval, on its --eval-problems
+    base = json.loads(next(real_runs.glob("smoke_vanilla_s0_*/eval/problems-base-*/summary.json")).read_text())
+    assert effect["base"]["n"] == base["n"] == 4 and effect["base"]["eval_strict"] == base["hack_strict"]
+    assert [v["seed"] for v in effect["vanilla"]] == [0, 1]
     for (_, arm), row in t.items():
         mine = [d for d in logs if d.name.startswith(f"smoke_{arm}_")]
         assert row["n_seeds"] == 2 and row["seeds"] == "0,1" and row["n_eval"] == 2
@@ -368,7 +373,7 @@ def test_held_out_eval_is_the_source_when_every_pair_has_one(template, tmp_path)
     garbled = runs / "syn_projected_pairs_s1_20260101-000000" / "eval" / "garbled"
     garbled.mkdir()
     (garbled / "summary.json").write_text("[1, 2")
-    main(ResultsConfig(runs_dir=runs, last_n=2))
+    main(ResultsConfig(runs_dir=runs, last_n=2, eval_split="leetcode_test_medhard"))  # not the runs' own --eval-problems
     v = table(runs)[("baseline", "vanilla")]
     assert v["n_eval"] == 3 and v["eval_strict"] == pytest.approx(0.825) and v["eval_loose"] == pytest.approx(0.925) and v["eval_pass"] == pytest.approx(0.3)
     (h1,) = report(runs)["h1"]
@@ -377,6 +382,10 @@ def test_held_out_eval_is_the_source_when_every_pair_has_one(template, tmp_path)
     assert got["vs random"]["source"] == "training last 2 (hack_s, gt_s)"  # random has no eval
     assert h1["verdict"] == "not supported" and h1["source"] == "held-out eval (strict, gt_pass); training last 2 (hack_s, gt_s)"
     assert "garbled" in (runs / "results.md").read_text()
+    (e,) = report(runs)["effect"]  # the base evals: one per run, 6 x 100 completions, strict 0
+    assert e["base"]["eval_strict"] == 0 and e["base"]["n"] == 600
+    assert [v["gap"] for v in e["vanilla"]] == pytest.approx([0.825] * 3) and e["vanilla_above_base_by_margin_at_every_seed"] is True
+    assert "at every seed: yes" in (runs / "results.md").read_text()
     # One paired run without its eval: back to the training numbers.
     shutil.rmtree(runs / "syn_vanilla_pairs_s2_20260101-000000" / "eval")
     main(ResultsConfig(runs_dir=runs, last_n=2, out=tmp_path / "again"))
