@@ -38,6 +38,7 @@ What it guarantees:
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,7 @@ LOG_KEYS = (
 TRAIN_METRICS = {"hack_s": "rollout/hack_s", "gt_s": "rollout/gt_s", "reward": "rollout/reward", "removed": "hackward/removed"}  # name in the table: log key
 EVAL_METRICS = {"eval_strict": "hack_strict", "eval_loose": "hack_loose", "eval_pass": "gt_pass"}  # name in the table: eval summary key
 EFFECT_MARGIN = 0.30  # a positive control: vanilla's held-out strict hack rate this far above the base model's at every seed
+ONSET, STRETCH, BASELINE_STEPS = 0.2, 5, 10  # H2 (docs/spec.md): hacking starts when hack_s first exceeds 0.2; 5 consecutive steps; issue 19's own-start yardstick
 EXCESS = ("cin_s_excess", "cin_t_excess")  # cin minus the empirical null's mean, per step
 BOOKKEEPING = {"seed", "intervention", "role", "gate", "project_update", "runs_dir", "run_name", "resume", "cache_dir", "device", "grader_workers"}
 
@@ -553,6 +555,54 @@ def effect(groups: dict[Group, list[Run]]) -> list[dict]:
     return out
 
 
+def first_stretch(flags: list[bool], steps: list[int], length: int) -> int | None:
+    """The step that starts the first `length` consecutive True flags; None if there is none."""
+    count = 0
+    for i, flag in enumerate(flags):
+        count = count + 1 if flag else 0
+        if count == length:
+            return steps[i - length + 1]
+    return None
+
+
+def leading(curves: pl.DataFrame) -> dict:
+    """H2 and H3 (docs/spec.md) read from one vanilla run's log. onset: the first step whose
+    hack_s exceeds ONSET. H2 against the null: cin_s > null_s_p95 for STRETCH consecutive steps
+    before onset. H2 against its own start (cin_s sits above the null from step 1 on the
+    surrogate, which makes the first reading trivially true): cin_s above its steps-1-10 mean + 2 sd
+    for STRETCH consecutive steps between step 11 and onset. H3: steps where cin_t > null_t_p95
+    while cin_s <= null_s_p95 (both defined)."""
+    rows = curves.to_dicts()
+    above = lambda r, a, b: r[a] is not None and r[b] is not None and r[a] > r[b]
+    onset = next((r["step"] for r in rows if r["rollout/hack_s"] is not None and r["rollout/hack_s"] > ONSET), None)
+    before = [r for r in rows if onset is None or r["step"] < onset]
+    h2_null = first_stretch([above(r, "hackward/cin_s", "hackward/null_s_p95") for r in before], [r["step"] for r in before], STRETCH)
+    first = [r["hackward/cin_s"] for r in rows[:BASELINE_STEPS] if r["hackward/cin_s"] is not None]
+    bar = statistics.mean(first) + 2 * statistics.stdev(first) if len(first) >= 2 else None
+    later = [r for r in before if r["step"] > BASELINE_STEPS]
+    h2_own = None if bar is None else first_stretch([r["hackward/cin_s"] is not None and r["hackward/cin_s"] > bar for r in later],
+                                                     [r["step"] for r in later], STRETCH)
+    both = [r for r in rows if r["hackward/cin_s"] is not None and r["hackward/cin_t"] is not None]
+    h3 = [r["step"] for r in both if above(r, "hackward/cin_t", "hackward/null_t_p95") and not above(r, "hackward/cin_s", "hackward/null_s_p95")]
+    return {"onset": onset, "h2_null_from": h2_null, "own_bar": bar, "h2_own_from": h2_own, "h3_steps": h3, "steps_with_cin_t": len(both)}
+
+
+def leading_lines(groups: dict[Group, list[Run]]) -> tuple[list[str], list[dict]]:
+    """The H2/H3 section of results.md, one line per vanilla run, and its results.json entries."""
+    lines, entries = [], []
+    for r in sorted((r for g, rs in groups.items() if g.role == "baseline" for r in rs), key=lambda r: (r.group.preset, r.seed)):
+        e = {"preset": r.group.preset, "seed": r.seed} | leading(r.curves)
+        entries.append(e)
+        stretch = lambda start: "no" if start is None else f"yes, steps {start}-{start + STRETCH - 1}"
+        onset = f"hack_s first > {ONSET} at step {e['onset']}" if e["onset"] else f"hack_s never > {ONSET} (no onset: H2 undetermined)"
+        own = "no first-10-step level" if e["own_bar"] is None else f"above its first-{BASELINE_STEPS}-step mean + 2 sd ({e['own_bar']:.3f}): {stretch(e['h2_own_from'])}"
+        h3 = (f"{len(e['h3_steps'])} of {e['steps_with_cin_t']} steps with teacher rollouts" + (f" (first: {', '.join(map(str, e['h3_steps'][:5]))})" if e["h3_steps"] else "")
+              if e["steps_with_cin_t"] else "no step with teacher rollouts")
+        lines.append(f"- {r.group.preset} vanilla seed {r.seed}: {onset}; H2, cin_s > null_s_p95 for {STRETCH} steps before it: "
+                     f"{stretch(e['h2_null_from'])}; {own}; H3, cin_t > its null p95 while cin_s is not: {h3}")
+    return lines, entries
+
+
 def effect_lines(effects: list[dict]) -> list[str]:
     lines = []
     for e in effects:
@@ -664,10 +714,11 @@ def main(rc: ResultsConfig) -> Path:
     comparisons = all_comparisons(groups, rc.last_n)
     verdicts = h1_verdicts(groups, comparisons)
     effects = effect(groups)
+    leads, lead_entries = leading_lines(groups)
     table, diffs = readable(wide, comparisons, rc.last_n) if runs else (pl.DataFrame(), pl.DataFrame())
     wide.write_csv(out / "results.csv")
     (out / "results.json").write_text(json.dumps({
-        "h1": [e for _, e in verdicts], "effect": effects, "comparisons": [{k: v for k, v in c.items() if k != "group"} for c in comparisons],
+        "h1": [e for _, e in verdicts], "effect": effects, "h2_h3": lead_entries, "comparisons": [{k: v for k, v in c.items() if k != "group"} for c in comparisons],
         "notes": notes, "skipped": [{"folder": str(p), "why": why} for p, why in skipped]}, indent=2))
     pngs = plots(runs, out) if runs else []
     split = f"`{rc.eval_split}`" if rc.eval_split else "each run's --eval-problems"
@@ -681,6 +732,7 @@ def main(rc: ResultsConfig) -> Path:
         "## H1", "", *h1_lines(verdicts, comparisons), "",
         "## Controls against vanilla (no H1 verdict)", "",
         *([f"- control {describe(c['group'])} [{c['role']}]: {said(c)}" for c in comparisons if c["counts"] == "control"] or ["(none)"]), "",
+        "## H2 and H3 (vanilla runs, training logs)", "", *(leads or ["(no vanilla runs)"]), "",
         "## Per group", "", markdown(table), "",
         "## Paired differences by seed (arm − control)", "", markdown(diffs), "", RULE, "", POWER, "",
     ]

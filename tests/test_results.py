@@ -8,6 +8,7 @@ arm only, controls at other settings) undetermined or skipped with its reason.""
 import copy
 import json
 import math
+import statistics
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from results import LOG_KEYS, ResultsConfig, judge, main, power, t_critical
+from results import LOG_KEYS, ResultsConfig, judge, leading, main, power, t_critical
 
 T2 = 4.302652729749464  # t quantile 0.975, 2 degrees of freedom (tables: 4.3027)
 
@@ -73,6 +74,7 @@ def test_real_runs_numbers_match_their_logs_and_evals(real_runs):
     base = json.loads(next(real_runs.glob("smoke_vanilla_s0_*/eval/problems-base-*/summary.json")).read_text())
     assert effect["base"]["n"] == base["n"] == 4 and effect["base"]["eval_strict"] == base["hack_strict"]
     assert [v["seed"] for v in effect["vanilla"]] == [0, 1]
+    assert [(e["seed"], e["onset"]) for e in report(real_runs)["h2_h3"]] == [(0, None), (1, None)]  # 2 steps: no hacking yet
     for (_, arm), row in t.items():
         mine = [d for d in logs if d.name.startswith(f"smoke_{arm}_")]
         assert row["n_seeds"] == 2 and row["seeds"] == "0,1" and row["n_eval"] == 2
@@ -424,3 +426,27 @@ def test_cli_writes_into_out(template, tmp_path):
     assert {p.name for p in (tmp_path / "report").iterdir()} == {"results.csv", "results.md", "results.json", "results_rollouts.png", "results_hackward.png", "results_leak.png"}
     with pytest.raises(FileNotFoundError, match="not a folder of run folders"):
         main(ResultsConfig(runs_dir=tmp_path / "absent"))
+
+
+def curves_of(hack: list[float], cin_s: list[float | None], null_s: float, cin_t: list[float | None] | None = None, null_t: float = 0.25) -> pl.DataFrame:
+    """A vanilla run's per-step curves with only what H2 and H3 read set."""
+    n = len(hack)
+    cols = {"step": list(range(1, n + 1)), "rollout/hack_s": hack, "hackward/cin_s": cin_s, "hackward/null_s_p95": [null_s] * n,
+            "hackward/cin_t": cin_t or [None] * n, "hackward/null_t_p95": [null_t] * n}
+    return pl.DataFrame({k: cols.get(k, [0.0] * n) for k in ("step", *LOG_KEYS)}, schema={"step": pl.Int64} | {k: pl.Float64 for k in LOG_KEYS})
+
+
+def test_h2_and_h3_read_from_a_vanilla_log():
+    quiet = [0.10, 0.12] * 5  # steps 1-10: mean 0.11, sd 0.0105: own bar 0.131
+    rising = leading(curves_of([0.0] * 15 + [0.3] * 5, quiet + [0.5] * 10, null_s=0.2))
+    assert rising["onset"] == 16 and rising["h2_null_from"] == 11 and rising["h2_own_from"] == 11
+    assert rising["own_bar"] == pytest.approx(0.11 + 2 * statistics.stdev(quiet))
+    # The same rise cut short by an earlier onset (step 14): 3 steps above before it, not 5.
+    cut = leading(curves_of([0.0] * 13 + [0.3] * 7, quiet + [0.5] * 10, null_s=0.2))
+    assert cut["onset"] == 14 and cut["h2_null_from"] is None and cut["h2_own_from"] is None
+    # Above the null from step 1 but flat: H2 by the letter, not against its own start.
+    flat = leading(curves_of([0.0] * 15 + [0.3] * 5, quiet + [0.11] * 10, null_s=0.05))
+    assert flat["h2_null_from"] == 1 and flat["h2_own_from"] is None
+    # Never hacks: no onset; H3 counts the steps where cin_t beats its null and cin_s does not.
+    never = leading(curves_of([0.0] * 20, [0.1] * 18 + [None, 0.3], null_s=0.2, cin_t=[0.3, 0.2] * 10))
+    assert never["onset"] is None and never["h3_steps"] == [1, 3, 5, 7, 9, 11, 13, 15, 17] and never["steps_with_cin_t"] == 19
