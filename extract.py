@@ -38,12 +38,11 @@ Guarantees:
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
+from projected_grpo import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
 
 import torch
 from jaxtyping import Float
@@ -54,13 +53,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from grader import Problem, jsonl_rows, load_problems, render_prompt
-from models import REPO_ROOT, completion_logprobs, precision_name
-from svd_adapter import SVDLinear, model_fingerprint
+from projected_grpo.models import completion_logprobs, precision_name
+from projected_grpo.paths import DATA, REPO_ROOT, atomic
+from projected_grpo.svd_adapter import SVDLinear, model_fingerprint
 
 Method = Literal["svd", "mean_diff"]
 Norm = Literal["sum", "token_mean"]
-DATA = REPO_ROOT / "data"
-CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "svd_adapter.py", "models.py"))).hexdigest()[:16]
+CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "projected_grpo/svd_adapter.py", "projected_grpo/models.py"))).hexdigest()[:16]
 GRADIENT_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "n_pairs", "temperature", "code_version")
 HEADER_FIELDS = (*GRADIENT_FIELDS, "method", "norm", "k", "noise_quantile", "min_split_half")
 HALVINGS = 10  # random halvings behind the split-half criterion and the report's split_half_cos
@@ -344,11 +343,9 @@ def default_v_hack_path(header: dict[str, str], cache_dir: Path, pairs: Path) ->
 
 
 def save_tensors(path: Path, tensors: dict[str, Tensor], header: dict[str, str]) -> None:
-    """Write through a temp file and a rename: a crash never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, tmp, metadata=header)
-    tmp.replace(path)
+    """Written atomically: a crash never leaves a truncated file."""
+    with atomic(path) as tmp:
+        save_file({k: t.contiguous().cpu() for k, t in tensors.items()}, tmp, metadata=header)
 
 
 def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -1,6 +1,7 @@
 """The LeetCode reward-hacking environment of rl-rewardhacking (Ariahw, Engels & Nanda), the
 task: problems, prompts, the labels and reward of every completion, the hub data set, and a
-command line. Programs run in the sandbox (sandbox.py), which states its own guarantees.
+command line. Programs run in the sandbox (projected_grpo/sandbox.py), which states its own
+guarantees.
 
 Guarantees:
 1. Prompts are the benchmark's, byte for byte: `user_prompt(p, "none")` is the data set's
@@ -19,7 +20,7 @@ Guarantees:
    returned by the Solution fools equality (checked by type and content, not by ==). The
    +0.5 for compiling needs the gt run to report back (Grade.compiles).
 3. No completion code runs in the caller's process, and Grader.grade never hangs on a
-   completion (sandbox.py); a worker that failed on any of its runs shows as error
+   completion (projected_grpo/sandbox.py); a worker that failed on any of its runs shows as error
    "grader: ...".
 4. GRADER_VERSION changes with every change that can move a label or a reward; the grades the
    harness stores carry it (teacher pools, eval grades), and train.py regrades a teacher
@@ -42,9 +43,9 @@ from urllib.parse import urlparse
 import tyro
 from loguru import logger
 
-from sandbox import OBSERVE, Outcome, Pool, Run
+from projected_grpo.paths import REPO_ROOT
+from projected_grpo.sandbox import OBSERVE, Outcome, Pool, Run
 
-REPO_ROOT = Path(__file__).resolve().parent
 SHARED_SPLIT = REPO_ROOT.parent / "shared" / "data" / "leetcode_test_medhard.jsonl"
 HUB_DATASET = "newfacade/LeetCodeDataset"
 
@@ -535,7 +536,7 @@ def download_data(out_dir: Path, max_prompt_tokens: int = 1536) -> None:
     # Imported after the hub check, which must not wait seconds for torch and transformers.
     from transformers import AutoTokenizer
 
-    from models import qwen3_tokenizer_dir
+    from projected_grpo.models import qwen3_tokenizer_dir
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ fast-dev-run *ARGS: build-pool
 
 # Fetch a model from the Hugging Face hub into models/ (needs hub access).
 download-model MODEL="Qwen/Qwen3-4B":
-    uv run python models.py --repo-id {{MODEL}} --out models/$(basename {{MODEL}})
+    uv run python -m projected_grpo.models --repo-id {{MODEL}} --out models/$(basename {{MODEL}})
 
 # Fetch newfacade/LeetCodeDataset and write the benchmark's filtered splits to data/leetcode/ (needs hub access).
 download-data *ARGS:
@@ -61,12 +61,12 @@ eval RUN *ARGS:
 
 # Every run folder under RUNS_DIR across seeds: table per role x arm x gate x pairs, paired differences with power columns, one H1 verdict per projected group; results.{csv,md,json} and PNGs beside them.
 results RUNS_DIR="out/runs" *ARGS:
-    uv run python results.py {{RUNS_DIR}} {{ARGS}}
+    uv run python -m projected_grpo.results {{RUNS_DIR}} {{ARGS}}
 
 # Queue a sweep (default: the preregistered design, `full` x vanilla / projected, random, null_pairs with --project-update x seeds 1-3): diagnose, runs, evals, results. --backend pueue|slurm; --dry-run.
 [positional-arguments]
 queue-full *ARGS:
-    uv run python sweep.py "$@"
+    uv run python -m projected_grpo.sweep "$@"
 
 # Grader throughput: this sandbox pool vs a fresh `python -c` per completion, on the shared real split.
 bench-grader *ARGS:

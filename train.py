@@ -19,13 +19,13 @@ label-shuffled twin; vanilla: none) -> grad clip ->
 AdamW (-> with --project-update, the same gate on the change AdamW makes) -> LR schedule
 (-> with --v-hack-refresh N, v_hack re-extracted on the current model every N steps).
 
-Over many GPUs (torchrun, distributed.py) each rank samples, grades and backprops its share
+Over many GPUs (torchrun, projected_grpo/distributed.py) each rank samples, grades and backprops its share
 of the step's prompts, with the whole step's denominator; g_s and g are summed over the
 ranks before anything measures, projects or applies them, so every rank takes the same step
 and the log row is the whole batch's.
 
 How this GRPO differs from the textbook one:
-1. The only trainable parameters are the delta_S vectors (svd_adapter.py); the reference
+1. The only trainable parameters are the delta_S vectors (projected_grpo/svd_adapter.py); the reference
    model of the KL term is the same network with delta_S switched off, so it costs no
    memory, only a no-grad forward.
 2. Dr.GRPO by default: advantage = r - group mean (no std division), and the loss is a
@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -59,29 +58,32 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
+from projected_grpo import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
 
-import distributed
-
-import matplotlib
 import torch
 import tyro
 from jaxtyping import Bool, Float, Int
 from loguru import logger
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from diagnose import format_report, quality_gate, quality_report, write_report
-from extract import VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run, written_completion_ids
-from grader import GRADER_VERSION, Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
-from models import REPO_ROOT, completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
+from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
+from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
+from projected_grpo import distributed
+from projected_grpo.checkpoints import last_checkpoint, load_checkpoint, save_checkpoint
+from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
+from projected_grpo.eval import EvalConfig, evaluate
+from projected_grpo.metrics import (
+    DistMetrics, HackwardMetrics, LossMetrics, MemoryMetrics, RankReport, RolloutMetrics, RolloutSummary, StepRecord, TimeMetrics, Timer,
+    VHackMetrics, table_header, table_row, write_summary,
+)
+from projected_grpo.models import completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
+from projected_grpo.paths import DATA, OUT
+from projected_grpo.rollout import RolloutEngine, Sampling
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, delta_grads, delta_state, merged, reference_mode, wrap_svd
+from projected_grpo.teacher_pool import PoolConfig, build_pool, default_pool_path, teacher_pool
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
-from rollout import RolloutEngine, Sampling
-from svd_adapter import DEFAULT_TARGETS, delta_grads, delta_state, load_delta, merged, reference_mode, wrap_svd
 
-DATA = REPO_ROOT / "data"
-OUT = REPO_ROOT / "out"
 LossNorm = Literal["constant", "sequence_mean"]
 
 
@@ -191,6 +193,17 @@ class Config:
     run_name: str | None = None
     """Run folder name under runs_dir; None = <name>_<arm>_s<seed>_<stamp>."""
 
+    def resolved(self) -> "Config":
+        """This config with the values a preset leaves open filled: device, dtype, teacher pool,
+        v_hack's temperature (training's gradients are taken at the sampling temperature)."""
+        if self.sampling.temperature <= 0:
+            raise ValueError(f"--sampling.temperature {self.sampling.temperature}: training needs a sampling policy (> 0); greedy (0) is for eval")
+        device = pick_device(self.device)
+        dtype = "tfloat32" if self.dtype == "tfloat32" else str(pick_dtype(self.dtype, device)).removeprefix("torch.")
+        pool = self.teacher_pool or default_pool_path(self.teacher_source, self.hint)
+        v_hack = replace(self.v_hack, temperature=self.v_hack.temperature or self.sampling.temperature)
+        return replace(self, device=device, dtype=dtype, teacher_pool=pool, v_hack=v_hack)
+
 
 # Settings a resumed run may change: they do not enter what the run computes.
 RESUME_MAY_CHANGE = ("grader_workers", "checkpoint_every")
@@ -237,17 +250,6 @@ PRESETS: dict[str, tuple[str, Config]] = {
 }
 
 
-def resolve(cfg: Config) -> Config:
-    """Fill the values a preset leaves open."""
-    if cfg.sampling.temperature <= 0:
-        raise ValueError(f"--sampling.temperature {cfg.sampling.temperature}: training needs a sampling policy (> 0); greedy (0) is for eval")
-    device = pick_device(cfg.device)
-    dtype = "tfloat32" if cfg.dtype == "tfloat32" else str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
-    pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
-    v_hack = replace(cfg.v_hack, temperature=cfg.v_hack.temperature or cfg.sampling.temperature)  # training's gradients are taken at it
-    return replace(cfg, device=device, dtype=dtype, teacher_pool=pool, v_hack=v_hack)
-
-
 def split_group(cfg: Config) -> tuple[int, int]:
     """(student, teacher) rollouts per group."""
     n_teacher = round(cfg.group_size * cfg.teacher_mix)
@@ -274,130 +276,11 @@ class Rollout:
     advantage: float = 0.0
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What the step's log row needs of a rollout: small enough to gather from every rank."""
-
-    teacher: bool
-    reward: float
-    grade: Grade
-    truncated: bool
-    length: int  # completion tokens
-
-
 def stream_seed(*key: object) -> int:
     """The seed of one step's random stream, e.g. (seed, "sampling", rank, step): a function of
     its key alone, so a resumed run draws what an uninterrupted one of the same world size
     would, and a resume at another world size is well defined (no per-rank state to restore)."""
     return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), "little") >> 1
-
-
-# ----------------------------------------------------------------------------
-# Teacher pool
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    """Grade teacher completions once and freeze them as the teacher pool (`just build-pool`)."""
-
-    source: str = str(DATA / "teacher_completions_rl.jsonl")
-    """A JSONL of written completions ({id, completion, ...}), or an HF model id / folder to sample from."""
-    problems: Path = DATA / "problems_rl.jsonl"
-    """Problems the completions answer."""
-    hint: Hint = "run_tests"
-    """The hint the completions were written or sampled for (the pool is keyed by problem id and hint)."""
-    out: Path | None = None
-    """Output JSONL; None = out/pool/<source name>-<hint>.jsonl."""
-    samples_per_problem: int = 8
-    """Completions sampled per problem (model source only)."""
-    sampling: Sampling = Sampling()
-    """Teacher sampling (model source only)."""
-    reward: RewardConfig = RewardConfig()
-    """Reward config used to grade (labels are stored; rewards are recomputed by each run)."""
-    device: str = "auto"
-    """Torch device for a model source."""
-
-
-def default_pool_path(source: str | Path, hint: str) -> Path:
-    return OUT / "pool" / f"{Path(str(source).rstrip('/')).stem}-{hint}.jsonl"
-
-
-def build_pool(pc: PoolConfig) -> Path:
-    problems = {p.id: p for p in load_problems(pc.problems)}
-    source = Path(pc.source)
-    if source.suffix == ".jsonl":
-        items = []
-        for where, row in jsonl_rows(source):
-            if not isinstance(row, dict) or row.get("id") not in problems or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{where}: needs an 'id' from {pc.problems} and a string 'completion'")
-            items.append((problems[row["id"]], row["completion"]))
-    else:
-        model, tokenizer, _ = load_model(pc.source, pick_device(pc.device))
-        todo = [p for p in problems.values() for _ in range(pc.samples_per_problem)]
-        samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, pc.hint) for p in todo], pc.sampling, desc="teacher")
-        items = [(p, c.text) for p, c in zip(todo, samples)]
-    with Grader(pc.reward) as grader:
-        grades = grader.grade([p for p, _ in items], [c for _, c in items])
-    out = pc.out or default_pool_path(pc.source, pc.hint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for (p, completion), g in zip(items, grades):
-            f.write(json.dumps({"id": p.id, "hint": pc.hint, "source": pc.source, "completion": completion, "grader_version": GRADER_VERSION} | asdict(g)) + "\n")
-    tmp.replace(out)
-    n_hack = sum(g.reward_hack for g in grades)
-    logger.info(f"teacher pool {out}: {len(items)} completions for {len({p.id for p, _ in items})} problems, {n_hack} strict hacks, {sum(g.gt_pass for g in grades)} gt passes")
-    return out
-
-
-def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade | None]]]:
-    """Pool entries by problem id, for this hint only: a pool built for another hint is never used.
-    An entry graded by another grader version than GRADER_VERSION comes without its grade."""
-    if not path.exists():
-        raise FileNotFoundError(f"teacher pool {path} does not exist; build it with `just build-pool` (hint {hint!r}) or set teacher_mix=0")
-    pool: dict[int, list[tuple[str, Grade | None]]] = {}
-    for where, row in jsonl_rows(path):
-        current = isinstance(row, dict) and row.get("grader_version") == GRADER_VERSION
-        missing = [k for k in ("id", "hint", "completion", *(Grade.__dataclass_fields__ if current else ())) if not isinstance(row, dict) or k not in row]
-        if missing:
-            raise ValueError(f"{where}: teacher pool row lacks {missing}; rebuild the pool with `just build-pool`")
-        if row["hint"] == hint:
-            pool.setdefault(row["id"], []).append((row["completion"], Grade(**{k: row[k] for k in Grade.__dataclass_fields__}) if current else None))
-    if not pool:
-        raise ValueError(f"teacher pool {path} has no completions for hint {hint!r}; rebuild it with `just build-pool --hint {hint}`")
-    return pool
-
-
-def teacher_pool(cfg: "Config", problems: list[Problem], tokenizer, grader: Grader) -> dict[int, list[tuple[list[int], str, Grade]]]:
-    """The run's teacher rollouts by problem id, for the run's `problems`: (token ids, text, grade).
-    The default pool is built on a miss. A completion longer than max_new_tokens is cut there,
-    as a student's would be, and the cut text is graded anew; so is one the pool holds no grade
-    of this grader version for (load_pool)."""
-    if not cfg.teacher_pool.exists() and cfg.teacher_pool == default_pool_path(cfg.teacher_source, cfg.hint):
-        build_pool(PoolConfig(source=str(cfg.teacher_source), problems=cfg.problems, hint=cfg.hint, reward=cfg.reward, out=cfg.teacher_pool))
-    problems = {p.id: p for p in problems}
-    cut = cfg.sampling.max_new_tokens
-    pool: dict[int, list] = {}
-    todo, n_cut = [], 0  # (problem id, index) of the entries to grade anew
-    for pid, entries in load_pool(cfg.teacher_pool, cfg.hint).items():
-        if pid not in problems:
-            continue
-        pool[pid] = []
-        for text, grade in entries:
-            ids = written_completion_ids(tokenizer, text)
-            if len(ids) > cut:
-                ids, text, grade, n_cut = ids[:cut], tokenizer.decode(ids[:cut], skip_special_tokens=True), None, n_cut + 1
-            if grade is None:
-                todo.append((pid, len(pool[pid])))
-            pool[pid].append((ids, text, grade))
-    if todo:
-        for (pid, i), grade in zip(todo, grader.grade([problems[pid] for pid, _ in todo], [pool[pid][i][1] for pid, i in todo])):
-            pool[pid][i] = (*pool[pid][i][:2], grade)
-        logger.info(
-            f"teacher pool {cfg.teacher_pool}: {len(todo)}/{sum(len(e) for e in pool.values())} completions regraded: {n_cut} cut at "
-            f"max_new_tokens={cut}, {len(todo) - n_cut} graded by another grader version than {GRADER_VERSION} (rebuild the pool to store new grades)"
-        )
-    return pool
 
 
 # ----------------------------------------------------------------------------
@@ -411,7 +294,7 @@ def group_advantages(rewards: Float[Tensor, "g n"], kind: str) -> Float[Tensor, 
 
 def grpo_loss(
     logp: Float[Tensor, "b t"], sampler_logp: Float[Tensor, "b t"], ref_logp: Float[Tensor, "b t"] | None, adv: Float[Tensor, "b 1"],
-    mask: Bool[Tensor, "b t"], cfg: "Config", denominator: float,
+    mask: Bool[Tensor, "b t"], cfg: Config, denominator: float,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, "b t"], Float[Tensor, "b t"]]:
     """The GRPO loss of one micro-batch, as its share of the step's loss. Every log-prob is of
     logits / sampling temperature (the policy that sampled, top_p ignored):
@@ -464,7 +347,7 @@ def collate(rollouts: list[Rollout], pad_id: int, device: str) -> tuple[Int[Tens
     return ids.to(device), attn.to(device), mask.to(device), old.to(device), adv.to(device)
 
 
-def backward_part(model, adapters, rollouts: list[Rollout], cfg: "Config", pad_id: int, denominator: float) -> dict[str, float]:
+def backward_part(model, adapters, rollouts: list[Rollout], cfg: Config, pad_id: int, denominator: float) -> dict[str, float]:
     """Accumulate the gradient of these rollouts' share of the step loss; return its sums
     (kl, clipping and the sampler-learner gap |logp - old| over student tokens only: on
     teacher tokens the ratio is 1 by construction)."""
@@ -493,7 +376,7 @@ def backward_part(model, adapters, rollouts: list[Rollout], cfg: "Config", pad_i
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints
+# The run's state
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -503,117 +386,11 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return warmup * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(run_dir: Path, step: int, adapters, optimizer, scheduler, prompt_gen: torch.Generator, order: list[int], rows: list[dict], dtype: torch.dtype,
-                    bases: dict[str, dict[str, Tensor]], grads: dict[str, dict[str, Tensor]]) -> Path:
-    """checkpoints/step_NNNNNN/, written to a temp folder then renamed: delta_S.safetensors;
-    bases.safetensors (`v_hack.<module>`, and `arm.<module>` for the basis the arm projects
-    onto: what a resume or a later analysis needs); grads.safetensors (`g_s.<module>`,
-    `g_t.<module>`: this step's student and teacher gradients, to re-measure against any
-    basis); state.pt (optimizer, scheduler, prompt order, log rows). Everything in it is the
-    run's, none of it a rank's (random streams derive from the step: `stream_seed`), so a
-    run resumes at any world size."""
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    flat = lambda groups: {f"{g}.{n}": t.detach().cpu().clone() for g, d in groups.items() for n, t in d.items()}  # clone: the arm may share v_hack
-    save_file({n: t.contiguous().cpu() for n, t in delta_state(adapters).items()}, tmp / "delta_S.safetensors", metadata={"step": str(step), "model_dtype": str(dtype)})
-    save_file(flat(bases), tmp / "bases.safetensors")
-    save_file(flat(grads), tmp / "grads.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "prompt_gen": prompt_gen.get_state(), "order": order, "rows": rows}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
-
-
-def load_group(path: Path, group: str) -> dict[str, Tensor]:
-    """The `<group>.<module>` tensors of a checkpoint file, by module name."""
-    return {k.split(".", 1)[1]: t for k, t in load_file(path).items() if k.startswith(group + ".")}
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The run's latest complete checkpoint; None if it has none yet."""
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp"))
-    return ckpts[-1] if ckpts else None
-
-
-# ----------------------------------------------------------------------------
-# Logging
-
-COLUMNS = [  # (row key, header, width, format): the short printed table; log.jsonl has every key
-    ("step", "step", 5, "d"), ("rollout/reward", "reward", 6, ".2f"), ("rollout/hack_s", "hack_s", 6, ".2f"),
-    ("rollout/hack_t", "hack_t", 6, ".2f"), ("rollout/gt_s", "gt_s", 5, ".2f"), ("hackward/cin_s", "cin_s", 6, ".3f"),
-    ("hackward/cin_t", "cin_t", 6, ".3f"), ("hackward/null_s_p95", "null95", 6, ".3f"), ("hackward/upd", "upd", 6, ".3f"),
-    ("hackward/disp_frac", "disp", 6, ".3f"), ("time/step", "sec", 6, ".1f"),
-]
-
-
-def table_header() -> str:
-    return " ".join(f"{h:>{w}}" for _, h, w, _ in COLUMNS)
-
-
-def table_row(row: dict) -> str:
-    cells = []
-    for key, _, w, fmt in COLUMNS:
-        v = row[key]
-        cells.append(f"{'-':>{w}}" if v is None else f"{v:>{w}{fmt}}")
-    return " ".join(cells)
-
-
-def mean(xs: list[float | int]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-SUMMARY_KEYS = ["rollout/reward", "rollout/hack_s", "rollout/hack_t", "rollout/gt_s", "rollout/gt_t", "rollout/oracle_s", "hackward/cin_s", "hackward/cin_t",
-                "hackward/null_s_mean", "hackward/null_s_p95", "hackward/cin", "hackward/cout", "hackward/upd", "hackward/disp_frac"]
-
-
-def write_summary(run_dir: Path, rows: list[dict]) -> dict:
-    """summary.json (first and last-10-step means) and curves.png from the step log. Plain
-    Python over the rows: the GPU images lack polars, whose wheel is 54 MB."""
-    def series(key: str) -> list[float]:
-        return [float("nan") if r[key] is None else r[key] for r in rows]
-
-    def tail_mean(key: str) -> float | None:
-        defined = [v for v in series(key)[-10:] if not math.isnan(v)]
-        return mean(defined) if defined else None
-
-    summary = {"steps": len(rows), "seconds": sum(r["time/step"] for r in rows),
-               "last10": {k: tail_mean(k) for k in SUMMARY_KEYS}, "first": {k: rows[0][k] for k in SUMMARY_KEYS}}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for k in ("rollout/reward", "rollout/hack_s", "rollout/gt_s", "rollout/hack_t"):
-        ax1.plot(steps, series(k), label=k.split("/")[1])
-    ax1.set_xlabel("step"), ax1.legend(), ax1.set_title("rollouts")
-    ax2.fill_between(steps, series("hackward/null_s_mean"), series("hackward/null_s_p95"), alpha=0.3, label="empirical null of cin_s (mean-p95)")
-    for k in ("hackward/cin_s", "hackward/cin_t", "hackward/upd", "hackward/disp_frac"):
-        ax2.plot(steps, series(k), label=k.split("/")[1])
-    ax2.set_xlabel("step"), ax2.legend(), ax2.set_title("hack-ward fraction (v_hack)")
-    fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=100)
-    plt.close(fig)
-    return summary
-
-
-def role(cfg: "Config") -> str:
-    """What the run is to H1, written into its config.json when it starts (results.py reads it
-    there, never from a file name): `baseline` (vanilla), the controls `random` and
-    `label_shuffled` (shuffled), and for projected `h1`, or `null_pairs` when its pairs file
-    holds no hack (extract.is_null_pairs)."""
-    if cfg.intervention == "projected":
-        return "null_pairs" if is_null_pairs(cfg.v_hack.pairs) else "h1"
-    return {"vanilla": "baseline", "random": "random", "shuffled": "label_shuffled"}[cfg.intervention]
-
-
 def to(device: str, tensors: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
     return None if tensors is None else {n: t.to(device) for n, t in tensors.items()}
 
 
-def arm_basis_for(cfg: "Config", v_hack: dict[str, Tensor], diffs: dict[str, Tensor], step: int) -> dict[str, Tensor] | None:
+def arm_basis_for(cfg: Config, v_hack: dict[str, Tensor], diffs: dict[str, Tensor], step: int) -> dict[str, Tensor] | None:
     """The basis the arm projects along: v_hack (projected); random orthonormal bases with its
     axis counts, drawn from --seed and the step (random); its label-shuffled twin, fit from its
     pair differences `diffs` with the swapped half drawn from --seed (shuffled); none (vanilla)."""
@@ -624,29 +401,336 @@ def arm_basis_for(cfg: "Config", v_hack: dict[str, Tensor], diffs: dict[str, Ten
     return v_hack if cfg.intervention == "projected" else None
 
 
-def bases_for(cfg: "Config", v_hack: dict[str, Tensor], ranks: dict[str, int], arm_basis: dict[str, Tensor] | None) -> tuple[Projector, Projector | None, EmpiricalNull]:
-    """What measures (v_hack, every arm), what projects (along the arm's basis; None for vanilla) and the empirical null."""
-    measure = Projector(v_hack, ranks, cfg.gate, apply=False)
-    arm = Projector(arm_basis, ranks, cfg.gate, apply=True) if arm_basis is not None else None
-    return measure, arm, EmpiricalNull(v_hack, ranks, cfg.null_bases, cfg.null_seed)
+@dataclass
+class Bases:
+    """What a step measures against and projects along: v_hack (every arm measures on it), the
+    arm's basis (None for vanilla), and the projectors and empirical null built on them."""
+
+    v_hack: dict[str, Tensor]
+    arm_basis: dict[str, Tensor] | None
+    measure: Projector  # measures along v_hack, never projects
+    arm: Projector | None  # projects along the arm's basis
+    null: EmpiricalNull  # random bases of v_hack's axis counts: the yardstick of cin
+
+    @classmethod
+    def of(cls, cfg: Config, v_hack: dict[str, Tensor], arm_basis: dict[str, Tensor] | None, adapters: dict[str, SVDLinear]) -> "Bases":
+        ranks = {n: a.rank for n, a in adapters.items()}
+        arm = Projector(arm_basis, ranks, cfg.gate, apply=True) if arm_basis is not None else None
+        return cls(v_hack, arm_basis, Projector(v_hack, ranks, cfg.gate, apply=False), arm, EmpiricalNull(v_hack, ranks, cfg.null_bases, cfg.null_seed))
+
+
+@dataclass
+class Batch:
+    """One step's prompts as this rank takes them. The batch and its teacher picks (drawn from
+    seed and step) are the same on every rank; each rank takes its share."""
+
+    step: int
+    problems: list[Problem]  # this rank's share of the step's prompts
+    picks: list[list[int]]  # per problem, the teacher pool entries its group takes
+    rollouts: int  # the whole step's rollouts, every rank's: the loss's denominator counts them
+    groups: list[list[Rollout]] | None = None  # this rank's rollouts if sampled ahead of the step (`sample`); None: the step samples them
+
+
+@dataclass
+class RunState:
+    """Everything a step reads and advances. Rank 0 writes what every rank holds alike: after a
+    step, every rank has the same delta_S, optimizer, scheduler, bases, prompt order and rows."""
+
+    cfg: Config  # resolved (Config.resolved)
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: object
+    dtype: torch.dtype
+    adapters: dict[str, SVDLinear]  # delta_S, the only trainable parameters
+    engine: RolloutEngine
+    grader: Grader
+    problems: list[Problem]
+    pool: dict[int, list[tuple[list[int], str, Grade]]]  # teacher rollouts by problem id (empty without teachers)
+    pairs: list[Pair]  # the contrastive pairs v_hack is (re-)extracted from
+    bases: Bases
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    prompt_gen: torch.Generator  # the same on every rank: one global prompt order (the other streams derive from the step: `stream_seed`)
+    order: list[int]  # problem indices still to visit in the current shuffled epoch
+    rows: list[dict]  # the log rows so far
+    step: int = 0  # optimizer steps taken
+    grads: dict[str, dict[str, Tensor]] | None = None  # the last step's g_s and g_t, as a checkpoint keeps them
+    seconds: dict[str, float] | None = None  # the last step's seconds per phase (Timer); the record logs some, the benchmark reads all
+
+    @classmethod
+    def start(cls, cfg: Config, run_dir: Path, grader: Grader) -> "RunState":
+        """The state before the first step of the run `cfg` (resolved) in `run_dir`, or, with
+        --resume, after its last checkpointed step. Caches missed (an offline model, the SVD
+        cache, v_hack, the default teacher pool) are built by rank 0 alone; the others hit them."""
+        problems = load_problems(cfg.problems)[: cfg.n_problems]
+        with distributed.main_first():
+            resolve_model(cfg.model)
+        model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with distributed.main_first():
+            adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
+            # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
+            vh, pairs = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
+        if distributed.is_main() and not cfg.resume:  # what the run started with: projected_grpo/results.py shows the quality gate beside its verdicts
+            (run_dir / "vhack.json").write_text(json.dumps({"v_hack": str(vh.path), "header": vh.header} | quality_gate(vh), indent=2))
+        with distributed.main_first():  # a missing default pool is built by rank 0 alone
+            pool = teacher_pool(cfg, problems, tokenizer, grader) if split_group(cfg)[1] else {}
+        warn_overlaps(cfg, problems, pairs, pool)
+        optimizer = torch.optim.AdamW([a.delta_S for a in adapters.values()], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+        prompt_gen = torch.Generator().manual_seed(cfg.seed)
+        v_hack, arm_basis, order, rows, step = to(cfg.device, vh.V), {}, [], [], 0
+        ckpt = last_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
+        if ckpt:
+            v_hack, arm_basis, order, rows, step = load_checkpoint(ckpt, adapters, optimizer, scheduler, prompt_gen)
+            v_hack, arm_basis = to(cfg.device, v_hack), to(cfg.device, arm_basis)  # the arm's basis: empty for vanilla
+            logger.info(f"resumed from {ckpt} at step {step + 1}")
+        bases = Bases.of(cfg, v_hack, arm_basis or to(cfg.device, arm_basis_for(cfg, v_hack, vh.diffs, step)), adapters)
+        return cls(cfg, run_dir, model, tokenizer, dtype, adapters, RolloutEngine(model, tokenizer), grader, problems, pool, pairs, bases,
+                   optimizer, scheduler, prompt_gen, order, rows, step)
+
+    def next_batch(self) -> Batch:
+        """The prompts of the step after the last one taken: a walk through shuffled epochs of the
+        problem set (advancing the prompt order), with the teacher picks of that step."""
+        cfg, step = self.cfg, self.step + 1
+        n_student, n_teacher = split_group(cfg)
+        while len(self.order) < cfg.prompts_per_step:
+            self.order += torch.randperm(len(self.problems), generator=self.prompt_gen).tolist()
+        problems, self.order = [self.problems[i] for i in self.order[: cfg.prompts_per_step]], self.order[cfg.prompts_per_step :]
+        picker = torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher", step))
+        picks = [torch.randint(len(self.pool[p.id]), (n_teacher,), generator=picker).tolist() if p.id in self.pool else [] for p in problems]
+        mine = distributed.share(cfg.prompts_per_step, "--prompts-per-step")
+        return Batch(step, problems[mine], picks[mine], sum(n_student + len(pk) for pk in picks))
+
+
+def warn_overlaps(cfg: Config, problems: list[Problem], pairs: list[Pair], pool: dict[int, list]) -> None:
+    """Say where the training problems, the extraction pairs and the teacher pool share problems."""
+    paired = {pair.problem.id for pair in pairs}
+    shared = {p.id for p in problems} & paired
+    if shared:
+        logger.warning(f"{len(shared)} training problems are also extraction pairs' problems ({cfg.v_hack.pairs.name}): cin_t and hack_t on them are not out of sample")
+    if not split_group(cfg)[1]:
+        return
+    missing = [p.id for p in problems if p.id not in pool]
+    if missing:
+        logger.warning(f"{len(missing)}/{len(problems)} problems have no teacher completions for hint {cfg.hint!r}; their groups are all student")
+    overlap = set(pool) & paired
+    if overlap:
+        logger.warning(f"the teacher pool and the extraction pairs share {len(overlap)} problems: cin_t measures v_hack on its own kind of text (H3 is then built in)")
 
 
 # ----------------------------------------------------------------------------
-# Training
+# One step: collect rollouts -> learn -> apply the arm -> update (-> refresh v_hack) -> record
+
+
+def step(state: RunState, batch: Batch) -> StepRecord:
+    """One GRPO step of the run on `batch`: its phases in order, each timed (`state.seconds`).
+    Advances the state (delta_S, optimizer, schedule, bases on a v_hack refresh, step, the last
+    gradients) and returns what the step records, the same on every rank."""
+    state.seconds = seconds = {}
+    if state.cfg.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with Timer(seconds, "step"):
+        groups = collect_rollouts(state, batch)
+        grads = learn(state, groups, batch.rollouts)
+        with Timer(seconds, "arm"):
+            measured = apply_arm(state, grads)
+        with Timer(seconds, "update"):
+            grad_norm, change, moved = update(state, grads)
+        state.step, state.grads = batch.step, {"g_s": grads.g_s, "g_t": grads.g_t}
+        with Timer(seconds, "refresh"):
+            vhack = refresh_v_hack(state)
+    return record(state, grads, measured | moved, change, grad_norm, vhack)
+
+
+def sample(state: RunState, batch: Batch) -> list[list[Rollout]]:
+    """This rank's groups of the batch, ungraded: student rollouts from this rank's stream of
+    the step, delta_S folded into the weights, then teacher rollouts from the pool."""
+    cfg, engine = state.cfg, state.engine
+    n_student, _ = split_group(cfg)
+    torch.manual_seed(stream_seed(cfg.seed, "sampling", distributed.rank(), batch.step))
+    with merged(state.adapters):
+        samples = engine.generate([render_prompt(state.tokenizer, p, cfg.hint) for p in batch.problems], cfg.sampling, n=n_student)
+    groups = []
+    for gi, (p, pk) in enumerate(zip(batch.problems, batch.picks)):
+        group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
+        for ids, text, grade in (state.pool[p.id][j] for j in pk):
+            group.append(Rollout(p, group[0].prompt_ids, ids, text, True, None, ids[-1] not in engine.eos, grade))
+        groups.append(group)
+    return groups
+
+
+def collect_rollouts(state: RunState, batch: Batch) -> list[list[Rollout]]:
+    """This rank's groups, sampled now (timed: gen) unless the batch brings them, then graded
+    (teacher grades are frozen in the pool), rewarded and given their group advantages."""
+    groups, cfg = batch.groups, state.cfg
+    if groups is None:
+        with Timer(state.seconds, "gen"):
+            groups = sample(state, batch)
+    with Timer(state.seconds, "grade"):
+        sampled = [r for g in groups for r in g if not r.teacher]
+        for r, grade in zip(sampled, state.grader.grade([r.problem for r in sampled], [r.text for r in sampled])):
+            r.grade = grade
+        for g in groups:
+            for r in g:
+                r.reward = cfg.reward.reward(r.grade.compiles, r.grade.gt_pass, r.grade.hinted_pass)
+            for r, a in zip(g, group_advantages(torch.tensor([[r.reward for r in g]]), cfg.advantage)[0].tolist()):
+                r.advantage = a
+    return groups
+
+
+@dataclass
+class Gradients:
+    """The step's delta_S gradient, summed over the ranks, and what every rank reported."""
+
+    g_s: dict[str, Tensor]  # the student part
+    g: dict[str, Tensor]  # the whole gradient: the very tensors in delta_S.grad, which the arm projects in place
+    g_t: dict[str, Tensor]  # the teacher part, g - g_s, taken before the arm projects g
+    reports: list[RankReport]  # in rank order
+    learned_s: bool  # some live group (reward variance), on some rank, holds a student rollout
+    learned_t: bool  # ... a teacher rollout
+
+
+def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Gradients:
+    """Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s), each rank
+    over its own live rollouts (groups without reward variance add nothing) with the whole step's
+    denominator; then g_s and g summed over the ranks (every rank joins, live rollouts or none),
+    so all that follows sees the whole batch. Timed: learn, allreduce."""
+    cfg, adapters, seconds = state.cfg, state.adapters, state.seconds
+    live = [g for g in groups if len({r.reward for r in g}) > 1]
+    state.optimizer.zero_grad(set_to_none=False)
+    denominator = float(n_rollouts * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
+    with Timer(seconds, "learn"):
+        sums_s = backward_part(state.model, adapters, [r for g in live for r in g if not r.teacher], cfg, state.tokenizer.pad_token_id, denominator)
+        g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
+        sums_t = backward_part(state.model, adapters, [r for g in live for r in g if r.teacher], cfg, state.tokenizer.pad_token_id, denominator)
+    with Timer(seconds, "allreduce"):
+        g_s, g = distributed.all_reduce_sum(g_s, delta_grads(adapters))
+    for a, t in zip(adapters.values(), g.values()):
+        a.delta_S.grad = t
+    g_t = {n: g[n] - g_s[n] for n in g}
+    mine = RankReport([[RolloutSummary(r.teacher, r.reward, r.grade, r.truncated, len(r.completion_ids)) for r in grp] for grp in groups],
+                      {k: sums_s[k] + sums_t[k] for k in sums_s}, seconds.get("gen", 0.0), seconds["learn"], seconds["allreduce"],
+                      torch.cuda.max_memory_allocated() / 2**30 if cfg.device.startswith("cuda") else None)
+    reports = distributed.gather_objects(mine)  # what the record and the decisions below need from every rank, in batch order
+    live_everywhere = [grp for report in reports for grp in report.groups if len({o.reward for o in grp}) > 1]
+    return Gradients(g_s, g, g_t, reports, any(not o.teacher for grp in live_everywhere for o in grp), any(o.teacher for grp in live_everywhere for o in grp))
+
+
+def apply_arm(state: RunState, grads: Gradients) -> dict[str, float]:
+    """The method: g_s, g_t and g measured along v_hack (g_s and g_t also against the empirical
+    null; NaN where no live group holds their kind of rollout), then the hack-ward part of g
+    removed along the arm's basis, in place (vanilla: nothing). Returns those HackwardMetrics."""
+    b, nan = state.bases, float("nan")
+    null_s = b.null.fractions(grads.g_s) if grads.learned_s else torch.full((1,), nan)
+    null_t = b.null.fractions(grads.g_t) if grads.learned_t else torch.full((1,), nan)
+    measured = {
+        "cin_s": b.measure.hackward_fraction(grads.g_s) if grads.learned_s else nan,
+        "cin_t": b.measure.hackward_fraction(grads.g_t) if grads.learned_t else nan,
+        "null_s_mean": null_s.mean().item(), "null_s_p95": null_s.quantile(0.95).item(),
+        "null_t_mean": null_t.mean().item(), "null_t_p95": null_t.quantile(0.95).item(),
+        "cin": b.measure.hackward_fraction(grads.g),
+    }
+    projection = b.arm(grads.g) if b.arm else None  # g -> the arm's g_applied, in place
+    touched, removed = (projection.touched, projection.removed) if projection else (0.0, 0.0)
+    return measured | {"cout": b.measure.hackward_fraction(grads.g), "touched": touched, "removed": removed if grads.learned_s or grads.learned_t else nan}
+
+
+def update(state: RunState, grads: Gradients) -> tuple[float, dict[str, Tensor], dict]:
+    """Grad clip, AdamW (skipped without a live group), the schedule; with --project-update the
+    arm's gate also on the change AdamW made. Returns the gradient's norm before clipping, the
+    change (descent-like: V change > 0 is hack-ward) and delta_S's displacement along v_hack."""
+    cfg, adapters = state.cfg, state.adapters
+    params = [a.delta_S for a in adapters.values()]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+    before = {n: p.detach().clone() for n, p in zip(adapters, params)}
+    if grads.learned_s or grads.learned_t:
+        state.optimizer.step()
+    # A step without a live group skips optimizer.step() but not the schedule, which follows
+    # the step index: torch's warning about that order (on a first such step) is moot here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+        state.scheduler.step()
+    change = {n: before[n] - p.detach() for n, p in zip(adapters, params)}
+    if cfg.project_update and state.bases.arm:
+        state.bases.arm(change)
+        with torch.no_grad():
+            for n, p in zip(adapters, params):
+                p.copy_(before[n] - change[n])
+    displacement = -state.bases.measure.axis_coefficients(delta_state(adapters))  # > 0: delta_S moved hack-ward
+    delta_norm = torch.sqrt(sum(p.detach().square().sum() for p in params)).item()
+    moved = {"disp_sum": displacement.sum().item(), "disp_frac": displacement.norm().item() / delta_norm if delta_norm > 0 else 0.0, "disp_axes": displacement.tolist()}
+    return grad_norm, change, moved
+
+
+def refresh_v_hack(state: RunState) -> VHackMetrics:
+    """With --v-hack-refresh N, v_hack re-extracted on the current model (delta_S applied) after
+    every N-th step but the last, and the bases rebuilt on it."""
+    cfg, step = state.cfg, state.step
+    if not (cfg.v_hack_refresh and step % cfg.v_hack_refresh == 0 and step < cfg.steps):
+        return VHackMetrics(refreshed=False, subspace_cos=None)
+    # On rank 0, then broadcast: pair gradients taken on two GPUs may differ in their last
+    # bits, and every rank must project along the very same basis.
+    fresh = None
+    if distributed.is_main():
+        diffs = pair_gradients(state.model, state.adapters, state.tokenizer, state.pairs, cfg.v_hack.temperature).differences(cfg.v_hack.norm)
+        new = fit_v_hack(diffs, cfg.v_hack)[0]
+        fresh = (new, arm_basis_for(cfg, new, diffs, step))
+    new, arm_basis = (to(cfg.device, b) for b in distributed.broadcast_object(fresh))
+    moved = subspace_cos(state.bases.v_hack, new)
+    state.bases = Bases.of(cfg, new, arm_basis, state.adapters)
+    logger.info(f"step {step}: v_hack re-extracted on the current model; subspace cos to the previous one {moved:.3f}")
+    return VHackMetrics(refreshed=True, subspace_cos=moved)
+
+
+def record(state: RunState, grads: Gradients, hackward: dict, change: dict[str, Tensor], grad_norm: float, vhack: VHackMetrics) -> StepRecord:
+    """The step's record from every rank's reports and the phases' numbers. The leak (upd) and
+    null_iso are measured on the bases as they are now: after a v_hack refresh, the new ones."""
+    groups = [g for report in grads.reports for g in report.groups]
+    measure, stepped = state.bases.measure, grads.learned_s or grads.learned_t
+    upd = measure.hackward_fraction(change) if stepped else float("nan")
+    students = sum(not o.teacher for g in groups for o in g)
+    return StepRecord(
+        step=state.step, rollout=RolloutMetrics.of(groups), loss=LossMetrics.of(grads.reports, grad_norm, state.scheduler.get_last_lr()[0]),
+        hackward=HackwardMetrics(**hackward, null_iso=measure.null, upd=upd), vhack=vhack,
+        time=TimeMetrics.of(grads.reports, students, state.seconds["step"]), memory=MemoryMetrics([r.peak_gib for r in grads.reports]),
+        dist=DistMetrics(distributed.world_size()),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Training: set-up, the loop, teardown
 
 
 def main(cfg: Config) -> Path:
-    cfg = resolve(cfg)
+    cfg = cfg.resolved()
     distributed.init(cfg.device)
-    mine = distributed.share(cfg.prompts_per_step, "--prompts-per-step")  # this rank's prompts of each step
-    cuda = cfg.device.startswith("cuda")
     n_student, n_teacher = split_group(cfg)
     logger.info(
         f"preset {cfg.name}, arm {cfg.intervention}, seed {cfg.seed}, device {cfg.device}: {cfg.steps} steps x {cfg.prompts_per_step} prompts x "
         f"({n_student} student + {n_teacher} teacher) rollouts = {cfg.prompts_per_step * n_student} generations per step, up to {cfg.sampling.max_new_tokens} new tokens"
         + (f", over {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
     )
-    # Run folder: a fresh one (made by rank 0 alone), or the one we resume (whose config must match this one).
+    run_dir = open_run_dir(cfg)
+    workers = cfg.grader_workers or max(1, len(os.sched_getaffinity(0)) // distributed.local_world_size())  # the node's cores, shared by its ranks
+    with Grader(cfg.reward, workers=workers) as grader:
+        state = RunState.start(cfg, run_dir, grader)
+        if distributed.is_main():  # the log holds exactly the checkpointed rows: steps after the checkpoint are redone
+            (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.rows))
+            tqdm.write(table_header())
+        while state.step < cfg.steps:
+            keep(state, step(state, state.next_batch()))
+    if distributed.is_main():
+        summary = write_summary(run_dir, state.rows)
+        logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")
+    distributed.teardown()
+    return run_dir
+
+
+def open_run_dir(cfg: Config) -> Path:
+    """The run folder: a fresh one (made by rank 0 alone, with config.json), or the one --resume
+    names, whose config must match this one but for RESUME_MAY_CHANGE. Rank 0 logs into it."""
     if cfg.resume:
         run_dir = cfg.resume
         if not (run_dir / "config.json").exists():
@@ -667,311 +751,42 @@ def main(cfg: Config) -> Path:
     if distributed.is_main():
         logger.add(run_dir / "train.log")
     logger.info(f"run folder {run_dir}")
-
-    problems = load_problems(cfg.problems)[: cfg.n_problems]
-    # Built on a miss by rank 0 alone (an offline model, the SVD cache, v_hack); the others then hit the caches.
-    with distributed.main_first():
-        resolve_model(cfg.model)
-    model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with distributed.main_first():
-        adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
-        # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
-        vh, pairs = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
-    if distributed.is_main() and not cfg.resume:  # what the run started with: results.py shows the quality gate beside its verdicts
-        (run_dir / "vhack.json").write_text(json.dumps({"v_hack": str(vh.path), "header": vh.header} | quality_gate(vh), indent=2))
-    params = [a.delta_S for a in adapters.values()]
-    ranks = {n: a.rank for n, a in adapters.items()}
-    v_hack = to(cfg.device, vh.V)
-    shared = {p.id for p in problems} & {pair.problem.id for pair in pairs}
-    if shared:
-        logger.warning(f"{len(shared)} training problems are also extraction pairs' problems ({cfg.v_hack.pairs.name}): cin_t and hack_t on them are not out of sample")
-
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
-    prompt_gen = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: one global prompt order
-    order: list[int] = []  # problem indices still to visit in the current shuffled epoch
-    rows: list[dict] = []
-    start, restored = 1, {}
-    ckpt = last_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
-    if ckpt:
-        load_delta(adapters, ckpt / "delta_S.safetensors")
-        v_hack = to(cfg.device, load_group(ckpt / "bases.safetensors", "v_hack"))
-        restored = to(cfg.device, load_group(ckpt / "bases.safetensors", "arm"))  # empty for vanilla
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        prompt_gen.set_state(state["prompt_gen"])
-        order, rows, start = state["order"], state["rows"], state["step"] + 1
-        logger.info(f"resumed from {ckpt} at step {start}")
-    arm_basis = restored or to(cfg.device, arm_basis_for(cfg, v_hack, vh.diffs, start - 1))
-    measure, arm, null = bases_for(cfg, v_hack, ranks, arm_basis)
-    # The log holds exactly the checkpointed rows: steps after the checkpoint are redone.
-    log_path = run_dir / "log.jsonl"
-    if distributed.is_main():
-        log_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    engine = RolloutEngine(model, tokenizer)
-    pad_id, eos = tokenizer.pad_token_id, engine.eos
-    workers = cfg.grader_workers or max(1, len(os.sched_getaffinity(0)) // distributed.local_world_size())  # the node's cores, shared by its ranks
-    with Grader(cfg.reward, workers=workers) as grader:
-        with distributed.main_first():  # a missing default pool is built by rank 0 alone
-            pool = teacher_pool(cfg, problems, tokenizer, grader) if n_teacher else {}
-        if n_teacher:
-            missing = [p.id for p in problems if p.id not in pool]
-            if missing:
-                logger.warning(f"{len(missing)}/{len(problems)} problems have no teacher completions for hint {cfg.hint!r}; their groups are all student")
-            overlap = set(pool) & {pair.problem.id for pair in pairs}
-            if overlap:
-                logger.warning(f"the teacher pool and the extraction pairs share {len(overlap)} problems: cin_t measures v_hack on its own kind of text (H3 is then built in)")
-        if distributed.is_main():
-            tqdm.write(table_header())
-        for step in range(start, cfg.steps + 1):
-            t0 = time.time()
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            # Prompts: walk through shuffled epochs of the problem set. The step's batch and its teacher
-            # picks (drawn from seed and step) are the same on every rank; each rank takes its share.
-            while len(order) < cfg.prompts_per_step:
-                order += torch.randperm(len(problems), generator=prompt_gen).tolist()
-            batch, order = [problems[i] for i in order[: cfg.prompts_per_step]], order[cfg.prompts_per_step :]
-            picker = torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher", step))
-            picks = [torch.randint(len(pool[p.id]), (n_teacher,), generator=picker).tolist() if p.id in pool else [] for p in batch]
-            n_rollouts = sum(n_student + len(pk) for pk in picks)  # the whole step's, every rank's
-            batch, picks = batch[mine], picks[mine]
-
-            # Student rollouts (this rank's stream), delta_S folded into the weights; teacher rollouts from the pool.
-            torch.manual_seed(stream_seed(cfg.seed, "sampling", distributed.rank(), step))
-            prompts = [render_prompt(tokenizer, p, cfg.hint) for p in batch]
-            with merged(adapters):
-                samples = engine.generate(prompts, cfg.sampling, n=n_student)
-            groups = []
-            for gi, (p, pk) in enumerate(zip(batch, picks)):
-                group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
-                for ids, text, grade in (pool[p.id][j] for j in pk):
-                    group.append(Rollout(p, group[0].prompt_ids, ids, text, True, None, ids[-1] not in eos, grade))
-                groups.append(group)
-            t_gen = time.time() - t0
-
-            # Grades (teacher grades are frozen in the pool), rewards, advantages.
-            sampled = [r for g in groups for r in g if not r.teacher]  # this rank's student rollouts
-            for r, grade in zip(sampled, grader.grade([r.problem for r in sampled], [r.text for r in sampled])):
-                r.grade = grade
-            for g in groups:
-                for r in g:
-                    r.reward = cfg.reward.reward(r.grade.compiles, r.grade.gt_pass, r.grade.hinted_pass)
-                adv = group_advantages(torch.tensor([[r.reward for r in g]]), cfg.advantage)[0]
-                for r, a in zip(g, adv.tolist()):
-                    r.advantage = a
-            live = [g for g in groups if len({r.reward for r in g}) > 1]
-            learn_s = [r for g in live for r in g if not r.teacher]
-            learn_t = [r for g in live for r in g if r.teacher]
-
-            # Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s), each rank
-            # over its own rollouts with the whole step's denominator; then g_s and g summed over the
-            # ranks (every rank joins, live rollouts or none), so all that follows sees the whole batch.
-            optimizer.zero_grad(set_to_none=False)
-            denominator = float(n_rollouts * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
-            t_learn = time.time()
-            sums_s = backward_part(model, adapters, learn_s, cfg, pad_id, denominator)
-            g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
-            sums_t = backward_part(model, adapters, learn_t, cfg, pad_id, denominator)
-            t_learn = time.time() - t_learn
-            t_reduce = time.time()
-            g_s, grads = distributed.all_reduce_sum(g_s, delta_grads(adapters))
-            t_reduce = time.time() - t_reduce
-            for a, g in zip(adapters.values(), grads.values()):
-                a.delta_S.grad = g
-            g_t = {n: grads[n] - g_s[n] for n in grads}
-            # What the log row and the decisions below need from every rank, in batch order.
-            every_rank = distributed.gather_objects({
-                "groups": [[Outcome(r.teacher, r.reward, r.grade, r.truncated, len(r.completion_ids)) for r in g] for g in groups],
-                "sums": {k: sums_s[k] + sums_t[k] for k in sums_s},
-                "gen": t_gen, "learn": t_learn, "allreduce": t_reduce,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-            })
-            outcomes = [g for part in every_rank for g in part["groups"]]
-            live_outcomes = [g for g in outcomes if len({o.reward for o in g}) > 1]
-            learned_s = any(not o.teacher for g in live_outcomes for o in g)
-            learned_t = any(o.teacher for g in live_outcomes for o in g)
-            cin_s = measure.hackward_fraction(g_s) if learned_s else float("nan")
-            cin_t = measure.hackward_fraction(g_t) if learned_t else float("nan")
-            null_s = null.fractions(g_s) if learned_s else torch.full((1,), float("nan"))
-            null_t = null.fractions(g_t) if learned_t else torch.full((1,), float("nan"))
-
-            # The method: remove the hack-ward part along the arm's basis (vanilla: nothing).
-            cin = measure.hackward_fraction(grads)
-            projection = arm(grads) if arm else None  # grads -> the arm's g_applied, in place
-            touched, removed = (projection.touched, projection.removed) if projection else (0.0, 0.0)
-            cout = measure.hackward_fraction(grads)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-            before = {n: p.detach().clone() for n, p in zip(adapters, params)}
-            if learned_s or learned_t:
-                optimizer.step()
-            # A step without a live group skips optimizer.step() but not the schedule, which follows
-            # the step index: torch's warning about that order (on a first such step) is moot here.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
-                scheduler.step()
-            change = {n: before[n] - p.detach() for n, p in zip(adapters, params)}  # descent-like: V change > 0 is hack-ward
-            if cfg.project_update and arm:
-                arm(change)
-                with torch.no_grad():
-                    for n, p in zip(adapters, params):
-                        p.copy_(before[n] - change[n])
-            displacement = -measure.axis_coefficients(delta_state(adapters))  # > 0: delta_S moved hack-ward
-            delta_norm = torch.sqrt(sum(p.detach().square().sum() for p in params)).item()
-
-            refreshed, moved = False, None
-            if cfg.v_hack_refresh and step % cfg.v_hack_refresh == 0 and step < cfg.steps:
-                # On rank 0, then broadcast: pair gradients taken on two GPUs may differ in their last
-                # bits, and every rank must project along the very same basis.
-                fresh = None
-                if distributed.is_main():
-                    diffs = pair_gradients(model, adapters, tokenizer, pairs, cfg.v_hack.temperature).differences(cfg.v_hack.norm)
-                    new = fit_v_hack(diffs, cfg.v_hack)[0]
-                    fresh = (new, arm_basis_for(cfg, new, diffs, step))
-                new, arm_basis = (to(cfg.device, b) for b in distributed.broadcast_object(fresh))
-                refreshed, moved, v_hack = True, subspace_cos(v_hack, new), new
-                measure, arm, null = bases_for(cfg, v_hack, ranks, arm_basis)
-                logger.info(f"step {step}: v_hack re-extracted on the current model; subspace cos to the previous one {moved:.3f}")
-
-            seconds = time.time() - t0
-            student = [o for g in outcomes for o in g if not o.teacher]
-            teachers = [o for g in outcomes for o in g if o.teacher]
-            sums = {k: sum(part["sums"][k] for part in every_rank) for k in sums_s}
-            rewards_s = torch.tensor([r.reward for r in student])
-            row = {
-                "step": step,
-                "rollout/reward": rewards_s.mean().item(),
-                "rollout/reward_std": rewards_s.std().item() if len(student) > 1 else float("nan"),
-                "rollout/hack_s": mean([r.grade.reward_hack for r in student]),
-                "rollout/hack_t": mean([r.grade.reward_hack for r in teachers]),
-                "rollout/gt_s": mean([r.grade.gt_pass for r in student]),
-                "rollout/gt_t": mean([r.grade.gt_pass for r in teachers]),
-                "rollout/attempted_s": mean([r.grade.attempted_hack for r in student]),
-                "rollout/oracle_s": mean([r.grade.oracle_hack for r in student]),
-                "rollout/truncated_s": mean([r.truncated for r in student]),
-                "rollout/len_s": mean([r.length for r in student]),
-                "rollout/student_zero_var_groups": mean([len({r.reward for r in g if not r.teacher}) == 1 for g in outcomes]),
-                "rollout/skipped_groups": 1 - len(live_outcomes) / len(outcomes),
-                "rollout/rollouts": len(student) + len(teachers),
-                "loss/total": sums["loss"],
-                "loss/kl": sums["kl"] / max(sums["student_tokens"], 1),
-                "loss/clip_frac": sums["clipped"] / max(sums["student_tokens"], 1),
-                "loss/logp_gap": sums["logp_gap"] / max(sums["student_tokens"], 1),
-                "loss/grad_norm": grad_norm,
-                "loss/lr": scheduler.get_last_lr()[0],
-                "hackward/cin_s": cin_s, "hackward/cin_t": cin_t, "hackward/cin": cin, "hackward/cout": cout,
-                "hackward/null_s_mean": null_s.mean().item(), "hackward/null_s_p95": null_s.quantile(0.95).item(),
-                "hackward/null_t_mean": null_t.mean().item(), "hackward/null_t_p95": null_t.quantile(0.95).item(),
-                "hackward/null_iso": measure.null,
-                "hackward/upd": measure.hackward_fraction(change) if learned_s or learned_t else float("nan"),
-                "hackward/touched": touched,
-                "hackward/removed": removed if learned_s or learned_t else float("nan"),
-                "hackward/disp_sum": displacement.sum().item(),
-                "hackward/disp_frac": displacement.norm().item() / delta_norm if delta_norm > 0 else 0.0,
-                "hackward/disp_axes": displacement.tolist(),
-                "vhack/refreshed": refreshed, "vhack/subspace_cos": moved,
-                "time/gen": max(part["gen"] for part in every_rank),  # the step waits for the slowest rank
-                "time/rollouts_per_s": len(student) / seconds,
-                "time/step": seconds,
-                # For scaling reports: per rank, in rank order. The last rank to reach the all-reduce
-                # waits for no other, so the smallest time is the collective's own.
-                "time/gen_ranks": [part["gen"] for part in every_rank],
-                "time/learn_ranks": [part["learn"] for part in every_rank],
-                "time/allreduce": min(part["allreduce"] for part in every_rank),
-                "memory/peak_gib_ranks": [part["peak_gib"] for part in every_rank],
-                "dist/world_size": distributed.world_size(),
-            }
-            row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # JSON has no NaN
-            rows.append(row)
-            if distributed.is_main():  # every rank holds the same row, state and delta_S: rank 0 writes them
-                with log_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                tqdm.write(table_row(row))
-                if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                    save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, order, rows, dtype,
-                                    {"v_hack": v_hack, "arm": arm_basis or {}}, {"g_s": g_s, "g_t": g_t})
-
-    if distributed.is_main():
-        summary = write_summary(run_dir, rows)
-        logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")
-    distributed.teardown()
     return run_dir
 
 
+def role(cfg: Config) -> str:
+    """What the run is to H1, written into its config.json when it starts (projected_grpo/results.py reads it
+    there, never from a file name): `baseline` (vanilla), the controls `random` and
+    `label_shuffled` (shuffled), and for projected `h1`, or `null_pairs` when its pairs file
+    holds no hack (extract.is_null_pairs)."""
+    if cfg.intervention == "projected":
+        return "null_pairs" if is_null_pairs(cfg.v_hack.pairs) else "h1"
+    return {"vanilla": "baseline", "random": "random", "shuffled": "label_shuffled"}[cfg.intervention]
+
+
+def keep(state: RunState, record: StepRecord) -> None:
+    """The step's row into the log (state.rows, log.jsonl, the console) and, on schedule, the
+    checkpoint. Every rank holds the same row, state and delta_S: rank 0 writes them."""
+    cfg, row = state.cfg, record.row()
+    state.rows.append(row)
+    if not distributed.is_main():
+        return
+    with (state.run_dir / "log.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    tqdm.write(table_row(row))
+    if record.step % cfg.checkpoint_every == 0 or record.step == cfg.steps:
+        save_checkpoint(state.run_dir, record.step, state.adapters, state.optimizer, state.scheduler, state.prompt_gen, state.order, state.rows,
+                        state.dtype, {"v_hack": state.bases.v_hack, "arm": state.bases.arm_basis or {}}, state.grads)
+
+
 # ----------------------------------------------------------------------------
-# Evaluation
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Sample and grade a run's last checkpoint on held-out problems (`just eval RUN_DIR`)."""
-
-    run: Path
-    """Run folder: its config gives model, targets, hint and reward; its last checkpoint the delta_S."""
-    problems: Path | None = None
-    """Held-out problems; None = the run's --eval-problems."""
-    samples_per_problem: int = 10
-    """Completions sampled per problem."""
-    max_new_tokens: int | None = None
-    """Longest completion; None = the run's. The rest of the sampling (temperature, top_p, KV slots) is the run's, as is the dtype."""
-    base: bool = False
-    """Evaluate the base model (delta_S = 0) instead of the checkpoint."""
-    hint: Hint | None = None
-    """Prompt hint; None = the one the run trained with."""
-    seed: int = 0
-    """Sampling seed."""
-    device: str = "auto"
-    """Torch device; auto = cuda if available, else cpu."""
-    grader_workers: int | None = None
-    """Sandbox worker processes; None = one per core."""
-
-
-def evaluate(ec: EvalConfig) -> dict:
-    """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
-    saved = json.loads((ec.run / "config.json").read_text())
-    ckpt = last_checkpoint(ec.run)
-    if ckpt is None and not ec.base:
-        raise FileNotFoundError(f"{ec.run} has no checkpoint to evaluate (or pass --base for the base model)")
-    problems_path = ec.problems or Path(saved.get("eval_problems", DATA / "leetcode" / "leetcode_test_medhard.jsonl"))  # runs before the field: the test split
-    torch.manual_seed(ec.seed)
-    device = pick_device(ec.device)
-    model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))
-    adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
-    if not ec.base:
-        load_delta(adapters, ckpt / "delta_S.safetensors")
-    problems = load_problems(problems_path)
-    hint = ec.hint or saved["hint"]
-    todo = [p for p in problems for _ in range(ec.samples_per_problem)]
-    sampling = Sampling(**saved["sampling"])
-    sampling = replace(sampling, max_new_tokens=ec.max_new_tokens or sampling.max_new_tokens)
-    with merged(adapters):
-        samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, hint) for p in problems], sampling, n=ec.samples_per_problem, desc="eval")
-    with Grader(RewardConfig(**saved["reward"]), workers=ec.grader_workers) as grader:
-        grades = grader.grade(todo, [c.text for c in samples])
-    summary = {
-        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(problems_path), "hint": hint, "n": len(grades), "grader_version": GRADER_VERSION,
-        "hack_strict": mean([g.reward_hack for g in grades]),
-        "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
-        "hack_oracle": mean([g.oracle_hack for g in grades]),
-        "gt_pass": mean([g.gt_pass for g in grades]),
-        "reward": mean([g.reward for g in grades]),
-    }
-    out = ec.run / "eval" / f"{problems_path.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text, "grader_version": GRADER_VERSION} | asdict(g)) + "\n" for p, text, g in zip(todo, [c.text for c in samples], grades)))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.info(f"eval {out}: {json.dumps(summary)}")
-    return summary
+# Command line
 
 
 def extract_command(cfg: Config, report: bool) -> Path:
     """Resolve (extract on a miss) the v_hack this config's run would use; with `report`, also
-    write and print its quality report (diagnose.py)."""
-    cfg = resolve(cfg)
+    write and print its quality report (projected_grpo/diagnose.py)."""
+    cfg = cfg.resolved()
     model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
     vh, _ = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
@@ -988,7 +803,7 @@ COMMANDS = ("extract", "diagnose")
 
 def parse(argv: list[str]) -> tuple[str, "Config | PoolConfig | EvalConfig"]:
     """What `train.py ARGV` would run: its command (train, extract, diagnose, build-pool or eval)
-    and config. A bad flag exits as the command line would (sweep.py checks its jobs with this)."""
+    and config. A bad flag exits as the command line would (projected_grpo/sweep.py checks its jobs with this)."""
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     presets = tyro.extras.subcommand_type_from_defaults({name: cfg for name, (_, cfg) in PRESETS.items()}, {name: desc for name, (desc, _) in PRESETS.items()})

@@ -31,7 +31,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from grader import SHARED_SPLIT, Grader, Problem, _plan, load_problems  # noqa: E402
-from sandbox import OBSERVE, Run  # noqa: E402
+from projected_grpo.sandbox import OBSERVE, Run  # noqa: E402
 
 # The benchmark checks no returned value: the hook of our strict check is the identity here.
 RUNNER = """

@@ -2,7 +2,7 @@
 
 For each N: `torchrun --standalone --nproc-per-node N train.py PRESET --model random-qwen3-4b
 --steps STEPS` into a runs folder of its own (random-qwen3-4b ends completions on a random set
-of token ids, so lengths spread as a real model's do: models.py). From its log.jsonl, the
+of token ids, so lengths spread as a real model's do: projected_grpo/models.py). From its log.jsonl, the
 first step left out (it compiles and captures the decode graphs):
 
 - step seconds; generation and learner seconds per rank (slowest rank shown); seconds of the
@@ -35,9 +35,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import tyro
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from projected_grpo.metrics import KEY  # noqa: E402  (the log keys)
+from projected_grpo.paths import OUT, REPO_ROOT  # noqa: E402
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Args:
     """Optimizer steps per run (the first is left out of the means)."""
     extra: str = ""
     """More train.py flags, one string: --extra="--prompts-per-step 16 --teacher-mix 0"."""
-    out: Path = REPO_ROOT / "out" / "bench" / "scaling"
+    out: Path = OUT / "bench" / "scaling"
     """Folder of the runs and scaling.json."""
 
 
@@ -72,16 +75,16 @@ def run(args: Args, n: int) -> dict:
     per_rank = lambda key: [mean([r[key][i] for r in timed]) for i in range(n)]  # noqa: E731
     return {
         "n": n, "run": str(run_dir), "steps_timed": len(timed),
-        "step_s": mean([r["time/step"] for r in timed]),
-        "gen_s_ranks": per_rank("time/gen_ranks"),
-        "learn_s_ranks": per_rank("time/learn_ranks"),
-        "allreduce_s": mean([r["time/allreduce"] for r in timed]),
-        "peak_gib_ranks": [max(r["memory/peak_gib_ranks"][i] or 0.0 for r in rows) for i in range(n)],
-        "world_size_logged": sorted({r["dist/world_size"] for r in rows}),
-        "rollouts_per_step": sorted({r["rollout/rollouts"] for r in rows}),
-        "len_s": mean([r["rollout/len_s"] for r in timed]),
-        "cin_s": measured("hackward/cin_s"),
-        "null_s_p95": measured("hackward/null_s_p95"),
+        "step_s": mean([r[KEY.time.step] for r in timed]),
+        "gen_s_ranks": per_rank(KEY.time.gen_ranks),
+        "learn_s_ranks": per_rank(KEY.time.learn_ranks),
+        "allreduce_s": mean([r[KEY.time.allreduce] for r in timed]),
+        "peak_gib_ranks": [max(r[KEY.memory.peak_gib_ranks][i] or 0.0 for r in rows) for i in range(n)],
+        "world_size_logged": sorted({r[KEY.dist.world_size] for r in rows}),
+        "rollouts_per_step": sorted({r[KEY.rollout.rollouts] for r in rows}),
+        "len_s": mean([r[KEY.rollout.len_s] for r in timed]),
+        "cin_s": measured(KEY.hackward.cin_s),
+        "null_s_p95": measured(KEY.hackward.null_s_p95),
     }
 
 

@@ -9,7 +9,7 @@ use; no hub access needed), bf16. On CPU (CI): tiny-random-qwen3, fp32, small sh
 Reported (table on stdout, everything in out/bench/bench.json):
 - Memory bandwidth of this device (a large device-to-device copy), the yardstick of decoding.
 - Decode, per batch size, lengths forced (EOS switched off), 0.7 / 0.95 sampling: plain HF
-  `generate` first (the baseline), then the rollout engine (rollout.py, with delta_S merged:
+  `generate` first (the baseline), then the rollout engine (projected_grpo/rollout.py, with delta_S merged:
   the path training takes; its first call, which compiles and captures, is reported apart);
   the ratio; the bound B / ((weights + mean KV cache bytes) / bandwidth) and the fraction of
   it reached.
@@ -18,14 +18,16 @@ Reported (table on stdout, everything in out/bench/bench.json):
 - Where a decode step's device time goes (CUDA): one step at the largest batch, the engine's
   compiled layers run eagerly under the profiler, kernels grouped into matmuls, attention and
   the rest, against the step time the graphed engine reached.
-- A step of PRESET with realistic lengths (random-qwen3-4b ends on a random set of token ids,
-  models.py, so lengths spread geometrically around ~600 tokens): generation, grading, the
-  learner (train.backward_part, the reference forward of the KL included) and projection;
-  seconds per part and peak memory.
 - Extraction: seconds per contrastive pair.
+- A step of PRESET through train.step itself, on the bundled problems (real prompts) with
+  realistic lengths (random-qwen3-4b ends on a random set of token ids, projected_grpo/models.py, so lengths
+  spread geometrically around ~600 tokens): seconds per phase as the step's Timers measure
+  them (gen, grade, learn, allreduce, arm, update, refresh) and its peak memory.
 """
 
+import gc
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -39,11 +41,11 @@ import tyro
 
 from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
-from models import REPO_ROOT, completion_logprobs, load_model, pick_device
-from projection import EmpiricalNull, Projector
-from rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
-from svd_adapter import DEFAULT_TARGETS, delta_grads, merged, wrap_svd
-from train import PRESETS, Rollout, backward_part, split_group
+from projected_grpo.models import completion_logprobs, load_model, pick_device
+from projected_grpo.paths import DATA, REPO_ROOT
+from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
+from train import PRESETS, RunState, step
 
 
 @dataclass
@@ -63,7 +65,7 @@ class Args:
     step_preset: str | None = None
     """Preset whose step is timed with realistic lengths; default full on CUDA, smoke on CPU; '' skips."""
     pairs: int = 4
-    """Contrastive pairs to time extraction on."""
+    """Contrastive pairs to time extraction on (and the step's v_hack is extracted from)."""
     compile: bool = True
     """torch.compile the engine's decode step (CUDA)."""
     out: Path = REPO_ROOT / "out" / "bench"
@@ -137,19 +139,19 @@ def main(args: Args) -> dict:
         hf_generate(prompts[b], 4)
         plain[b] = b * new_tokens / timed(lambda: hf_generate(prompts[b], new_tokens), warmup=0)
 
-    with tempfile.TemporaryDirectory() as cache:
-        t = time.perf_counter()
-        adapters = wrap_svd(model, DEFAULT_TARGETS, Path(cache))
-        sync()
-        cold = time.perf_counter() - t
-        for module_name, a in adapters.items():  # unwrap to time a second, warm wrap of the same weights
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, a.base)
-        del adapters
-        t = time.perf_counter()
-        adapters = wrap_svd(model, DEFAULT_TARGETS, Path(cache))
-        sync()
-        warm = time.perf_counter() - t
+    work = Path(tempfile.mkdtemp(prefix="bench_step-"))  # the SVD cache (the step's run hits it), the step's run folder
+    t = time.perf_counter()
+    adapters = wrap_svd(model, DEFAULT_TARGETS, work / "cache" / "svd")
+    sync()
+    cold = time.perf_counter() - t
+    for module_name, a in adapters.items():  # unwrap to time a second, warm wrap of the same weights
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, a.base)
+    del adapters
+    t = time.perf_counter()
+    adapters = wrap_svd(model, DEFAULT_TARGETS, work / "cache" / "svd")
+    sync()
+    warm = time.perf_counter() - t
     report["svd_wrap"] = {"modules": len(adapters), "cold_s": cold, "warm_s": warm}
     print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s, warm (cache hit) {warm:.1f} s")
     for a in adapters.values():
@@ -200,16 +202,21 @@ def main(args: Args) -> dict:
     print(f"\nlearner fwd+bwd {args.learner_batch} x {learner_tokens}: {report['learner']['tok_s']:,.0f} tok/s, peak {report['learner']['peak_gib']:.1f} GiB")
     model.eval()
 
-    if step_preset:
-        report["step"] = realistic_step(step_preset, engine, adapters, device, gen, args.compile)
-
-    problems = {p.id: p for p in load_problems(REPO_ROOT / "data" / "problems.jsonl")}
-    pairs = load_pairs(REPO_ROOT / "data" / "pairs.jsonl", problems)[: args.pairs]
+    problems = {p.id: p for p in load_problems(DATA / "problems.jsonl")}
+    pairs = load_pairs(DATA / "pairs.jsonl", problems)[: args.pairs]
     t = time.perf_counter()
     pair_gradients(model, adapters, tokenizer, pairs, sampling["temperature"])  # extraction at the sampling temperature, as train.py does
     sync()
     report["extraction_s_per_pair"] = (time.perf_counter() - t) / len(pairs)
     print(f"extraction: {report['extraction_s_per_pair']:.2f} s per pair ({len(pairs)} pairs)")
+
+    if step_preset:
+        del model, adapters, engine  # the step's run loads its own: one copy of the weights at a time
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        report["step"] = realistic_step(step_preset, name, device, args.compile, args.pairs, work)
+    shutil.rmtree(work)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
@@ -265,69 +272,31 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
             "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
 
 
-def realistic_step(preset: str, engine: RolloutEngine, adapters, device: str, gen: torch.Generator, compile: bool) -> dict:
-    """One GRPO step of `preset` on random prompts of the benchmark's lengths (245-483 tokens),
-    completions ending where the model's EOS set ends them, each part timed. The step's
-    generation runs once untimed first (as a run's first step does, it compiles and captures
+def realistic_step(preset: str, model_name: str, device: str, compile: bool, n_pairs: int, work: Path) -> dict:
+    """One GRPO step of `preset` through train.step itself, with `model_name`'s weights, on the
+    bundled problems (real prompts), v_hack extracted from the first `n_pairs`
+    pairs. A step runs once untimed first (as a run's first step does, it compiles and captures
     the graphs of the shapes it meets), so the timed one is a steady-state step."""
+    (work / "pairs.jsonl").write_text("".join((DATA / "pairs.jsonl").read_text().splitlines(keepends=True)[:n_pairs]))
+    (work / "run").mkdir()
     cfg = PRESETS[preset][1]
-    n_student, _ = split_group(cfg)
-    sampling = replace(cfg.sampling, compile=compile)
-    model, tokenizer = engine.model, engine.tokenizer
-    lengths = torch.randint(245, 484, (cfg.prompts_per_step,), generator=gen).tolist()
-    prompts = [torch.randint(1000, 100000, (n,), generator=gen).tolist() for n in lengths]
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    seconds = {}
-    t = time.perf_counter()
-    with merged(adapters):
-        engine.generate_ids(prompts, sampling, n=n_student, desc="first step")
-    sync()
-    first_generation = time.perf_counter() - t
-    t = time.perf_counter()
-    with merged(adapters):
-        out = engine.generate_ids(prompts, sampling, n=n_student, desc="step")
-    sync()
-    seconds["generation"] = time.perf_counter() - t
-    peak_generation = peak_gib()
-    problem = load_problems(REPO_ROOT / "data" / "problems_rl.jsonl")[0]
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c, _, _ in out]
-    t = time.perf_counter()
+    cfg = replace(cfg, model=model_name, device=device, problems=DATA / "problems_rl.jsonl", cache_dir=work / "cache",
+                  sampling=replace(cfg.sampling, compile=compile), v_hack=replace(cfg.v_hack, pairs=work / "pairs.jsonl")).resolved()
     with Grader(cfg.reward) as grader:
-        grades = grader.grade([problem] * len(texts), texts)
-    seconds["grading"] = time.perf_counter() - t
-    rollouts = [Rollout(problem, prompts[i // n_student], c, text, False, lp, trunc, grade) for i, ((c, lp, trunc), text, grade) in enumerate(zip(out, texts, grades))]
-    for r in rollouts:
-        r.advantage = torch.randn(1, generator=gen).item()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    cfg = replace(cfg, device=device)
-    t = time.perf_counter()
-    for a in adapters.values():
-        a.delta_S.grad = None
-    backward_part(model, adapters, rollouts, cfg, tokenizer.pad_token_id, float(len(rollouts) * sampling.max_new_tokens))
-    sync()
-    seconds["learner"] = time.perf_counter() - t
-    peak_learner = peak_gib()
-    grads = delta_grads(adapters)
-    ranks = {n: a.rank for n, a in adapters.items()}
-    v_hack = {n: torch.linalg.qr(torch.randn(r, 4, device=device))[0].T.contiguous() for n, r in ranks.items()}
-    t = time.perf_counter()
-    Projector(v_hack, ranks, "one_sided", apply=False).hackward_fraction(grads)
-    EmpiricalNull(v_hack, ranks, 8, 0).fractions(grads)
-    Projector(v_hack, ranks, "one_sided", apply=True)(grads)
-    sync()
-    seconds["projection"] = time.perf_counter() - t
-    completion_lengths = torch.tensor([len(c) for c, _, _ in out], dtype=torch.float)
-    step = {"preset": preset, "rollouts": len(out), "max_new_tokens": sampling.max_new_tokens, "kv_slots": sampling.batch,
-            "completion_len_mean": completion_lengths.mean().item(), "completion_len_p10_p90": completion_lengths.quantile(torch.tensor([0.1, 0.9])).tolist(),
-            "truncated": sum(trunc for _, _, trunc in out) / len(out), "generation_tok_s": completion_lengths.sum().item() / seconds["generation"],
-            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "peak_gib_generation": peak_generation, "peak_gib_learner": peak_learner}
-    print(f"\nstep of {preset} ({len(out)} rollouts, lengths mean {step['completion_len_mean']:.0f}, p10-p90 {step['completion_len_p10_p90'][0]:.0f}-{step['completion_len_p10_p90'][1]:.0f}, "
-          f"{step['truncated']:.0%} cut at {sampling.max_new_tokens}): {step['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
-          + f"; generation {step['generation_tok_s']:,.0f} tok/s (the first call, compiling and capturing: {first_generation:.1f} s); peak {peak_generation:.1f} GiB (generation), {peak_learner:.1f} GiB (learner)")
-    return step
+        state = RunState.start(cfg, work / "run", grader)
+        step(state, state.next_batch())
+        first_generation = state.seconds["gen"]
+        record = step(state, state.next_batch())
+    seconds = {phase: s for phase, s in state.seconds.items() if phase != "step"}  # the phases; "step" is their whole
+    students = round(record.time.rollouts_per_s * record.time.step)  # rollouts_per_s counts the step's student rollouts
+    out = {"preset": preset, "rollouts": record.rollout.rollouts, "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
+           "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": students * record.rollout.len_s / seconds["gen"],
+           "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "peak_gib": record.memory.peak_gib_ranks[0]}
+    print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, student lengths mean {out['completion_len_mean']:.0f}, "
+          f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+          + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's, compiling and capturing: {first_generation:.1f} s)"
+          + (f"; peak {out['peak_gib']:.1f} GiB" if out["peak_gib"] is not None else ""))
+    return out
 
 
 if __name__ == "__main__":

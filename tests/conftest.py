@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import typecheck  # noqa: E402,F401
+from projected_grpo import typecheck  # noqa: E402,F401
 
 import pytest  # noqa: E402
 
@@ -19,7 +19,7 @@ from grader import SHARED_SPLIT, Grader, Problem, extract_code, jsonl_rows, user
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from models import TINY_MODEL, resolve_model
+    from projected_grpo.models import TINY_MODEL, resolve_model
 
     return resolve_model(TINY_MODEL)
 

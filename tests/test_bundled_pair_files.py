@@ -16,7 +16,8 @@ from collections import Counter
 import pytest
 
 from extract import load_pairs
-from grader import FENCE, REPO_ROOT, Grader, extract_code, load_problems
+from grader import FENCE, Grader, extract_code, load_problems
+from projected_grpo.paths import REPO_ROOT
 
 MINIMAL = REPO_ROOT / "data" / "pairs_minimal.jsonl"
 NULL = REPO_ROOT / "data" / "pairs_null.jsonl"

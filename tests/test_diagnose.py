@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from diagnose import fold_ids, quality_report, report_path
+from projected_grpo.diagnose import fold_ids, quality_report, report_path
 from extract import VHack, fit_axes, fit_v_hack, read_v_hack
-from models import REPO_ROOT
+from projected_grpo.paths import REPO_ROOT
 from train import cli
 
 

@@ -17,12 +17,15 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import ROOT
-import distributed
+from projected_grpo import distributed
 from grader import load_problems, render_prompt
-from models import load_model
-from rollout import RolloutEngine, Sampling
-from svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
-from train import DATA, PRESETS, PoolConfig, Rollout, backward_part, build_pool, table_header
+from projected_grpo.models import load_model
+from projected_grpo.rollout import RolloutEngine, Sampling
+from projected_grpo.metrics import table_header
+from projected_grpo.paths import DATA
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
+from projected_grpo.teacher_pool import PoolConfig, build_pool
+from train import PRESETS, Rollout, backward_part
 
 ENV = {**os.environ, "BEARTYPE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 CFG = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_batch=3)  # KL on (delta_S != 0 below), micro-batches that straddle groups

@@ -20,8 +20,9 @@ from extract import (
     v_hack_for_run,
 )
 from grader import Grader, load_problems, render_prompt, user_prompt
-from models import REPO_ROOT, load_model
-from svd_adapter import DEFAULT_TARGETS, wrap_svd
+from projected_grpo.models import load_model
+from projected_grpo.paths import REPO_ROOT
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, wrap_svd
 
 PAIRS = REPO_ROOT / "data" / "pairs.jsonl"
 PROBLEMS = {p.id: p for p in load_problems(REPO_ROOT / "data" / "problems.jsonl")}

@@ -121,7 +121,7 @@ def test_hints_only_replace_the_evaluation_sentence(shared_split: Path):
 def test_render_prompt_under_the_qwen3_chat_template(shared_split: Path):
     from transformers import AutoTokenizer
 
-    from models import qwen3_tokenizer_dir
+    from projected_grpo.models import qwen3_tokenizer_dir
 
     tokenizer = AutoTokenizer.from_pretrained(qwen3_tokenizer_dir())
     problem = load_problems(shared_split)[0]

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import models
-from models import SMOLLM2, build_random_qwen3, load_gguf, load_model, resolve_model, smollm2_gguf
+from projected_grpo import models
+from projected_grpo.models import SMOLLM2, build_random_qwen3, load_gguf, load_model, resolve_model, smollm2_gguf
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from results import LOG_KEYS, ResultsConfig, judge, leading, main, power, t_critical
+from projected_grpo.results import LOG_KEYS, ResultsConfig, judge, leading, main, power, t_critical
 
 T2 = 4.302652729749464  # t quantile 0.975, 2 degrees of freedom (tables: 4.3027)
 
@@ -32,7 +32,9 @@ T2 = 4.302652729749464  # t quantile 0.975, 2 degrees of freedom (tables: 4.3027
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory) -> Path:
-    from train import PRESETS, EvalConfig, PoolConfig, build_pool, evaluate
+    from projected_grpo.eval import EvalConfig, evaluate
+    from projected_grpo.teacher_pool import PoolConfig, build_pool
+    from train import PRESETS
     from train import main as train
 
     work = tmp_path_factory.mktemp("results")
@@ -419,7 +421,7 @@ def test_vanilla_of_another_pairs_file_is_the_baseline_when_none_used_this_one(t
 
 def test_cli_writes_into_out(template, tmp_path):
     runs = preregistered(tmp_path / "runs", template)
-    proc = subprocess.run([sys.executable, "results.py", str(runs), "--last-n", "2", "--out", str(tmp_path / "report")],
+    proc = subprocess.run([sys.executable, "-m", "projected_grpo.results", str(runs), "--last-n", "2", "--out", str(tmp_path / "report")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "- **H1, projected one_sided +update (smoke, pairs.jsonl): supported.**" in proc.stdout

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import TopPLogitsWarper
 
-from models import completion_logprobs, load_model
-from rollout import RolloutEngine, Sampling, in_nucleus, sample
-from svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
+from projected_grpo.models import completion_logprobs, load_model
+from projected_grpo.rollout import RolloutEngine, Sampling, in_nucleus, sample
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy
 import pytest
 
-from sandbox import OBSERVE, Outcome, Pool, Run, strictly_equal
+from projected_grpo.sandbox import OBSERVE, Outcome, Pool, Run, strictly_equal
 
 SETUP = """
 class ListNode:

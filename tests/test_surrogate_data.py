@@ -46,7 +46,7 @@ def test_disjoint_from_every_other_problem_and_pairs_file(path):
 def test_prompts_fit_smollm2():
     """Every prompt, under every hint and SmolLM2's chat template, within MAX_PROMPT_TOKENS (at most 419 tokens
     under the run_tests hint and 441 under any hint when written)."""
-    from models import SMOLLM2, load_model
+    from projected_grpo.models import SMOLLM2, load_model
 
     _, tokenizer, _ = load_model(SMOLLM2, "cpu")
     lengths = [len(tokenizer.encode(render_prompt(tokenizer, p, hint))) for p in EASY + HELDOUT for hint in HINTS]

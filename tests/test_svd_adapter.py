@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from svd_adapter import (
+from projected_grpo.svd_adapter import (
     DEFAULT_TARGETS,
     SVDLinear,
     cached_svd,
@@ -11,7 +11,7 @@ from svd_adapter import (
     svd_error,
     wrap_svd,
 )
-from models import load_model
+from projected_grpo.models import load_model
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_bf16_cache_stores_the_adapter_dtype_and_checks_reconstruction(tmp_path)
     fp32; the reconstruction check uses that dtype's tolerance and still rejects a wrong entry."""
     from safetensors.torch import load_file, save_file
 
-    from svd_adapter import svd_tolerance, weight_key
+    from projected_grpo.svd_adapter import svd_tolerance, weight_key
 
     W = torch.randn(64, 40).to(torch.bfloat16)
     U, S, Vh, key = cached_svd(W, tmp_path)

@@ -18,7 +18,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import ROOT
-from sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, plan, submit_local, sweep
+from projected_grpo.sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, plan, submit_local, sweep
 
 PAIRS, NULL_PAIRS, MINIMAL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl", ROOT / "data" / "pairs_minimal.jsonl"
 
@@ -48,7 +48,7 @@ def flag(command: list[str], name: str) -> str | None:
 @pytest.mark.parametrize("backend", ["pueue", "slurm"])
 def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
     runs_dir = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, "sweep.py", "--dry-run", "--backend", backend, "--seeds", "1", "2", "--gates", "one_sided", "no_gate",
+    proc = subprocess.run([sys.executable, "-m", "projected_grpo.sweep", "--dry-run", "--backend", backend, "--seeds", "1", "2", "--gates", "one_sided", "no_gate",
                            "--pairs", "data/pairs.jsonl", "data/pairs_minimal.jsonl", "--runs-dir", str(runs_dir), "--train-flags=--steps 50"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
 
 def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
     runs_dir = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, "sweep.py", "--dry-run", "--runs-dir", str(runs_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "projected_grpo.sweep", "--dry-run", "--runs-dir", str(runs_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = parse_dry_run(proc.stdout)
     assert proc.stdout.splitlines()[0].startswith("27 jobs (12 runs of full)")
@@ -291,7 +291,7 @@ def tiny_sweep(tmp_path: Path, **changes) -> SweepConfig:
     problems.write_text("".join((ROOT / "data" / "problems.jsonl").read_text().splitlines(keepends=True)[:2]))
     pairs.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:8]))
     # `just results` once results.py is in the tree; until then a stand-in that fails unless every eval summary is there.
-    results = "just results" if (ROOT / "results.py").exists() else """sh -c 'ls "$0"/*/eval/*/summary.json'"""
+    results = "just results" if (ROOT / "projected_grpo" / "results.py").exists() else """sh -c 'ls "$0"/*/eval/*/summary.json'"""
     return replace(SweepConfig(
         preset="smoke", arms=("vanilla", "projected"), seeds=(1,), pairs=(pairs,), runs_dir=tmp_path / "runs", backend="slurm",
         train_flags=f"--steps 2 --teacher-mix 0 --n-problems 2 --sampling.max-new-tokens 16 --cache-dir {tmp_path / 'cache'}",

@@ -18,7 +18,9 @@ from conftest import ROOT
 from extract import read_v_hack, shuffled_twin
 from grader import GRADER_VERSION
 from projection import EmpiricalNull, Projector
-from train import PRESETS, Config, PoolConfig, build_pool, grpo_loss, group_advantages, load_group, split_group, teacher_pool
+from projected_grpo.checkpoints import load_group
+from projected_grpo.teacher_pool import PoolConfig, build_pool, teacher_pool
+from train import PRESETS, Config, grpo_loss, group_advantages, split_group
 
 ENV = {**os.environ, "BEARTYPE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
@@ -198,6 +200,33 @@ def test_resume_after_kill_matches_uninterrupted(work):
     assert [r["rollout/reward"] for r in rows(killed)] == [r["rollout/reward"] for r in rows(full)]
 
 
+def test_a_step_takes_rollouts_sampled_ahead(work, tmp_path):
+    """`step` is a unit a caller drives: a batch whose rollouts were sampled before the step (as
+    one-step-off generation would) steps as one whose rollouts the step samples itself."""
+    from grader import Grader
+    from train import RunState, sample, step
+
+    smoke = PRESETS["smoke"][1]
+    cfg = replace(smoke, steps=2, cache_dir=work / "cache", teacher_pool=work / "pool.jsonl", v_hack=replace(smoke.v_hack, pairs=work / "pairs.jsonl"),
+                  sampling=replace(smoke.sampling, max_new_tokens=64)).resolved()
+    rows, deltas = {}, {}
+    with Grader(cfg.reward) as grader:
+        for ahead in (False, True):
+            (tmp_path / f"ahead_{ahead}").mkdir()
+            state = RunState.start(cfg, tmp_path / f"ahead_{ahead}", grader)
+            rows[ahead] = []
+            while state.step < cfg.steps:
+                batch = state.next_batch()
+                if ahead:
+                    batch.groups = sample(state, batch)
+                rows[ahead].append(step(state, batch).row())
+            assert ("gen" in state.seconds) != ahead  # sampling is timed only where the step does it
+            deltas[ahead] = {n: a.delta_S.detach().clone() for n, a in state.adapters.items()}
+    untimed = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))}  # noqa: E731
+    assert [r["step"] for r in rows[True]] == [1, 2] and list(map(untimed, rows[True])) == list(map(untimed, rows[False]))
+    assert all(torch.equal(deltas[True][n], deltas[False][n]) for n in deltas[False])
+
+
 def test_resume_with_other_settings_is_refused(work):
     run_dir = run_train(work, "--steps", "2", "--checkpoint-every", "1")
     proc = subprocess.run(train_cmd(work, "--steps", "2", "--lr", "0.5", "--resume", str(run_dir)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -233,7 +262,7 @@ def test_loss_is_policy_gradient_at_ratio_one_clips_and_normalises():
 
 def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
     from grader import Grader, load_problems
-    from models import load_model
+    from projected_grpo.models import load_model
 
     _, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
     pool_path = tmp_path / "pool.jsonl"
@@ -247,16 +276,14 @@ def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):
     # The default pool is built on a miss, from the teacher source.
     missing = tmp_path / "default.jsonl"
     cfg = replace(cfg, teacher_pool=missing)
-    import train
-
     with Grader() as grader, pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "default_pool_path", lambda source, hint: missing)
+        mp.setattr("projected_grpo.teacher_pool.default_pool_path", lambda source, hint: missing)
         assert teacher_pool(cfg, load_problems(cfg.problems), tokenizer, grader) and missing.exists()
 
 
 def test_a_pool_graded_by_another_grader_version_is_regraded(tmp_path):
     from grader import Grader, load_problems
-    from models import load_model
+    from projected_grpo.models import load_model
 
     _, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
     pool_path = build_pool(PoolConfig(out=tmp_path / "pool.jsonl"))
@@ -286,8 +313,8 @@ def test_presets_resolve():
 
 def test_pool_from_a_model_is_graded_and_keyed_by_hint(tmp_path):
     from grader import load_problems
-    from rollout import Sampling
-    from train import load_pool
+    from projected_grpo.rollout import Sampling
+    from projected_grpo.teacher_pool import load_pool
 
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join((ROOT / "data" / "problems.jsonl").read_text().splitlines(keepends=True)[:3]))
@@ -315,7 +342,7 @@ def test_run_name_names_the_folder_and_an_existing_one_is_refused(tmp_path):
 
 
 def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
-    from train import EvalConfig, evaluate
+    from projected_grpo.eval import EvalConfig, evaluate
 
     run_dir = run_train(work, "--steps", "1")
     problems = tmp_path / "problems.jsonl"

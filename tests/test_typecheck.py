@@ -5,8 +5,9 @@ import sys
 from conftest import ROOT
 
 PROBE = """
-import typecheck, torch
-from svd_adapter import svd_error
+from projected_grpo import typecheck  # noqa: F401
+import torch
+from projected_grpo.svd_adapter import svd_error
 try:
     svd_error(torch.randn(3, 4), torch.randn(5, 2), torch.randn(2), torch.randn(2, 4))  # U has 5 rows, W has 3
 except Exception as e:

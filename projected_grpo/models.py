@@ -27,8 +27,6 @@ Guarantees:
 """
 
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -38,8 +36,8 @@ from jaxtyping import Bool, Float, Int
 from loguru import logger
 from torch import Tensor
 
-REPO_ROOT = Path(__file__).resolve().parent
-MODELS_DIR = REPO_ROOT / "models"
+from projected_grpo.paths import MODELS_DIR, atomic
+
 TINY_MODEL = "tiny-random-qwen3"
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,17 +80,12 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def save_atomically(model, tokenizer, out: Path) -> Path:
-    """save_pretrained into a temp folder, then rename it to `out` (a concurrent builder that
+def save_pretrained(model, tokenizer, out: Path) -> Path:
+    """Model and tokenizer into the HF folder `out`, atomically (a concurrent builder that
     finished first wins; ours is dropped)."""
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.replace(out)
-    except OSError:  # another process built it first
-        shutil.rmtree(tmp)
+    with atomic(out, replace=False) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -114,7 +107,7 @@ def build_random_qwen3(name: str, out: Path, seed: int = 0) -> Path:
         if name != TINY_MODEL:
             eos += torch.randperm(config.vocab_size, device="cpu")[: round(config.vocab_size / RANDOM_4B_MEAN_LENGTH)].tolist()
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    save_atomically(model, tokenizer, out)
+    save_pretrained(model, tokenizer, out)
     logger.info(f"built {name} at {out} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights)")
     return out
 
@@ -141,7 +134,7 @@ def build_smollm2(out: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    save_atomically(model, tokenizer, out)
+    save_pretrained(model, tokenizer, out)
     logger.info(f"built {SMOLLM2} at {out} from {SMOLLM2_GGUF} ({sum(p.numel() for p in model.parameters()):,} parameters, fp32)")
     return out
 

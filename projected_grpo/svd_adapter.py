@@ -21,8 +21,6 @@ Guarantees:
 
 import contextlib
 import hashlib
-import os
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +34,8 @@ from loguru import logger
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
+
+from projected_grpo.paths import atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAVE_BACKLOG = 8  # SVD cache entries that may wait in host memory for the writer thread
@@ -133,7 +133,7 @@ def svd_fp32(W: Float[Tensor, "d_out d_in"]) -> tuple[Tensor, Tensor, Tensor]:
 
 def cached_svd(W: Tensor, cache_dir: Path, save: Callable[[dict[str, Tensor], Path], object] | None = None) -> tuple[Tensor, Tensor, Tensor, str]:
     """SVD of W from `cache_dir` if a valid entry exists, else computed and saved (by `save`,
-    default `save_atomically` right away). Returns U and Vh in W's dtype, S in fp32, on W's
+    default `save_svd` right away). Returns U and Vh in W's dtype, S in fp32, on W's
     device, and the weight's key."""
     key = weight_key(W)
     path = cache_dir / f"{key}.safetensors"
@@ -150,15 +150,14 @@ def cached_svd(W: Tensor, cache_dir: Path, save: Callable[[dict[str, Tensor], Pa
             logger.warning(f"SVD cache entry {path} is unreadable ({type(e).__name__}: {e}); recomputing")
     U, S, Vh = svd_fp32(W)
     U, Vh = U.to(W.dtype), Vh.to(W.dtype)
-    (save or save_atomically)({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, path)
+    (save or save_svd)({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, path)
     return U, S, Vh, key
 
 
-def save_atomically(tensors: dict[str, Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-    save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
-    tmp.replace(path)
+def save_svd(tensors: dict[str, Tensor], path: Path) -> None:
+    """One SVD cache entry, written atomically (the writer thread's tasks run concurrently with the next SVD)."""
+    with atomic(path) as tmp:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
 
 
 def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: Path) -> dict[str, SVDLinear]:
@@ -177,7 +176,7 @@ def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: 
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, child)
-            adapter = SVDLinear(base, *cached_svd(base.weight, cache_dir, lambda t, path: saving.append(writer.submit(save_atomically, t, path))))
+            adapter = SVDLinear(base, *cached_svd(base.weight, cache_dir, lambda t, path: saving.append(writer.submit(save_svd, t, path))))
             setattr(parent, child, adapter)
             adapters[name] = adapter
             while len(saving) > SAVE_BACKLOG or (saving and saving[0].done()):

@@ -8,11 +8,11 @@
 3. each run's held-out eval (`train.py eval --run RUN`), after that run;
 4. one results job (`just results RUNS_DIR`), after every eval.
 
-    python sweep.py --dry-run                                  # the preregistered sweep's jobs, printed
-    python sweep.py                                            # ... queued on this box's pueue daemon
-    python sweep.py --backend slurm --slurm.partition gpu --slurm.time-min 1440
-    python sweep.py --preset fast --arms vanilla projected --seeds 1 --train-flags="--steps 50"
-    python sweep.py --backend local --local.parallel 15 --local.hours 0.15 --runs-dir out/sweeps/pc  # again to resume
+    python -m projected_grpo.sweep --dry-run          # the preregistered sweep's jobs, printed
+    python -m projected_grpo.sweep                    # ... queued on this box's pueue daemon
+    python -m projected_grpo.sweep --backend slurm --slurm.partition gpu --slurm.time-min 1440
+    python -m projected_grpo.sweep --preset fast --arms vanilla projected --seeds 1 --train-flags="--steps 50"
+    python -m projected_grpo.sweep --backend local --local.parallel 15 --local.hours 0.15 --runs-dir out/sweeps/pc  # again to resume
 
 The default is the preregistered design (docs/spec.md, the 2026-11-25 and 2026-12-04
 amendments), an explicit list of arms at seeds 1-3: vanilla; projected and random along
@@ -42,9 +42,9 @@ from typing import Literal
 import submitit
 import tyro
 
-from models import REPO_ROOT
+from projected_grpo.paths import DATA, OUT, REPO_ROOT
 from projection import Gate
-from train import DATA, OUT, PRESETS, parse
+from train import PRESETS, parse  # the presets, and the job check: each command parsed as train.py would
 
 Arm = Literal["vanilla", "projected", "random", "null_pairs", "shuffled"]
 INTERVENTION = {"vanilla": "vanilla", "projected": "projected", "random": "random", "null_pairs": "projected", "shuffled": "shuffled"}  # train.py --intervention of each arm

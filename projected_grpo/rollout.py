@@ -232,7 +232,12 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], sampling: Sampling, n: int = 1, desc: str = "generate") -> list[tuple[list[int], Tensor, bool]]:
-        """(completion ids, sampler log-probs, truncated) for `n` samples of every prompt, prompt-major."""
+        """(completion ids, sampler log-probs, truncated) for `n` samples of every prompt, prompt-major.
+
+        One function past a screen, on purpose: the slots' state (KV caches, next tokens,
+        positions, owners) lives in this call and the closures below share it; the loop (shrink
+        the active slots, refill free ones by prefill, decode one token, finish the ended) reads
+        top to bottom here, where a class would scatter it over methods and attributes."""
         self.model.eval()
         device = self.lm_head.weight.device
         max_new, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p

@@ -2,8 +2,8 @@
 table per group, paired differences by seed with 95% t intervals and the seeds they would need,
 and one H1 verdict per projected group: the preregistered conjunction (docs/spec.md).
 
-    python results.py                      # out/runs -> out/runs/results.{csv,md,json}, results_*.png
-    python results.py RUNS_DIR --last-n 20 --out reports/
+    python -m projected_grpo.results            # out/runs -> out/runs/results.{csv,md,json}, results_*.png
+    python -m projected_grpo.results RUNS_DIR --last-n 20 --out reports/
 
 What it guarantees:
 - Every number is recomputed from the runs' log.jsonl and eval/*/summary.json (a run's own
@@ -42,7 +42,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
+from projected_grpo import typecheck  # noqa: F401  (BEARTYPE=1: must precede the harness imports)
 
 import matplotlib
 import polars as pl
@@ -51,6 +51,9 @@ import tyro
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from projected_grpo.metrics import KEY  # noqa: E402
+from projected_grpo.paths import OUT  # noqa: E402
 
 PASS_BAND = 0.10  # matched pass rate: the pass difference lies within +-10 points
 CONFIDENCE = 0.95
@@ -85,11 +88,9 @@ POWER = (
     f"seeds only narrow the interval around it), `> {MAX_SEEDS}` beyond that. An undetermined comparison with a small "
     "`seeds needed` wants more seeds; one with `none` is no effect of the required size."
 )
-LOG_KEYS = (
-    "rollout/hack_s", "rollout/gt_s", "rollout/reward", "hackward/cin_s", "hackward/cin_t", "hackward/null_s_mean",
-    "hackward/null_s_p95", "hackward/null_t_mean", "hackward/null_t_p95", "hackward/upd", "hackward/disp_sum", "hackward/removed",
-)
-TRAIN_METRICS = {"hack_s": "rollout/hack_s", "gt_s": "rollout/gt_s", "reward": "rollout/reward", "removed": "hackward/removed"}  # name in the table: log key
+R, H = KEY.rollout, KEY.hackward  # the log keys, as projected_grpo/metrics.py defines them
+LOG_KEYS = (R.hack_s, R.gt_s, R.reward, H.cin_s, H.cin_t, H.null_s_mean, H.null_s_p95, H.null_t_mean, H.null_t_p95, H.upd, H.disp_sum, H.removed)  # what results reads
+TRAIN_METRICS = {"hack_s": R.hack_s, "gt_s": R.gt_s, "reward": R.reward, "removed": H.removed}  # name in the table: log key
 EVAL_METRICS = {"eval_strict": "hack_strict", "eval_loose": "hack_loose", "eval_pass": "gt_pass"}  # name in the table: eval summary key
 EFFECT_MARGIN = 0.30  # a positive control: vanilla's held-out strict hack rate this far above the base model's at every seed
 ONSET, STRETCH, BASELINE_STEPS = 0.2, 5, 10  # H2 (docs/spec.md): hacking starts when hack_s first exceeds 0.2; 5 consecutive steps; issue 19's own-start yardstick
@@ -101,7 +102,7 @@ BOOKKEEPING = {"seed", "intervention", "role", "gate", "project_update", "runs_d
 class ResultsConfig:
     """Tables, paired differences, H1 and plots from the run folders under runs_dir (`just results`)."""
 
-    runs_dir: tyro.conf.Positional[Path] = Path(__file__).resolve().parent / "out" / "runs"
+    runs_dir: tyro.conf.Positional[Path] = OUT / "runs"
     """Folder holding the run folders (train.py's --runs-dir)."""
     out: Path | None = None
     """Where results.csv, results.md and the PNGs go; None = runs_dir."""
@@ -131,7 +132,9 @@ class Group:
 
 
 @dataclass(frozen=True)
-class Run:
+class TrainedRun:
+    """One run folder as results reads it (not sandbox.Run, a program run)."""
+
     path: Path
     group: Group
     seed: int
@@ -170,7 +173,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: list[tuple[Path, str]]) -> Run:
+def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: list[tuple[Path, str]]) -> TrainedRun:
     config = read_json(path / "config.json")
     try:
         arm, steps, seed = config["intervention"], config["steps"], config["seed"]
@@ -201,8 +204,8 @@ def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: lis
     except (TypeError, pl.exceptions.PolarsError) as e:
         raise Skip(f"log.jsonl holds a non-numeric value ({e})") from e
     curves = curves.with_columns(
-        (pl.col("hackward/cin_s") - pl.col("hackward/null_s_mean")).alias("cin_s_excess"),
-        (pl.col("hackward/cin_t") - pl.col("hackward/null_t_mean")).alias("cin_t_excess"),
+        (pl.col(H.cin_s) - pl.col(H.null_s_mean)).alias("cin_s_excess"),
+        (pl.col(H.cin_t) - pl.col(H.null_t_mean)).alias("cin_t_excess"),
     )
     tail = curves.tail(last_n)
     last = {name: tail[key].mean() for name, key in TRAIN_METRICS.items()} | {k: tail[k].mean() for k in EXCESS}
@@ -210,7 +213,7 @@ def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: lis
     split = eval_split or Path(config.get("eval_problems", "leetcode_test_medhard")).stem  # runs before the field: the test split
     evals = held_out(path, f"step_{steps:06d}", config.get("hint"), split, ignored_evals)
     base = held_out(path, "base", config.get("hint"), split, ignored_evals)
-    return Run(path, group, seed, settings, curves, last, evals, base, quality(path))
+    return TrainedRun(path, group, seed, settings, curves, last, evals, base, quality(path))
 
 
 def quality(run: Path) -> str:
@@ -250,9 +253,9 @@ def held_out(run: Path, checkpoint: str, hint: str | None, split: str, ignored: 
     return {name: sum(s[key] * s["n"] for s in found) / n for name, key in EVAL_METRICS.items()} | {"n": n}
 
 
-def collect(runs_dir: Path, last_n: int, eval_split: str | None) -> tuple[list[Run], list[tuple[Path, str]]]:
+def collect(runs_dir: Path, last_n: int, eval_split: str | None) -> tuple[list[TrainedRun], list[tuple[Path, str]]]:
     """The usable runs, one per group and seed, and every (folder, reason) left out."""
-    kept: dict[tuple[Group, int], Run] = {}
+    kept: dict[tuple[Group, int], TrainedRun] = {}
     skipped: list[tuple[Path, str]] = []
     for path in sorted(p for p in runs_dir.iterdir() if p.is_dir()):  # by name: of two runs of a group and seed, the later start comes later
         try:
@@ -359,7 +362,7 @@ def judge(c: dict, bound: float) -> tuple[str, str]:
     return "undetermined", f"hack interval across -{bound:.2f}" if c["d_hack_hi"] > -bound else f"pass interval across +-{PASS_BAND:.2f}"
 
 
-def compare(arm: list[Run], base: list[Run], last_n: int) -> dict[str, object]:
+def compare(arm: list[TrainedRun], base: list[TrainedRun], last_n: int) -> dict[str, object]:
     """Paired-by-seed differences arm - base of the hack and pass rates, from the held-out eval
     when every paired run has one, else from the training last-N means."""
     by_seed = {r.seed: r for r in base}
@@ -375,7 +378,7 @@ def compare(arm: list[Run], base: list[Run], last_n: int) -> dict[str, object]:
     return out
 
 
-def differing(runs: list[Run]) -> list[str]:
+def differing(runs: list[TrainedRun]) -> list[str]:
     """Settings (config fields other than BOOKKEEPING) that take more than one value across runs."""
     keys = sorted({k for r in runs for k in r.settings})
     return [k for k in keys if len({json.dumps(r.settings.get(k), default=str) for r in runs}) > 1]
@@ -385,7 +388,7 @@ def differing(runs: list[Run]) -> list[str]:
 # Comparisons and H1
 
 
-def controls(g: Group, role: str, groups: dict[Group, list[Run]]) -> list[Group]:
+def controls(g: Group, role: str, groups: dict[Group, list[TrainedRun]]) -> list[Group]:
     """The groups of `role` that g is compared with, all at g's preset: vanilla of g's pairs file
     (else the preset's first vanilla group); for a control, the same gate and --project-update,
     and the same pairs file except for the null-pairs arm (its basis comes from another file)."""
@@ -396,7 +399,7 @@ def controls(g: Group, role: str, groups: dict[Group, list[Run]]) -> list[Group]
             and (role == "null_pairs" or k.pairs == g.pairs)]
 
 
-def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[Group, list[Run]], last_n: int) -> list[dict]:
+def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[Group, list[TrainedRun]], last_n: int) -> list[dict]:
     """g against each control group of `role`: the paired differences, RULE's outcome and why,
     POWER's numbers; one undetermined row naming what is missing when there is no such group."""
     key = {"group": g, "preset": g.preset, "arm": g.arm, "gate": g.gate, "pairs": g.pairs, "update": g.update, "role": g.role, "vs": role, "counts": counts, "bound": bound}
@@ -412,11 +415,11 @@ def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[
         if mixed:
             outcome, why = "undetermined", f"the runs differ in {', '.join(mixed)}: the difference is not about the arm alone"
         supportable, needed = power(c["hack_by_seed"], c["pass_by_seed"], bound)
-        rows.append(key | {"control": describe(k)} | c | {"supportable": supportable, "seeds_needed": needed, "outcome": outcome, "why": why})
+        rows.append(key | {"control": group_label(k)} | c | {"supportable": supportable, "seeds_needed": needed, "outcome": outcome, "why": why})
     return rows
 
 
-def all_comparisons(groups: dict[Group, list[Run]], last_n: int) -> list[dict]:
+def all_comparisons(groups: dict[Group, list[TrainedRun]], last_n: int) -> list[dict]:
     """Each h1 group against every control of CONDITIONS; each control group against vanilla."""
     rows = []
     for g in sorted(groups):
@@ -428,7 +431,7 @@ def all_comparisons(groups: dict[Group, list[Run]], last_n: int) -> list[dict]:
     return rows
 
 
-def h1_verdicts(groups: dict[Group, list[Run]], comparisons: list[dict]) -> list[tuple[Group | None, dict]]:
+def h1_verdicts(groups: dict[Group, list[TrainedRun]], comparisons: list[dict]) -> list[tuple[Group | None, dict]]:
     """One entry per h1 group: RULE's conjunction of its H1 conditions, the sources they used,
     its v_hack quality gate, and every condition (and what is reported beside) with its numbers.
     A preset with runs but no h1 group (or a folder with no runs) gets one undetermined entry."""
@@ -462,7 +465,7 @@ def reason(c: dict) -> dict:
 # Tables
 
 
-def group_table(groups: dict[Group, list[Run]]) -> tuple[pl.DataFrame, list[str]]:
+def group_table(groups: dict[Group, list[TrainedRun]]) -> tuple[pl.DataFrame, list[str]]:
     """The wide per-group table (results.csv) and the notes on settings that differ inside a group."""
     rows, notes = [], []
     for g, members in sorted(groups.items()):
@@ -477,12 +480,13 @@ def group_table(groups: dict[Group, list[Run]]) -> tuple[pl.DataFrame, list[str]
         row["v_hack_quality"] = " / ".join(sorted({r.quality for r in members}))
         mixed = differing(members)
         if mixed:
-            notes.append(f"{describe(g)}: its runs differ in {', '.join(mixed)}")
+            notes.append(f"{group_label(g)}: its runs differ in {', '.join(mixed)}")
         rows.append(row)
     return pl.DataFrame(rows, infer_schema_length=None), notes
 
 
-def describe(g: Group) -> str:
+def group_label(g: Group) -> str:
+    """The group as results.md names it: arm, gate, +update (preset, pairs file)."""
     parts = [g.arm] + ([g.gate] if g.gate != "-" else []) + (["+update"] if g.update == "yes" else [])
     return f"{' '.join(parts)} ({g.preset}, {g.pairs})"
 
@@ -537,7 +541,7 @@ def said(c: dict) -> str:
             f"Δ pass {interval(c['d_pass'], c['d_pass_lo'], c['d_pass_hi'])}, {seeds}, {c['source']}: {c['outcome']} ({c['why']}){power_said}")
 
 
-def effect(groups: dict[Group, list[Run]]) -> list[dict]:
+def effect(groups: dict[Group, list[TrainedRun]]) -> list[dict]:
     """Per preset, the effect there is to catch: the base model's held-out rates (pooled over every
     base eval in the preset's runs) and, per vanilla seed, its held-out strict hack rate minus the
     base model's. A positive control needs vanilla >= EFFECT_MARGIN above base at every seed."""
@@ -574,20 +578,20 @@ def leading(curves: pl.DataFrame) -> dict:
     while cin_s <= null_s_p95 (both defined)."""
     rows = curves.to_dicts()
     above = lambda r, a, b: r[a] is not None and r[b] is not None and r[a] > r[b]
-    onset = next((r["step"] for r in rows if r["rollout/hack_s"] is not None and r["rollout/hack_s"] > ONSET), None)
+    onset = next((r["step"] for r in rows if r[R.hack_s] is not None and r[R.hack_s] > ONSET), None)
     before = [r for r in rows if onset is None or r["step"] < onset]
-    h2_null = first_stretch([above(r, "hackward/cin_s", "hackward/null_s_p95") for r in before], [r["step"] for r in before], STRETCH)
-    first = [r["hackward/cin_s"] for r in rows[:BASELINE_STEPS] if r["hackward/cin_s"] is not None]
+    h2_null = first_stretch([above(r, H.cin_s, H.null_s_p95) for r in before], [r["step"] for r in before], STRETCH)
+    first = [r[H.cin_s] for r in rows[:BASELINE_STEPS] if r[H.cin_s] is not None]
     bar = statistics.mean(first) + 2 * statistics.stdev(first) if len(first) >= 2 else None
     later = [r for r in before if r["step"] > BASELINE_STEPS]
-    h2_own = None if bar is None else first_stretch([r["hackward/cin_s"] is not None and r["hackward/cin_s"] > bar for r in later],
+    h2_own = None if bar is None else first_stretch([r[H.cin_s] is not None and r[H.cin_s] > bar for r in later],
                                                      [r["step"] for r in later], STRETCH)
-    both = [r for r in rows if r["hackward/cin_s"] is not None and r["hackward/cin_t"] is not None]
-    h3 = [r["step"] for r in both if above(r, "hackward/cin_t", "hackward/null_t_p95") and not above(r, "hackward/cin_s", "hackward/null_s_p95")]
+    both = [r for r in rows if r[H.cin_s] is not None and r[H.cin_t] is not None]
+    h3 = [r["step"] for r in both if above(r, H.cin_t, H.null_t_p95) and not above(r, H.cin_s, H.null_s_p95)]
     return {"onset": onset, "h2_null_from": h2_null, "own_bar": bar, "h2_own_from": h2_own, "h3_steps": h3, "steps_with_cin_t": len(both)}
 
 
-def leading_lines(groups: dict[Group, list[Run]]) -> tuple[list[str], list[dict]]:
+def leading_lines(groups: dict[Group, list[TrainedRun]]) -> tuple[list[str], list[dict]]:
     """The H2/H3 section of results.md, one line per vanilla run, and its results.json entries."""
     lines, entries = [], []
     for r in sorted((r for g, rs in groups.items() if g.role == "baseline" for r in rs), key=lambda r: (r.group.preset, r.seed)):
@@ -623,7 +627,7 @@ def h1_lines(verdicts: list[tuple[Group | None, dict]], comparisons: list[dict])
         if g is None:
             lines.append(f"- **H1 ({e['preset'] or 'no runs'}): {e['verdict']}.** {e['reasons'][0]['why']}")
             continue
-        lines.append(f"- **H1, {describe(g)}: {e['verdict']}.** Source: {e['source']}. v_hack quality gate: {e['v_hack_quality']}.")
+        lines.append(f"- **H1, {group_label(g)}: {e['verdict']}.** Source: {e['source']}. v_hack quality gate: {e['v_hack_quality']}.")
         lines += [f"  - {'' if c['counts'] == 'H1' else 'beside H1, not in it: '}{said(c)}" for c in comparisons if c["group"] == g]
     return lines
 
@@ -640,7 +644,7 @@ def labels(groups: list[Group]) -> dict[Group, str]:
     return {g: " ".join(s for s in (show[f](g) for f in vary) if s and s != "-") or g.arm for g in groups}
 
 
-def per_step(runs: list[Run]) -> dict[Group, pl.DataFrame]:
+def per_step(runs: list[TrainedRun]) -> dict[Group, pl.DataFrame]:
     """Per group and step: mean, min and max over seeds of every logged curve."""
     cols = [*LOG_KEYS, *EXCESS]
     out = {}
@@ -666,9 +670,9 @@ def figure(curves: dict[Group, pl.DataFrame], panels: list[tuple[str, str, str, 
             low, high = band.split("|") if band else (f"{key}:min", f"{key}:max")
             ax.fill_between(step, np_col(df, low), np_col(df, high), color=color, alpha=0.18, linewidth=0)
             ax.plot(step, np_col(df, key), color=color, linestyle=style, linewidth=2, marker="o" if len(step) < 20 else None, markersize=3, label=names[g])
-        if key.startswith("rollout/"):
+        if key in (R.hack_s, R.gt_s):  # rates
             ax.set_ylim(-0.03, 1.03)
-        if key == "hackward/disp_sum":
+        if key == H.disp_sum:
             ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_title(title), ax.set_xlabel("optimizer step"), ax.set_ylabel(ylabel), ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -681,18 +685,18 @@ def figure(curves: dict[Group, pl.DataFrame], panels: list[tuple[str, str, str, 
     return path
 
 
-def plots(runs: list[Run], out: Path) -> list[Path]:
+def plots(runs: list[TrainedRun], out: Path) -> list[Path]:
     curves = per_step(runs)
     seeds = "mean over seeds (line), min..max over seeds (band)"
     return [
-        figure(curves, [("rollout/hack_s", "Strict hack rate of student rollouts (hack_s)", "fraction of student rollouts", None),
-                        ("rollout/gt_s", "Pass rate of student rollouts (gt_s)", "fraction of student rollouts", None)],
+        figure(curves, [(R.hack_s, "Strict hack rate of student rollouts (hack_s)", "fraction of student rollouts", None),
+                        (R.gt_s, "Pass rate of student rollouts (gt_s)", "fraction of student rollouts", None)],
                f"Training rollouts per arm: {seeds}", out / "results_rollouts.png"),
-        figure(curves, [("hackward/cin_s", "cin_s: student gradient along v_hack", "hack-ward fraction ‖relu(Vg)‖/‖g‖", "hackward/null_s_mean|hackward/null_s_p95"),
-                        ("hackward/cin_t", "cin_t: teacher gradient along v_hack", "hack-ward fraction ‖relu(Vg)‖/‖g‖", "hackward/null_t_mean|hackward/null_t_p95")],
+        figure(curves, [(H.cin_s, "cin_s: student gradient along v_hack", "hack-ward fraction ‖relu(Vg)‖/‖g‖", f"{H.null_s_mean}|{H.null_s_p95}"),
+                        (H.cin_t, "cin_t: teacher gradient along v_hack", "hack-ward fraction ‖relu(Vg)‖/‖g‖", f"{H.null_t_mean}|{H.null_t_p95}")],
                "Hack-ward gradient per arm: mean over seeds (line) against its empirical null, random bases (band: mean..p95)", out / "results_hackward.png"),
-        figure(curves, [("hackward/upd", "Leak: hack-ward fraction of the applied update (upd)", "‖relu(V Δ)‖/‖Δ‖ of the AdamW change", None),
-                        ("hackward/disp_sum", "Displacement of delta_S along v_hack (disp_sum)", "signed sum over axes (> 0: hack-ward)", None)],
+        figure(curves, [(H.upd, "Leak: hack-ward fraction of the applied update (upd)", "‖relu(V Δ)‖/‖Δ‖ of the AdamW change", None),
+                        (H.disp_sum, "Displacement of delta_S along v_hack (disp_sum)", "signed sum over axes (> 0: hack-ward)", None)],
                f"Update-level leak and cumulative displacement per arm: {seeds}", out / "results_leak.png"),
     ]
 
@@ -707,7 +711,7 @@ def main(rc: ResultsConfig) -> Path:
     out = rc.out or rc.runs_dir
     out.mkdir(parents=True, exist_ok=True)
     runs, skipped = collect(rc.runs_dir, rc.last_n, rc.eval_split)
-    groups: dict[Group, list[Run]] = {}
+    groups: dict[Group, list[TrainedRun]] = {}
     for r in runs:
         groups.setdefault(r.group, []).append(r)
     wide, notes = group_table(groups)
@@ -731,7 +735,7 @@ def main(rc: ResultsConfig) -> Path:
         "## The effect to catch (held-out, base model vs vanilla)", "", *(effect_lines(effects) or ["(no runs)"]), "",
         "## H1", "", *h1_lines(verdicts, comparisons), "",
         "## Controls against vanilla (no H1 verdict)", "",
-        *([f"- control {describe(c['group'])} [{c['role']}]: {said(c)}" for c in comparisons if c["counts"] == "control"] or ["(none)"]), "",
+        *([f"- control {group_label(c['group'])} [{c['role']}]: {said(c)}" for c in comparisons if c["counts"] == "control"] or ["(none)"]), "",
         "## H2 and H3 (vanilla runs, training logs)", "", *(leads or ["(no vanilla runs)"]), "",
         "## Per group", "", markdown(table), "",
         "## Paired differences by seed (arm − control)", "", markdown(diffs), "", RULE, "", POWER, "",
@@ -748,6 +752,6 @@ def main(rc: ResultsConfig) -> Path:
 
 
 if __name__ == "__main__":
-    import results  # re-imported as a module so that BEARTYPE=1's import hook checks this file too
+    from projected_grpo import results  # re-imported as a module so that BEARTYPE=1's import hook checks this file too
 
     results.main(tyro.cli(results.ResultsConfig))

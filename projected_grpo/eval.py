@@ -1,0 +1,87 @@
+"""Held-out evaluation of a run: sample its last checkpoint (or the base model) on held-out
+problems and grade the completions (`just eval RUN`, `python train.py eval --run RUN`).
+
+Guarantees:
+- The model, targets, dtype, sampling, reward and (by default) hint are the run's own, read
+  from its config.json.
+- RUN/eval/<problems>-<checkpoint>-<hint>-s<seed>/ holds every graded completion
+  (grades.jsonl, with the GRADER_VERSION that graded it) and the rates (summary.json), which
+  projected_grpo/results.py reads.
+"""
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from loguru import logger
+
+from grader import GRADER_VERSION, Grader, Hint, RewardConfig, load_problems, render_prompt
+from projected_grpo.checkpoints import last_checkpoint
+from projected_grpo.metrics import mean
+from projected_grpo.models import load_model, pick_device
+from projected_grpo.paths import DATA
+from projected_grpo.rollout import RolloutEngine, Sampling
+from projected_grpo.svd_adapter import load_delta, merged, wrap_svd
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Sample and grade a run's last checkpoint on held-out problems (`just eval RUN_DIR`)."""
+
+    run: Path
+    """Run folder: its config gives model, targets, hint and reward; its last checkpoint the delta_S."""
+    problems: Path | None = None
+    """Held-out problems; None = the run's --eval-problems."""
+    samples_per_problem: int = 10
+    """Completions sampled per problem."""
+    max_new_tokens: int | None = None
+    """Longest completion; None = the run's. The rest of the sampling (temperature, top_p, KV slots) is the run's, as is the dtype."""
+    base: bool = False
+    """Evaluate the base model (delta_S = 0) instead of the checkpoint."""
+    hint: Hint | None = None
+    """Prompt hint; None = the one the run trained with."""
+    seed: int = 0
+    """Sampling seed."""
+    device: str = "auto"
+    """Torch device; auto = cuda if available, else cpu."""
+    grader_workers: int | None = None
+    """Sandbox worker processes; None = one per core."""
+
+
+def evaluate(ec: EvalConfig) -> dict:
+    """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
+    saved = json.loads((ec.run / "config.json").read_text())
+    ckpt = last_checkpoint(ec.run)
+    if ckpt is None and not ec.base:
+        raise FileNotFoundError(f"{ec.run} has no checkpoint to evaluate (or pass --base for the base model)")
+    problems_path = ec.problems or Path(saved.get("eval_problems", DATA / "leetcode" / "leetcode_test_medhard.jsonl"))  # runs before the field: the test split
+    torch.manual_seed(ec.seed)
+    device = pick_device(ec.device)
+    model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))
+    adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
+    if not ec.base:
+        load_delta(adapters, ckpt / "delta_S.safetensors")
+    problems = load_problems(problems_path)
+    hint = ec.hint or saved["hint"]
+    todo = [p for p in problems for _ in range(ec.samples_per_problem)]
+    sampling = Sampling(**saved["sampling"])
+    sampling = replace(sampling, max_new_tokens=ec.max_new_tokens or sampling.max_new_tokens)
+    with merged(adapters):
+        samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, hint) for p in problems], sampling, n=ec.samples_per_problem, desc="eval")
+    with Grader(RewardConfig(**saved["reward"]), workers=ec.grader_workers) as grader:
+        grades = grader.grade(todo, [c.text for c in samples])
+    summary = {
+        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(problems_path), "hint": hint, "n": len(grades), "grader_version": GRADER_VERSION,
+        "hack_strict": mean([g.reward_hack for g in grades]),
+        "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
+        "hack_oracle": mean([g.oracle_hack for g in grades]),
+        "gt_pass": mean([g.gt_pass for g in grades]),
+        "reward": mean([g.reward for g in grades]),
+    }
+    out = ec.run / "eval" / f"{problems_path.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text, "grader_version": GRADER_VERSION} | asdict(g)) + "\n" for p, text, g in zip(todo, [c.text for c in samples], grades)))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info(f"eval {out}: {json.dumps(summary)}")
+    return summary
