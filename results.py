@@ -744,6 +744,7 @@ def main(rc: ResultsConfig) -> Path:
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     print(text)
+    print(f"wrote {', '.join(str(out / n) for n in ('results.md', 'results.json', 'results.csv'))}" + "".join(f", {p}" for p in pngs))
     return out / "results.md"
 
 

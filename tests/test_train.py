@@ -349,3 +349,22 @@ def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
     assert len(rows) == 4 and (run_dir / "eval" / "problems-base-run_tests-s0" / "summary.json").exists()
     plain = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=1, max_new_tokens=8, device="cpu", hint="none"))
     assert plain["hint"] == "none" and (run_dir / "eval" / "problems-step_000001-none-s0" / "summary.json").exists()
+
+
+def test_curves_draw_what_the_legend_names():
+    """Three steps, cin_t never defined, upd defined at one step only (no neighbours)."""
+    from train import curves
+
+    keys = ("rollout/reward", "rollout/hack_s", "rollout/gt_s", "rollout/hack_t", "hackward/null_s_mean", "hackward/null_s_p95",
+            "hackward/cin_s", "hackward/cin_t", "hackward/upd", "hackward/disp_frac")
+    rows = [{"step": s} | {k: 0.1 * s for k in keys} | {"hackward/cin_t": None, "rollout/hack_t": None, "hackward/upd": 0.5 if s == 2 else None}
+            for s in (1, 2, 3)]
+    fig = curves(rows)
+    rollouts, hackward = fig.axes
+    for ax in fig.axes:
+        assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted([line.get_label() for line in ax.get_lines()] + (
+            ["empirical null of cin_s (mean-p95)"] if ax is hackward else []))
+    assert [line.get_label() for line in rollouts.get_lines()] == ["reward", "hack_s", "gt_s"]
+    assert [line.get_label() for line in hackward.get_lines()] == ["cin_s", "upd", "disp_frac"]
+    upd = hackward.get_lines()[1]
+    assert upd.get_marker() == "o" and list(upd.get_markevery()) == [1]  # the lone point shows
