@@ -18,11 +18,14 @@ against the empirical null (random bases of v_hack's axis counts) -> the arm's p
 label-shuffled twin; vanilla: none) -> grad clip ->
 AdamW (-> with --project-update, the same gate on the change AdamW makes) -> LR schedule
 (-> with --v-hack-refresh N, v_hack re-extracted on the current model every N steps).
+In code, `step(state, batch)` is that step, phase by phase (collect_rollouts, learn,
+apply_arm, update, refresh_v_hack, each timed, then record); `main` starts a `RunState`,
+calls `step` once per batch and keeps each row (projected_grpo/metrics.py: what a row holds).
 
-Over many GPUs (torchrun, projected_grpo/distributed.py) each rank samples, grades and backprops its share
-of the step's prompts, with the whole step's denominator; g_s and g are summed over the
-ranks before anything measures, projects or applies them, so every rank takes the same step
-and the log row is the whole batch's.
+Over many GPUs (torchrun, projected_grpo/distributed.py) each rank samples, grades and
+backprops its share of the step's prompts, with the whole step's denominator; g_s and g are
+summed over the ranks before anything measures, projects or applies them, so every rank takes
+the same step and the log row is the whole batch's.
 
 How this GRPO differs from the textbook one:
 1. The only trainable parameters are the delta_S vectors (projected_grpo/svd_adapter.py); the reference
