@@ -18,11 +18,14 @@ against the empirical null (random bases of v_hack's axis counts) -> the arm's p
 label-shuffled twin; vanilla: none) -> grad clip ->
 AdamW (-> with --project-update, the same gate on the change AdamW makes) -> LR schedule
 (-> with --v-hack-refresh N, v_hack re-extracted on the current model every N steps).
+In code, `step(state, batch)` is that step, phase by phase (collect_rollouts, learn,
+apply_arm, update, refresh_v_hack, each timed, then record); `main` starts a `RunState`,
+calls `step` once per batch and keeps each row (projected_grpo/metrics.py: what a row holds).
 
-Over many GPUs (torchrun, projected_grpo/distributed.py) each rank samples, grades and backprops its share
-of the step's prompts, with the whole step's denominator; g_s and g are summed over the
-ranks before anything measures, projects or applies them, so every rank takes the same step
-and the log row is the whole batch's.
+Over many GPUs (torchrun, projected_grpo/distributed.py) each rank samples, grades and
+backprops its share of the step's prompts, with the whole step's denominator; g_s and g are
+summed over the ranks before anything measures, projects or applies them, so every rank takes
+the same step and the log row is the whole batch's.
 
 How this GRPO differs from the textbook one:
 1. The only trainable parameters are the delta_S vectors (projected_grpo/svd_adapter.py); the reference
@@ -527,28 +530,28 @@ class RunState:
         optimizer = torch.optim.AdamW([a.delta_S for a in adapters.values()], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
         prompt_gen = torch.Generator().manual_seed(cfg.seed)
-        v_hack, arm_basis, order, rows, step = to(cfg.device, vh.V), {}, [], [], 0
+        v_hack, arm_basis, order, rows, taken = to(cfg.device, vh.V), {}, [], [], 0
         ckpt = resumable_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
         if ckpt:
-            v_hack, arm_basis, order, rows, step = load_checkpoint(ckpt, adapters, optimizer, scheduler, prompt_gen)
+            v_hack, arm_basis, order, rows, taken = load_checkpoint(ckpt, adapters, optimizer, scheduler, prompt_gen)
             v_hack, arm_basis = to(cfg.device, v_hack), to(cfg.device, arm_basis)  # the arm's basis: empty for vanilla
-            logger.info(f"resumed from {ckpt} at step {step + 1}")
-        bases = Bases.of(cfg, v_hack, arm_basis or to(cfg.device, arm_basis_for(cfg, v_hack, vh.diffs, step)), adapters)
+            logger.info(f"resumed from {ckpt} at step {taken + 1}")
+        bases = Bases.of(cfg, v_hack, arm_basis or to(cfg.device, arm_basis_for(cfg, v_hack, vh.diffs, taken)), adapters)
         return cls(cfg, run_dir, model, tokenizer, dtype, adapters, RolloutEngine(model, tokenizer), grader, problems, pool, pairs, bases,
-                   optimizer, scheduler, prompt_gen, order, rows, step)
+                   optimizer, scheduler, prompt_gen, order, rows, taken)
 
     def next_batch(self) -> Batch:
         """The prompts of the step after the last one taken: a walk through shuffled epochs of the
         problem set (advancing the prompt order), with the teacher picks of that step."""
-        cfg, step = self.cfg, self.step + 1
+        cfg, index = self.cfg, self.step + 1
         n_student, n_teacher = split_group(cfg)
         while len(self.order) < cfg.prompts_per_step:
             self.order += torch.randperm(len(self.problems), generator=self.prompt_gen).tolist()
         problems, self.order = [self.problems[i] for i in self.order[: cfg.prompts_per_step]], self.order[cfg.prompts_per_step :]
-        picker = torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher", step))
+        picker = torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher", index))
         picks = [torch.randint(len(self.pool[p.id]), (n_teacher,), generator=picker).tolist() if p.id in self.pool else [] for p in problems]
         mine = distributed.share(cfg.prompts_per_step, "--prompts-per-step")
-        return Batch(step, problems[mine], picks[mine], sum(n_student + len(pk) for pk in picks))
+        return Batch(index, problems[mine], picks[mine], sum(n_student + len(pk) for pk in picks))
 
 
 def warn_overlaps(cfg: Config, problems: list[Problem], pairs: list[Pair], pool: dict[int, list]) -> None:
@@ -638,6 +641,11 @@ class Gradients:
     learned_s: bool  # some live group (reward variance), on some rank, holds a student rollout
     learned_t: bool  # ... a teacher rollout
 
+    @property
+    def learned(self) -> bool:
+        """Some group on some rank had reward variance: there is a gradient, and AdamW steps."""
+        return self.learned_s or self.learned_t
+
 
 def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Gradients:
     """Loss and gradients: student part first (g_s), then teacher part (g_t = g - g_s), each rank
@@ -681,7 +689,7 @@ def apply_arm(state: RunState, grads: Gradients) -> dict[str, float]:
     }
     projection = b.arm(grads.g) if b.arm else None  # g -> the arm's g_applied, in place
     touched, removed = (projection.touched, projection.removed) if projection else (0.0, 0.0)
-    return measured | {"cout": b.measure.hackward_fraction(grads.g), "touched": touched, "removed": removed if grads.learned_s or grads.learned_t else nan}
+    return measured | {"cout": b.measure.hackward_fraction(grads.g), "touched": touched, "removed": removed if grads.learned else nan}
 
 
 def update(state: RunState, grads: Gradients) -> tuple[float, dict[str, Tensor], dict]:
@@ -692,7 +700,7 @@ def update(state: RunState, grads: Gradients) -> tuple[float, dict[str, Tensor],
     params = [a.delta_S for a in adapters.values()]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
     before = {n: p.detach().clone() for n, p in zip(adapters, params)}
-    if grads.learned_s or grads.learned_t:
+    if grads.learned:
         state.optimizer.step()
     # A step without a live group skips optimizer.step() but not the schedule, which follows
     # the step index: torch's warning about that order (on a first such step) is moot here.
@@ -735,8 +743,8 @@ def record(state: RunState, grads: Gradients, hackward: dict, change: dict[str, 
     """The step's record from every rank's reports and the phases' numbers. The leak (upd) and
     null_iso are measured on the bases as they are now: after a v_hack refresh, the new ones."""
     groups = [g for report in grads.reports for g in report.groups]
-    measure, stepped = state.bases.measure, grads.learned_s or grads.learned_t
-    upd = measure.hackward_fraction(change) if stepped else float("nan")
+    measure = state.bases.measure
+    upd = measure.hackward_fraction(change) if grads.learned else float("nan")
     students = sum(not o.teacher for g in groups for o in g)
     return StepRecord(
         step=state.step, rollout=RolloutMetrics.of(groups), loss=LossMetrics.of(grads.reports, grad_norm, state.scheduler.get_last_lr()[0]),

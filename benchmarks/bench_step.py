@@ -65,7 +65,7 @@ class Args:
     step_preset: str | None = None
     """Preset whose step is timed with realistic lengths; default full on CUDA, smoke on CPU; '' skips."""
     pairs: int = 4
-    """Contrastive pairs to time extraction on (and the step's v_hack is extracted from)."""
+    """Contrastive pairs to time extraction on."""
     compile: bool = True
     """torch.compile the engine's decode step (CUDA)."""
     out: Path = REPO_ROOT / "out" / "bench"
@@ -215,7 +215,7 @@ def main(args: Args) -> dict:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        report["step"] = realistic_step(step_preset, name, device, args.compile, args.pairs, work)
+        report["step"] = realistic_step(step_preset, name, device, args.compile, work)
     shutil.rmtree(work)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -272,12 +272,15 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
             "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
 
 
-def realistic_step(preset: str, model_name: str, device: str, compile: bool, n_pairs: int, work: Path) -> dict:
+STEP_PAIRS = 4  # the realistic step's v_hack is extracted from the first pairs of data/pairs.jsonl (untimed)
+
+
+def realistic_step(preset: str, model_name: str, device: str, compile: bool, work: Path) -> dict:
     """One GRPO step of `preset` through train.step itself, with `model_name`'s weights, on the
-    bundled problems (real prompts), v_hack extracted from the first `n_pairs`
-    pairs. A step runs once untimed first (as a run's first step does, it compiles and captures
-    the graphs of the shapes it meets), so the timed one is a steady-state step."""
-    (work / "pairs.jsonl").write_text("".join((DATA / "pairs.jsonl").read_text().splitlines(keepends=True)[:n_pairs]))
+    bundled problems (real prompts), v_hack extracted from STEP_PAIRS pairs. A first step runs
+    before it (as a run's first step does, it compiles and captures the graphs of the shapes it
+    meets), so the one reported is a steady-state step."""
+    (work / "pairs.jsonl").write_text("".join((DATA / "pairs.jsonl").read_text().splitlines(keepends=True)[:STEP_PAIRS]))
     (work / "run").mkdir()
     cfg = PRESETS[preset][1]
     cfg = replace(cfg, model=model_name, device=device, problems=DATA / "problems_rl.jsonl", cache_dir=work / "cache",
@@ -294,7 +297,7 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, n_p
            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "peak_gib": record.memory.peak_gib_ranks[0]}
     print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
-          + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's, compiling and capturing: {first_generation:.1f} s)"
+          + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's generation, which compiles and captures: {first_generation:.1f} s)"
           + (f"; peak {out['peak_gib']:.1f} GiB" if out["peak_gib"] is not None else ""))
     return out
 

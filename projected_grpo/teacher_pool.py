@@ -49,10 +49,13 @@ class PoolConfig:
 
 
 def default_pool_path(source: str | Path, hint: str) -> Path:
+    """out/pool/<source name>-<hint>.jsonl: where a source's pool for a hint goes by default."""
     return OUT / "pool" / f"{Path(str(source).rstrip('/')).stem}-{hint}.jsonl"
 
 
 def build_pool(pc: PoolConfig) -> Path:
+    """Grade the source's completions (written ones, or sampled from a model) once and write the
+    pool, atomically; returns its path."""
     problems = {p.id: p for p in load_problems(pc.problems)}
     source = Path(pc.source)
     if source.suffix == ".jsonl":
@@ -75,6 +78,8 @@ def build_pool(pc: PoolConfig) -> Path:
     n_hack = sum(g.reward_hack for g in grades)
     logger.info(f"teacher pool {out}: {len(items)} completions for {len({p.id for p, _ in items})} problems, {n_hack} strict hacks, {sum(g.gt_pass for g in grades)} gt passes")
     return out
+
+
 def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade | None]]]:
     """Pool entries by problem id, for this hint only: a pool built for another hint is never used.
     An entry graded by another grader version than GRADER_VERSION comes without its grade."""
