@@ -76,7 +76,7 @@ from tqdm import tqdm
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed
-from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, save_checkpoint
+from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
 from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
 from projected_grpo.errors import UserError, check_file, flag, reported
 from projected_grpo.eval import EvalConfig, evaluate
@@ -302,8 +302,8 @@ def check(cfg: Config) -> None:
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
     if cfg.teacher_mix > 0 and not pool.is_file() and cfg.teacher_source.suffix == ".jsonl":  # else a model samples the pool
         check_file(cfg.teacher_source, "teacher_source")  # the default pool is built from it on first use
-    if cfg.resume is not None and not (cfg.resume / "config.json").is_file():
-        raise UserError(f"--resume {cfg.resume} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
+    if cfg.resume is not None:
+        run_config(cfg.resume, "--resume")
     if (missing := missing_package(cfg.report_to)) is not None:
         raise UserError(*missing)
 
@@ -869,9 +869,7 @@ def from_dict(cls, values: dict):
 
 def resumed_config(rc: ResumeConfig) -> Config:
     """The run's own config, pointed at where its folder lies now, with what may change changed."""
-    if not (rc.run / "config.json").is_file():
-        raise UserError(f"{rc.run} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
-    cfg = from_dict(Config, json.loads((rc.run / "config.json").read_text()))
+    cfg = from_dict(Config, run_config(rc.run))
     changes = {k: getattr(rc, k) for k in ("checkpoint_every", "grader_workers", "report_to") if getattr(rc, k) is not None}
     return replace(cfg, runs_dir=rc.run.parent, run_name=rc.run.name, resume=rc.run, **changes)
 

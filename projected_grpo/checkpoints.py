@@ -8,6 +8,7 @@ Guarantees:
   CPU, a resumed run equals an uninterrupted one bit for bit.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from loguru import logger
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from projected_grpo.errors import UserError
 from projected_grpo.paths import TMP, atomic
 from projected_grpo.svd_adapter import SVDLinear, delta_state, load_delta
 
@@ -53,6 +55,14 @@ def load_checkpoint(ckpt: Path, adapters: dict[str, SVDLinear], optimizer, sched
 def load_group(path: Path, group: str) -> dict[str, Tensor]:
     """The `<group>.<module>` tensors of a checkpoint file, by module name."""
     return {k.split(".", 1)[1]: t for k, t in load_file(path).items() if k.startswith(group + ".")}
+
+
+def run_config(run_dir: Path, given_as: str = "") -> dict:
+    """The config.json a run folder was started with; a folder without one is a UserError
+    (`given_as`: the flag that named it, for the message)."""
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{given_as + ' ' if given_as else ''}{run_dir} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
+    return json.loads((run_dir / "config.json").read_text())
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

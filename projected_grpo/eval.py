@@ -17,7 +17,7 @@ import torch
 from loguru import logger
 
 from grader import GRADER_VERSION, Grader, Hint, RewardConfig, load_problems, render_prompt
-from projected_grpo.checkpoints import last_checkpoint
+from projected_grpo.checkpoints import last_checkpoint, run_config
 from projected_grpo.errors import UserError, check_file
 from projected_grpo.metrics import mean
 from projected_grpo.models import load_model, pick_device
@@ -52,9 +52,7 @@ class EvalConfig:
 
 def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
-    if not (ec.run / "config.json").is_file():
-        raise UserError(f"--run {ec.run} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
-    saved = json.loads((ec.run / "config.json").read_text())
+    saved = run_config(ec.run, "--run")
     ckpt = last_checkpoint(ec.run)
     if ckpt is None and not ec.base:
         raise UserError(f"{ec.run} has no checkpoint to evaluate", "wait for its first checkpoint, or pass --base for the base model")

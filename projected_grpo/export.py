@@ -18,7 +18,7 @@ import tyro
 from loguru import logger
 from torch import nn
 
-from projected_grpo.checkpoints import checkpoints
+from projected_grpo.checkpoints import checkpoints, run_config
 from projected_grpo.errors import UserError, reported
 from projected_grpo.models import load_model
 from projected_grpo.paths import atomic
@@ -74,9 +74,7 @@ def model_card(run: Path, ckpt: Path, saved: dict, out: Path, n_adapted: int, dt
 
 
 def export(ec: ExportConfig) -> Path:
-    if not (ec.run / "config.json").is_file():
-        raise UserError(f"{ec.run} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
-    saved = json.loads((ec.run / "config.json").read_text())
+    saved = run_config(ec.run)
     ckpt = checkpoint_at(ec.run, ec.step)
     out = ec.out or ec.run / "export" / ckpt.name
     if out.exists():
