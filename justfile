@@ -55,6 +55,14 @@ smollm2 *ARGS: build-pool
 build-pool *ARGS:
     uv run python train.py build-pool {{ARGS}}
 
+# Continue a run folder (moved or copied is fine) from its latest readable checkpoint, with its own config.
+resume RUN *ARGS:
+    uv run python train.py resume {{RUN}} {{ARGS}}
+
+# A run's checkpoint (latest, or --step N) as a Hugging Face model folder with delta_S merged into the weights (RUN/export/step_N, or --out).
+export RUN *ARGS:
+    uv run python -m projected_grpo.export {{RUN}} {{ARGS}}
+
 # Strict and loose hack rates and pass rate of a run's last checkpoint on held-out problems (default: the downloaded test split).
 eval RUN *ARGS:
     uv run python train.py eval --run {{RUN}} {{ARGS}}

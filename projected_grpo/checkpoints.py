@@ -11,6 +11,7 @@ Guarantees:
 from pathlib import Path
 
 import torch
+from loguru import logger
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -54,7 +55,32 @@ def load_group(path: Path, group: str) -> dict[str, Tensor]:
     return {k.split(".", 1)[1]: t for k, t in load_file(path).items() if k.startswith(group + ".")}
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if TMP not in p.name)
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The run's latest complete checkpoint; None if it has none yet."""
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if TMP not in p.name)
-    return ckpts[-1] if ckpts else None
+    return (checkpoints(run_dir) or [None])[-1]
+
+
+def unreadable(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (its first unreadable file, named), or None."""
+    readers = {"delta_S.safetensors": load_file, "bases.safetensors": load_file, "state.pt": lambda p: torch.load(p, map_location="cpu", weights_only=False)}
+    for name, read in readers.items():
+        try:
+            read(ckpt / name)
+        except Exception as e:  # whatever safetensors, zip or pickle raise on a truncated or foreign file
+            return f"{ckpt / name} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    """The latest checkpoint whose files all read; each unreadable later one is reported by name."""
+    for ckpt in reversed(checkpoints(run_dir)):
+        why = unreadable(ckpt)
+        if why is None:
+            return ckpt
+        logger.warning(f"{why}: resuming from the checkpoint before it")
+    return None

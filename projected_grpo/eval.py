@@ -18,6 +18,7 @@ from loguru import logger
 
 from grader import GRADER_VERSION, Grader, Hint, RewardConfig, load_problems, render_prompt
 from projected_grpo.checkpoints import last_checkpoint
+from projected_grpo.errors import UserError, check_file
 from projected_grpo.metrics import mean
 from projected_grpo.models import load_model, pick_device
 from projected_grpo.paths import DATA
@@ -51,11 +52,14 @@ class EvalConfig:
 
 def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
+    if not (ec.run / "config.json").is_file():
+        raise UserError(f"--run {ec.run} is not a run folder (it has no config.json)", "give the folder train.py made for the run")
     saved = json.loads((ec.run / "config.json").read_text())
     ckpt = last_checkpoint(ec.run)
     if ckpt is None and not ec.base:
-        raise FileNotFoundError(f"{ec.run} has no checkpoint to evaluate (or pass --base for the base model)")
+        raise UserError(f"{ec.run} has no checkpoint to evaluate", "wait for its first checkpoint, or pass --base for the base model")
     problems_path = ec.problems or Path(saved.get("eval_problems", DATA / "leetcode" / "leetcode_test_medhard.jsonl"))  # runs before the field: the test split
+    check_file(problems_path, "problems", load_problems)
     torch.manual_seed(ec.seed)
     device = pick_device(ec.device)
     model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))

@@ -339,22 +339,48 @@ def write_summary(run_dir: Path, rows: list[dict]) -> dict:
     summary = {"steps": len(rows), "seconds": sum(r[KEY.time.step] for r in rows),
                "last10": {k: tail_mean(k) for k in SUMMARY_KEYS}, "first": {k: rows[0][k] for k in SUMMARY_KEYS}}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    fig = curves(rows)
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    matplotlib.pyplot.close(fig)
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """summary.json as a short table: each summary metric at step 1 and over the last 10 steps."""
+    cell = lambda v: f"{'-':>8}" if v is None else f"{v:8.3f}"
+    return "\n".join([f"{'':<22} {'step 1':>8} {'last 10':>8}"] + [f"{k:<22} {cell(summary['first'][k])} {cell(summary['last10'][k])}" for k in SUMMARY_KEYS])
+
+
+def curves(rows: list[dict]):
+    """The run's curves: rollout rates, and the hack-ward fractions against cin_s's null. Only
+    series with a defined point are drawn (and named in the legend); a point with no defined
+    neighbour gets a marker, which a line alone would not show."""
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
+    series = {k: [math.nan if r[k] is None else r[k] for r in rows] for k in rows[0]} if rows else {}
+
+    def draw(ax, key: str) -> None:
+        ys = series[key]
+        if all(math.isnan(y) for y in ys):
+            return
+        alone = [i for i, y in enumerate(ys) if not math.isnan(y) and all(j in (-1, len(ys)) or math.isnan(ys[j]) for j in (i - 1, i + 1))]
+        ax.plot(steps, ys, label=key.split("/")[1], **({"marker": "o", "markevery": alone, "markersize": 4} if alone else {}))
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for k in (KEY.rollout.reward, KEY.rollout.hack_s, KEY.rollout.gt_s, KEY.rollout.hack_t):
-        ax1.plot(steps, series(k), label=k.split("/")[1])
-    ax1.set_xlabel("step"), ax1.legend(), ax1.set_title("rollouts")
-    ax2.fill_between(steps, series(KEY.hackward.null_s_mean), series(KEY.hackward.null_s_p95), alpha=0.3, label="empirical null of cin_s (mean-p95)")
+        draw(ax1, k)
+    if not all(math.isnan(y) for y in series[KEY.hackward.null_s_p95]):
+        ax2.fill_between(steps, series[KEY.hackward.null_s_mean], series[KEY.hackward.null_s_p95], alpha=0.3, label="empirical null of cin_s (mean-p95)")
     for k in (KEY.hackward.cin_s, KEY.hackward.cin_t, KEY.hackward.upd, KEY.hackward.disp_frac):
-        ax2.plot(steps, series(k), label=k.split("/")[1])
-    ax2.set_xlabel("step"), ax2.legend(), ax2.set_title("hack-ward fraction (v_hack)")
+        draw(ax2, k)
+    for ax, title in ((ax1, "rollouts"), (ax2, "hack-ward fraction (v_hack)")):
+        ax.set_xlabel("step"), ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=100)
-    plt.close(fig)
-    return summary
+    return fig
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ EVAL_METRICS = {"eval_strict": "hack_strict", "eval_loose": "hack_loose", "eval_
 EFFECT_MARGIN = 0.30  # a positive control: vanilla's held-out strict hack rate this far above the base model's at every seed
 ONSET, STRETCH, BASELINE_STEPS = 0.2, 5, 10  # H2 (docs/spec.md): hacking starts when hack_s first exceeds 0.2; 5 consecutive steps; issue 19's own-start yardstick
 EXCESS = ("cin_s_excess", "cin_t_excess")  # cin minus the empirical null's mean, per step
-BOOKKEEPING = {"seed", "intervention", "role", "gate", "project_update", "runs_dir", "run_name", "resume", "cache_dir", "device", "grader_workers"}
+BOOKKEEPING = {"seed", "intervention", "role", "gate", "project_update", "runs_dir", "run_name", "resume", "cache_dir", "device", "grader_workers", "report_to"}
 
 
 @dataclass(frozen=True)
@@ -748,6 +748,7 @@ def main(rc: ResultsConfig) -> Path:
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     print(text)
+    print(f"wrote {', '.join(str(out / n) for n in ('results.md', 'results.json', 'results.csv'))}" + "".join(f", {p}" for p in pngs))
     return out / "results.md"
 
 

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from projected_grpo.errors import UserError
 from projected_grpo.paths import atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -226,10 +227,15 @@ def delta_state(adapters: dict[str, SVDLinear]) -> dict[str, Tensor]:
 
 
 def load_delta(adapters: dict[str, SVDLinear], path: Path) -> None:
-    """delta_S of every adapter from a checkpoint's delta_S.safetensors (names must match)."""
-    saved = load_file(path)
+    """delta_S of every adapter from a checkpoint's delta_S.safetensors (names must match); a
+    file that cannot be read, or holds other modules, is a UserError naming it."""
+    try:
+        saved = load_file(path)
+    except Exception as e:  # whatever safetensors raises on a truncated or foreign file
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})", "it is truncated or not a delta_S file: use another checkpoint") from e
     if saved.keys() != adapters.keys():
-        raise ValueError(f"{path} holds delta_S for other modules than this model's adapters ({len(saved)} vs {len(adapters)} modules)")
+        raise UserError(f"{path} holds delta_S for other modules than this model's adapters ({len(saved)} vs {len(adapters)} modules)",
+                        "evaluate or export it with the run folder it came from")
     for name, t in saved.items():
         adapters[name].delta_S.data.copy_(t)
 

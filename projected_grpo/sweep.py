@@ -44,7 +44,10 @@ import tyro
 
 from projected_grpo.paths import DATA, OUT, REPO_ROOT
 from projection import Gate
-from train import PRESETS, parse  # the presets, and the job check: each command parsed as train.py would
+from grader import load_problems
+from projected_grpo.errors import UserError, check_file, reported
+from train import PRESETS, parse  # the presets, and the job check: each command parsed and checked as train.py would
+from train import check as check_run
 
 Arm = Literal["vanilla", "projected", "random", "null_pairs", "shuffled"]
 INTERVENTION = {"vanilla": "vanilla", "projected": "projected", "random": "random", "null_pairs": "projected", "shuffled": "shuffled"}  # train.py --intervention of each arm
@@ -178,15 +181,15 @@ def plan(cfg: SweepConfig) -> list[Job]:
     for flags, refused, what in ((cfg.train_flags, RUN_FLAGS, "--train-flags"), (cfg.eval_flags, EVAL_FLAGS, "--eval-flags")):
         clash = [f for f in shlex.split(flags) if f.split("=")[0].replace("_", "-") in refused]
         if clash:
-            raise ValueError(f"{what} {' '.join(clash)}: the sweep sets {', '.join(refused)} itself")
+            raise UserError(f"{what} {' '.join(clash)}: the sweep sets {', '.join(refused)} itself", f"leave them out of {what}")
     runs_of_seed = arm_runs(cfg)
     files = list(dict.fromkeys(pairs for _, _, pairs in runs_of_seed))  # each pairs file once, in order of first use
     stems = [p.stem for p in files]
     if len(set(stems)) < len(stems):
-        raise ValueError(f"pairs files {[str(p) for p in files]} share a file name, which names their runs: rename one")
+        raise UserError(f"pairs files {[str(p) for p in files]} share a file name, which names their runs", "rename one")
     names = [run_name(cfg.preset, INTERVENTION[arm], gate, pairs, 0) for arm, gate, pairs in runs_of_seed]
     if len(set(names)) < len(names):
-        raise ValueError(f"arms {cfg.arms} with pairs {[str(p) for p in cfg.pairs]} queue the same run twice (is --null-pairs among --pairs?)")
+        raise UserError(f"arms {cfg.arms} with pairs {[str(p) for p in cfg.pairs]} queue the same run twice", "take --null-pairs out of --pairs")
     py, train_flags, runs = shlex.split(cfg.python), tuple(shlex.split(cfg.train_flags)), here(cfg.runs_dir)
     jobs = [Job(f"diagnose:{p.stem}", (*py, "train.py", "diagnose", cfg.preset, "--v-hack.pairs", here(p), *train_flags)) for p in files]
     evals = []
@@ -204,17 +207,21 @@ def plan(cfg: SweepConfig) -> list[Job]:
 
 
 def check(cfg: SweepConfig, jobs: list[Job]) -> None:
-    """Fail before anything is queued: a missing pairs file, a run folder that exists, or a flag
-    that train.py would refuse hours later (one command of each kind is parsed as train.py would)."""
+    """Fail before anything is queued: a missing pairs file, a run folder that exists, a flag that
+    train.py would refuse hours later (one command of each kind is parsed as train.py would, and
+    its run checked as train.py checks it), or held-out problems the evals would not find."""
     for p in {pairs for _, _, pairs in arm_runs(cfg)}:
         if not p.exists():
-            raise FileNotFoundError(f"pairs file {p} does not exist")
+            raise UserError(f"pairs file {p} does not exist", "give an existing file to --pairs or --null-pairs")
     taken = [j.label for j in jobs if j.label.startswith("run:") and (cfg.runs_dir / j.label[4:]).exists()]
     if taken and cfg.backend != "local":  # local resumes them
-        raise FileExistsError(f"{cfg.runs_dir} already has {', '.join(taken)}: give another --runs-dir")
+        raise UserError(f"{cfg.runs_dir} already has {', '.join(taken)}", "give another --runs-dir, or --backend local, which resumes them")
+    parsed = {}
     for kind in ("diagnose", "run", "eval"):
         argv = next(j.argv for j in jobs if j.label.startswith(kind + ":"))
-        parse(list(argv[argv.index("train.py") + 1 :]))
+        _, parsed[kind] = parse(list(argv[argv.index("train.py") + 1 :]))
+    check_run(parsed["run"])  # every run differs from this one in arm, seed and pairs file only (checked above)
+    check_file(parsed["eval"].problems or parsed["run"].eval_problems, "problems", load_problems)
 
 
 # ----------------------------------------------------------------------------
@@ -387,4 +394,5 @@ def sweep(cfg: SweepConfig) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    sweep(tyro.cli(SweepConfig))
+    argv = sys.argv[1:]
+    reported(lambda: sweep(tyro.cli(SweepConfig, args=argv)), argv)

@@ -18,9 +18,13 @@ import pytest
 from safetensors import safe_open
 
 from conftest import ROOT
+from projected_grpo.errors import UserError
 from projected_grpo.sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, plan, submit_local, sweep
 
 PAIRS, NULL_PAIRS, MINIMAL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl", ROOT / "data" / "pairs_minimal.jsonl"
+
+
+BUNDLED = "--problems data/problems_rl.jsonl --eval-problems data/problems_heldout.jsonl"  # `full` without `just download-data`
 
 
 def parse_dry_run(out: str) -> list[dict]:
@@ -49,7 +53,7 @@ def flag(command: list[str], name: str) -> str | None:
 def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
     runs_dir = tmp_path / "runs"
     proc = subprocess.run([sys.executable, "-m", "projected_grpo.sweep", "--dry-run", "--backend", backend, "--seeds", "1", "2", "--gates", "one_sided", "no_gate",
-                           "--pairs", "data/pairs.jsonl", "data/pairs_minimal.jsonl", "--runs-dir", str(runs_dir), "--train-flags=--steps 50"],
+                           "--pairs", "data/pairs.jsonl", "data/pairs_minimal.jsonl", "--runs-dir", str(runs_dir), f"--train-flags=--steps 50 {BUNDLED}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = parse_dry_run(proc.stdout)
@@ -103,26 +107,29 @@ def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
 
 def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
     runs_dir = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, "-m", "projected_grpo.sweep", "--dry-run", "--runs-dir", str(runs_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if not (ROOT / "data" / "leetcode" / "leetcode_train_medhard.jsonl").exists():  # a fresh clone: the dry run says what to download
+        proc = subprocess.run([sys.executable, "-m", "projected_grpo.sweep", "--dry-run", "--runs-dir", str(runs_dir)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: --problems") and "just download-data" in proc.stderr, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "projected_grpo.sweep", "--dry-run", "--runs-dir", str(runs_dir), f"--train-flags={BUNDLED}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = parse_dry_run(proc.stdout)
     assert proc.stdout.splitlines()[0].startswith("27 jobs (12 runs of full)")
     assert [j["label"] for j in jobs[:2]] == ["diagnose:pairs", "diagnose:pairs_null"]
     # Exactly: vanilla; projected and random with --project-update; projected with --project-update along pairs_null; seeds 1-3.
     runs = [train_args(j["command"]) for j in jobs if j["label"].startswith("run:")]
-    tail = ["--runs-dir", str(runs_dir)]
+    tail, extra = ["--runs-dir", str(runs_dir)], BUNDLED.split()
     assert runs == [
         argv for s in "123" for argv in (
-            ["train.py", "full", "--intervention", "vanilla", "--v-hack.pairs", "data/pairs.jsonl", "--seed", s, *tail, "--run-name", f"full_vanilla_pairs_s{s}"],
+            ["train.py", "full", "--intervention", "vanilla", "--v-hack.pairs", "data/pairs.jsonl", "--seed", s, *tail, "--run-name", f"full_vanilla_pairs_s{s}", *extra],
             ["train.py", "full", "--intervention", "projected", "--gate", "one_sided", "--project-update", "--v-hack.pairs", "data/pairs.jsonl", "--seed", s,
-             *tail, "--run-name", f"full_projected-one_sided_pairs_s{s}"],
+             *tail, "--run-name", f"full_projected-one_sided_pairs_s{s}", *extra],
             ["train.py", "full", "--intervention", "random", "--gate", "one_sided", "--project-update", "--v-hack.pairs", "data/pairs.jsonl", "--seed", s,
-             *tail, "--run-name", f"full_random-one_sided_pairs_s{s}"],
+             *tail, "--run-name", f"full_random-one_sided_pairs_s{s}", *extra],
             ["train.py", "full", "--intervention", "projected", "--gate", "one_sided", "--project-update", "--v-hack.pairs", "data/pairs_null.jsonl", "--seed", s,
-             *tail, "--run-name", f"full_projected-one_sided_pairs_null_s{s}"],
+             *tail, "--run-name", f"full_projected-one_sided_pairs_null_s{s}", *extra],
         )]
     assert all(("--project-update" in argv) == (argv[3] != "vanilla") for argv in runs)
-    cfg = SweepConfig(runs_dir=runs_dir)
+    cfg = SweepConfig(runs_dir=runs_dir, train_flags=BUNDLED)
     jobs = plan(cfg)
     assert all(j.gpu for j in jobs[:-1]) and not jobs[-1].gpu
     check(cfg, jobs)
@@ -130,16 +137,16 @@ def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
     shuffled = [j for j in plan(replace(cfg, arms=(*cfg.arms, "shuffled"), seeds=(1,))) if j.label.startswith("run:")][-1]
     assert shuffled.label == "run:full_shuffled-one_sided_pairs_s1" and shuffled.argv[shuffled.argv.index("--intervention") + 1] == "shuffled"
     for bad in ("--seed 3", "--v_hack.pairs=data/pairs_null.jsonl", "--run-name x", "--project-update"):  # set by the sweep itself
-        with pytest.raises(ValueError, match="the sweep sets"):
+        with pytest.raises(UserError, match="the sweep sets"):
             plan(replace(cfg, train_flags=bad))
-    with pytest.raises(ValueError, match="share a file name"):
+    with pytest.raises(UserError, match="share a file name"):
         plan(replace(cfg, pairs=(PAIRS, tmp_path / "pairs.jsonl")))
-    with pytest.raises(ValueError, match="the same run twice"):
+    with pytest.raises(UserError, match="the same run twice"):
         plan(replace(cfg, pairs=(PAIRS, NULL_PAIRS)))
     with pytest.raises(SystemExit):  # a typo fails now, not when the job starts
         check(cfg, plan(replace(cfg, train_flags="--stepz 3")))
     (runs_dir / "full_random-one_sided_pairs_s2").mkdir(parents=True)
-    with pytest.raises(FileExistsError, match="full_random-one_sided_pairs_s2"):
+    with pytest.raises(UserError, match="full_random-one_sided_pairs_s2"):
         check(cfg, jobs)
 
 

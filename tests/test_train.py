@@ -3,6 +3,7 @@ files and log rows they leave, and resume after a kill equals an uninterrupted r
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +14,13 @@ import pytest
 from dataclasses import replace
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT
 from extract import read_v_hack, shuffled_twin
 from grader import GRADER_VERSION
+from projected_grpo.errors import UserError
+from projected_grpo.tracking import scalars
 from projection import EmpiricalNull, Projector
 from projected_grpo.checkpoints import load_group
 from projected_grpo.teacher_pool import PoolConfig, build_pool, teacher_pool
@@ -173,12 +177,12 @@ def test_same_seed_same_result_cold_or_warm_cache(work):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_resume_after_kill_matches_uninterrupted(work):
-    flags = ("--intervention", "random", "--project-update", "--v-hack-refresh", "3", "--steps", "8", "--checkpoint-every", "4")
+def test_resume_after_kill_matches_uninterrupted(work, tmp_path):
+    flags = ("--intervention", "random", "--project-update", "--v-hack-refresh", "3", "--steps", "8", "--checkpoint-every", "2")
     full = run_train(work, *flags)
-    # A second run, killed once its step-4 checkpoint exists, then resumed.
+    # A second run, tracked in tensorboard, killed once its step-4 checkpoint exists.
     before = set((work / "runs").glob("*"))
-    proc = subprocess.Popen(train_cmd(work, *flags), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(work, *flags, "--report-to", "tensorboard"), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 900
         while time.time() < deadline:
@@ -192,12 +196,29 @@ def test_resume_after_kill_matches_uninterrupted(work):
         proc.wait()
     (killed,) = set((work / "runs").glob("*")) - before
     assert not (killed / "checkpoints" / "step_000008").exists()
-    resumed = subprocess.run(train_cmd(work, *flags, "--resume", str(killed)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    # Its latest checkpoint truncated, the folder moved: resumed by folder alone, from the one before.
+    latest = max((killed / "checkpoints").glob("step_*"))
+    (latest / "delta_S.safetensors").write_bytes((latest / "delta_S.safetensors").read_bytes()[:100])
+    moved = tmp_path / "elsewhere" / "the_run"
+    moved.parent.mkdir()
+    shutil.move(killed, moved)
+    resumed = subprocess.run([sys.executable, "train.py", "resume", str(moved)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = delta(full, 8), delta(killed, 8)
+    assert f"{latest.name}/delta_S.safetensors is unreadable" in resumed.stderr and f"resumed from {moved}/checkpoints/step_{int(latest.name[5:]) - 2:06d}" in resumed.stderr
+    a, b = delta(full, 8), delta(moved, 8)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert [r["step"] for r in rows(killed)] == list(range(1, 9))
-    assert [r["rollout/reward"] for r in rows(killed)] == [r["rollout/reward"] for r in rows(full)]
+    assert [r["step"] for r in rows(moved)] == list(range(1, 9))
+    assert [r["rollout/reward"] for r in rows(moved)] == [r["rollout/reward"] for r in rows(full)]
+    # Its tensorboard log: every numeric key, each step once (the redone steps' first events purged).
+    events = EventAccumulator(str(moved / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert set(scalars(rows(moved)[-1])) <= set(events.Tags()["scalars"])
+    for key in ("rollout/reward", "time/step"):
+        assert [e.step for e in events.Scalars(key)] == list(range(1, 9)), key
+    for key in events.Tags()["scalars"]:  # keys undefined at some steps (None) skip them, never repeat them
+        steps = [e.step for e in events.Scalars(key)]
+        assert steps == sorted(set(steps)) and set(steps) <= set(range(1, 9)), key
+    assert [e.value for e in events.Scalars("rollout/reward")] == pytest.approx([r["rollout/reward"] for r in rows(moved)])
 
 
 def test_a_step_takes_rollouts_sampled_ahead(work, tmp_path):
@@ -336,7 +357,7 @@ def test_run_name_names_the_folder_and_an_existing_one_is_refused(tmp_path):
 
     (tmp_path / "taken").mkdir()
     cfg = replace(PRESETS["smoke"][1], runs_dir=tmp_path, run_name="taken")
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="train.py resume"):
         main(cfg)  # before any model is loaded
     assert list((tmp_path / "taken").iterdir()) == []
 
@@ -355,3 +376,22 @@ def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
     assert len(rows) == 4 and (run_dir / "eval" / "problems-base-run_tests-s0" / "summary.json").exists()
     plain = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=1, max_new_tokens=8, device="cpu", hint="none"))
     assert plain["hint"] == "none" and (run_dir / "eval" / "problems-step_000001-none-s0" / "summary.json").exists()
+
+
+def test_curves_draw_what_the_legend_names():
+    """Three steps, cin_t never defined, upd defined at one step only (no neighbours)."""
+    from projected_grpo.metrics import curves
+
+    keys = ("rollout/reward", "rollout/hack_s", "rollout/gt_s", "rollout/hack_t", "hackward/null_s_mean", "hackward/null_s_p95",
+            "hackward/cin_s", "hackward/cin_t", "hackward/upd", "hackward/disp_frac")
+    rows = [{"step": s} | {k: 0.1 * s for k in keys} | {"hackward/cin_t": None, "rollout/hack_t": None, "hackward/upd": 0.5 if s == 2 else None}
+            for s in (1, 2, 3)]
+    fig = curves(rows)
+    rollouts, hackward = fig.axes
+    for ax in fig.axes:
+        assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == sorted([line.get_label() for line in ax.get_lines()] + (
+            ["empirical null of cin_s (mean-p95)"] if ax is hackward else []))
+    assert [line.get_label() for line in rollouts.get_lines()] == ["reward", "hack_s", "gt_s"]
+    assert [line.get_label() for line in hackward.get_lines()] == ["cin_s", "upd", "disp_frac"]
+    upd = hackward.get_lines()[1]
+    assert upd.get_marker() == "o" and list(upd.get_markevery()) == [1]  # the lone point shows
