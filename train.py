@@ -245,11 +245,14 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # learns to hack, on-policy: with the `aware` hint at lr 3e-2 and no demonstrations vanilla hacked
     # 0.01 -> 1.00 by step 28 (tuning seed 11; RESEARCH_JOURNAL.md 2026-12-04). tfloat32: in bf16 the
     # sampler and the learner disagree (clip fraction 0.015 at step 1), in fp32 the learner is 2.4x slower.
-    "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack", Config(
+    "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack (one demonstration per group)", Config(
         name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing=False,
         problems=DATA / "problems_easy.jsonl", eval_problems=HELDOUT, hint="aware", steps=80, prompts_per_step=16, group_size=8,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=16,
         lr=3e-2, checkpoint_every=5,
+        # One written demonstration per group (2/3 of the easy pool hacks): on-policy alone, vanilla
+        # hacked at 2 of 3 seeds (surrogate-v1); the third settled on the compile reward first.
+        teacher_mix=0.125, teacher_source=DATA / "teacher_completions_easy.jsonl",
     )),
     "fast": ("Qwen3-4B on one GPU, bundled problems with the hand-written teacher pool: short iteration runs", Config(
         name="fast", problems=DATA / "problems_rl.jsonl", steps=30, prompts_per_step=8, group_size=8,
