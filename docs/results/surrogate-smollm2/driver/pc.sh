@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The positive control (issue 19) on one H200, from the frozen worktree .frozen (tag surrogate-v1).
+# The positive control (issue 19) on one H200, from .pcsrc (git archive of tag surrogate-v1).
 # Phase A: diagnose + vanilla seeds 1-3 + their evals, and the base model's eval. The gate (vanilla
 # alone). Phase B, only once the gate is met: projected, random, null_pairs, shuffled x seeds 1-3.
 # Stops itself SECONDS after it starts; runs resume on the next call. Usage: bash .device/pc.sh SECONDS
@@ -12,7 +12,7 @@ touch $pc/.restored
 left() { echo $(( budget - ($(date +%s) - t0) )); }
 hours() { python -c "print(f'{max(60, $(left) - $1) / 3600:.4f}')"; }
 sweep() { python sweep.py --preset surrogate --backend local --runs-dir $runs --python python --results true --train-flags="--cache-dir $pc/cache" "$@"; }
-cd .frozen
+cd .pcsrc
 v1=$runs/surrogate_vanilla_pairs_s1
 ( while [ ! -f $v1/config.json ] && [ $(left) -gt 100 ]; do sleep 10; done
   ls $v1/eval/problems_heldout-base-*/summary.json >/dev/null 2>&1 || { [ -f $v1/config.json ] && timeout $(( $(left) - 70 )) python train.py eval --run $v1 --base --grader-workers 4 > $pc/base_eval.log 2>&1; echo "base eval rc $? at $(( $(date +%s) - t0 )) s"; }

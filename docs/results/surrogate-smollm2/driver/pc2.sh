@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The positive control (issue 19) on one H200, from .pcsrc2 (git archive of tag surrogate-v2).
+# Phase A: diagnose + vanilla seeds 1-3 + their evals, and the base model's eval. The gate (vanilla
+# alone). Phase B, only once the gate is met: projected, random, null_pairs, shuffled x seeds 1-3.
+# Stops itself SECONDS after it starts; runs resume on the next call (from pcstate2/ on a fresh machine).
+# Usage: bash .device/pc2.sh SECONDS
+set -u
+budget=$1; t0=$(date +%s); root=$PWD
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+pc=/tmp/pc2; runs=$pc/runs; mkdir -p $runs $pc/cache
+if [ ! -f $pc/.restored ] && ls pcstate2/pc.tgz.part_* >/dev/null 2>&1; then cat pcstate2/pc.tgz.part_* | tar xzf - -C $pc; echo "restored $(ls $runs | wc -l) run folders"; fi
+touch $pc/.restored
+left() { echo $(( budget - ($(date +%s) - t0) )); }
+hours() { python -c "print(f'{max(60, $(left) - $1) / 3600:.4f}')"; }
+sweep() { python -m projected_grpo.sweep --preset surrogate --backend local --runs-dir $runs --python python --results true --train-flags="--cache-dir $pc/cache" "$@"; }
+cd .pcsrc2
+# The teacher pool once, before runs that would each build it.
+[ -f out/pool/teacher_completions_easy-aware.jsonl ] || python train.py build-pool --source data/teacher_completions_easy.jsonl --problems data/problems_easy.jsonl --hint aware > $pc/pool.log 2>&1 || tail -5 $pc/pool.log
+v1=$runs/surrogate_vanilla_pairs_s1
+( while [ ! -f $v1/config.json ] && [ $(left) -gt 100 ]; do sleep 10; done
+  ls $v1/eval/problems_heldout-base-*/summary.json >/dev/null 2>&1 || { [ -f $v1/config.json ] && timeout $(( $(left) - 70 )) python train.py eval --run $v1 --base --grader-workers 4 > $pc/base_eval.log 2>&1; echo "base eval rc $? at $(( $(date +%s) - t0 )) s"; }
+) &
+sweep --arms vanilla --local.parallel 3 --local.hours $(hours 75) > $pc/sweepA.log 2>&1; echo "phase A rc $? at $(( $(date +%s) - t0 )) s"
+wait
+python $root/.device/gate.py $runs 80; gate=$?
+if [ $gate = 0 ] && [ $(left) -gt 150 ]; then
+  # 5 at once: each run peaks at ~22 GiB, and 8 at once ran out of the H200's memory.
+  sweep --arms projected random null_pairs shuffled --local.parallel 5 --local.hours $(hours 75) > $pc/sweepB.log 2>&1; echo "phase B rc $? at $(( $(date +%s) - t0 )) s"
+fi
+python $root/.device/report.py $runs
+tail -4 $pc/sweepA.log $pc/sweepB.log 2>/dev/null | cut -c1-300
+grep -h -E "Error|Traceback" $runs/local/*.log $pc/base_eval.log 2>/dev/null | sort | uniq -c | head -8
+for d in $runs/*/checkpoints; do ls -d $d/step_* 2>/dev/null | sort | head -n -1 | xargs -r rm -rf; done
+# Only the run folders and logs travel (the caches rebuild in a minute): they must fit one carry.
+cd $pc && tar czf /tmp/pc.tgz runs $(ls base_eval.log sweepA.log sweepB.log pool.log 2>/dev/null) && split -b 15M /tmp/pc.tgz $OUT/pc.tgz.part_ && ls -la $OUT | tail -n +4
+echo "end at $(( $(date +%s) - t0 )) s"
