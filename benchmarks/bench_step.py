@@ -14,7 +14,11 @@ Reported (table on stdout, everything in out/bench/bench.json):
   the ratio; the bound B / ((weights + mean KV cache bytes) / bandwidth) and the fraction of
   it reached.
 - SVD wrap, cold (fresh cache: SVD + save) vs warm (cache hit: load + reconstruction check).
-- Learner: forward+backward of the per-token log-probs on delta_S, tok/s and peak memory.
+- Learner, on one batch of rollouts with realistic lengths (reference forward included): the
+  padded adapter path it replaced (the baseline, `padded_backward`: right-padded micro-batches
+  of 8 sorted by length, the adapter's three matmuls per Linear) against train.backward_parts
+  (packed rows, merged weights); tok/s of each, the ratio, peak memory, and the largest
+  relative difference between their delta_S gradients.
 - Where a decode step's device time goes (CUDA): one step at the largest batch, the engine's
   compiled layers run eagerly under the profiler, kernels grouped into matmuls, attention and
   the rest, against the step time the graphed engine reached.
@@ -44,8 +48,8 @@ from grader import Grader, load_problems
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
-from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
-from train import PRESETS, RunState, step
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, reference_mode, wrap_svd
+from train import PRESETS, Rollout, RunState, backward_parts, grpo_loss, step
 
 
 @dataclass
@@ -58,10 +62,8 @@ class Args:
     """Prompt length for decoding; default 256 on CUDA, 32 on CPU."""
     new_tokens: int | None = None
     """Forced new tokens per sequence; default 512 on CUDA, 16 on CPU."""
-    learner_batch: int = 8
-    """Sequences per learner micro-batch."""
-    learner_tokens: int | None = None
-    """Sequence length of a learner micro-batch; default 768 on CUDA, 64 on CPU."""
+    learner_rollouts: int | None = None
+    """Rollouts the learner rows time (prompt + completion lengths as `full`'s); default 64 on CUDA, 6 on CPU."""
     step_preset: str | None = None
     """Preset whose step is timed with realistic lengths; default full on CUDA, smoke on CPU; '' skips."""
     pairs: int = 4
@@ -110,7 +112,6 @@ def main(args: Args) -> dict:
     batches = args.batches or ((64, 128) if cuda else (4, 8))
     prompt_tokens = args.prompt_tokens or (256 if cuda else 32)
     new_tokens = args.new_tokens or (512 if cuda else 16)
-    learner_tokens = args.learner_tokens or (768 if cuda else 64)
     step_preset = ("full" if cuda else "smoke") if args.step_preset is None else args.step_preset
     model, tokenizer, dtype = load_model(name, device)
     config = model.config
@@ -184,22 +185,7 @@ def main(args: Args) -> dict:
         report["decode_profile"] = decode_profile(engine, b, window, sampling, step_ms)
     engine.eos = eos
 
-    if cuda:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model.train()
-    ids = torch.randint(1000, 100000, (args.learner_batch, learner_tokens), generator=gen).to(device)
-    completion_mask = torch.zeros(ids[:, 1:].shape, dtype=torch.bool, device=device)
-    completion_mask[:, learner_tokens // 3 :] = True  # the learner scores completion tokens only
-
-    def learner() -> None:
-        logp = completion_logprobs(model, ids, torch.ones_like(ids), completion_mask)
-        logp.mean().backward()
-
-    learner_s = timed(learner, repeat=3)
-    report["learner"] = {"batch": args.learner_batch, "tokens": learner_tokens, "tok_s": args.learner_batch * learner_tokens / learner_s, "peak_gib": peak_gib()}
-    print(f"\nlearner fwd+bwd {args.learner_batch} x {learner_tokens}: {report['learner']['tok_s']:,.0f} tok/s, peak {report['learner']['peak_gib']:.1f} GiB")
+    report["learner"] = learner_rows(model, adapters, args.learner_rollouts or (64 if cuda else 6), cuda, gen)
     model.eval()
 
     problems = {p.id: p for p in load_problems(DATA / "problems.jsonl")}
@@ -222,6 +208,80 @@ def main(args: Args) -> dict:
     (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
     print(f"wrote {args.out / 'bench.json'}")
     return report
+
+
+def padded_backward(model, adapters, rollouts: list[Rollout], cfg, denominator: float, batch: int = 8) -> float:
+    """The learner before packing (the baseline): rollouts sorted by length in right-padded
+    micro-batches of `batch` with an attention mask, the reference forward per micro-batch,
+    the adapter's own path y = W x + U ((Vh x) * delta_S) (unmerged); grpo_loss's constant or
+    sequence_mean weights. Accumulates delta_S's gradient; returns the loss (read once per
+    micro-batch, as that learner did)."""
+    total = 0.0
+    rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.completion_ids))
+    for i in range(0, len(rollouts), batch):
+        part = rollouts[i : i + batch]
+        T = max(len(r.prompt_ids) + len(r.completion_ids) for r in part)
+        ids, attn = torch.zeros(len(part), T, dtype=torch.long), torch.zeros(len(part), T, dtype=torch.long)
+        mask, old, adv = torch.zeros(len(part), T - 1, dtype=torch.bool), torch.full((len(part), T - 1), float("nan")), torch.zeros(len(part), T - 1)
+        for j, r in enumerate(part):
+            P, C = len(r.prompt_ids), len(r.completion_ids)
+            ids[j, : P + C], attn[j, : P + C] = torch.tensor(r.prompt_ids + r.completion_ids), 1
+            mask[j, P - 1 : P + C - 1], adv[j] = True, r.advantage
+            if r.old_logprobs is not None:
+                old[j, P - 1 : P + C - 1] = r.old_logprobs
+        ids, attn, mask, old, adv = (x.to(cfg.device) for x in (ids, attn, mask, old, adv))
+        ref = None
+        if cfg.kl_beta > 0:
+            with torch.no_grad(), reference_mode(adapters):
+                ref = completion_logprobs(model, ids, attn, mask, cfg.sampling.temperature)
+        logp = completion_logprobs(model, ids, attn, mask, cfg.sampling.temperature)
+        weight = mask / mask.sum(dim=1, keepdim=True) if cfg.loss_norm == "sequence_mean" else mask.float()
+        loss = grpo_loss(logp, old, ref, adv, weight, cfg, denominator)[0]
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> dict:
+    """The padded baseline and train.backward_parts on the same n rollouts and delta_S: prompts of
+    ~300 tokens, completions of exponential lengths with mean 600 cut at 1536 (full's spread; a
+    tenth of that on CPU), advantages of both signs, KL on; tok/s (every token of every
+    rollout), peak memory and the largest relative difference of their gradients."""
+    cfg = replace(PRESETS["full" if cuda else "smoke"][1], device=str(next(model.parameters()).device), kl_beta=1e-3)
+    scale, problem = (1 if cuda else 0.05), load_problems(DATA / "problems_rl.jsonl")[0]
+    lengths = (-600 * scale * torch.rand(n, generator=gen).log()).clamp(4, 1536 * scale).long().tolist()
+    tokens = lambda k: torch.randint(1000, 100000, (k,), generator=gen).tolist()  # noqa: E731
+    rollouts = [Rollout(problem, tokens(int(300 * scale)), tokens(c), "", False, None, False) for c in lengths]
+    for i, r in enumerate(rollouts):
+        r.advantage = (-1.0) ** i
+    for a in adapters.values():
+        a.delta_S.data = 1e-3 * torch.randn(a.rank, generator=gen).to(a.delta_S.device)
+    tokens, denominator = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts), float(n * cfg.sampling.max_new_tokens)
+    model.train()
+    if cuda:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out, grads = {"rollouts": n, "tokens": tokens}, {}
+    for path, run in (("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator)),
+                      ("packed", lambda: backward_parts(model, adapters, rollouts, cfg, denominator))):
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        for a in adapters.values():
+            a.delta_S.grad = None
+        seconds = timed(run)  # one untimed pass first: each path's first kernels are picked there
+        grads[path] = {name: a.delta_S.grad.clone() for name, a in adapters.items()}  # of both passes, alike for both paths
+        out |= {f"{path}_tok_s": tokens / seconds, f"{path}_peak_gib": peak_gib()}
+    if cuda:
+        model.gradient_checkpointing_disable()
+    out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
+    out["max_rel_grad_diff"] = max(((grads["packed"][k] - grads["padded"][k]).abs().max() / grads["padded"][k].abs().max().clamp_min(1e-30)).item() for k in grads["padded"])
+    for a in adapters.values():
+        a.delta_S.data.zero_()
+        a.delta_S.grad = None
+    print(f"\nlearner on {n} rollouts ({tokens:,} tokens, reference included): padded adapter path {out['padded_tok_s']:,.0f} tok/s "
+          f"(peak {out['padded_peak_gib']:.1f} GiB), packed + merged {out['packed_tok_s']:,.0f} tok/s (peak {out['packed_peak_gib']:.1f} GiB): "
+          f"{out['ratio']:.2f}x; largest relative delta_S gradient difference {out['max_rel_grad_diff']:.1e}")
+    return out
 
 
 # Kernel (CUDA) or op (CPU) names, by kind; the first kind that matches wins.

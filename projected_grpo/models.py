@@ -36,6 +36,7 @@ from jaxtyping import Bool, Float, Int
 from loguru import logger
 from torch import Tensor
 
+from projected_grpo import packing
 from projected_grpo.paths import MODELS_DIR, atomic
 
 TINY_MODEL = "tiny-random-qwen3"
@@ -205,13 +206,13 @@ def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, 
     torch_dtype = pick_dtype(dtype, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tfloat32"
     flash = device.startswith("cuda") and torch_dtype == torch.bfloat16 and importlib.util.find_spec("flash_attn") is not None
-    attn = "flash_attention_2" if flash else "sdpa"
+    attn = packing.register("flash_attention_2" if flash else "sdpa")  # that, plus the learner's packed rows
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn).to(device)
     model.eval()  # no dropout: rollouts and logprobs must come from the same function
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    logger.info(f"model {name} from {path}: {torch_dtype}, attention {attn}, device {device}")
+    logger.info(f"model {name} from {path}: {torch_dtype}, attention {attn} over {'flash_attention_2' if flash else 'sdpa'}, device {device}")
     return model, tokenizer, torch_dtype
 
 
@@ -221,13 +222,20 @@ def completion_logprobs(
     attention_mask: Int[Tensor, "b t"],
     mask: Bool[Tensor, "b t-1"],
     temperature: float = 1.0,
+    positions: Int[Tensor, "b t"] | None = None,
+    spans: packing.Spans | None = None,
 ) -> Float[Tensor, "b t-1"]:
     """log p(token j+1 | tokens <= j) under logits / temperature, in fp32, at every position j
     where `mask` is set, 0 elsewhere (temperature 1 for NLLs; the sampling temperature for the
-    policy that sampled). The LM head runs on the masked positions only: with a
-    151k vocabulary the full-sequence logits would cost more than the transformer itself
-    (assumes logits = lm_head(last hidden state), true of Qwen, Llama and Mistral)."""
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    policy that sampled). With `positions` and `spans` the row is packed (packing.py; mask all
+    ones). The LM head runs on the masked positions only: with a 151k vocabulary the
+    full-sequence logits would cost more than the transformer itself (assumes logits =
+    lm_head(last hidden state), true of Qwen, Llama and Mistral)."""
+    packed = {}
+    if spans is not None:
+        assert model.config._attn_implementation == packing.ATTENTION, "packed rows need a model from load_model"
+        packed = {"position_ids": positions, "spans": spans}
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state[:, :-1]
     logits = model.get_output_embeddings()(hidden[mask])
     selected = -F.cross_entropy(logits.float() / temperature, input_ids[:, 1:][mask], reduction="none")
     return torch.zeros(mask.shape, dtype=torch.float32, device=selected.device).masked_scatter(mask, selected)

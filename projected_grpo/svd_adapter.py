@@ -16,6 +16,16 @@ Guarantees:
   for rollouts) and `unmerge` restores the original weights bit for bit from a host copy
   (pinned CPU memory, made at the first merge: the base weights never change), so no second
   copy of the weights is kept on the GPU.
+- While merged, a forward under no_grad (rollouts) is the plain `base(x)`. With grad enabled
+  (the learner) it runs on the merged weight W' and still gives delta_S the gradient of the
+  formula above, recovered in backward as diag(Uᵀ dL/dW V) = sum over tokens of
+  (dy U) * (x Vhᵀ) (`MergedLinear`). Per token: forward 1 matmul instead of 3, backward 3
+  instead of 3 (dx, dy U, x Vhᵀ vs dx, dy U, dh Vh), a recompute under activation
+  checkpointing 1 instead of 3. The output is that of W' as stored (in bf16 with the fold's
+  rounding: the weights the rollouts sampled from); delta_S's gradient is the formula's at
+  that point, passing the rounding straight through. Backward must run before `unmerge`:
+  autograd's version check on the saved weight raises otherwise, rather than differentiating
+  through the wrong W.
 
 """
 
@@ -74,6 +84,8 @@ class SVDLinear(nn.Module):
         return self.delta_S.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged and torch.is_grad_enabled() and self.delta_S.requires_grad:
+            return MergedLinear.apply(x, self.base.weight, self.base.bias, self.U, self.Vh, self.delta_S)
         y = self.base(x)
         if not self.delta_enabled or self.merged:
             return y
@@ -98,6 +110,33 @@ class SVDLinear(nn.Module):
         assert self.merged, "not merged"
         self.base.weight.copy_(self.W_host)
         self.merged = False
+
+
+class MergedLinear(torch.autograd.Function):
+    """y = W' x + b on the merged weight W' = W + U diag(delta_S) Vh, with delta_S's gradient
+    taken from the unmerged formula: dL/d delta_S = diag(Uᵀ (dL/dW') V), summed per token as
+    (dy U) * (x Vhᵀ). delta_S is an input only so that autograd routes its gradient here; W',
+    b, U and Vh are frozen and get none."""
+
+    @staticmethod
+    def forward(ctx, x: Float[Tensor, "*batch d_in"], weight: Float[Tensor, "d_out d_in"], bias: Float[Tensor, " d_out"] | None,
+                U: Float[Tensor, "d_out r"], Vh: Float[Tensor, "r d_in"], delta_S: Float[Tensor, " r"]) -> Float[Tensor, "*batch d_out"]:
+        # x is saved instead of x Vhᵀ: one matmul fewer here (and in every checkpointed
+        # recompute), one more in backward.
+        ctx.save_for_backward(x, weight, U, Vh)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: Float[Tensor, "*batch d_out"]) -> tuple[Tensor | None, None, None, None, None, Tensor | None]:
+        x, weight, U, Vh = ctx.saved_tensors
+        dx = dy @ weight if ctx.needs_input_grad[0] else None
+        d_delta = None
+        if ctx.needs_input_grad[5]:
+            # The product in the activations' dtype, the sum over tokens in fp32: a bf16
+            # accumulator would lose the small per-token terms of a long batch.
+            g_h = (dy @ U) * F.linear(x, Vh)
+            d_delta = g_h.reshape(-1, g_h.shape[-1]).sum(0, dtype=torch.float32)
+        return dx, None, None, None, None, d_delta
 
 
 def weight_key(W: Tensor) -> str:
@@ -212,7 +251,8 @@ def reference_mode(adapters: dict[str, SVDLinear]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def merged(adapters: dict[str, SVDLinear]) -> Iterator[None]:
-    """delta_S folded into the weights for the duration (rollouts on plain Linears)."""
+    """delta_S folded into the weights for the duration: rollouts on plain Linears, and a learner
+    whose forward is one matmul per Linear (`MergedLinear`; its backward must run inside)."""
     for a in adapters.values():
         a.merge()
     try:

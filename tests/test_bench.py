@@ -49,7 +49,9 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert set(step["seconds"]) == {"gen", "grade", "learn", "allreduce", "arm", "update", "refresh"}  # train.step's phases
     assert math.isclose(step["step_s"], sum(step["seconds"].values()), rel_tol=1e-9)
     assert step["rollouts"] > 0 and 0 <= step["truncated"] <= 1 and step["first_generation_s"] > 0
-    assert bench["learner"]["tok_s"] > 0 and bench["extraction_s_per_pair"] > 0
+    learner = bench["learner"]  # the padded adapter path (the baseline) and the packed, merged learner, same rollouts
+    assert learner["padded_tok_s"] > 0 and math.isclose(learner["ratio"], learner["packed_tok_s"] / learner["padded_tok_s"], rel_tol=1e-9)
+    assert learner["max_rel_grad_diff"] < 1e-4 and bench["extraction_s_per_pair"] > 0  # fp32 on CPU: the two learners agree
     assert bench["svd_wrap"]["modules"] > 0
     assert "wrote" in bench["stdout"] and "decode step at B=4" in bench["stdout"]
 

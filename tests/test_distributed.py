@@ -25,10 +25,10 @@ from projected_grpo.metrics import table_header
 from projected_grpo.paths import DATA
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
 from projected_grpo.teacher_pool import PoolConfig, build_pool
-from train import PRESETS, Rollout, backward_part
+from train import PRESETS, Rollout, backward_parts
 
 ENV = {**os.environ, "BEARTYPE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-CFG = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_batch=3)  # KL on (delta_S != 0 below), micro-batches that straddle groups
+CFG = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=600)  # KL on (delta_S != 0 below), packed micro-batches that straddle groups
 GROUPS, N_STUDENT = 4, 2  # per group: 2 student rollouts + 1 teacher rollout
 HACK = "```python\nclass Solution:\n    def run_tests(self):\n        pass\n```"  # 16 tokens: own run_tests passes, the real tests fail
 
@@ -65,13 +65,10 @@ def fixed_rollouts(model, tokenizer) -> list[list[Rollout]]:
 
 
 def gradients(model, adapters, groups: list[list[Rollout]], denominator: float) -> tuple[dict, dict]:
-    """g_s and g of these groups, as train.main takes them: student part, then teacher part."""
-    pad_id = model.config.pad_token_id
+    """g_s and g of these groups, as train.learn takes them: student part, then teacher part."""
     for a in adapters.values():
         a.delta_S.grad = None
-    backward_part(model, adapters, [r for g in groups for r in g if not r.teacher], CFG, pad_id, denominator)
-    g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
-    backward_part(model, adapters, [r for g in groups for r in g if r.teacher], CFG, pad_id, denominator)
+    g_s, _ = backward_parts(model, adapters, [r for g in groups for r in g], CFG, denominator)
     return g_s, {n: g.clone() for n, g in delta_grads(adapters).items()}
 
 

@@ -264,20 +264,21 @@ def test_dr_grpo_and_grpo_advantages():
 def test_loss_is_policy_gradient_at_ratio_one_clips_and_normalises():
     cfg = Config(clip_eps=0.2, kl_beta=0.1)
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    loss, kl, clipped = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([[2.0]]), mask, cfg, denominator=4.0)
+    ones = torch.ones(1, 2)
+    loss, kl, clipped = grpo_loss(logp, logp.detach(), logp.detach(), 2.0 * ones, ones, cfg, denominator=4.0)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5]]))  # -A d logp / denominator; KL gradient 0 at ref = logp
     assert clipped.sum() == 0 and torch.allclose(kl, torch.zeros(1, 2))
     far = torch.tensor([[0.0]], requires_grad=True)
-    loss, _, clipped = grpo_loss(far, torch.tensor([[-1.0]]), None, torch.tensor([[2.0]]), torch.ones(1, 1, dtype=torch.bool), cfg, 1.0)
+    loss, _, clipped = grpo_loss(far, torch.tensor([[-1.0]]), None, torch.tensor([[2.0]]), torch.ones(1, 1), cfg, 1.0)
     loss.backward()
     assert clipped.item() == 1.0 and far.grad.item() == 0.0  # ratio e > 1.2 with A > 0: clipped, no gradient
-    # Teacher rows (NaN sampler log-probs) have ratio 1; sequence_mean averages each row over its own tokens.
+    # Teacher rows (NaN sampler log-probs) have ratio 1; sequence_mean weighs each token 1 / its row's
+    # completion tokens (a row's mean), and a weight of 0 drops a token: -(3/3 + 2/2) / 2 = -1.
     logp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]], requires_grad=True)
-    mask = torch.tensor([[True, True, True], [True, True, False]])
+    weight = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0]])
     teacher_old = torch.full((2, 3), float("nan"))
-    loss, _, clipped = grpo_loss(logp, teacher_old, None, torch.tensor([[1.0], [1.0]]), mask, replace(cfg, loss_norm="sequence_mean"), 2.0)
+    loss, _, clipped = grpo_loss(logp, teacher_old, None, torch.ones(2, 3), weight, replace(cfg, loss_norm="sequence_mean"), 2.0)
     assert loss.item() == pytest.approx(-1.0) and clipped.sum() == 0
 
 

@@ -1,0 +1,87 @@
+"""The learner's packed rows (projected_grpo/packing.py) on merged weights against the padded
+adapter path they replaced (benchmarks/bench_step.py's baseline): the same log-probs and the
+same delta_S gradients (issue 21)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from grader import load_problems, render_prompt
+from projected_grpo import packing
+from projected_grpo.models import completion_logprobs, load_model
+from projected_grpo.paths import DATA
+from projected_grpo.rollout import RolloutEngine, Sampling
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
+from benchmarks.bench_step import padded_backward
+from train import PRESETS, Rollout, backward_parts
+
+
+def test_plan_puts_every_sequence_once_longest_first_within_budget():
+    lengths = [5, 30, 7, 12, 3, 9, 40, 1]
+    batches = packing.plan(lengths, budget=20)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [[lengths[i] for i in b] for b in batches] == [[40], [30], [12], [9, 7], [5, 3, 1]]  # over budget alone; filled in order
+    assert all(sum(lengths[i] for i in b) <= 20 for b in batches if len(b) > 1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path_factory.mktemp("svd"))
+    gen = torch.Generator().manual_seed(3)
+    for a in adapters.values():  # the policy away from the reference, so KL and delta_S's gradient are not trivial
+        a.delta_S.data = 0.05 * torch.randn(a.rank, generator=gen)
+    return model, tokenizer, adapters
+
+
+def test_a_packed_row_scores_each_sequence_as_if_alone(tiny):
+    model, _, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(10, 1000, (n,), generator=gen).tolist() for n in (9, 4, 13)]
+    ids, positions, spans = packing.pack(sequences, "cpu")
+    assert spans.bounds == (0, 9, 13, 26) and spans.max_len == 13 and positions[0, 9:13].tolist() == [0, 1, 2, 3]
+    with torch.no_grad():
+        packed = completion_logprobs(model, ids, torch.ones_like(ids), torch.ones(1, 25, dtype=torch.bool), 0.7, positions, spans)[0]
+        for s, start in zip(sequences, spans.bounds):
+            alone = completion_logprobs(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long), torch.ones(1, len(s) - 1, dtype=torch.bool), 0.7)[0]
+            torch.testing.assert_close(packed[start : start + len(s) - 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def rollouts(model, tokenizer) -> list[Rollout]:
+    """Sampled students (sampler log-probs recorded) of 3 problems and a teacher text for each, with
+    advantages of both signs: lengths differ, so packed rows and padded batches differ too."""
+    problems = load_problems(DATA / "problems_rl.jsonl")[:3]
+    torch.manual_seed(0)
+    samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, "run_tests") for p in problems], Sampling(max_new_tokens=7, temperature=1.0, top_p=1.0), n=2)
+    out = [Rollout(problems[i // 2], c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for i, c in enumerate(samples)]
+    teacher_ids = tokenizer("def run_tests():\n    pass", add_special_tokens=False)["input_ids"]
+    out += [Rollout(p, out[2 * i].prompt_ids, teacher_ids[: 3 + i], "", True, None, True) for i, p in enumerate(problems)]
+    for j, r in enumerate(out):
+        r.advantage = (-1.0) ** j * (0.5 + 0.25 * j)
+    return out
+
+
+@pytest.mark.parametrize("loss_norm", ["constant", "sequence_mean"])
+def test_packed_merged_learner_equals_the_padded_adapter_path(tiny, loss_norm):
+    model, tokenizer, adapters = tiny
+    cfg = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=400, loss_norm=loss_norm)  # 2-3 rollouts a row
+    batch, denominator = rollouts(model, tokenizer), 6.0 * 7
+    for a in adapters.values():
+        a.delta_S.grad = None
+    g_s, sums = backward_parts(model, adapters, batch, cfg, denominator)
+    packed = {n: g.clone() for n, g in delta_grads(adapters).items()}
+    assert len(packing.plan([len(r.prompt_ids) + len(r.completion_ids) for r in batch[:6]], cfg.learner_tokens)) > 1  # several rows
+
+    for a in adapters.values():
+        a.delta_S.grad = None
+    loss = padded_backward(model, adapters, batch[:6], cfg, denominator)
+    padded_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
+    loss += padded_backward(model, adapters, batch[6:], cfg, denominator)
+    padded = delta_grads(adapters)
+
+    assert sums["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
+    assert sums["student_tokens"] == sum(len(r.completion_ids) for r in batch[:6])
+    worst = max(((packed[n] - padded[n]).abs().max() / padded[n].abs().max()).item() for n in padded)
+    worst_s = max(((g_s[n] - padded_s[n]).abs().max() / padded_s[n].abs().max()).item() for n in padded_s)
+    assert max(worst, worst_s) < 1e-4, (worst, worst_s)
