@@ -21,6 +21,7 @@ from loguru import logger
 
 from extract import written_completion_ids
 from grader import GRADER_VERSION, Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
+from projected_grpo.errors import UserError
 from projected_grpo.models import load_model, pick_device
 from projected_grpo.paths import DATA, OUT, atomic
 from projected_grpo.rollout import RolloutEngine, Sampling
@@ -62,7 +63,7 @@ def build_pool(pc: PoolConfig) -> Path:
         items = []
         for where, row in jsonl_rows(source):
             if not isinstance(row, dict) or row.get("id") not in problems or not isinstance(row.get("completion"), str):
-                raise ValueError(f"{where}: needs an 'id' from {pc.problems} and a string 'completion'")
+                raise UserError(f"{where}: needs an 'id' from {pc.problems} and a string 'completion'", "fix the row, or pass the problems it was written for with --problems")
             items.append((problems[row["id"]], row["completion"]))
     else:
         model, tokenizer, _ = load_model(pc.source, pick_device(pc.device))
@@ -82,19 +83,25 @@ def build_pool(pc: PoolConfig) -> Path:
 
 def load_pool(path: Path, hint: str) -> dict[int, list[tuple[str, Grade | None]]]:
     """Pool entries by problem id, for this hint only: a pool built for another hint is never used.
-    An entry graded by another grader version than GRADER_VERSION comes without its grade."""
+    An entry graded by another grader version than GRADER_VERSION comes without its grade. A
+    missing, unreadable or foreign pool is a UserError naming it."""
+    rebuild = f"rebuild it with `just build-pool --hint {hint}`, or pass --teacher-mix 0"
     if not path.exists():
-        raise FileNotFoundError(f"teacher pool {path} does not exist; build it with `just build-pool` (hint {hint!r}) or set teacher_mix=0")
+        raise UserError(f"teacher pool {path} does not exist", rebuild)
+    try:
+        rows = list(jsonl_rows(path))
+    except ValueError as e:  # a line that is not JSON, named by file and line
+        raise UserError(str(e), rebuild) from e
     pool: dict[int, list[tuple[str, Grade | None]]] = {}
-    for where, row in jsonl_rows(path):
+    for where, row in rows:
         current = isinstance(row, dict) and row.get("grader_version") == GRADER_VERSION
         missing = [k for k in ("id", "hint", "completion", *(Grade.__dataclass_fields__ if current else ())) if not isinstance(row, dict) or k not in row]
         if missing:
-            raise ValueError(f"{where}: teacher pool row lacks {missing}; rebuild the pool with `just build-pool`")
+            raise UserError(f"{where}: teacher pool row lacks {missing}", rebuild)
         if row["hint"] == hint:
             pool.setdefault(row["id"], []).append((row["completion"], Grade(**{k: row[k] for k in Grade.__dataclass_fields__}) if current else None))
     if not pool:
-        raise ValueError(f"teacher pool {path} has no completions for hint {hint!r}; rebuild it with `just build-pool --hint {hint}`")
+        raise UserError(f"teacher pool {path} has no completions for hint {hint!r}", rebuild)
     return pool
 
 

@@ -108,3 +108,18 @@ def test_a_truncated_or_foreign_delta_file_is_named(tmp_path):
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(UserError, match=f"{path} is unreadable"):
         load_delta({}, path)
+
+
+def test_a_bad_teacher_pool_or_source_row_is_one_line(tmp_path, capsys):
+    from projected_grpo.teacher_pool import load_pool
+
+    source = tmp_path / "written.jsonl"
+    source.write_text('{"id": 900001, "completion": "x"}\n{"id": 42, "completion": "y"}\n')
+    err = one_line_error(capsys, ["build-pool", "--source", str(source), "--problems", str(ROOT / "data" / "problems.jsonl"), "--out", str(tmp_path / "pool.jsonl")])
+    assert f"{source}:2: needs an 'id' from" in err and not (tmp_path / "pool.jsonl").exists()
+    pool = tmp_path / "broken.jsonl"
+    pool.write_text('{"id": 1, "hint": "aware", "completion": "x"}\nnot json\n')
+    with pytest.raises(UserError, match=rf"{pool}:2: invalid JSON.*just build-pool --hint aware"):
+        load_pool(pool, "aware")
+    with pytest.raises(UserError, match=r"does not exist \(rebuild it with `just build-pool --hint aware`, or pass --teacher-mix 0\)"):
+        load_pool(tmp_path / "absent.jsonl", "aware")
