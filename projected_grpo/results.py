@@ -602,7 +602,8 @@ def leading_lines(groups: dict[Group, list[TrainedRun]]) -> tuple[list[str], lis
         own = "no first-10-step level" if e["own_bar"] is None else f"above its first-{BASELINE_STEPS}-step mean + 2 sd ({e['own_bar']:.3f}): {stretch(e['h2_own_from'])}"
         h3 = (f"{len(e['h3_steps'])} of {e['steps_with_cin_t']} steps with teacher rollouts" + (f" (first: {', '.join(map(str, e['h3_steps'][:5]))})" if e["h3_steps"] else "")
               if e["steps_with_cin_t"] else "no step with teacher rollouts")
-        lines.append(f"- {r.group.preset} vanilla seed {r.seed}: {onset}; H2, cin_s > null_s_p95 for {STRETCH} steps before it: "
+        when = "before it" if e["onset"] else "anywhere in the run"  # without an onset there is nothing to lead
+        lines.append(f"- {r.group.preset} vanilla seed {r.seed}: {onset}; H2, cin_s > null_s_p95 for {STRETCH} steps {when}: "
                      f"{stretch(e['h2_null_from'])}; {own}; H3, cin_t > its null p95 while cin_s is not: {h3}")
     return lines, entries
 
