@@ -67,8 +67,9 @@ def pack(sequences: list[list[int]], device: str | torch.device) -> tuple[Int[Te
 
 
 def _varlen_kernel():
-    """torch's varlen attention and the keywords that make it causal with grouped KV heads, or
-    None where this torch has none (its signature moved between releases)."""
+    """torch's varlen attention, the keywords that make it causal, and whether it takes grouped
+    KV heads and a scale; None where this torch has none. Its signature moved between releases:
+    2.10 takes is_causal and no scale, later ones window_size, scale and then enable_gqa."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -80,7 +81,7 @@ def _varlen_kernel():
         causal = {"is_causal": True}
     else:
         return None
-    return varlen_attn, causal, "enable_gqa" in params
+    return varlen_attn, causal, "enable_gqa" in params, "scale" in params
 
 
 VARLEN = _varlen_kernel()
@@ -89,13 +90,14 @@ VARLEN = _varlen_kernel()
 def attend(query: Float[Tensor, "1 h t d"], key: Float[Tensor, "1 hk t d"], value: Float[Tensor, "1 hk t d"], spans: Spans,
            scale: float | None) -> Float[Tensor, "1 t h d"]:
     """Causal attention within each span of a packed row."""
-    if VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
-        kernel, causal, gqa = VARLEN
+    default_scale = scale is None or scale == query.shape[-1] ** -0.5
+    if VARLEN is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and (VARLEN[3] or default_scale):
+        kernel, causal, gqa, scaled = VARLEN
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (t, heads, d)
         if not gqa and k.shape[1] != q.shape[1]:
             k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-        extra = {"enable_gqa": True} if gqa else {}
-        return kernel(q, k, v, spans.cu, spans.cu, spans.max_len, spans.max_len, scale=scale, **causal, **extra)[None]
+        extra = ({"enable_gqa": True} if gqa else {}) | ({"scale": scale} if scaled else {})
+        return kernel(q, k, v, spans.cu, spans.cu, spans.max_len, spans.max_len, **causal, **extra)[None]
     parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scale, enable_gqa=True)
              for s, e in zip(spans.bounds, spans.bounds[1:])]
     return torch.cat(parts, dim=2).transpose(1, 2)

@@ -85,3 +85,17 @@ def test_packed_merged_learner_equals_the_padded_adapter_path(tiny, loss_norm):
     worst = max(((packed[n] - padded[n]).abs().max() / padded[n].abs().max()).item() for n in padded)
     worst_s = max(((g_s[n] - padded_s[n]).abs().max() / padded_s[n].abs().max()).item() for n in padded_s)
     assert max(worst, worst_s) < 1e-4, (worst, worst_s)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen flash kernel runs there only")
+def test_varlen_kernel_equals_one_sdpa_per_sequence():
+    if packing.VARLEN is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    _, _, spans = packing.pack([[1] * n for n in (9, 4, 13)], "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, h, 26, 64, generator=gen, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (8, 2, 2))
+    flash = packing.attend(q, k, v, spans, None)  # bf16 on CUDA: the varlen kernel
+    loop = packing.attend(*(x.detach().float().requires_grad_() for x in (q, k, v)), spans, None)  # fp32: one SDPA per sequence
+    torch.testing.assert_close(flash.float(), loop, rtol=2e-2, atol=2e-2)
+    flash.float().square().sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
