@@ -26,7 +26,10 @@ Reported (table on stdout, everything in out/bench/bench.json):
 - A step of PRESET through train.step itself, on the bundled problems (real prompts) with
   realistic lengths (random-qwen3-4b ends on a random set of token ids, projected_grpo/models.py, so lengths
   spread geometrically around ~600 tokens): seconds per phase as the step's Timers measure
-  them (gen, grade, learn, allreduce, arm, update, refresh) and its peak memory.
+  them (gen, grade, learn, allreduce, arm, update, refresh) and its peak memory; the first
+  step (compiles and graph captures) apart.
+- Last, issue 21's targets for one H200 (TARGETS), each measured value beside its yardstick
+  and whether it met the target (judged on CUDA only: on CPU the table shows the numbers).
 """
 
 import gc
@@ -204,10 +207,43 @@ def main(args: Args) -> dict:
         report["step"] = realistic_step(step_preset, name, device, args.compile, work)
     shutil.rmtree(work)
 
+    report["targets"] = targets(report, cuda)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
     print(f"wrote {args.out / 'bench.json'}")
     return report
+
+
+# Issue 21's targets for one H200: (row, value from the report, yardstick beside it, bound, "<=" or ">=").
+TARGETS = (
+    ("step, steady (s)", lambda r: r["step"]["step_s"], lambda r: f"first step {r['step']['first_step_s']:.1f} s", 30.0, "<="),
+    ("first step - steady (s)", lambda r: r["step"]["first_step_s"] - r["step"]["step_s"], lambda r: "a warm compile cache", 15.0, "<="),
+    ("learner tok/s, reference included", lambda r: r["learner"]["packed_tok_s"], lambda r: f"padded adapter path {r['learner']['padded_tok_s']:,.0f}", 12000.0, ">="),
+    ("decode at the largest batch, fraction of bound", lambda r: r["decode"][-1]["fraction_of_bound"],
+     lambda r: f"B={r['decode'][-1]['batch']}: {r['decode'][-1]['engine_tok_s']:,.0f} of {r['decode'][-1]['bound_tok_s']:,.0f} tok/s", 0.60, ">="),
+    ("SVD wrap, cold (s)", lambda r: r["svd_wrap"]["cold_s"], lambda r: f"{r['svd_wrap']['modules']} Linears", 8.0, "<="),
+    ("SVD wrap, warm (s)", lambda r: r["svd_wrap"]["warm_s"], lambda r: "cache hit", 3.0, "<="),
+    ("step's peak memory (GiB)", lambda r: r["step"]["peak_gib"], lambda r: "", 80.0, "<="),
+)
+
+
+def targets(report: dict, cuda: bool) -> list[dict]:
+    """TARGETS' rows of this report (a row whose part did not run is left out), printed as a
+    table; `met` is None off CUDA, where the bounds mean nothing."""
+    rows = []
+    for name, value, yardstick, bound, op in TARGETS:
+        try:
+            v, beside = value(report), yardstick(report)
+        except KeyError:  # that part was skipped (--step-preset '')
+            continue
+        if v is None:  # no number here (the step's peak memory on CPU)
+            continue
+        met = None if not cuda or v != v else (v <= bound if op == "<=" else v >= bound)
+        rows.append({"row": name, "value": v, "yardstick": beside, "target": f"{op} {bound:g}", "met": met})
+    print("\nissue 21's targets (one H200):")
+    for r in rows:
+        print(f"  {r['row']:<48} {r['value']:>12,.2f}  {r['target']:>9}  {'-' if r['met'] is None else 'met' if r['met'] else 'NOT met'}  {r['yardstick']}")
+    return rows
 
 
 def padded_backward(model, adapters, rollouts: list[Rollout], cfg, denominator: float, batch: int = 8) -> float:
@@ -348,13 +384,13 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
     with Grader(cfg.reward) as grader:
         state = RunState.start(cfg, work / "run", grader)
         step(state, state.next_batch())
-        first_generation = state.seconds["gen"]
+        first_generation, first_step = state.seconds["gen"], sum(s for phase, s in state.seconds.items() if phase != "step")
         record = step(state, state.next_batch())
     seconds = {phase: s for phase, s in state.seconds.items() if phase != "step"}  # the phases; "step" is their whole
     students = round(record.time.rollouts_per_s * record.time.step)  # rollouts_per_s counts the step's student rollouts
     out = {"preset": preset, "rollouts": record.rollout.rollouts, "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
            "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": students * record.rollout.len_s / seconds["gen"],
-           "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "peak_gib": record.memory.peak_gib_ranks[0]}
+           "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0]}
     print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
           + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's generation, which compiles and captures: {first_generation:.1f} s)"

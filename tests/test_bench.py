@@ -54,6 +54,13 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert learner["max_rel_grad_diff"] < 1e-4 and bench["extraction_s_per_pair"] > 0  # fp32 on CPU: the two learners agree
     assert bench["svd_wrap"]["modules"] > 0
     assert "wrote" in bench["stdout"] and "decode step at B=4" in bench["stdout"]
+    # Issue 21's targets: every part that ran has its row (the peak memory needs CUDA), none judged off CUDA.
+    rows = {r["row"]: r for r in bench["targets"]}
+    assert set(rows) == {"step, steady (s)", "first step - steady (s)", "learner tok/s, reference included",
+                         "decode at the largest batch, fraction of bound", "SVD wrap, cold (s)", "SVD wrap, warm (s)"}
+    assert all(r["met"] is None for r in rows.values()) and "issue 21's targets" in bench["stdout"]
+    assert rows["step, steady (s)"]["value"] == step["step_s"] and rows["first step - steady (s)"]["value"] == step["first_step_s"] - step["step_s"]
+    assert rows["learner tok/s, reference included"]["value"] == learner["packed_tok_s"]
 
 
 def test_scaling_bench_reads_what_train_logs(tmp_path: Path):
