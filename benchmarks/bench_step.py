@@ -286,8 +286,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     cfg = replace(PRESETS["full" if cuda else "smoke"][1], device=str(next(model.parameters()).device), kl_beta=1e-3)
     scale, problem = (1 if cuda else 0.05), load_problems(DATA / "problems_rl.jsonl")[0]
     lengths = (-600 * scale * torch.rand(n, generator=gen).log()).clamp(4, 1536 * scale).long().tolist()
-    tokens = lambda k: torch.randint(1000, 100000, (k,), generator=gen).tolist()  # noqa: E731
-    rollouts = [Rollout(problem, tokens(int(300 * scale)), tokens(c), "", False, None, False) for c in lengths]
+    random_ids = lambda k: torch.randint(1000, 100000, (k,), generator=gen).tolist()  # noqa: E731
+    rollouts = [Rollout(problem, random_ids(int(300 * scale)), random_ids(c), "", False, None, False) for c in lengths]
     for i, r in enumerate(rollouts):
         r.advantage = (-1.0) ** i
     for a in adapters.values():

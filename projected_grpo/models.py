@@ -206,13 +206,14 @@ def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, 
     torch_dtype = pick_dtype(dtype, device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tfloat32"
     flash = device.startswith("cuda") and torch_dtype == torch.bfloat16 and importlib.util.find_spec("flash_attn") is not None
-    attn = packing.register("flash_attention_2" if flash else "sdpa")  # that, plus the learner's packed rows
+    base = "flash_attention_2" if flash else "sdpa"
+    attn = packing.register(base)  # that, plus the learner's packed rows
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn).to(device)
     model.eval()  # no dropout: rollouts and logprobs must come from the same function
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    logger.info(f"model {name} from {path}: {torch_dtype}, attention {attn} over {'flash_attention_2' if flash else 'sdpa'}, device {device}")
+    logger.info(f"model {name} from {path}: {torch_dtype}, attention {attn} over {base}, device {device}")
     return model, tokenizer, torch_dtype
 
 
