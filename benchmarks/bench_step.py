@@ -13,6 +13,9 @@ Reported (table on stdout, everything in out/bench/bench.json):
   the path training takes; its first call, which compiles and captures, is reported apart);
   the ratio; the bound B / ((weights + mean KV cache bytes) / bandwidth) and the fraction of
   it reached.
+- Decode at the largest batch with the engine's fused Q/K/V and gate/up projections (its
+  default) against one matmul per projection (`fuse=False`), timed back to back: tok/s of
+  each and the ratio.
 - SVD wrap, cold (fresh cache: SVD + save) vs warm (cache hit: load + reconstruction check).
 - Learner, on one batch of rollouts with realistic lengths (reference forward included): the
   padded adapter path it replaced (the baseline, `padded_backward`: right-padded micro-batches
@@ -168,15 +171,20 @@ def main(args: Args) -> dict:
     report["decode"] = []
     print(f"\ndecode, {prompt_tokens}-token prompts, {new_tokens} new (tok/s of the whole call, prefill included)")
     print(f"{'B':>5} {'generate':>10} {'engine':>10} {'ratio':>7} {'bound':>10} {'of bound':>9} {'1st call s':>11}")
+
+    def engine_tok_s(engine: RolloutEngine, b: int) -> tuple[float, float]:
+        """tok/s of the engine's calls at batch b, and the seconds of its first call (compiles and captures: untimed)."""
+        ids = prompts[b].tolist()
+        run = lambda: engine.generate_ids(ids, Sampling(max_new_tokens=new_tokens, batch=b, compile=args.compile, **sampling))  # noqa: E731
+        t = time.perf_counter()
+        run()
+        sync()
+        first = time.perf_counter() - t
+        return b * new_tokens / timed(run, repeat=2 if cuda else 1, warmup=0), first
+
     with merged(adapters):
         for b in batches:
-            ids = prompts[b].tolist()
-            run = lambda: engine.generate_ids(ids, Sampling(max_new_tokens=new_tokens, batch=b, compile=args.compile, **sampling))  # noqa: E731
-            t = time.perf_counter()
-            run()
-            sync()
-            first = time.perf_counter() - t
-            tps = b * new_tokens / timed(run, repeat=2 if cuda else 1, warmup=0)
+            tps, first = engine_tok_s(engine, b)
             mean_kv = b * (prompt_tokens + (new_tokens - 1) / 2) * kv_bytes_per_token
             bound = b / ((weight_bytes + mean_kv) / bw)
             row = {"batch": b, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "generate_tok_s": plain[b], "engine_tok_s": tps,
@@ -184,6 +192,12 @@ def main(args: Args) -> dict:
             report["decode"].append(row)
             print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound:>10,.0f} {tps / bound:>9.1%} {first:>11.1f}")
         b = max(batches)
+        unfused = RolloutEngine(model, tokenizer, fuse=False)
+        unfused.eos = []
+        fused_tps, unfused_tps = engine_tok_s(engine, b)[0], engine_tok_s(unfused, b)[0]
+        report["decode_fused"] = {"batch": b, "fused_tok_s": fused_tps, "unfused_tok_s": unfused_tps, "ratio": fused_tps / unfused_tps}
+        print(f"decode B={b} fused vs unfused (one matmul for Q, K, V and one for gate, up vs one per projection): "
+              f"{fused_tps:,.0f} vs {unfused_tps:,.0f} tok/s, {fused_tps / unfused_tps:.2f}x")
         window = kv_window(prompt_tokens + new_tokens // 2)  # the mean window of the timed calls
         step_ms = 1e3 * b / report["decode"][-1]["engine_tok_s"]
         report["decode_profile"] = decode_profile(engine, b, window, sampling, step_ms)
@@ -343,9 +357,10 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     v_cache = [torch.randn_like(k) for k in k_cache]
     tokens = torch.randint(1000, 100000, (b,), device=device)
     positions = torch.full((b,), window - KV_WINDOW // 2, device=device)
+    fused = engine.fused_weights()
 
     def step() -> None:
-        logits = engine.decode(tokens, positions, k_cache, v_cache, window)
+        logits = engine.decode(tokens, positions, k_cache, v_cache, window, fused)
         draw(logits, sampling["temperature"], sampling["top_p"], DRAW_ROUNDS)
 
     steps = 5
@@ -368,7 +383,7 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for name, ms, calls in kernels[:12]:
         print(f"{ms:>8.3f} {calls:>6}  {name[:100]}")
-    del k_cache, v_cache
+    del k_cache, v_cache, fused
     return {"batch": b, "window": window, "kernel_ms": total, "engine_step_ms": step_ms, "by_kind_ms": by_kind,
             "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
 

@@ -12,9 +12,9 @@ Leaving the harness: export (a checkpoint as a Hugging Face model folder), track
 Plumbing: paths (repo root, data/, out/, atomic writes), typecheck (BEARTYPE=1), errors (user
 errors: one line, exit 2).
 
-Imports go one way, no cycles: paths, typecheck, errors, tracking, sandbox, rollout, distributed,
+Imports go one way, no cycles: paths, typecheck, errors, tracking, sandbox, distributed,
 packing, activations (and projection.py) import no other harness module; models imports paths and packing,
-svd_adapter paths; grader.py
+svd_adapter paths, rollout svd_adapter (which projections it may fuse); grader.py
 imports sandbox; extract.py, metrics and checkpoints sit on those; diagnose, teacher_pool and
 eval on extract.py and grader.py; train.py on all of these; sweep on train.py, results on metrics,
 export on models, svd_adapter and checkpoints.

@@ -1,9 +1,18 @@
 """The rollout engine: prompts in, sampled completions and the sampler's log-probs out.
 
 Used by training, eval, build-pool and the benchmark alike. The engine runs the model's own
-modules (embedding, norms, projections, MLP, rotary embedding, LM head; SVD adapters as they
-are, merged or not) and owns only the KV cache, attention and sampling:
+modules (embedding, norms, rotary embedding, o and down projections, MLP activation, LM head;
+SVD adapters as they are, merged or not) and owns only the KV cache, attention, sampling and
+two fused projections:
 
+- Fused projections: one matmul for Q, K and V and one for gate and up, on their weights
+  concatenated at the start of each generate call (after training merged delta_S into them)
+  and freed when it returns (meanwhile a second copy of those weights: 65% of a Qwen3 layer,
+  4.7 GB for Qwen3-4B in bf16).
+  Only where exact: each fused projection computes F.linear(x, weight, bias) with its weight as
+  stored, so the fused matmul computes the same dot products (rounding may differ with the
+  kernel); a group with any other module (an unmerged adapter with its delta on: eval of
+  unmerged adapters) runs its modules as they are.
 - KV cache: `batch` slots of (longest prompt + max_new_tokens) positions, head-major
   ([slot, K/V head, position, dim]: a window is one strided block per head), one sequence
   per slot at its own length (no padding). Attention is grouped-query on the K/V heads as
@@ -19,8 +28,9 @@ are, merged or not) and owns only the KV cache, attention and sampling:
   otherwise cost as much per token as the full batch).
 - On CUDA the decode step (transformer + first sampling rounds) is replayed as a CUDA graph,
   one per (decoded slots, KV window), and with `compile` one decoder layer is torch.compile'd (regional
-  compilation: one compile serves all layers; new windows and slot counts recompile it, up to
-  RECOMPILE_LIMIT times). On CPU the same functions run eagerly.
+  compilation: one compile serves all layers, whose fused weights are its arguments; new
+  windows and slot counts recompile it, up to RECOMPILE_LIMIT times). On CPU the same
+  functions run eagerly.
 
 Guarantees:
 - Exact sampling from softmax(logits / T) cut to the nucleus of mass top_p, without a sort:
@@ -41,10 +51,13 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm import tqdm
+
+from projected_grpo.svd_adapter import SVDLinear
 
 KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (a CUDA graph per window and slot count)
 REFILL = 1 / 8  # refill free slots once this fraction of the batch is free (or nothing is live)
@@ -53,6 +66,8 @@ PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activati
 # windows): at dynamo's default of 8 a training run's later shapes ran uncompiled.
 RECOMPILE_LIMIT = 64
 DRAW_ROUNDS = 2  # exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are redrawn
+# (weight, bias) of projections concatenated on the output axis: one matmul computes them all.
+Stacked = tuple[Float[Tensor, "_out d_in"], Float[Tensor, " _out"] | None]
 
 
 @dataclass(frozen=True)
@@ -145,10 +160,32 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-class RolloutEngine:
-    """Samples completions from an HF Llama-family causal LM (see the module docstring)."""
+def _exact_linear(module: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) if the module computes exactly F.linear(x, weight, bias), else None: a plain
+    nn.Linear (not a subclass, which may compute something else), or an SVD adapter whose delta
+    is folded into its base's weight (merged) or switched off (reference_mode)."""
+    if isinstance(module, SVDLinear) and (module.merged or not module.delta_enabled):
+        module = module.base
+    return (module.weight, module.bias) if type(module) is nn.Linear else None
 
-    def __init__(self, model, tokenizer):
+
+def _stack(*modules: nn.Module) -> Stacked | None:
+    """The modules' weights (and biases) concatenated, if each is exact and all or none have a
+    bias; else None, and the caller runs the modules themselves."""
+    parts = [_exact_linear(m) for m in modules]
+    if any(p is None for p in parts):
+        return None
+    biases = [b for _, b in parts if b is not None]
+    if 0 < len(biases) < len(parts):
+        return None
+    return torch.cat([w for w, _ in parts]), torch.cat(biases) if biases else None
+
+
+class RolloutEngine:
+    """Samples completions from an HF Llama-family causal LM (see the module docstring);
+    `fuse=False` runs every projection's own module (the benchmark's and tests' baseline)."""
+
+    def __init__(self, model, tokenizer, fuse: bool = True):
         config = model.config
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
             raise ValueError(f"rollout engine: {type(model).__name__} has sliding-window layers, which the engine does not implement")
@@ -158,22 +195,44 @@ class RolloutEngine:
         self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.group = config.num_attention_heads // self.n_kv
+        self.qkv_split = (config.num_attention_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
+        self.fuse = fuse
         eos = model.generation_config.eos_token_id
         self.eos = sorted(set(eos if isinstance(eos, list) else [eos]))
         self._compiled = None  # torch.compile'd decode layer, made once per engine (one compile serves every layer)
 
     # -- the transformer, with the engine's attention -------------------------
 
-    def _layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, attend) -> Tensor:
-        attn = layer.self_attn
+    @torch.no_grad()
+    def fused_weights(self) -> list[tuple[Stacked | None, Stacked | None]]:
+        """Per layer, Q, K and V's weights stacked into one projection and gate and up's into
+        another, from the weights as they are now (merged or not); None for a group that is not
+        exact (`_stack`), or for every group without `fuse`. Made once per generate call and
+        passed to the layer functions as arguments: a compiled, graphed step reads them as inputs."""
+        if not self.fuse:
+            return [(None, None)] * len(self.body.layers)
+        fused = []
+        for layer in self.body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            gated = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))  # down(act(gate(x)) * up(x))
+            fused.append((_stack(attn.q_proj, attn.k_proj, attn.v_proj), _stack(mlp.gate_proj, mlp.up_proj) if gated else None))
+        return fused
+
+    def _layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, attend, qkv: Stacked | None, gate_up: Stacked | None) -> Tensor:
+        attn, mlp = layer.self_attn, layer.mlp
         h = layer.input_layernorm(x)
+        q, k, v = F.linear(h, *qkv).split(self.qkv_split, dim=-1) if qkv is not None else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
         shape = (*x.shape[:-1], -1, self.head_dim)
-        q, k, v = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), attn.v_proj(h).view(shape)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         x = x + attn.o_proj(attend(q, k, v, attn.scaling))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        if gate_up is None:
+            return x + mlp(h)
+        gate, up = F.linear(h, *gate_up).chunk(2, dim=-1)
+        return x + mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _embed(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # detach: HF's gradient checkpointing hooks the embedding so that its output requires grad
@@ -183,33 +242,35 @@ class RolloutEngine:
         return x, cos[:, :, None], sin[:, :, None]
 
     def prefill(self, ids: Int[Tensor, "p t"], lengths: Int[Tensor, " p"], slots: Int[Tensor, " s"], source: Int[Tensor, " s"],
-                k_cache: list[Tensor], v_cache: list[Tensor]) -> Float[Tensor, "p v"]:
+                k_cache: list[Tensor], v_cache: list[Tensor], fused: list[tuple[Stacked | None, Stacked | None]]) -> Float[Tensor, "p v"]:
         """Run right-padded prompts (causal attention; pads come after every real token, so no
         real token sees one), write prompt `source[i]`'s K/V into slot `slots[i]`, and return the
         logits after each prompt's last token."""
         t = ids.shape[1]
         x, cos, sin = self._embed(ids, torch.arange(t, device=ids.device).expand_as(ids))
-        for layer, kc, vc in zip(self.body.layers, k_cache, v_cache):
+        for layer, kc, vc, (qkv, gate_up) in zip(self.body.layers, k_cache, v_cache, fused):
             def attend(q, k, v, scale, kc=kc, vc=vc):
                 kc[slots, :, :t], vc[slots, :, :t] = k[source].transpose(1, 2), v[source].transpose(1, 2)
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True)
                 return o.transpose(1, 2).flatten(2)
-            x = self._layer(layer, x, cos, sin, attend)
+            x = self._layer(layer, x, cos, sin, attend, qkv, gate_up)
         last = x[torch.arange(len(ids), device=ids.device), lengths - 1]
         return self.lm_head(self.body.norm(last)).float()
 
-    def decode(self, tokens: Int[Tensor, " b"], positions: Int[Tensor, " b"], k_cache: list[Tensor], v_cache: list[Tensor], window: int) -> Float[Tensor, "b v"]:
+    def decode(self, tokens: Int[Tensor, " b"], positions: Int[Tensor, " b"], k_cache: list[Tensor], v_cache: list[Tensor], window: int,
+               fused: list[tuple[Stacked | None, Stacked | None]]) -> Float[Tensor, "b v"]:
         """One token per slot at its own position: write its K/V there, attend to positions
         0..position (within the first `window` of the cache), return the next-token logits."""
         x, cos, sin = self._embed(tokens[:, None], positions[:, None])
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         mask = (torch.arange(window, device=tokens.device) <= positions[:, None])[:, None, None, :]
         layer_step = self._compiled or self._decode_layer
-        for layer, kc, vc in zip(self.body.layers, k_cache, v_cache):
-            x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask)
+        for layer, kc, vc, (qkv, gate_up) in zip(self.body.layers, k_cache, v_cache, fused):
+            x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask, qkv, gate_up)
         return self.lm_head(self.body.norm(x[:, 0])).float()
 
-    def _decode_layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    def _decode_layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, positions: Tensor, mask: Tensor,
+                      qkv: Stacked | None, gate_up: Stacked | None) -> Tensor:
         b, window = x.shape[0], mask.shape[-1]
 
         def attend(q, k, v, scale):
@@ -219,7 +280,7 @@ class RolloutEngine:
             o = F.scaled_dot_product_attention(q, kc[:, :, :window], vc[:, :, :window], attn_mask=mask, scale=scale)
             return o.reshape(b, 1, -1)
 
-        return self._layer(layer, x, cos, sin, attend)
+        return self._layer(layer, x, cos, sin, attend, qkv, gate_up)
 
     # -- the loop -------------------------------------------------------------
 
@@ -247,6 +308,7 @@ class RolloutEngine:
         dtype = self.lm_head.weight.dtype
         k_cache = [torch.zeros(b, self.n_kv, capacity, self.head_dim, dtype=dtype, device=device) for _ in self.body.layers]
         v_cache = [torch.zeros_like(k) for k in k_cache]
+        fused = self.fused_weights()  # this call's weights (merged or not); no copy outlives it
         eos = torch.tensor(self.eos, device=device)
         # Per slot: the token to feed next, where it goes, how many were generated, outputs so far.
         tokens = torch.zeros(b, dtype=torch.long, device=device)
@@ -260,7 +322,7 @@ class RolloutEngine:
 
         def decode_slots(active: int, window: int) -> Tensor:
             """Next-token logits of slots [0, active), reading `window` positions of their K/V."""
-            return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window)
+            return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window, fused)
 
         step = self._graphed_step(decode_slots, sampling) if device.type == "cuda" else None
         bar = tqdm(total=len(work), desc=desc, leave=False)
@@ -323,7 +385,7 @@ class RolloutEngine:
                     lengths = torch.tensor([len(prompts[p]) for p in unique], device=device)
                     source = torch.tensor([unique.index(p) for p, _ in chunk], device=device)
                     slots = torch.tensor(slots_here, device=device)
-                    logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache)
+                    logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, fused)
                     new, logp = sample(logits[source], temperature, top_p)
                     n_gen[slots] = 0
                     positions[slots] = lengths[source]

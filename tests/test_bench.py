@@ -34,6 +34,9 @@ def test_decode_rows_are_consistent(bench: dict):
     # The bound is B / ((weights + mean KV) / bandwidth): doubling B less than doubles it.
     b2, b4 = bench["decode"]
     assert b2["bound_tok_s"] < b4["bound_tok_s"] < 2 * b2["bound_tok_s"]
+    fused = bench["decode_fused"]  # the engine's fused projections against one matmul per projection, at the largest batch
+    assert fused["batch"] == 4 and fused["fused_tok_s"] > 0 and fused["unfused_tok_s"] > 0
+    assert math.isclose(fused["ratio"], fused["fused_tok_s"] / fused["unfused_tok_s"], rel_tol=1e-9) and "decode B=4 fused vs unfused" in bench["stdout"]
 
 
 def test_profile_accounts_for_its_kernels(bench: dict):

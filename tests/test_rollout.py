@@ -2,15 +2,18 @@
 outputs, the same sampling distribution), the learner (recorded log-probs), and its own
 promises (every sequence once with its own prompt, EOS and max length)."""
 
+import contextlib
 import math
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import TopPLogitsWarper
+from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
 
 from projected_grpo.models import completion_logprobs, load_model
-from projected_grpo.rollout import RolloutEngine, Sampling, in_nucleus, sample
-from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, wrap_svd
+from projected_grpo.rollout import RolloutEngine, Sampling, _stack, in_nucleus, sample
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, merged, reference_mode, wrap_svd
 
 
 @pytest.fixture(scope="module")
@@ -100,30 +103,102 @@ def test_decoder_layers_see_no_grad_inputs_with_gradient_checkpointing_on():
     assert not any(seen)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_recorded_logprobs_match_the_learner(tiny, tmp_path, temperature):
-    """Sampler (merged weights, engine attention, KV cache) vs learner (adapter path, HF attention)."""
-    model, tokenizer = tiny
-    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path / "svd")
+@contextlib.contextmanager
+def svd_wrapped(model, cache: Path) -> Iterator[dict[str, SVDLinear]]:
+    """The model's Linears as SVD adapters with a large random delta_S; unwrapped on exit (the module-scoped model is shared)."""
+    adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
     try:
         torch.manual_seed(0)
         for a in adapters.values():
             torch.nn.init.normal_(a.delta_S, std=0.5)
-        prompts = prompts_of([7, 21, 13])
-        with merged(adapters):
-            out = RolloutEngine(model, tokenizer).generate_ids(prompts, Sampling(max_new_tokens=12, temperature=temperature, top_p=0.95, batch=2), n=2)
-        for i, (completion, logprobs, _) in enumerate(out):
-            p = prompts[i // 2]
-            ids = torch.tensor([p + completion])
-            mask = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
-            mask[0, len(p) - 1 :] = True
-            with torch.no_grad():
-                ref = completion_logprobs(model, ids, torch.ones_like(ids), mask, temperature)[mask]
-            assert torch.allclose(ref, logprobs, atol=1e-4), (ref - logprobs).abs().max()
+        yield adapters
     finally:
-        for name, a in adapters.items():  # unwrap: the module-scoped model is shared
+        for name, a in adapters.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, a.base)
+
+
+def assert_scored_as_the_learner(model, prompts: list[list[int]], out: list, n: int, temperature: float) -> None:
+    """Every recorded log-prob equals the learner's (its own modules, HF attention) on the same tokens."""
+    for i, (completion, logprobs, _) in enumerate(out):
+        p = prompts[i // n]
+        ids = torch.tensor([p + completion])
+        mask = torch.zeros(1, ids.shape[1] - 1, dtype=torch.bool)
+        mask[0, len(p) - 1 :] = True
+        with torch.no_grad():
+            ref = completion_logprobs(model, ids, torch.ones_like(ids), mask, temperature)[mask]
+        assert torch.allclose(ref, logprobs, atol=1e-4), (ref - logprobs).abs().max()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_recorded_logprobs_match_the_learner(tiny, tmp_path, temperature):
+    """Sampler (merged weights, engine attention, KV cache) vs learner (adapter path, HF attention)."""
+    model, tokenizer = tiny
+    prompts = prompts_of([7, 21, 13])
+    with svd_wrapped(model, tmp_path / "svd") as adapters:
+        with merged(adapters):
+            out = RolloutEngine(model, tokenizer).generate_ids(prompts, Sampling(max_new_tokens=12, temperature=temperature, top_p=0.95, batch=2), n=2)
+        assert_scored_as_the_learner(model, prompts, out, 2, temperature)
+
+
+def all_fused(engine: RolloutEngine) -> bool:
+    return all(qkv is not None and gate_up is not None for qkv, gate_up in engine.fused_weights())
+
+
+def fused_vs_modules(model, tokenizer, prompts: list[list[int]]) -> list:
+    """The engine's samples with fused projections; asserts that they are the per-module path's:
+    the same tokens (same seed) and log-probs within fp32 rounding."""
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95, batch=2)
+    outs = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        outs.append(RolloutEngine(model, tokenizer, fuse=fuse).generate_ids(prompts, sampling, n=2))
+    for (c_fused, lp_fused, _), (c, lp, _) in zip(*outs):
+        assert c_fused == c and torch.allclose(lp_fused, lp, rtol=0, atol=1e-5), (lp_fused - lp).abs().max()
+    return outs[0]
+
+
+def test_fused_projections_compute_what_the_modules_do(tiny, tmp_path):
+    """One matmul for Q, K, V and one for gate and up: the per-module path's tokens and log-probs
+    on the plain model, on adapters with a large delta_S merged (the fused weights are the merged
+    ones: its samples differ from the plain model's), and on a Llama with biases on every projection."""
+    model, tokenizer = tiny
+    prompts = prompts_of([7, 21, 13])
+    assert all_fused(RolloutEngine(model, tokenizer))
+    plain = fused_vs_modules(model, tokenizer, prompts)
+    with svd_wrapped(model, tmp_path / "svd") as adapters, merged(adapters):
+        assert all_fused(RolloutEngine(model, tokenizer))
+        tuned = fused_vs_modules(model, tokenizer, prompts)
+    assert [c for c, _, _ in tuned] != [c for c, _, _ in plain]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50000, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, attention_bias=True, mlp_bias=True, eos_token_id=0)
+    llama = LlamaForCausalLM(config).eval()
+    for m in llama.modules():  # HF zeroes biases at init: random ones, so that a dropped or misplaced bias shows
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.normal_(m.bias, std=0.5)
+    assert all_fused(RolloutEngine(llama, tokenizer)) and llama.model.layers[0].self_attn.q_proj.bias is not None
+    fused_vs_modules(llama, tokenizer, prompts)
+
+
+def test_inexact_projections_run_their_modules(tiny, tmp_path):
+    """Unmerged adapters with their delta on compute W x + U ((Vh x) * delta_S), not one stored
+    weight: no group is fused, and the samples still score as the learner does. With the delta
+    off (reference_mode) they are the base Linears and fuse. Projections of which only some have
+    a bias, or a Linear subclass, do not stack."""
+    model, tokenizer = tiny
+    prompts = prompts_of([7, 21, 13])
+    with svd_wrapped(model, tmp_path / "svd") as adapters:
+        engine = RolloutEngine(model, tokenizer)
+        assert all(qkv is None and gate_up is None for qkv, gate_up in engine.fused_weights())
+        torch.manual_seed(0)
+        out = engine.generate_ids(prompts, Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95, batch=2), n=2)
+        assert_scored_as_the_learner(model, prompts, out, 2, 1.0)
+        with reference_mode(adapters):
+            assert all_fused(engine)
+    with_bias, subclass = torch.nn.Linear(8, 4), type("LinearSubclass", (torch.nn.Linear,), {})
+    assert _stack(with_bias, torch.nn.Linear(8, 2)) is not None
+    assert _stack(with_bias, torch.nn.Linear(8, 2, bias=False)) is None and _stack(with_bias, subclass(8, 2)) is None
 
 
 def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -201,6 +276,7 @@ def test_graphed_decode_on_cuda_matches_the_learner(compile):
     learner does, across KV windows and slot refills (bf16: a tolerance for kernel numerics)."""
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cuda")
     engine = RolloutEngine(model, tokenizer)
+    assert all_fused(engine)  # the graphed, compiled step runs the fused projections
     engine.eos = []
     prompts = prompts_of([7, 300, 40, 600])
     torch.manual_seed(0)
