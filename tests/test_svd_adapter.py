@@ -1,6 +1,8 @@
 import pytest
 import torch
+from loguru import logger
 
+from projected_grpo import svd_adapter
 from projected_grpo.svd_adapter import (
     DEFAULT_TARGETS,
     SVDLinear,
@@ -8,7 +10,12 @@ from projected_grpo.svd_adapter import (
     merged,
     model_fingerprint,
     reference_mode,
+    save_svd,
+    svd_batches,
     svd_error,
+    svd_fp32,
+    svd_tolerance,
+    weight_key,
     wrap_svd,
 )
 from projected_grpo.models import load_model
@@ -145,3 +152,129 @@ def test_merge_writes_in_place_and_unmerges_from_the_host_copy(tiny):
             assert a.base.weight.data_ptr() == address and not torch.equal(a.base.weight, original)
         assert a.base.weight.data_ptr() == address and torch.equal(a.base.weight, original)
     assert a.W_host is not None and a.W_host.data_ptr() != address
+
+
+# ----------------------------------------------------------------------------
+# Cache misses solved in batches of same-shape weights
+
+
+def test_batched_svd_equals_per_matrix():
+    """One batched call gives each matrix of the stack the SVD it gets alone (what the per-weight
+    path computed): the same singular values and the same U diag(S) Vh (U and Vh may differ by
+    column signs), in order."""
+    torch.manual_seed(0)
+    for shape in ((48, 32), (32, 48)):
+        Ws = torch.randn(6, *shape) * torch.logspace(0, -3, shape[1])  # graded columns: singular values over 3 decades
+        U, S, Vh = svd_fp32(Ws)
+        for W, u, s, vh in zip(Ws, U, S, Vh):
+            u1, s1, vh1 = torch.linalg.svd(W, full_matrices=False)
+            assert torch.allclose(s, s1, rtol=1e-5, atol=1e-7)
+            assert torch.allclose((u * s) @ vh, (u1 * s1) @ vh1, atol=1e-5)
+            assert svd_error(W, u, s, vh) < svd_tolerance(torch.float32)
+
+
+def test_batched_svd_recomputes_in_fp64_only_the_matrix_that_misses(monkeypatch):
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def svd_spoiling_one(A, **kwargs):  # the batched fp32 result of matrix 1 is 10% off
+        calls.append((tuple(A.shape), A.dtype))
+        U, S, Vh = real_svd(A, **kwargs)
+        if A.ndim == 3:
+            S[1] *= 1.1
+        return U, S, Vh
+
+    monkeypatch.setattr(torch.linalg, "svd", svd_spoiling_one)
+    Ws = torch.randn(3, 40, 24)
+    U, S, Vh = svd_fp32(Ws)
+    assert calls == [((3, 40, 24), torch.float32), ((40, 24), torch.float64)]
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    assert all(svd_error(W, u, s, vh) < 1e-5 for W, u, s, vh in zip(Ws, U, S, Vh))
+
+
+def test_svd_batches_group_same_shapes_within_the_budget(monkeypatch):
+    weights = [torch.zeros(8, 4), torch.zeros(4, 8), torch.zeros(8, 4), torch.zeros(8, 4, dtype=torch.bfloat16), torch.zeros(8, 4), torch.zeros(8, 4)]
+    monkeypatch.setattr(svd_adapter, "SVD_BATCH_ELEMENTS", 3 * 32)
+    assert svd_batches(weights) == [[0, 2, 4], [5], [1], [3]]  # a stack has one shape and one dtype
+    monkeypatch.setattr(svd_adapter, "SVD_BATCH_ELEMENTS", 31)  # below one weight: one weight per batch
+    assert svd_batches(weights) == [[0], [2], [4], [5], [1], [3]]
+
+
+def toy_model(dtype: torch.dtype) -> torch.nn.Module:
+    """Three layers of q_proj, k_proj, o_proj: three shapes, three weights of each."""
+    torch.manual_seed(0)
+    shapes = {"q_proj": (40, 48), "k_proj": (40, 24), "o_proj": (48, 40)}  # (d_in, d_out)
+    return torch.nn.ModuleList(torch.nn.ModuleDict({t: torch.nn.Linear(*s) for t, s in shapes.items()}) for _ in range(3)).to(dtype)
+
+
+def forbid_svd(*args, **kwargs):
+    raise AssertionError("an SVD was computed where every entry should be a cache hit")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_and_single_entries_are_interchangeable(tmp_path, monkeypatch, dtype):
+    """The key and the file format did not change with batching: every entry wrap_svd computed in
+    batches (here of at most 2 weights) is a hit for cached_svd, with U and Vh in the weight's
+    dtype and S in fp32; an entry written by the per-weight code is a hit for wrap_svd."""
+    monkeypatch.setattr(svd_adapter, "SVD_BATCH_ELEMENTS", 2 * 48 * 40)
+    model = toy_model(dtype)
+    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path / "batched")
+    assert list(adapters) == [f"{i}.{t}" for i in range(3) for t in ("q_proj", "k_proj", "o_proj")]
+    for a in adapters.values():
+        assert svd_error(a.base.weight, a.U, a.S, a.Vh) < svd_tolerance(dtype)
+        assert torch.allclose(a.S, torch.linalg.svdvals(a.base.weight.double()).float(), rtol=1e-5, atol=1e-6)
+    with monkeypatch.context() as m:
+        m.setattr(torch.linalg, "svd", forbid_svd)
+        for a in adapters.values():
+            U, S, Vh, key = cached_svd(a.base.weight, tmp_path / "batched")
+            assert key == a.weight_key and torch.equal(U, a.U) and torch.equal(S, a.S) and torch.equal(Vh, a.Vh)
+            assert U.dtype == Vh.dtype == dtype and S.dtype == torch.float32
+    # The per-weight code's entry: one torch.linalg.svd in fp32, U and Vh cast to the weight's dtype.
+    other = toy_model(dtype)
+    for layer in other:
+        for base in layer.values():
+            U, S, Vh = torch.linalg.svd(base.weight.detach().float(), full_matrices=False)
+            save_svd({"U": U.to(dtype), "S": S, "Vh": Vh.to(dtype)}, tmp_path / "single" / f"{weight_key(base.weight)}.safetensors")
+    with monkeypatch.context() as m:
+        m.setattr(torch.linalg, "svd", forbid_svd)
+        assert len(wrap_svd(other, DEFAULT_TARGETS, tmp_path / "single")) == 9
+
+
+def test_wrap_loads_hits_and_computes_only_the_misses_in_batches(tiny, tiny_model_path, monkeypatch):
+    """A cache holding some entries, missing some and with one corrupt: the hits are loaded as they
+    are (not rewritten), the misses and the corrupt one (with its warning) computed, one batched
+    SVD per shape among them, and the adapters come back in model order."""
+    model, ids, cache = tiny
+    first = wrap_svd(model, DEFAULT_TARGETS, cache)
+    names = list(first)  # per layer: q 64x64, k 32x64, v 32x64, o 64x64, gate 128x64, up 128x64, down 64x128
+    files = {n: cache / f"{a.weight_key}.safetensors" for n, a in first.items()}
+    deleted, corrupt = names[1::3], names[2]  # layer 0's k, gate; layer 1's q, o, down
+    for n in deleted:
+        files[n].unlink()
+    files[corrupt].write_bytes(b"not a safetensors file")
+    hits = {n: files[n].stat().st_mtime_ns for n in names if n not in deleted and n != corrupt}
+    real_svd, stacks, warnings = torch.linalg.svd, [], []
+
+    def recording_svd(A, **kwargs):
+        stacks.append(tuple(A.shape))
+        return real_svd(A, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    model2, _, _ = load_model(str(tiny_model_path), "cpu")
+    sink = logger.add(warnings.append, level="WARNING", format="{message}")
+    try:
+        second = wrap_svd(model2, DEFAULT_TARGETS, cache)
+    finally:
+        logger.remove(sink)
+    assert list(second) == names
+    assert stacks == [(2, 32, 64), (1, 128, 64), (2, 64, 64), (1, 64, 128)]  # layer 0's k with the corrupt v; layer 1's q with o
+    assert len(warnings) == 1 and str(files[corrupt]) in warnings[0] and "unreadable" in warnings[0]
+    assert all(files[n].stat().st_mtime_ns == mtime for n, mtime in hits.items())
+    assert all(files[n].exists() for n in names)
+    for n in names:
+        a, b = first[n], second[n]
+        assert model2.get_submodule(n) is b and svd_error(b.base.weight, b.U, b.S, b.Vh) < svd_tolerance(torch.float32)
+        assert b.weight_key == a.weight_key and torch.allclose(b.S, a.S, rtol=1e-5)
+        assert torch.allclose((b.U * b.S) @ b.Vh, (a.U * a.S) @ a.Vh, atol=1e-5)
+        if n in hits:
+            assert torch.equal(b.U, a.U) and torch.equal(b.Vh, a.Vh)
