@@ -78,7 +78,7 @@ from tqdm import tqdm
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed, packing
-from projected_grpo.activations import Checkpointing, Policy, decoder_layers, free_bytes, measure
+from projected_grpo.activations import Checkpointing, Policy, decoder_layers, enable_checkpointing, free_bytes, measure
 from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
 from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
 from projected_grpo.errors import UserError, check_file, flag, reported
@@ -225,7 +225,7 @@ HELDOUT = DATA / "problems_heldout.jsonl"  # bundled held-out problems (disjoint
 
 PRESETS: dict[str, tuple[str, Config]] = {
     "smoke": ("tiny-random-qwen3 on CPU, 30 steps: the whole pipeline in ~3.5 min on 2 cores", Config(
-        name="smoke", model="tiny-random-qwen3", device="cpu", grad_checkpointing="never",
+        name="smoke", model="tiny-random-qwen3", device="cpu",
         problems=DATA / "problems_rl.jsonl", eval_problems=HELDOUT, n_problems=10, steps=30, prompts_per_step=1, group_size=2,
         teacher_mix=0.5, sampling=Sampling(max_new_tokens=256, temperature=1.0, top_p=1.0, batch=8),
         learner_tokens=2048, warmup_steps=3, lr=1e-2,
@@ -490,7 +490,7 @@ def learner_checkpointing(model, adapters: dict[str, SVDLinear], cfg: Config) ->
     zeros = torch.zeros(1, t1, device=cfg.device)
     b = MicroBatch(ids, positions, spans, torch.ones(1, t1, dtype=torch.bool, device=cfg.device), zeros, zeros + 1, zeros + 1)
     model.train()
-    Checkpointing("never", layers).apply(model, ids.shape[1])
+    Checkpointing("never", layers).apply(model, 0)
     with merged(adapters):
         cost = measure(model, lambda: grpo_loss(logprobs(model, b, cfg.sampling.temperature), b.old, zeros, b.adv, b.weight, cfg, 1.0)[0], ids.shape[1])
     device = torch.device(cfg.device)
@@ -594,8 +594,7 @@ class RunState:
         with distributed.main_first():
             resolve_model(cfg.model)
         model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
-        # Gives every decoder layer the checkpoint function; which layers use it is learner_checkpointing's choice.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)  # which layers recompute is learner_checkpointing's choice
         with distributed.main_first():
             adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
         checkpointing = learner_checkpointing(model, adapters, cfg)

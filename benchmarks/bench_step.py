@@ -51,7 +51,7 @@ import tyro
 
 from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
-from projected_grpo.activations import Checkpointing, decoder_layers
+from projected_grpo.activations import Checkpointing, decoder_layers, enable_checkpointing
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
@@ -308,7 +308,7 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     for a in adapters.values():
         a.delta_S.data = 1e-3 * torch.randn(a.rank, generator=gen).to(a.delta_S.device)
     tokens, denominator = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts), float(n * cfg.sampling.max_new_tokens)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     # The baseline recomputes every layer on CUDA, as that learner did; the new one decides per
     # micro-batch as a run of the preset does (full: auto, measured on a probe here).
     baseline = Checkpointing("always" if cuda else "never", len(decoder_layers(model)))
@@ -325,7 +325,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
         seconds = timed(run)  # one untimed pass first: each path's first kernels are picked there
         grads[path] = {name: a.delta_S.grad.clone() for name, a in adapters.items()}  # of both passes, alike for both paths
         out |= {f"{path}_tok_s": tokens / seconds, f"{path}_peak_gib": peak_gib()}
-    model.gradient_checkpointing_disable()
+    Checkpointing("never", len(decoder_layers(model))).apply(model, 0)
+    # what it picks for each micro-batch with the memory free now (as free as during the pass: its graph is gone)
     out["checkpointed_layers"] = [checkpointing.layers_for(len(b.ids[0])) for b in micro_batches(rollouts, cfg)]
     out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
     out["max_rel_grad_diff"] = max(((grads["packed"][k] - grads["padded"][k]).abs().max() / grads["padded"][k].abs().max().clamp_min(1e-30)).item() for k in grads["padded"])

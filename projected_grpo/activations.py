@@ -54,6 +54,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.base_model.layers
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Give every decoder layer HF's (non-reentrant) checkpoint function, every layer switched
+    off: `Checkpointing.apply` switches them per micro-batch. (transformers 5.2x renamed the
+    call; the old name still works there, with a warning.)"""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    Checkpointing("never", len(decoder_layers(model))).apply(model, 0)
+
+
 def measure(model: nn.Module, forward: Callable[[], Tensor], tokens: int) -> ActivationBytes:
     """What `forward()` (the learner's loss on a probe of `tokens` tokens, grad enabled, no layer
     checkpointed) keeps for backward, per token. A storage is counted once, at its full size,

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from projected_grpo.activations import ActivationBytes, Checkpointing, decoder_layers
+from projected_grpo.activations import ActivationBytes, Checkpointing, decoder_layers, enable_checkpointing
 from projected_grpo.models import load_model
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
 from test_packing import rollouts
@@ -32,7 +32,7 @@ def test_the_fewest_layers_that_fit_are_checkpointed():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path_factory.mktemp("svd"))
     gen = torch.Generator().manual_seed(5)
     for a in adapters.values():
@@ -98,7 +98,7 @@ def test_apply_flags_the_first_k_layers(tiny):
 def test_measured_bytes_match_the_allocator_on_cuda(tmp_path):
     """The probe's count against what the allocator holds after the same forward, on tiny-random-qwen3."""
     model, _, _ = load_model("tiny-random-qwen3", "cuda")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path)
     cfg = replace(PRESETS["smoke"][1], device="cuda", grad_checkpointing="auto")
     c = learner_checkpointing(model, adapters, cfg)
