@@ -16,6 +16,10 @@ Reported (table on stdout, everything in out/bench/bench.json):
 - Decode at the largest batch with the engine's fused Q/K/V and gate/up projections (its
   default) against one matmul per projection (`fuse=False`), timed back to back: tok/s of
   each and the ratio.
+- Decode at the largest batch with flex attention (each slot reads its own KV blocks) against
+  SDPA (every slot reads the whole window), timed back to back on prompts of ragged lengths,
+  uniform in 32..2 x prompt tokens (with equal lengths the two would tie): tok/s of each and
+  the ratio. Flex needs the compiled step on CUDA (with --no-compile it falls back to SDPA).
 - SVD wrap, cold (fresh cache: SVD + save) vs warm (cache hit: load + reconstruction check).
 - Learner, on one batch of rollouts with realistic lengths (reference forward included): the
   padded adapter path it replaced (the baseline, `padded_backward`: right-padded micro-batches
@@ -172,9 +176,9 @@ def main(args: Args) -> dict:
     print(f"\ndecode, {prompt_tokens}-token prompts, {new_tokens} new (tok/s of the whole call, prefill included)")
     print(f"{'B':>5} {'generate':>10} {'engine':>10} {'ratio':>7} {'bound':>10} {'of bound':>9} {'1st call s':>11}")
 
-    def engine_tok_s(engine: RolloutEngine, b: int) -> tuple[float, float]:
-        """tok/s of the engine's calls at batch b, and the seconds of its first call (compiles and captures: untimed)."""
-        ids = prompts[b].tolist()
+    def engine_tok_s(engine: RolloutEngine, ids: list[list[int]]) -> tuple[float, float]:
+        """tok/s of the engine's calls on these prompts (one batch), and the seconds of its first call (compiles and captures: untimed)."""
+        b = len(ids)
         run = lambda: engine.generate_ids(ids, Sampling(max_new_tokens=new_tokens, batch=b, compile=args.compile, **sampling))  # noqa: E731
         t = time.perf_counter()
         run()
@@ -184,7 +188,7 @@ def main(args: Args) -> dict:
 
     with merged(adapters):
         for b in batches:
-            tps, first = engine_tok_s(engine, b)
+            tps, first = engine_tok_s(engine, prompts[b].tolist())
             mean_kv = b * (prompt_tokens + (new_tokens - 1) / 2) * kv_bytes_per_token
             bound = b / ((weight_bytes + mean_kv) / bw)
             row = {"batch": b, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "generate_tok_s": plain[b], "engine_tok_s": tps,
@@ -194,10 +198,20 @@ def main(args: Args) -> dict:
         b = max(batches)
         unfused = RolloutEngine(model, tokenizer, fuse=False)
         unfused.eos = []
-        fused_tps, unfused_tps = engine_tok_s(engine, b)[0], engine_tok_s(unfused, b)[0]
+        fused_tps, unfused_tps = engine_tok_s(engine, prompts[b].tolist())[0], engine_tok_s(unfused, prompts[b].tolist())[0]
         report["decode_fused"] = {"batch": b, "fused_tok_s": fused_tps, "unfused_tok_s": unfused_tps, "ratio": fused_tps / unfused_tps}
         print(f"decode B={b} fused vs unfused (one matmul for Q, K, V and one for gate, up vs one per projection): "
               f"{fused_tps:,.0f} vs {unfused_tps:,.0f} tok/s, {fused_tps / unfused_tps:.2f}x")
+        # Ragged prompts (own generator: the rows after this one draw what they did before it):
+        # with equal lengths every slot's blocks fill the window and flex ties with SDPA.
+        ragged = torch.Generator().manual_seed(1)
+        ids = [torch.randint(1000, 100000, (int(n),), generator=ragged).tolist() for n in torch.randint(32, 2 * prompt_tokens + 1, (b,), generator=ragged)]
+        flex = RolloutEngine(model, tokenizer, attention="flex")
+        flex.eos = []
+        flex_tps, sdpa_tps = engine_tok_s(flex, ids)[0], engine_tok_s(engine, ids)[0]
+        report["decode_attention"] = {"batch": b, "prompt_tokens": [32, 2 * prompt_tokens], "flex_tok_s": flex_tps, "sdpa_tok_s": sdpa_tps, "ratio": flex_tps / sdpa_tps}
+        print(f"decode B={b} flex (live KV blocks) vs sdpa (whole window), prompts of 32..{2 * prompt_tokens} tokens: "
+              f"{flex_tps:,.0f} vs {sdpa_tps:,.0f} tok/s, {flex_tps / sdpa_tps:.2f}x")
         window = kv_window(prompt_tokens + new_tokens // 2)  # the mean window of the timed calls
         step_ms = 1e3 * b / report["decode"][-1]["engine_tok_s"]
         report["decode_profile"] = decode_profile(engine, b, window, sampling, step_ms)

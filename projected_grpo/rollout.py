@@ -18,7 +18,10 @@ two fused projections:
   per slot at its own length (no padding). Attention is grouped-query on the K/V heads as
   stored (the query heads of a group are folded into the query-length axis, so K and V are
   never copied out to every query head) and reads the cache only up to the next multiple
-  of KV_WINDOW past the longest live sequence.
+  of KV_WINDOW past the longest live sequence. With `attention="flex"` each slot's decode
+  reads only its own KV_WINDOW blocks up to its position (FlexAttention, a BlockMask built
+  from the positions on the device); used in the compiled decode layer (CUDA with `compile`)
+  and on CPU (eager, for the tests); elsewhere the step uses SDPA. Prefill always uses SDPA.
 - Continuous batching: when a sequence ends its slot is refilled with a waiting one (once
   at least REFILL of the slots are free, so a prefill serves several), so a batch is not
   held by its longest sequence. A prompt sampled n times is prefilled once and its K/V
@@ -49,17 +52,19 @@ full attention in every layer.
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tqdm import tqdm
 
 from projected_grpo.svd_adapter import SVDLinear
 
-KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (a CUDA graph per window and slot count)
+KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (a CUDA graph per window and slot count), flex in blocks of as many
 REFILL = 1 / 8  # refill free slots once this fraction of the batch is free (or nothing is live)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activation memory)
 # Compiles of the decode layer an engine may make (batch sizes as the tail halves them, KV
@@ -154,6 +159,19 @@ def kv_window(positions: int) -> int:
     return -(-positions // KV_WINDOW) * KV_WINDOW
 
 
+def live_blocks(positions: Int[Tensor, " b"], q_len: int, window: int) -> BlockMask:
+    """What flex decode reads: per slot, the KV_WINDOW blocks up to its position (kv_num_blocks =
+    position // KV_WINDOW + 1 of kv_indices 0, 1, ...) and, in them, positions 0..position, for
+    `q_len` query rows (the folded query heads). Made from the device tensor `positions` alone
+    (no Python ints but the shapes), so a CUDA graph's replay reads each step's positions."""
+    b, blocks = positions.shape[0], -(-window // KV_WINDOW)  # the last one partial where the window is the cache's capacity
+    kv_num_blocks = (positions // KV_WINDOW + 1).to(torch.int32)[:, None, None]
+    kv_indices = torch.arange(blocks, dtype=torch.int32, device=positions.device).expand(b, 1, 1, blocks).contiguous()
+    # A lambda, not a def: flex tells a mask_mod by its arity, which BEARTYPE=1's wrapper of every def hides.
+    causal = lambda b, h, q_idx, kv_idx: kv_idx <= positions[b]  # noqa: E731
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=KV_WINDOW, mask_mod=causal, seq_lengths=(q_len, window), compute_q_blocks=False)
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding on [b, t, heads, d] (HF's apply_rotary_pos_emb, heads on axis 2)."""
     half = x.shape[-1] // 2
@@ -183,9 +201,11 @@ def _stack(*modules: nn.Module) -> Stacked | None:
 
 class RolloutEngine:
     """Samples completions from an HF Llama-family causal LM (see the module docstring);
-    `fuse=False` runs every projection's own module (the benchmark's and tests' baseline)."""
+    `fuse=False` runs every projection's own module (the benchmark's and tests' baseline);
+    `attention` is the decode step's: "flex" reads each slot's own KV blocks, "sdpa" the whole window."""
 
-    def __init__(self, model, tokenizer, fuse: bool = True):
+    # sdpa stays the default until the H200 measures flex (bench_step.py's decode_attention row).
+    def __init__(self, model, tokenizer, fuse: bool = True, attention: Literal["sdpa", "flex"] = "sdpa"):
         config = model.config
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
             raise ValueError(f"rollout engine: {type(model).__name__} has sliding-window layers, which the engine does not implement")
@@ -196,7 +216,7 @@ class RolloutEngine:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.group = config.num_attention_heads // self.n_kv
         self.qkv_split = (config.num_attention_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
-        self.fuse = fuse
+        self.fuse, self.attention = fuse, attention
         eos = model.generation_config.eos_token_id
         self.eos = sorted(set(eos if isinstance(eos, list) else [eos]))
         self._compiled = None  # torch.compile'd decode layer, made once per engine (one compile serves every layer)
@@ -260,24 +280,32 @@ class RolloutEngine:
     def decode(self, tokens: Int[Tensor, " b"], positions: Int[Tensor, " b"], k_cache: list[Tensor], v_cache: list[Tensor], window: int,
                fused: list[tuple[Stacked | None, Stacked | None]]) -> Float[Tensor, "b v"]:
         """One token per slot at its own position: write its K/V there, attend to positions
-        0..position (within the first `window` of the cache), return the next-token logits."""
+        0..position (within the first `window` of the cache), return the next-token logits.
+        Flex where it is fused (the compiled layer) and on CPU (eager, for the tests); on CUDA
+        without compile SDPA, as eager flex materialises the scores."""
         x, cos, sin = self._embed(tokens[:, None], positions[:, None])
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        mask = (torch.arange(window, device=tokens.device) <= positions[:, None])[:, None, None, :]
+        if self.attention == "flex" and (self._compiled is not None or tokens.device.type == "cpu"):
+            mask = live_blocks(positions, self.group, window)
+        else:
+            mask = (torch.arange(window, device=tokens.device) <= positions[:, None])[:, None, None, :]
         layer_step = self._compiled or self._decode_layer
         for layer, kc, vc, (qkv, gate_up) in zip(self.body.layers, k_cache, v_cache, fused):
             x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask, qkv, gate_up)
         return self.lm_head(self.body.norm(x[:, 0])).float()
 
-    def _decode_layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, positions: Tensor, mask: Tensor,
-                      qkv: Stacked | None, gate_up: Stacked | None) -> Tensor:
+    def _decode_layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, positions: Tensor,
+                      mask: Bool[Tensor, "b 1 1 w"] | BlockMask, qkv: Stacked | None, gate_up: Stacked | None) -> Tensor:
         b, window = x.shape[0], mask.shape[-1]
 
         def attend(q, k, v, scale):
             kc[rows, :, positions], vc[rows, :, positions] = k[:, 0], v[:, 0]
             # the `group` query heads sharing a K/V head act as `group` query positions
-            q = q.view(b, self.n_kv, self.group, self.head_dim)
-            o = F.scaled_dot_product_attention(q, kc[:, :, :window], vc[:, :, :window], attn_mask=mask, scale=scale)
+            q, keys, values = q.view(b, self.n_kv, self.group, self.head_dim), kc[:, :, :window], vc[:, :, :window]
+            if isinstance(mask, BlockMask):
+                o = flex_attention(q, keys, values, block_mask=mask, scale=scale)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
             return o.reshape(b, 1, -1)
 
         return self._layer(layer, x, cos, sin, attend, qkv, gate_up)

@@ -37,6 +37,10 @@ def test_decode_rows_are_consistent(bench: dict):
     fused = bench["decode_fused"]  # the engine's fused projections against one matmul per projection, at the largest batch
     assert fused["batch"] == 4 and fused["fused_tok_s"] > 0 and fused["unfused_tok_s"] > 0
     assert math.isclose(fused["ratio"], fused["fused_tok_s"] / fused["unfused_tok_s"], rel_tol=1e-9) and "decode B=4 fused vs unfused" in bench["stdout"]
+    attention = bench["decode_attention"]  # flex (each slot's own KV blocks) against SDPA (the whole window), ragged prompts
+    assert attention["batch"] == 4 and attention["flex_tok_s"] > 0 and attention["sdpa_tok_s"] > 0
+    assert math.isclose(attention["ratio"], attention["flex_tok_s"] / attention["sdpa_tok_s"], rel_tol=1e-9)
+    assert "decode B=4 flex (live KV blocks) vs sdpa (whole window)" in bench["stdout"]
 
 
 def test_profile_accounts_for_its_kernels(bench: dict):

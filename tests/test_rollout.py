@@ -4,15 +4,20 @@ promises (every sequence once with its own prompt, EOS and max length)."""
 
 import contextlib
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.nn.attention.flex_attention import create_mask, flex_attention
 from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
 
+from projected_grpo import rollout
 from projected_grpo.models import completion_logprobs, load_model
-from projected_grpo.rollout import RolloutEngine, Sampling, _stack, in_nucleus, sample
+from projected_grpo.rollout import KV_WINDOW, RolloutEngine, Sampling, _stack, in_nucleus, live_blocks, sample
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, merged, reference_mode, wrap_svd
 
 
@@ -101,6 +106,69 @@ def test_decoder_layers_see_no_grad_inputs_with_gradient_checkpointing_on():
     RolloutEngine(model, tokenizer).generate_ids(prompts_of([5, 9]), Sampling(max_new_tokens=4, temperature=1.0, top_p=1.0, batch=2))
     assert len(seen) == 4 * len(model.model.layers)  # a prefill and 3 decode steps
     assert not any(seen)
+
+
+def causal_prefix(positions: torch.Tensor, q_len: int, window: int) -> torch.Tensor:
+    """[slot, 1, q_len, window]: each slot's positions 0..position, what decode must read."""
+    return (torch.arange(window) <= positions[:, None])[:, None, None, :].expand(-1, 1, q_len, -1)
+
+
+def test_live_blocks_cover_each_slots_causal_prefix():
+    """Per slot, the blocks up to its position's, and within them the mask hides what is past it;
+    a window at the cache's capacity may end inside a block."""
+    positions, window = torch.tensor([0, 127, 128, 300, 509, 5]), 4 * KV_WINDOW - 2
+    mask = live_blocks(positions, 2, window)
+    assert mask.kv_num_blocks[:, 0, 0].tolist() == [1, 1, 2, 3, 4, 1]
+    assert mask.shape == (6, 1, 2, window)
+    blocks = mask.to_dense().repeat_interleave(KV_WINDOW, dim=-1)[..., :window].bool()  # [slot, 1, 1, window]: the blocks read
+    dense = blocks & create_mask(mask.mask_mod, 6, 1, 2, window, device="cpu")
+    assert torch.equal(dense, causal_prefix(positions, 2, window))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU kernels need a C++ compiler")
+def test_compiled_flex_reads_no_block_past_a_slots_own():
+    """Compiled flex (inductor's CPU kernel, which skips blocks as the CUDA one does) reads no
+    block past a slot's kv_num_blocks: with NaN there, its output is SDPA's over the prefix.
+    Steps with new positions (a new BlockMask each, as decode makes) reuse the one compile."""
+    gen = torch.Generator().manual_seed(0)
+    window = 4 * KV_WINDOW - 2  # the last block partial, as at the cache's capacity
+    q, k, v = (torch.randn(5, 2, s, 16, generator=gen) for s in (2, window, window))
+    counter = CompileCounterWithBackend("inductor")
+    attend = torch.compile(flex_attention, backend=counter, fullgraph=True)
+    for step in range(3):
+        positions = torch.tensor([3, 126, 255, 256, 500]) + step  # slot 1 crosses into its second block
+        poisoned = v.clone()
+        for slot, p in enumerate(positions.tolist()):
+            poisoned[slot, :, (p // KV_WINDOW + 1) * KV_WINDOW :] = float("nan")
+        out = attend(q, k, poisoned, block_mask=live_blocks(positions, 2, window), scale=0.25)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_prefix(positions, 2, window), scale=0.25)
+        assert torch.allclose(out, ref, rtol=0, atol=1e-6), (out - ref).abs().max()
+    assert counter.frame_count == 1
+
+
+def test_flex_decode_equals_sdpa(tiny, monkeypatch):
+    """Flex decode (each slot reads its own KV blocks) against SDPA (the whole window, masked),
+    from the same seed: the same tokens and log-probs within fp32 rounding, on ragged prompts x 2
+    through 4 slots (EOS ends, refills, the tail on 2 and 1 slots), slots in different
+    128-position blocks at once. Sampled at temperature 1, not greedy: greedy on the random
+    tiny model falls into loops that never meet an EOS, so every slot would end together."""
+    model, tokenizer = tiny
+    prompts = prompts_of([5, 100, 126, 140, 20, 120, 260, 60], seed=2)  # under, at and past the first block
+    sampling = Sampling(max_new_tokens=40, temperature=1.0, top_p=1.0, batch=4)
+    steps = []
+    made = live_blocks
+    monkeypatch.setattr(rollout, "live_blocks", lambda positions, q_len, window: steps.append(positions.clone()) or made(positions, q_len, window))
+    outs = []
+    for attention in ("flex", "sdpa"):
+        engine = RolloutEngine(model, tokenizer, attention=attention)
+        engine.eos = list(range(0, model.config.vocab_size, 17))  # lengths spread geometrically (mean ~17)
+        torch.manual_seed(2)
+        outs.append(engine.generate_ids(prompts, sampling, n=2))
+    for (c_flex, lp_flex, t_flex), (c, lp, t) in zip(*outs):
+        assert c_flex == c and t_flex == t and torch.allclose(lp_flex, lp, rtol=0, atol=1e-5), (lp_flex - lp).abs().max()
+    blocks = [set((p // KV_WINDOW + 1).tolist()) for p in steps]
+    assert any(len(b) > 1 for b in blocks) and set().union(*blocks) == {1, 2, 3}
+    assert {len(p) for p in steps} == {4, 2, 1}  # refills, then the tail
 
 
 @contextlib.contextmanager
@@ -293,3 +361,23 @@ def test_graphed_decode_on_cuda_matches_the_learner(compile):
         diffs.append((ref - logprobs).abs())
     diffs = torch.cat(diffs)
     assert diffs.mean() < 0.02 and diffs.max() < 0.25, (diffs.mean(), diffs.max())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled decode step replayed as CUDA graphs")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_flex_decode_on_cuda_equals_sdpa(compile, monkeypatch):
+    """The CUDA path with flex (in the compiled layer, graphed; without compile the step falls
+    back to SDPA) against SDPA, in fp32 so that the two kernels agree to rounding: the same
+    greedy tokens and log-probs, across KV windows, refills and the tail, with slots in blocks far apart."""
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cuda", "float32")
+    prompts = prompts_of([7, 300, 40, 600, 130])
+    made, masks = live_blocks, []
+    monkeypatch.setattr(rollout, "live_blocks", lambda *args: masks.append(args) or made(*args))
+    outs = []
+    for attention in ("flex", "sdpa"):
+        engine = RolloutEngine(model, tokenizer, attention=attention)
+        engine.eos = []
+        outs.append(engine.generate_ids(prompts, Sampling(max_new_tokens=300, temperature=0.0, top_p=1.0, batch=3, compile=compile), n=2))
+    assert bool(masks) == compile  # made during warm-up and capture only: replays read the positions in place
+    for (c_flex, lp_flex, _), (c, lp, _) in zip(*outs):
+        assert c_flex == c and torch.allclose(lp_flex, lp, rtol=0, atol=1e-4), (lp_flex - lp).abs().max()
