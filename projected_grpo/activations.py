@@ -113,7 +113,7 @@ def free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    import psutil
+    import psutil  # here, not at the top: GPU images may lack it, and CUDA never needs it
 
     return psutil.virtual_memory().available
 
