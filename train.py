@@ -78,7 +78,7 @@ from tqdm import tqdm
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed, packing
-from projected_grpo.activations import Checkpointing, Policy, decoder_layers, enable_checkpointing, free_bytes, measure
+from projected_grpo.activations import Checkpointing, Policy, checkpoint_first, decoder_layers, enable_checkpointing, free_bytes, measure
 from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
 from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
 from projected_grpo.errors import UserError, check_file, flag, reported
@@ -475,6 +475,19 @@ def backward_parts(model, adapters: dict[str, SVDLinear], rollouts: list[Rollout
 PROBE_SEQUENCES = (512, 512)  # the probe micro-batch that measures the learner's activation bytes per token
 
 
+def probe_batch(vocab_size: int, device: str) -> MicroBatch:
+    """Random token ids in PROBE_SEQUENCES, every position scored (the most a row can keep)."""
+    gen = torch.Generator().manual_seed(0)
+    ids, positions, spans = packing.pack([torch.randint(vocab_size, (n,), generator=gen).tolist() for n in PROBE_SEQUENCES], device)
+    zeros = torch.zeros(1, ids.shape[1] - 1, device=device)
+    return MicroBatch(ids, positions, spans, torch.ones_like(zeros, dtype=torch.bool), zeros, zeros + 1, zeros + 1)
+
+
+def probe_loss(model, b: MicroBatch, cfg: Config) -> Float[Tensor, ""]:
+    """The learner's loss on the probe, KL on (against a stand-in reference)."""
+    return grpo_loss(logprobs(model, b, cfg.sampling.temperature), b.old, torch.zeros_like(b.old), b.adv, b.weight, cfg, 1.0)[0]
+
+
 def learner_checkpointing(model, adapters: dict[str, SVDLinear], cfg: Config) -> Checkpointing:
     """The run's activation checkpointing (cfg.grad_checkpointing). For auto, the learner's
     forward is measured once on a probe of random token ids (every position scored, KL on), as
@@ -484,15 +497,11 @@ def learner_checkpointing(model, adapters: dict[str, SVDLinear], cfg: Config) ->
         fixed = Checkpointing(cfg.grad_checkpointing, layers)
         fixed.apply(model, 0)
         return fixed
-    gen = torch.Generator().manual_seed(0)
-    ids, positions, spans = packing.pack([torch.randint(model.config.vocab_size, (n,), generator=gen).tolist() for n in PROBE_SEQUENCES], cfg.device)
-    t1 = ids.shape[1] - 1
-    zeros = torch.zeros(1, t1, device=cfg.device)
-    b = MicroBatch(ids, positions, spans, torch.ones(1, t1, dtype=torch.bool, device=cfg.device), zeros, zeros + 1, zeros + 1)
+    b = probe_batch(model.config.vocab_size, cfg.device)
     model.train()
-    Checkpointing("never", layers).apply(model, 0)
+    checkpoint_first(model, 0)
     with merged(adapters):
-        cost = measure(model, lambda: grpo_loss(logprobs(model, b, cfg.sampling.temperature), b.old, zeros, b.adv, b.weight, cfg, 1.0)[0], ids.shape[1])
+        cost = measure(model, lambda: probe_loss(model, b, cfg), b.ids.shape[1])
     device = torch.device(cfg.device)
     logger.info(f"learner activations per token: {cost.layer / 1024:.1f} KiB per decoder layer ({cost.kept / 1024:.1f} KiB checkpointed), "
                 f"{cost.rest / 1024:.1f} KiB outside them, largest tensor {cost.largest / 1024:.1f} KiB")

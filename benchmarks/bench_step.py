@@ -55,12 +55,13 @@ import tyro
 
 from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
-from projected_grpo.activations import Checkpointing, decoder_layers, enable_checkpointing
+from projected_grpo import packing
+from projected_grpo.activations import Checkpointing, checkpoint_first, decoder_layers, enable_checkpointing
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, reference_mode, wrap_svd
-from train import PRESETS, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, micro_batches, step
+from train import PRESETS, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, step
 
 
 @dataclass
@@ -343,9 +344,10 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
         seconds = timed(run)  # one untimed pass first: each path's first kernels are picked there
         grads[path] = {name: a.delta_S.grad.clone() for name, a in adapters.items()}  # of both passes, alike for both paths
         out |= {f"{path}_tok_s": tokens / seconds, f"{path}_peak_gib": peak_gib()}
-    Checkpointing("never", len(decoder_layers(model))).apply(model, 0)
-    # what it picks for each micro-batch with the memory free now (as free as during the pass: its graph is gone)
-    out["checkpointed_layers"] = [checkpointing.layers_for(len(b.ids[0])) for b in micro_batches(rollouts, cfg)]
+    checkpoint_first(model, 0)
+    # what it picks for each micro-batch's row with the memory free now (as free as during the pass: its graph is gone)
+    lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
+    out["checkpointed_layers"] = [checkpointing.layers_for(sum(lengths[i] for i in row)) for row in packing.plan(lengths, cfg.learner_tokens)]
     out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
     out["max_rel_grad_diff"] = max(((grads["packed"][k] - grads["padded"][k]).abs().max() / grads["padded"][k].abs().max().clamp_min(1e-30)).item() for k in grads["padded"])
     for a in adapters.values():

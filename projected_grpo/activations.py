@@ -62,7 +62,14 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    Checkpointing("never", len(decoder_layers(model))).apply(model, 0)
+    checkpoint_first(model, 0)
+
+
+def checkpoint_first(model: nn.Module, k: int) -> None:
+    """The first k decoder layers recompute their activations in backward, the others keep them
+    (each needs the function `enable_checkpointing` gave it)."""
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.gradient_checkpointing = i < k
 
 
 def measure(model: nn.Module, forward: Callable[[], Tensor], tokens: int) -> ActivationBytes:
@@ -145,6 +152,5 @@ class Checkpointing:
     def apply(self, model: nn.Module, tokens: int) -> int:
         """Set the first k decoder layers of `model` to checkpoint (the others not) for a micro-batch of `tokens`; returns k."""
         k = self.layers_for(tokens)
-        for i, layer in enumerate(decoder_layers(model)):
-            layer.gradient_checkpointing = i < k
+        checkpoint_first(model, k)
         return k

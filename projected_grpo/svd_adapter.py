@@ -233,15 +233,20 @@ def split_svds(Ws: Float[Tensor, "n d_out d_in"]) -> list[tuple[Tensor, Tensor, 
             for i in range(len(Ws))]
 
 
-def cached_svd(W: Tensor, cache_dir: Path, save: Callable[[dict[str, Tensor], Path], object] | None = None) -> tuple[Tensor, Tensor, Tensor, str]:
-    """SVD of W from `cache_dir` if a valid entry exists, else computed and saved (by `save`,
-    default `save_svd` right away). Returns U and Vh in W's dtype, S in fp32, on W's
-    device, and the weight's key."""
+def svd_entry(W: Tensor, cache_dir: Path) -> tuple[str, Path]:
+    """The weight's key and the cache file its SVD lives in."""
     key = weight_key(W)
-    path = cache_dir / f"{key}.safetensors"
+    return key, cache_dir / f"{key}.safetensors"
+
+
+def cached_svd(W: Tensor, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, str]:
+    """SVD of one weight from `cache_dir` if a valid entry exists, else computed and saved
+    (wrap_svd does the same for a whole model, the misses batched). Returns U and Vh in W's
+    dtype, S in fp32, on W's device, and the weight's key."""
+    key, path = svd_entry(W, cache_dir)
     found = load_svd(W, path)
     if found is None:
-        (found,) = computed_svds([(W, path)], save or save_svd)
+        (found,) = computed_svds([(W, path)], save_svd)
     return *found, key
 
 
@@ -280,8 +285,9 @@ def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: 
     if not names:
         raise ValueError(f"no nn.Linear in the model matches targets {list(targets)}")
     bases = {name: model.get_submodule(name) for name in names}
-    keys = {name: weight_key(base.weight) for name, base in bases.items()}
-    paths = {name: cache_dir / f"{key}.safetensors" for name, key in keys.items()}
+    keys, paths = {}, {}
+    for name, base in bases.items():
+        keys[name], paths[name] = svd_entry(base.weight, cache_dir)
     svds = {name: load_svd(bases[name].weight, paths[name]) for name in tqdm(names, desc="svd cache", leave=False)}
     missing = [name for name, svd in svds.items() if svd is None]
     with background_saves() as save:

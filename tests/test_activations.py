@@ -6,11 +6,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from projected_grpo.activations import ActivationBytes, Checkpointing, decoder_layers, enable_checkpointing
+from projected_grpo.activations import ActivationBytes, Checkpointing, checkpoint_first, decoder_layers, enable_checkpointing
 from projected_grpo.models import load_model
-from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, merged, wrap_svd
 from test_packing import rollouts
-from train import PRESETS, backward_parts, learner_checkpointing, micro_batches
+from train import PRESETS, backward_parts, learner_checkpointing, micro_batches, probe_batch, probe_loss
 
 COST = ActivationBytes(layer=100.0, kept=10.0, rest=50.0, largest=20.0)  # bytes per token
 
@@ -91,7 +91,7 @@ def test_apply_flags_the_first_k_layers(tiny):
     c = Checkpointing("auto", n, COST, lambda: (COST.need(1000, n, 1) + 1) / 0.85)
     assert c.apply(model, 1000) == 1
     assert [layer.gradient_checkpointing for layer in decoder_layers(model)] == [True] + [False] * (n - 1)
-    Checkpointing("never", n).apply(model, 0)
+    checkpoint_first(model, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the caching allocator's counters are the yardstick")
@@ -102,20 +102,14 @@ def test_measured_bytes_match_the_allocator_on_cuda(tmp_path):
     adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path)
     cfg = replace(PRESETS["smoke"][1], device="cuda", grad_checkpointing="auto")
     c = learner_checkpointing(model, adapters, cfg)
-    from projected_grpo import packing
-    from train import MicroBatch, grpo_loss, logprobs
-    from projected_grpo.svd_adapter import merged
-
-    ids, positions, spans = packing.pack([list(range(1, 1025))] * 2, "cuda")
-    t1 = ids.shape[1] - 1
-    zeros = torch.zeros(1, t1, device="cuda")
-    b = MicroBatch(ids, positions, spans, torch.ones(1, t1, dtype=torch.bool, device="cuda"), zeros, zeros + 1, zeros + 1)
+    b = probe_batch(model.config.vocab_size, "cuda")
     with merged(adapters):
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
-        loss = grpo_loss(logprobs(model, b, 0.7), b.old, zeros, b.adv, b.weight, cfg, 1.0)[0]
+        loss = probe_loss(model, b, cfg)
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - start
         del loss
-    predicted = c.cost.need(ids.shape[1], c.n_layers, 0) - 2 * ids.shape[1] * c.cost.largest
+    tokens = b.ids.shape[1]
+    predicted = c.cost.need(tokens, c.n_layers, 0) - 2 * tokens * c.cost.largest
     assert 0.8 * held <= predicted <= 1.25 * held, (predicted, held)
