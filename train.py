@@ -19,9 +19,11 @@ against the empirical null (random bases of v_hack's axis counts) -> the arm's p
 label-shuffled twin; vanilla: none) -> grad clip ->
 AdamW (-> with --project-update, the same gate on the change AdamW makes) -> LR schedule
 (-> with --v-hack-refresh N, v_hack re-extracted on the current model every N steps).
-In code, `step(state, batch)` is that step, phase by phase (collect_rollouts, learn,
-apply_arm, update, refresh_v_hack, each timed, then record); `main` starts a `RunState`,
+In code, `step(state, batch)` is that step, phase by phase (collect_rollouts, grade_groups,
+learn, apply_arm, update, refresh_v_hack, each timed, then record); `main` starts a `RunState`,
 calls `step` once per batch and keeps each row (projected_grpo/metrics.py: what a row holds).
+With --one-step-off, the step starts sampling the next batch (`sample_ahead`, a background
+thread on a snapshot of the weights) before it grades and learns on its own.
 
 Over many GPUs (torchrun, projected_grpo/distributed.py) each rank samples, grades and
 backprops its share of the step's prompts, with the whole step's denominator; g_s and g are
@@ -39,7 +41,9 @@ How this GRPO differs from the textbook one:
 3. One optimizer step per batch of rollouts. The PPO ratio is taken against the
    per-token log-probabilities recorded while sampling, so it is 1 up to sampler/learner
    numerics (both run on the same merged weights; the engine's kernels and the learner's
-   differ in rounding) and the clip only guards that.
+   differ in rounding) and the clip only guards that. With --one-step-off the sampler is one
+   update behind instead: the ratio is taken against the step's own policy (1 in value) and
+   each token weighted by the truncated importance ratio to the sampler (`grpo_loss`).
    Sampler, learner and reference all score logits / sampling temperature: the gradient
    is that of the policy that sampled, except for top_p's nucleus cut, which is ignored
    (as TRL and verl do).
@@ -78,18 +82,19 @@ from tqdm import tqdm
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed, packing
+from projected_grpo.ahead import Ahead
 from projected_grpo.activations import Checkpointing, Policy, checkpoint_first, decoder_layers, enable_checkpointing, free_bytes, measure
 from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
 from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
 from projected_grpo.errors import UserError, check_file, flag, reported
 from projected_grpo.eval import EvalConfig, evaluate
 from projected_grpo.metrics import (
-    DistMetrics, HackwardMetrics, LossMetrics, MemoryMetrics, RankReport, RolloutMetrics, RolloutSummary, StepRecord, TimeMetrics, Timer,
-    VHackMetrics, summary_table, table_header, table_row, write_summary,
+    DistMetrics, HackwardMetrics, LossMetrics, MemoryMetrics, OffPolicyMetrics, RankReport, RolloutMetrics, RolloutSummary, StepRecord, TimeMetrics,
+    Timer, VHackMetrics, summary_table, table_header, table_row, write_summary,
 )
 from projected_grpo.models import completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
 from projected_grpo.paths import DATA, OUT
-from projected_grpo.rollout import RolloutEngine, Sampling
+from projected_grpo.rollout import LayerWeights, RolloutEngine, Sampling
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, delta_grads, delta_state, merged, reference_mode, wrap_svd
 from projected_grpo.teacher_pool import PoolConfig, build_pool, default_pool_path, teacher_pool
 from projected_grpo.tracking import ReportTo, missing_package, tracker
@@ -145,6 +150,8 @@ class Config:
     """Frozen teacher pool JSONL from `just build-pool`; None = derived from the teacher source and hint."""
     sampling: Sampling = Sampling()
     """Student sampling."""
+    one_step_off: bool = False
+    """Sample step t+1's rollouts while step t grades and learns (a background thread; on CUDA its own stream), from a copy of the weights taken before step t's update: one update stale, corrected by truncated importance sampling (grpo_loss). Step 1 and the first step after a resume sample on time. The copy costs the adapted projections' weights once more (~7 GB for Qwen3-4B in bf16)."""
 
     # Loss
     advantage: Literal["dr_grpo", "grpo"] = "dr_grpo"
@@ -348,18 +355,27 @@ def group_advantages(rewards: Float[Tensor, "g n"], kind: str) -> Float[Tensor, 
     return adv / (rewards.std(dim=1, keepdim=True) + 1e-6) if kind == "grpo" else adv
 
 
+# Truncated importance sampling's cap on the learner/sampler ratio (--one-step-off): TRL's
+# vllm_importance_sampling_cap default when it introduced the correction (later releases: 3).
+TIS_CAP = 2.0
+
+
 def grpo_loss(
     logp: Float[Tensor, "b t"], sampler_logp: Float[Tensor, "b t"], ref_logp: Float[Tensor, "b t"] | None, adv: Float[Tensor, "b t"],
     weight: Float[Tensor, "b t"], cfg: Config, denominator: float,
-) -> tuple[Float[Tensor, ""], Float[Tensor, "b t"], Float[Tensor, "b t"]]:
+) -> tuple[Float[Tensor, ""], Float[Tensor, "b t"], Float[Tensor, "b t"], Float[Tensor, "b t"]]:
     """The GRPO loss of one micro-batch, as its share of the step's loss. Every log-prob is of
     logits / sampling temperature (the policy that sampled, top_p ignored); adv is each token's
     rollout's advantage:
 
         old    = sampler log-prob (student rows); logp, detached (teacher rows: NaN; ratio 1,
-                 no importance correction: teacher text is scored as if sampled now)
+                 no importance correction: teacher text is scored as if sampled now). With
+                 --one-step-off logp, detached, on every row: the step's own policy is the
+                 proximal one, the ratio is 1 in value and the clip never acts
         ratio  = exp(logp - old)
-        pg     = -min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+        w      = 1; with --one-step-off, on student rows, min(exp(logp - sampler), TIS_CAP),
+                 detached: truncated importance sampling for a sampler one update behind
+        pg     = -w * min(ratio * A, clip(ratio, 1 - clip_eps, 1 + clip_eps) * A)
         kl     = exp(ref - logp) - (ref - logp) - 1                   (k3; 0 without a reference)
         loss   = sum over tokens of weight * (pg + kl_beta * kl) / denominator
         weight = 1 on completion tokens (constant), or 1 / its sequence's completion tokens
@@ -367,7 +383,11 @@ def grpo_loss(
 
     with denominator = every rollout of the step, on every rank (x max_new_tokens for
     `constant`), so a token weighs the same whatever else the step held and the ranks' losses
-    sum to the one-process loss. Returns loss, k3 and clipped per token.
+    sum to the one-process loss. Returns loss, and per token k3, clipped and w.
+
+    With a sampler that is the step's own policy (no staleness, the same numerics), both forms
+    have the same loss and gradient, w * A * d logp, while no ratio leaves the clip range and
+    w stays under the cap: --one-step-off changes what corrects staleness, not the objective.
 
     Teacher tokens are regularised too: the kl term covers every completion token. On teacher
     text k3 is no estimate of KL(policy || reference) (that is an expectation over the policy's
@@ -375,12 +395,18 @@ def grpo_loss(
     log-probs of the teacher's tokens near the reference's, a brake on how fast teacher text is
     imitated. The logged loss/kl is over student tokens only, the on-policy estimate. The
     headline preset `full` has no teacher rollouts (teacher_mix 0), so H1 does not depend on it."""
-    old = torch.where(torch.isnan(sampler_logp), logp.detach(), sampler_logp)
+    student = ~torch.isnan(sampler_logp)
+    if cfg.one_step_off:
+        old = logp.detach()
+        w = torch.where(student, torch.exp(logp.detach() - sampler_logp).clamp(max=TIS_CAP), 1.0)
+    else:
+        old = torch.where(student, sampler_logp, logp.detach())
+        w = torch.ones_like(logp)
     ratio = torch.exp(logp - old)
     clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
-    pg = -torch.min(ratio * adv, clipped * adv)
+    pg = -w * torch.min(ratio * adv, clipped * adv)
     kl = torch.zeros_like(logp) if ref_logp is None else torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
-    return ((pg + cfg.kl_beta * kl) * weight).sum() / denominator, kl, (ratio != clipped).float()
+    return ((pg + cfg.kl_beta * kl) * weight).sum() / denominator, kl, (ratio != clipped).float(), w
 
 
 # ----------------------------------------------------------------------------
@@ -429,24 +455,25 @@ def logprobs(model, b: MicroBatch, temperature: float) -> Float[Tensor, "1 t1"]:
     return completion_logprobs(model, b.ids, torch.ones_like(b.ids), b.mask, temperature, b.positions, b.spans)
 
 
-SUMS = ("loss", "kl", "clipped", "logp_gap", "student_tokens")  # backward_parts' sums, in this order
+SUMS = ("loss", "kl", "clipped", "logp_gap", "student_tokens", "is_weight", "is_capped")  # backward_parts' sums, in this order
 
 
 def backward_micro_batches(model, batches: list[MicroBatch], refs: list[Tensor | None], cfg: Config, denominator: float,
-                           checkpointing: Checkpointing) -> Float[Tensor, " 5"]:
+                           checkpointing: Checkpointing) -> Float[Tensor, " sums"]:
     """Accumulate the gradient of these micro-batches' share of the step loss, each with the
     decoder layers `checkpointing` picks for its tokens; return the SUMS as one device tensor
-    (kl, clipping and the sampler-learner gap |logp - old| over student tokens only: on teacher
-    tokens the ratio is 1 by construction)."""
+    (kl, clipping, the sampler-learner gap |logp - sampler| and the importance weights over
+    student tokens only: on teacher tokens the ratio is 1 by construction)."""
     sums = torch.zeros(len(SUMS), device=cfg.device)
     for b, ref in zip(batches, refs):
         checkpointing.apply(model, b.ids.shape[1])
         logp = logprobs(model, b, cfg.sampling.temperature)
-        loss, kl, clipped = grpo_loss(logp, b.old, ref, b.adv, b.weight, cfg, denominator)
+        loss, kl, clipped, w = grpo_loss(logp, b.old, ref, b.adv, b.weight, cfg, denominator)
         loss.backward()
         with torch.no_grad():
             s = b.student
-            sums += torch.stack([loss, (kl * s).sum(), (clipped * s).sum(), ((logp - b.old).abs() * s).nan_to_num().sum(), s.sum()])
+            sums += torch.stack([loss, (kl * s).sum(), (clipped * s).sum(), ((logp - b.old).abs() * s).nan_to_num().sum(), s.sum(),
+                                 (w * s).sum(), ((w >= TIS_CAP) * s).sum()])
     return sums
 
 
@@ -558,10 +585,11 @@ class Batch:
     seed and step) are the same on every rank; each rank takes its share."""
 
     step: int
+    drawn: list[int]  # the step's problems (every rank's) as indices into the problem set: what it took from the prompt order
     problems: list[Problem]  # this rank's share of the step's prompts
     picks: list[list[int]]  # per problem, the teacher pool entries its group takes
     rollouts: int  # the whole step's rollouts, every rank's: the loss's denominator counts them
-    groups: list[list[Rollout]] | None = None  # this rank's rollouts if sampled ahead of the step (`sample`); None: the step samples them
+    ahead: "Ahead[list[list[Rollout]]] | None" = None  # this rank's groups being sampled ahead of the step (`sample_ahead`); None: the step samples them
 
 
 @dataclass
@@ -588,6 +616,7 @@ class RunState:
     order: list[int]  # problem indices still to visit in the current shuffled epoch
     rows: list[dict]  # the log rows so far
     step: int = 0  # optimizer steps taken
+    pending: Batch | None = None  # the next step's batch, drawn and being sampled ahead (--one-step-off)
     grads: dict[str, dict[str, Tensor]] | None = None  # the last step's g_s and g_t, as a checkpoint keeps them
     seconds: dict[str, float] | None = None  # the last step's seconds per phase (Timer); the record logs some, the benchmark reads all
 
@@ -629,17 +658,29 @@ class RunState:
                    optimizer, scheduler, prompt_gen, order, rows, taken)
 
     def next_batch(self) -> Batch:
-        """The prompts of the step after the last one taken: a walk through shuffled epochs of the
+        """The batch of the step after the last one taken: the one being sampled ahead, if any,
+        else one drawn now."""
+        batch, self.pending = self.pending, None
+        return batch or self.draw_batch(self.step + 1)
+
+    def draw_batch(self, index: int) -> Batch:
+        """The prompts of step `index`, the next ones of a walk through shuffled epochs of the
         problem set (advancing the prompt order), with the teacher picks of that step."""
-        cfg, index = self.cfg, self.step + 1
+        cfg = self.cfg
         n_student, n_teacher = split_group(cfg)
         while len(self.order) < cfg.prompts_per_step:
             self.order += torch.randperm(len(self.problems), generator=self.prompt_gen).tolist()
-        problems, self.order = [self.problems[i] for i in self.order[: cfg.prompts_per_step]], self.order[cfg.prompts_per_step :]
+        drawn, self.order = self.order[: cfg.prompts_per_step], self.order[cfg.prompts_per_step :]
+        problems = [self.problems[i] for i in drawn]
         picker = torch.Generator().manual_seed(stream_seed(cfg.seed, "teacher", index))
         picks = [torch.randint(len(self.pool[p.id]), (n_teacher,), generator=picker).tolist() if p.id in self.pool else [] for p in problems]
         mine = distributed.share(cfg.prompts_per_step, "--prompts-per-step")
-        return Batch(index, problems[mine], picks[mine], sum(n_student + len(pk) for pk in picks))
+        return Batch(index, drawn, problems[mine], picks[mine], sum(n_student + len(pk) for pk in picks))
+
+    def prompt_order(self) -> list[int]:
+        """The problems still to visit as of the last step taken, as a checkpoint keeps them: a
+        batch drawn ahead is put back in front (a resume samples it again, on time)."""
+        return (self.pending.drawn if self.pending else []) + self.order
 
 
 def warn_overlaps(cfg: Config, problems: list[Problem], pairs: list[Pair], pool: dict[int, list]) -> None:
@@ -659,7 +700,8 @@ def warn_overlaps(cfg: Config, problems: list[Problem], pairs: list[Pair], pool:
 
 
 # ----------------------------------------------------------------------------
-# One step: collect rollouts -> learn -> apply the arm -> update (-> refresh v_hack) -> record
+# One step: collect rollouts (-> sample the next batch ahead) -> grade -> learn -> apply the arm ->
+# update (-> refresh v_hack) -> record
 
 
 def step(state: RunState, batch: Batch) -> StepRecord:
@@ -671,6 +713,10 @@ def step(state: RunState, batch: Batch) -> StepRecord:
         torch.cuda.reset_peak_memory_stats()
     with Timer(seconds, "step"):
         groups = collect_rollouts(state, batch)
+        if state.cfg.one_step_off and batch.step < state.cfg.steps:
+            state.pending = sample_ahead(state, batch.step + 1)
+        with Timer(seconds, "grade"):
+            grade_groups(state, groups)
         grads = learn(state, groups, batch.rollouts)
         with Timer(seconds, "arm"):
             measured = apply_arm(state, grads)
@@ -682,14 +728,21 @@ def step(state: RunState, batch: Batch) -> StepRecord:
     return record(state, grads, measured | moved, change, grad_norm, vhack)
 
 
-def sample(state: RunState, batch: Batch) -> list[list[Rollout]]:
+def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = None) -> list[list[Rollout]]:
     """This rank's groups of the batch, ungraded: student rollouts from this rank's stream of
-    the step, delta_S folded into the weights, then teacher rollouts from the pool."""
+    the step, delta_S folded into the weights (or from `snapshot`, weights merged earlier),
+    then teacher rollouts from the pool."""
     cfg, engine = state.cfg, state.engine
     n_student, _ = split_group(cfg)
+    prompts = [render_prompt(state.tokenizer, p, cfg.hint) for p in batch.problems]
+    # The global generators: the only random draws while a step runs are the sampler's (the
+    # rest take generators of their own), so a sampler on another thread draws what it would here.
     torch.manual_seed(stream_seed(cfg.seed, "sampling", distributed.rank(), batch.step))
-    with merged(state.adapters):
-        samples = engine.generate([render_prompt(state.tokenizer, p, cfg.hint) for p in batch.problems], cfg.sampling, n=n_student)
+    if snapshot is None:
+        with merged(state.adapters):
+            samples = engine.generate(prompts, cfg.sampling, n=n_student)
+    else:
+        samples = engine.generate(prompts, cfg.sampling, n=n_student, snapshot=snapshot)
     groups = []
     for gi, (p, pk) in enumerate(zip(batch.problems, batch.picks)):
         group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
@@ -699,23 +752,37 @@ def sample(state: RunState, batch: Batch) -> list[list[Rollout]]:
     return groups
 
 
+def sample_ahead(state: RunState, index: int) -> Batch:
+    """Step `index`'s batch, drawn now, its rollouts sampling on a background thread while this
+    step grades and learns (--one-step-off): from a snapshot of the weights with delta_S as it
+    is before this step's update, taken here, so that the learner may merge and unmerge the
+    model's own weights meanwhile. When step `index` learns on them they are one update old."""
+    batch = state.draw_batch(index)
+    with merged(state.adapters):
+        snapshot = state.engine.layer_weights(snapshot=True)
+    batch.ahead = Ahead(state.cfg.device, sample, state, batch, snapshot)
+    return batch
+
+
 def collect_rollouts(state: RunState, batch: Batch) -> list[list[Rollout]]:
-    """This rank's groups, sampled now (timed: gen) unless the batch brings them, then graded
-    (teacher grades are frozen in the pool), rewarded and given their group advantages."""
-    groups, cfg = batch.groups, state.cfg
-    if groups is None:
-        with Timer(state.seconds, "gen"):
-            groups = sample(state, batch)
-    with Timer(state.seconds, "grade"):
-        sampled = [r for g in groups for r in g if not r.teacher]
-        for r, grade in zip(sampled, state.grader.grade([r.problem for r in sampled], [r.text for r in sampled])):
-            r.grade = grade
-        for g in groups:
-            for r in g:
-                r.reward = cfg.reward.reward(r.grade.compiles, r.grade.gt_pass, r.grade.hinted_pass)
-            for r, a in zip(g, group_advantages(torch.tensor([[r.reward for r in g]]), cfg.advantage)[0].tolist()):
-                r.advantage = a
-    return groups
+    """This rank's groups, ungraded: sampled now, or, sampled ahead, waited for (timed: gen, the
+    sampling or the wait)."""
+    with Timer(state.seconds, "gen"):
+        return batch.ahead.result() if batch.ahead else sample(state, batch)
+
+
+def grade_groups(state: RunState, groups: list[list[Rollout]]) -> None:
+    """The student rollouts graded (teacher grades are frozen in the pool), every rollout
+    rewarded and given its group advantage, in place."""
+    cfg = state.cfg
+    sampled = [r for g in groups for r in g if not r.teacher]
+    for r, grade in zip(sampled, state.grader.grade([r.problem for r in sampled], [r.text for r in sampled])):
+        r.grade = grade
+    for g in groups:
+        for r in g:
+            r.reward = cfg.reward.reward(r.grade.compiles, r.grade.gt_pass, r.grade.hinted_pass)
+        for r, a in zip(g, group_advantages(torch.tensor([[r.reward for r in g]]), cfg.advantage)[0].tolist()):
+            r.advantage = a
 
 
 @dataclass
@@ -752,7 +819,7 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
         a.delta_S.grad = t
     g_t = {n: g[n] - g_s[n] for n in g}
     mine = RankReport([[RolloutSummary(r.teacher, r.reward, r.grade, r.truncated, len(r.completion_ids)) for r in grp] for grp in groups],
-                      sums, seconds.get("gen", 0.0), seconds["learn"], seconds["allreduce"],
+                      sums, seconds["gen"], seconds["learn"], seconds["allreduce"],
                       torch.cuda.max_memory_allocated() / 2**30 if cfg.device.startswith("cuda") else None)
     reports = distributed.gather_objects(mine)  # what the record and the decisions below need from every rank, in batch order
     live_everywhere = [grp for report in reports for grp in report.groups if len({o.reward for o in grp}) > 1]
@@ -836,7 +903,7 @@ def record(state: RunState, grads: Gradients, hackward: dict, change: dict[str, 
         step=state.step, rollout=RolloutMetrics.of(groups), loss=LossMetrics.of(grads.reports, grad_norm, state.scheduler.get_last_lr()[0]),
         hackward=HackwardMetrics(**hackward, null_iso=measure.null, upd=upd), vhack=vhack,
         time=TimeMetrics.of(grads.reports, students, state.seconds["step"]), memory=MemoryMetrics([r.peak_gib for r in grads.reports]),
-        dist=DistMetrics(distributed.world_size()),
+        dist=DistMetrics(distributed.world_size()), off_policy=OffPolicyMetrics.of(grads.reports) if state.cfg.one_step_off else None,
     )
 
 
@@ -862,7 +929,7 @@ def main(cfg: Config) -> Path:
             main_rank = distributed.is_main()
             if main_rank:  # the log holds exactly the checkpointed rows: steps after the checkpoint are redone
                 (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.rows))
-                console(run_dir, table_header())
+                console(run_dir, table_header(off_policy=cfg.one_step_off))
             saved = json.loads((run_dir / "config.json").read_text()) if main_rank else {}
             with tracker(cfg.report_to if main_rank else "none", run_dir, saved, state.step + 1) as track, \
                     tqdm(total=cfg.steps, initial=state.step, desc="steps", unit="step", disable=not main_rank) as bar:
@@ -980,10 +1047,10 @@ def keep(state: RunState, record: StepRecord, track) -> None:
         return
     with (state.run_dir / "log.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    console(state.run_dir, table_row(row))
-    track(row)
+    console(state.run_dir, table_row(record.tracked()))
+    track(record.tracked())
     if record.step % cfg.checkpoint_every == 0 or record.step == cfg.steps:
-        save_checkpoint(state.run_dir, record.step, state.adapters, state.optimizer, state.scheduler, state.prompt_gen, state.order, state.rows,
+        save_checkpoint(state.run_dir, record.step, state.adapters, state.optimizer, state.scheduler, state.prompt_gen, state.prompt_order(), state.rows,
                         state.dtype, {"v_hack": state.bases.v_hack, "arm": state.bases.arm_basis or {}}, state.grads)
 
 

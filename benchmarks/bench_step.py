@@ -378,10 +378,10 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     v_cache = [torch.randn_like(k) for k in k_cache]
     tokens = torch.randint(1000, 100000, (b,), device=device)
     positions = torch.full((b,), window - KV_WINDOW // 2, device=device)
-    fused = engine.fused_weights()
+    weights = engine.layer_weights()
 
     def step() -> None:
-        logits = engine.decode(tokens, positions, k_cache, v_cache, window, fused)
+        logits = engine.decode(tokens, positions, k_cache, v_cache, window, weights)
         draw(logits, sampling["temperature"], sampling["top_p"], DRAW_ROUNDS)
 
     steps = 5
@@ -404,7 +404,7 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for name, ms, calls in kernels[:12]:
         print(f"{ms:>8.3f} {calls:>6}  {name[:100]}")
-    del k_cache, v_cache, fused
+    del k_cache, v_cache, weights
     return {"batch": b, "window": window, "kernel_ms": total, "engine_step_ms": step_ms, "by_kind_ms": by_kind,
             "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
 

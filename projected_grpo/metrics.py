@@ -12,6 +12,10 @@ projected_grpo/results.py and the benchmarks take their keys from here.
 Guarantees:
 - `StepRecord.row()` is a line of log.jsonl: `step` first, then each group's keys in field
   order, NaN written as null (JSON has no NaN). The keys are those docs/spec.md preregisters.
+- A --one-step-off run's importance weights (`OffPolicyMetrics`, loss/is_ratio_mean and
+  loss/is_clipped) go beside the row, never into it: to the tracker and the console table
+  (`StepRecord.tracked()`, `table_header(off_policy=True)`), so that log.jsonl keeps one set
+  of keys whatever the flags.
 - Every rank builds the same record: each group is computed from what every rank reported
   (`RankReport`, gathered) or from the all-reduced gradients.
 """
@@ -217,7 +221,7 @@ class TimeMetrics:
     """time/: seconds of the step and its phases."""
 
     gen: float
-    """Seconds of sampling the student rollouts (and picking the teachers'), the slowest rank's: the step waits for it."""
+    """Seconds of sampling the student rollouts (and picking the teachers'), the slowest rank's: the step waits for it. With --one-step-off, the seconds the step waited for the rollouts sampled ahead."""
     rollouts_per_s: float
     """Student rollouts of the whole step per second of the step."""
     step: float = field(metadata=column("sec", 6, ".1f"))
@@ -252,8 +256,25 @@ class DistMetrics:
 
 
 @dataclass(frozen=True)
+class OffPolicyMetrics:
+    """loss/ keys of a --one-step-off run, beside the row (module docstring): the truncated
+    importance weights w = min(pi_learner / pi_sampler, TIS_CAP) of the student tokens (train.grpo_loss)."""
+
+    is_ratio_mean: float = field(metadata=column("is_w", 6, ".3f"))
+    """Mean w over the student tokens of live groups (1 where the sampler is the learner's own policy); null without any."""
+    is_clipped: float = field(metadata=column("is_cap", 6, ".3f"))
+    """Fraction of those tokens whose ratio reached the cap; null without any."""
+
+    @classmethod
+    def of(cls, reports: list[RankReport]) -> "OffPolicyMetrics":
+        sums = {k: sum(r.sums[k] for r in reports) for k in ("is_weight", "is_capped", "student_tokens")}
+        tokens = sums["student_tokens"] or float("nan")
+        return cls(is_ratio_mean=sums["is_weight"] / tokens, is_clipped=sums["is_capped"] / tokens)
+
+
+@dataclass(frozen=True)
 class StepRecord:
-    """Everything one step records: log.jsonl's row is `row()`."""
+    """Everything one step records: log.jsonl's row is `row()`; the tracker's, `tracked()`."""
 
     step: int = field(metadata=column("step", 5, "d"))
     """Optimizer step, from 1."""
@@ -264,17 +285,27 @@ class StepRecord:
     time: TimeMetrics
     memory: MemoryMetrics
     dist: DistMetrics
+    off_policy: OffPolicyMetrics | None = None  # --one-step-off only; beside the row, not in it
 
     def row(self) -> dict:
         """The log row: `step`, then `<group>/<field>` for every group's fields, NaN as None."""
-        row = {"step": self.step} | {f"{g.name}/{f.name}": getattr(getattr(self, g.name), f.name) for g in GROUPS for f in fields(g.type)}
-        return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        return null_nans({"step": self.step} | {f"{g.name}/{f.name}": getattr(getattr(self, g.name), f.name) for g in GROUPS for f in fields(g.type)})
+
+    def tracked(self) -> dict:
+        """The row and, with --one-step-off, the OFF_POLICY_KEYS (NaN as None too): what the tracker and the console get."""
+        extra = {key: getattr(self.off_policy, f.name) for key, f in zip(OFF_POLICY_KEYS, fields(OffPolicyMetrics))} if self.off_policy else {}
+        return self.row() | null_nans(extra)
+
+
+def null_nans(row: dict) -> dict:
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 # ----------------------------------------------------------------------------
 # The keys and their docstrings, derived from the record
 
-GROUPS = fields(StepRecord)[1:]  # the key groups, in row order (the first field is `step`)
+GROUPS = [f for f in fields(StepRecord)[1:] if f.name != "off_policy"]  # the row's key groups, in row order (the first field is `step`)
+OFF_POLICY_KEYS = tuple(f"loss/{f.name}" for f in fields(OffPolicyMetrics))
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -299,18 +330,21 @@ def contract() -> list[tuple[str, Mapping, str]]:
 ROW_KEYS = tuple(key for key, _, _ in contract())  # every key of a log row, in order
 KEY = SimpleNamespace(**{g.name: SimpleNamespace(**{f.name: f"{g.name}/{f.name}" for f in fields(g.type)}) for g in GROUPS})
 COLUMNS = [(key, *meta["column"]) for key, meta, _ in contract() if "column" in meta]  # (key, header, width, format)
+OFF_POLICY_COLUMNS = [(key, *f.metadata["column"]) for key, f in zip(OFF_POLICY_KEYS, fields(OffPolicyMetrics))]
 SUMMARY_KEYS = (
     KEY.rollout.reward, KEY.rollout.hack_s, KEY.rollout.hack_t, KEY.rollout.gt_s, KEY.rollout.gt_t, KEY.rollout.oracle_s, KEY.hackward.cin_s,
     KEY.hackward.cin_t, KEY.hackward.null_s_mean, KEY.hackward.null_s_p95, KEY.hackward.cin, KEY.hackward.cout, KEY.hackward.upd, KEY.hackward.disp_frac,
 )
 
 
-def table_header() -> str:
-    return " ".join(f"{h:>{w}}" for _, h, w, _ in COLUMNS)
+def table_header(off_policy: bool = False) -> str:
+    return " ".join(f"{h:>{w}}" for _, h, w, _ in COLUMNS + (OFF_POLICY_COLUMNS if off_policy else []))
 
 
 def table_row(row: dict) -> str:
-    return " ".join(f"{'-':>{w}}" if row[key] is None else f"{row[key]:>{w}{fmt}}" for key, _, w, fmt in COLUMNS)
+    """A row (or `tracked()`, whose off-policy keys get their columns) as a line of the console table."""
+    columns = COLUMNS + [c for c in OFF_POLICY_COLUMNS if c[0] in row]
+    return " ".join(f"{'-':>{w}}" if row[key] is None else f"{row[key]:>{w}{fmt}}" for key, _, w, fmt in columns)
 
 
 def readme_table() -> str:

@@ -13,6 +13,11 @@ two fused projections:
   stored, so the fused matmul computes the same dot products (rounding may differ with the
   kernel); a group with any other module (an unmerged adapter with its delta on: eval of
   unmerged adapters) runs its modules as they are.
+- Snapshots: `layer_weights(snapshot=True)` copies every projection (Q/K/V and gate/up
+  stacked, o and down cloned); a generate call given it reads no weight of the model's, so
+  another thread may merge and unmerge the model's weights meanwhile (one-step-off training
+  samples the next step while this one learns). The engine never changes the model's
+  train/eval mode either: no module it runs depends on it (no dropout: its own attention).
 - KV cache: `batch` slots of (longest prompt + max_new_tokens) positions, head-major
   ([slot, K/V head, position, dim]: a window is one strided block per head), one sequence
   per slot at its own length (no padding). Attention is grouped-query on the K/V heads as
@@ -52,7 +57,7 @@ full attention in every layer.
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -72,7 +77,17 @@ PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activati
 RECOMPILE_LIMIT = 64
 DRAW_ROUNDS = 2  # exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are redrawn
 # (weight, bias) of projections concatenated on the output axis: one matmul computes them all.
-Stacked = tuple[Float[Tensor, "_out d_in"], Float[Tensor, " _out"] | None]
+Stacked = tuple[Float[Tensor, "_out _in"], Float[Tensor, " _out"] | None]  # "_": each projection its own sizes
+
+
+class LayerWeights(NamedTuple):
+    """A decoder layer's projections as the engine computes them: each a (weight, bias) that one
+    F.linear applies, or None where the layer's own module runs."""
+
+    qkv: Stacked | None  # Q, K and V stacked
+    gate_up: Stacked | None  # gate and up stacked
+    o: Stacked | None = None  # o_proj and down_proj: copies of their own in a snapshot, else None
+    down: Stacked | None = None
 
 
 @dataclass(frozen=True)
@@ -224,21 +239,33 @@ class RolloutEngine:
     # -- the transformer, with the engine's attention -------------------------
 
     @torch.no_grad()
-    def fused_weights(self) -> list[tuple[Stacked | None, Stacked | None]]:
+    def layer_weights(self, snapshot: bool = False) -> list[LayerWeights]:
         """Per layer, Q, K and V's weights stacked into one projection and gate and up's into
         another, from the weights as they are now (merged or not); None for a group that is not
         exact (`_stack`), or for every group without `fuse`. Made once per generate call and
-        passed to the layer functions as arguments: a compiled, graphed step reads them as inputs."""
-        if not self.fuse:
-            return [(None, None)] * len(self.body.layers)
-        fused = []
+        passed to the layer functions as arguments: a compiled, graphed step reads them as inputs.
+
+        With `snapshot`, also o and down as copies, whatever `fuse` says: a generate call on
+        these reads no weight of the model's (the module docstring's Snapshots). Every
+        projection must then be exact and the LM head no adapter, else a ValueError."""
+        if not (self.fuse or snapshot):
+            return [LayerWeights(None, None)] * len(self.body.layers)
+        out = []
         for layer in self.body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             gated = all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))  # down(act(gate(x)) * up(x))
-            fused.append((_stack(attn.q_proj, attn.k_proj, attn.v_proj), _stack(mlp.gate_proj, mlp.up_proj) if gated else None))
-        return fused
+            w = LayerWeights(_stack(attn.q_proj, attn.k_proj, attn.v_proj), _stack(mlp.gate_proj, mlp.up_proj) if gated else None)
+            if snapshot:
+                w = w._replace(o=_stack(attn.o_proj), down=_stack(mlp.down_proj) if gated else None)
+                if any(part is None for part in w):
+                    raise ValueError("rollout engine: a snapshot needs every projection to be one stored weight (merge the adapters first) and a gated MLP")
+            out.append(w)
+        if snapshot and isinstance(self.lm_head, SVDLinear):
+            raise ValueError("rollout engine: a snapshot does not copy the LM head, which is an adapter here (leave lm_head out of the targets)")
+        return out
 
-    def _layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, attend, qkv: Stacked | None, gate_up: Stacked | None) -> Tensor:
+    def _layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, attend, qkv: Stacked | None, gate_up: Stacked | None,
+               o: Stacked | None, down: Stacked | None) -> Tensor:
         attn, mlp = layer.self_attn, layer.mlp
         h = layer.input_layernorm(x)
         q, k, v = F.linear(h, *qkv).split(self.qkv_split, dim=-1) if qkv is not None else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
@@ -247,12 +274,14 @@ class RolloutEngine:
         if hasattr(attn, "q_norm"):  # Qwen3
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        x = x + attn.o_proj(attend(q, k, v, attn.scaling))
+        a = attend(q, k, v, attn.scaling)
+        x = x + (F.linear(a, *o) if o is not None else attn.o_proj(a))
         h = layer.post_attention_layernorm(x)
         if gate_up is None:
             return x + mlp(h)
         gate, up = F.linear(h, *gate_up).chunk(2, dim=-1)
-        return x + mlp.down_proj(mlp.act_fn(gate) * up)
+        a = mlp.act_fn(gate) * up
+        return x + (F.linear(a, *down) if down is not None else mlp.down_proj(a))
 
     def _embed(self, ids: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # detach: HF's gradient checkpointing hooks the embedding so that its output requires grad
@@ -262,23 +291,23 @@ class RolloutEngine:
         return x, cos[:, :, None], sin[:, :, None]
 
     def prefill(self, ids: Int[Tensor, "p t"], lengths: Int[Tensor, " p"], slots: Int[Tensor, " s"], source: Int[Tensor, " s"],
-                k_cache: list[Tensor], v_cache: list[Tensor], fused: list[tuple[Stacked | None, Stacked | None]]) -> Float[Tensor, "p v"]:
+                k_cache: list[Tensor], v_cache: list[Tensor], weights: list[LayerWeights]) -> Float[Tensor, "p v"]:
         """Run right-padded prompts (causal attention; pads come after every real token, so no
         real token sees one), write prompt `source[i]`'s K/V into slot `slots[i]`, and return the
         logits after each prompt's last token."""
         t = ids.shape[1]
         x, cos, sin = self._embed(ids, torch.arange(t, device=ids.device).expand_as(ids))
-        for layer, kc, vc, (qkv, gate_up) in zip(self.body.layers, k_cache, v_cache, fused):
+        for layer, kc, vc, w in zip(self.body.layers, k_cache, v_cache, weights):
             def attend(q, k, v, scale, kc=kc, vc=vc):
                 kc[slots, :, :t], vc[slots, :, :t] = k[source].transpose(1, 2), v[source].transpose(1, 2)
-                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True)
-                return o.transpose(1, 2).flatten(2)
-            x = self._layer(layer, x, cos, sin, attend, qkv, gate_up)
+                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=True)
+                return out.transpose(1, 2).flatten(2)
+            x = self._layer(layer, x, cos, sin, attend, *w)
         last = x[torch.arange(len(ids), device=ids.device), lengths - 1]
         return self.lm_head(self.body.norm(last)).float()
 
     def decode(self, tokens: Int[Tensor, " b"], positions: Int[Tensor, " b"], k_cache: list[Tensor], v_cache: list[Tensor], window: int,
-               fused: list[tuple[Stacked | None, Stacked | None]]) -> Float[Tensor, "b v"]:
+               weights: list[LayerWeights]) -> Float[Tensor, "b v"]:
         """One token per slot at its own position: write its K/V there, attend to positions
         0..position (within the first `window` of the cache), return the next-token logits.
         Flex where it is fused (the compiled layer) and on CPU (eager, for the tests); on CUDA
@@ -290,12 +319,13 @@ class RolloutEngine:
         else:
             mask = (torch.arange(window, device=tokens.device) <= positions[:, None])[:, None, None, :]
         layer_step = self._compiled or self._decode_layer
-        for layer, kc, vc, (qkv, gate_up) in zip(self.body.layers, k_cache, v_cache, fused):
-            x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask, qkv, gate_up)
+        for layer, kc, vc, w in zip(self.body.layers, k_cache, v_cache, weights):
+            x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask, *w)
         return self.lm_head(self.body.norm(x[:, 0])).float()
 
     def _decode_layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, rows: Tensor, positions: Tensor,
-                      mask: Bool[Tensor, "b 1 1 w"] | BlockMask, qkv: Stacked | None, gate_up: Stacked | None) -> Tensor:
+                      mask: Bool[Tensor, "b 1 1 w"] | BlockMask, qkv: Stacked | None, gate_up: Stacked | None, o: Stacked | None,
+                      down: Stacked | None) -> Tensor:
         b, window = x.shape[0], mask.shape[-1]
 
         def attend(q, k, v, scale):
@@ -303,31 +333,34 @@ class RolloutEngine:
             # the `group` query heads sharing a K/V head act as `group` query positions
             q, keys, values = q.view(b, self.n_kv, self.group, self.head_dim), kc[:, :, :window], vc[:, :, :window]
             if isinstance(mask, BlockMask):
-                o = flex_attention(q, keys, values, block_mask=mask, scale=scale)
+                out = flex_attention(q, keys, values, block_mask=mask, scale=scale)
             else:
-                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
-            return o.reshape(b, 1, -1)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+            return out.reshape(b, 1, -1)
 
-        return self._layer(layer, x, cos, sin, attend, qkv, gate_up)
+        return self._layer(layer, x, cos, sin, attend, qkv, gate_up, o, down)
 
     # -- the loop -------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: Sampling, n: int = 1, desc: str = "generate") -> list[Completion]:
-        """`n` completions of every prompt (chat-rendered text, no special tokens added), prompt-major."""
+    def generate(self, prompts: list[str], sampling: Sampling, n: int = 1, desc: str = "generate",
+                 snapshot: list[LayerWeights] | None = None) -> list[Completion]:
+        """`n` completions of every prompt (chat-rendered text, no special tokens added), prompt-major;
+        from `snapshot` (`layer_weights(snapshot=True)`) if given, else from the weights as they are."""
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        out = self.generate_ids(ids, sampling, n, desc)
+        out = self.generate_ids(ids, sampling, n, desc, snapshot)
         return [Completion(ids[i // n], c, self.tokenizer.decode(c, skip_special_tokens=True), lp, trunc) for i, (c, lp, trunc) in enumerate(out)]
 
     @torch.no_grad()
-    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, n: int = 1, desc: str = "generate") -> list[tuple[list[int], Tensor, bool]]:
-        """(completion ids, sampler log-probs, truncated) for `n` samples of every prompt, prompt-major.
+    def generate_ids(self, prompts: list[list[int]], sampling: Sampling, n: int = 1, desc: str = "generate",
+                     snapshot: list[LayerWeights] | None = None) -> list[tuple[list[int], Tensor, bool]]:
+        """(completion ids, sampler log-probs, truncated) for `n` samples of every prompt, prompt-major,
+        from `snapshot` if given (see `generate`).
 
         One function past a screen, on purpose: the slots' state (KV caches, next tokens,
         positions, owners) lives in this call and the closures below share it; the loop (shrink
         the active slots, refill free ones by prefill, decode one token, finish the ended) reads
         top to bottom here, where a class would scatter it over methods and attributes."""
-        self.model.eval()
         device = self.lm_head.weight.device
         max_new, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p
         work = deque(divmod(i, n) for i in range(len(prompts) * n))  # (prompt, sample) in output order
@@ -336,7 +369,7 @@ class RolloutEngine:
         dtype = self.lm_head.weight.dtype
         k_cache = [torch.zeros(b, self.n_kv, capacity, self.head_dim, dtype=dtype, device=device) for _ in self.body.layers]
         v_cache = [torch.zeros_like(k) for k in k_cache]
-        fused = self.fused_weights()  # this call's weights (merged or not); no copy outlives it
+        weights = snapshot or self.layer_weights()  # this call's weights (merged or not); no copy outlives it
         eos = torch.tensor(self.eos, device=device)
         # Per slot: the token to feed next, where it goes, how many were generated, outputs so far.
         tokens = torch.zeros(b, dtype=torch.long, device=device)
@@ -350,7 +383,7 @@ class RolloutEngine:
 
         def decode_slots(active: int, window: int) -> Tensor:
             """Next-token logits of slots [0, active), reading `window` positions of their K/V."""
-            return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window, fused)
+            return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window, weights)
 
         step = self._graphed_step(decode_slots, sampling) if device.type == "cuda" else None
         bar = tqdm(total=len(work), desc=desc, leave=False)
@@ -413,7 +446,7 @@ class RolloutEngine:
                     lengths = torch.tensor([len(prompts[p]) for p in unique], device=device)
                     source = torch.tensor([unique.index(p) for p, _ in chunk], device=device)
                     slots = torch.tensor(slots_here, device=device)
-                    logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, fused)
+                    logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, weights)
                     new, logp = sample(logits[source], temperature, top_p)
                     n_gen[slots] = 0
                     positions[slots] = lengths[source]
@@ -478,7 +511,8 @@ class RolloutEngine:
                     run(active, window)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # thread_local: the learner may be running on another thread (one-step-off training)
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     outputs = run(active, window)
                 graphs[active, window] = (graph, outputs)
             graph, outputs = graphs[active, window]

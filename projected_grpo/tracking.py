@@ -1,6 +1,7 @@
-"""`--report-to`: every log.jsonl row also goes to TensorBoard (RUN/tensorboard, through torch's
-writer) or Weights & Biases (the `wandb` extra), with the run's config. log.jsonl stays the record
-that results.py reads; a tracker is a view of it.
+"""`--report-to`: every log.jsonl row (with --one-step-off also the importance weights beside it,
+metrics.OFF_POLICY_KEYS) goes to TensorBoard (RUN/tensorboard, through torch's writer) or Weights &
+Biases (the `wandb` extra), with the run's config. log.jsonl stays the record that results.py reads;
+a tracker is a view of it.
 
 Guarantees:
 - Every numeric key of a row is logged under its log.jsonl name at the row's step; a per-rank list

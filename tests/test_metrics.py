@@ -2,14 +2,15 @@
 ones in their order, every key says what it means, a record writes NaN as null, and README's
 per-step table is the one generated from the contract."""
 
+import dataclasses
 import json
 import math
 
 from conftest import ROOT
 from grader import Grade
 from projected_grpo.metrics import (
-    COLUMNS, KEY, ROW_KEYS, SUMMARY_KEYS, DistMetrics, HackwardMetrics, LossMetrics, MemoryMetrics, RankReport, RolloutMetrics, RolloutSummary,
-    StepRecord, TimeMetrics, VHackMetrics, contract, readme_table, table_header, table_row,
+    COLUMNS, KEY, OFF_POLICY_KEYS, ROW_KEYS, SUMMARY_KEYS, DistMetrics, HackwardMetrics, LossMetrics, MemoryMetrics, OffPolicyMetrics, RankReport,
+    RolloutMetrics, RolloutSummary, StepRecord, TimeMetrics, VHackMetrics, contract, readme_table, table_header, table_row,
 )
 
 # The row of log.jsonl as docs/spec.md preregisters it and committed run folders hold it (2026-12-04): never to change.
@@ -54,3 +55,10 @@ def test_a_record_is_a_log_row_with_nan_as_null():
     assert row["hackward/cin_s"] is None and row["rollout/reward_std"] == 0.0 and row["rollout/rollouts"] == 3
     assert row["rollout/skipped_groups"] == 0.5 and math.isclose(row["loss/kl"], 0.2) and row["time/rollouts_per_s"] == 0.5
     assert len(table_row(row)) == len(table_header()) and table_row(row).split()[5] == "-"
+    # --one-step-off's importance weights go beside the row (tracker, console), never into it.
+    assert record.tracked() == row
+    off = dataclasses.replace(record, off_policy=OffPolicyMetrics(is_ratio_mean=1.25, is_clipped=nan))
+    tracked = off.tracked()
+    assert tuple(off.row()) == PREREGISTERED and tuple(tracked) == PREREGISTERED + OFF_POLICY_KEYS == PREREGISTERED + ("loss/is_ratio_mean", "loss/is_clipped")
+    assert tracked["loss/is_ratio_mean"] == 1.25 and tracked["loss/is_clipped"] is None
+    assert len(table_row(tracked)) == len(table_header(off_policy=True)) and table_row(tracked).split()[-2:] == ["1.250", "-"]

@@ -16,6 +16,7 @@ from torch.nn.attention.flex_attention import create_mask, flex_attention
 from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
 
 from projected_grpo import rollout
+from projected_grpo.ahead import Ahead
 from projected_grpo.models import completion_logprobs, load_model
 from projected_grpo.rollout import KV_WINDOW, RolloutEngine, Sampling, _stack, in_nucleus, live_blocks, sample
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, merged, reference_mode, wrap_svd
@@ -210,7 +211,7 @@ def test_recorded_logprobs_match_the_learner(tiny, tmp_path, temperature):
 
 
 def all_fused(engine: RolloutEngine) -> bool:
-    return all(qkv is not None and gate_up is not None for qkv, gate_up in engine.fused_weights())
+    return all(w.qkv is not None and w.gate_up is not None for w in engine.layer_weights())
 
 
 def fused_vs_modules(model, tokenizer, prompts: list[list[int]]) -> list:
@@ -249,6 +250,36 @@ def test_fused_projections_compute_what_the_modules_do(tiny, tmp_path):
     fused_vs_modules(llama, tokenizer, prompts)
 
 
+def test_a_snapshot_samples_what_the_merged_weights_did_whatever_they_are_now(tiny, tmp_path):
+    """A snapshot (every projection copied, o and down too) samples what the engine samples from
+    the merged weights it was taken of, bit for bit, after those weights were unmerged and merged
+    again at another delta_S (what a learner on another thread does meanwhile); sampling leaves
+    the model's train/eval mode alone. Unmerged adapters with their delta on refuse a snapshot."""
+    model, tokenizer = tiny
+    prompts = prompts_of([7, 21, 13])
+    sampling = Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95, batch=2)
+    engine = RolloutEngine(model, tokenizer)
+    with svd_wrapped(model, tmp_path / "svd") as adapters:
+        with merged(adapters):
+            torch.manual_seed(0)
+            expected = engine.generate_ids(prompts, sampling, n=2)
+            snapshot = engine.layer_weights(snapshot=True)
+        assert all(w.o is not None and w.down is not None for w in snapshot)
+        with torch.no_grad():
+            for a in adapters.values():
+                a.delta_S.mul_(-1.0)
+        model.train()
+        for live in (False, True):  # the model's own weights: unmerged, then merged at the new delta_S
+            with merged(adapters) if live else contextlib.nullcontext():
+                torch.manual_seed(0)
+                out = engine.generate_ids(prompts, sampling, n=2, snapshot=snapshot)
+            assert all(c == c_exp and torch.equal(lp, lp_exp) for (c, lp, _), (c_exp, lp_exp, _) in zip(out, expected))
+        assert model.training
+        model.eval()
+        with pytest.raises(ValueError, match="merge the adapters"):
+            engine.layer_weights(snapshot=True)
+
+
 def test_inexact_projections_run_their_modules(tiny, tmp_path):
     """Unmerged adapters with their delta on compute W x + U ((Vh x) * delta_S), not one stored
     weight: no group is fused, and the samples still score as the learner does. With the delta
@@ -258,7 +289,7 @@ def test_inexact_projections_run_their_modules(tiny, tmp_path):
     prompts = prompts_of([7, 21, 13])
     with svd_wrapped(model, tmp_path / "svd") as adapters:
         engine = RolloutEngine(model, tokenizer)
-        assert all(qkv is None and gate_up is None for qkv, gate_up in engine.fused_weights())
+        assert all(w.qkv is None and w.gate_up is None for w in engine.layer_weights())
         torch.manual_seed(0)
         out = engine.generate_ids(prompts, Sampling(max_new_tokens=12, temperature=1.0, top_p=0.95, batch=2), n=2)
         assert_scored_as_the_learner(model, prompts, out, 2, 1.0)
@@ -381,3 +412,32 @@ def test_graphed_flex_decode_on_cuda_equals_sdpa(compile, monkeypatch):
     assert bool(masks) == compile  # made during warm-up and capture only: replays read the positions in place
     for (c_flex, lp_flex, _), (c, lp, _) in zip(*outs):
         assert c_flex == c and torch.allclose(lp_flex, lp, rtol=0, atol=1e-4), (lp_flex - lp).abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled decode step replayed as CUDA graphs")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_decode_on_cuda_on_a_background_thread_equals_the_main_threads(compile, tmp_path):
+    """--one-step-off samples on a background thread (its own stream; graphs captured and the
+    snapshot's layer compiled there) while the main thread merges, unmerges and multiplies: the
+    same tokens and log-probs as the main thread's from the same weights (fp32: kernels agree)."""
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cuda", "float32")
+    engine = RolloutEngine(model, tokenizer)
+    engine.eos = []
+    prompts = prompts_of([7, 300, 40, 600])
+    sampling = Sampling(max_new_tokens=300, temperature=0.7, top_p=0.95, batch=3, compile=compile)
+
+    def seeded(snapshot=None):
+        torch.manual_seed(0)
+        return engine.generate_ids(prompts, sampling, n=2, snapshot=snapshot)
+
+    with svd_wrapped(model, tmp_path / "svd") as adapters:
+        with merged(adapters):
+            expected, snapshot = seeded(), engine.layer_weights(snapshot=True)
+        x = torch.randn(2048, 2048, device="cuda", generator=torch.Generator("cuda").manual_seed(1))  # not the sampler's generator
+        ahead = Ahead("cuda", seeded, snapshot)
+        for _ in range(50):
+            with merged(adapters):
+                x = torch.tanh(x @ x)
+        out = ahead.result()
+    for (c, lp, _), (c_exp, lp_exp, _) in zip(out, expected):
+        assert c == c_exp and torch.allclose(lp, lp_exp, rtol=0, atol=1e-4), (lp - lp_exp).abs().max()

@@ -2,6 +2,7 @@
 files and log rows they leave, and resume after a kill equals an uninterrupted run."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -221,15 +222,26 @@ def test_resume_after_kill_matches_uninterrupted(work, tmp_path):
     assert [e.value for e in events.Scalars("rollout/reward")] == pytest.approx([r["rollout/reward"] for r in rows(moved)])
 
 
+def smoke_cfg(work: Path, max_new_tokens: int = 64, **changes) -> "Config":
+    smoke = PRESETS["smoke"][1]
+    return replace(smoke, cache_dir=work / "cache", teacher_pool=work / "pool.jsonl", v_hack=replace(smoke.v_hack, pairs=work / "pairs.jsonl"),
+                   sampling=replace(smoke.sampling, max_new_tokens=max_new_tokens), **changes).resolved()
+
+
+def untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))}
+
+
 def test_a_step_takes_rollouts_sampled_ahead(work, tmp_path):
-    """`step` is a unit a caller drives: a batch whose rollouts were sampled before the step (as
-    one-step-off generation would) steps as one whose rollouts the step samples itself."""
+    """`step` is a unit a caller drives: a batch whose rollouts were sampled before the step, on
+    another thread from a snapshot of the merged weights (as --one-step-off does), steps exactly
+    as one whose rollouts the step samples itself."""
     from grader import Grader
+    from projected_grpo.ahead import Ahead
+    from projected_grpo.svd_adapter import merged
     from train import RunState, sample, step
 
-    smoke = PRESETS["smoke"][1]
-    cfg = replace(smoke, steps=2, cache_dir=work / "cache", teacher_pool=work / "pool.jsonl", v_hack=replace(smoke.v_hack, pairs=work / "pairs.jsonl"),
-                  sampling=replace(smoke.sampling, max_new_tokens=64)).resolved()
+    cfg = smoke_cfg(work, steps=2)
     rows, deltas = {}, {}
     with Grader(cfg.reward) as grader:
         for ahead in (False, True):
@@ -239,13 +251,80 @@ def test_a_step_takes_rollouts_sampled_ahead(work, tmp_path):
             while state.step < cfg.steps:
                 batch = state.next_batch()
                 if ahead:
-                    batch.groups = sample(state, batch)
+                    with merged(state.adapters):
+                        snapshot = state.engine.layer_weights(snapshot=True)
+                    batch.ahead = Ahead(cfg.device, sample, state, batch, snapshot)
                 rows[ahead].append(step(state, batch).row())
-            assert ("gen" in state.seconds) != ahead  # sampling is timed only where the step does it
             deltas[ahead] = {n: a.delta_S.detach().clone() for n, a in state.adapters.items()}
-    untimed = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "memory/"))}  # noqa: E731
     assert [r["step"] for r in rows[True]] == [1, 2] and list(map(untimed, rows[True])) == list(map(untimed, rows[False]))
     assert all(torch.equal(deltas[True][n], deltas[False][n]) for n in deltas[False])
+
+
+def test_one_step_off_samples_one_update_behind_and_a_checkpoint_keeps_its_prompts(work, tmp_path):
+    """--one-step-off: step 1 starts step 2's sampling before it learns, so step 2's rollouts
+    are the weights' before step 1's update (delta_S = 0), not after it; the checkpoint taken
+    meanwhile puts step 2's prompts back in the order, and a resume samples them again."""
+    from grader import Grader
+    from train import RunState, keep, sample, step
+
+    cfg = smoke_cfg(work, max_new_tokens=256, steps=3, checkpoint_every=1, one_step_off=True)  # 256: whole teacher programs, a live group
+    (tmp_path / "run").mkdir()
+    with Grader(cfg.reward) as grader:
+        state = RunState.start(cfg, tmp_path / "run", grader)
+        keep(state, step(state, state.next_batch()), lambda row: None)
+        pending = state.pending
+        assert pending.step == 2 and state.rows[0]["step"] == 1
+        students = lambda groups: [(r.completion_ids, r.old_logprobs) for g in groups for r in g if not r.teacher]  # noqa: E731
+        ahead, after = students(pending.ahead.result()), students(sample(state, pending))
+        moved = {n: a.delta_S.detach().clone() for n, a in state.adapters.items()}
+        assert any(d.abs().max() > 0 for d in moved.values())
+        with torch.no_grad():
+            for a in state.adapters.values():
+                a.delta_S.zero_()
+        before = students(sample(state, pending))
+
+        def same(xs, ys, tol: float) -> bool:  # the same tokens, log-probs within tol (matmuls on another thread round differently)
+            return all(a == b and torch.allclose(lp_a, lp_b, rtol=0, atol=tol) for (a, lp_a), (b, lp_b) in zip(xs, ys))
+
+        assert same(ahead, before, 1e-5) and not same(ahead, after, 1e-3)  # measured: 1e-6 and 1e-2 apart
+        saved = torch.load(checkpoint(tmp_path / "run", 1) / "state.pt", weights_only=False)
+        assert saved["order"] == pending.drawn + state.order
+        resumed = RunState.start(replace(cfg, resume=tmp_path / "run"), tmp_path / "run", grader)
+        again = resumed.next_batch()
+        assert (again.step, again.drawn, again.picks, again.ahead) == (2, pending.drawn, pending.picks, None)
+
+
+def test_one_step_off_equals_on_policy_when_the_sampler_is_not_stale(work, tmp_path):
+    """At lr 0 the weights never move, so rollouts sampled ahead are the on-time ones and the
+    truncated importance weights are 1 up to rounding: --one-step-off then logs the rows and
+    takes the gradients of an on-policy run (to float tolerance), with is_w 1 and is_cap 0."""
+    from grader import Grader
+    from train import RunState, step
+
+    records, grads = {}, {}
+    with Grader() as grader:
+        for off in (False, True):
+            # lr 0 past the flag check (--lr must be > 0): a test-only setting; 256 tokens: whole teacher programs, live groups
+            cfg = replace(smoke_cfg(work, max_new_tokens=256, steps=3, one_step_off=off), lr=0.0)
+            (tmp_path / f"off_{off}").mkdir()
+            state = RunState.start(cfg, tmp_path / f"off_{off}", grader)
+            records[off] = []
+            while state.step < cfg.steps:
+                records[off].append(step(state, state.next_batch()))
+                grads.setdefault(off, []).append(state.grads)
+            assert state.pending is None  # nothing sampled past the last step
+    on, off = ([untimed(r.row()) for r in records[k]] for k in (False, True))
+    for a, b in zip(on, off):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == b[k] if a[k] is None else a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    for g_on, g_off in zip(grads[False], grads[True]):
+        for part in ("g_s", "g_t"):
+            assert all(torch.allclose(g_on[part][n], g_off[part][n], rtol=1e-4, atol=1e-7) for n in g_on[part])
+    assert all(r.off_policy is None for r in records[False])
+    live = [r for r in records[True] if r.rollout.skipped_groups < 1]
+    assert live and any(any(g.abs().max() > 0 for g in grad["g_s"].values()) for grad in grads[True])  # there were gradients to compare
+    assert all(r.off_policy.is_ratio_mean == pytest.approx(1.0, abs=1e-5) and r.off_policy.is_clipped == 0.0 for r in live)
 
 
 def test_resume_with_other_settings_is_refused(work):
@@ -265,12 +344,12 @@ def test_loss_is_policy_gradient_at_ratio_one_clips_and_normalises():
     cfg = Config(clip_eps=0.2, kl_beta=0.1)
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     ones = torch.ones(1, 2)
-    loss, kl, clipped = grpo_loss(logp, logp.detach(), logp.detach(), 2.0 * ones, ones, cfg, denominator=4.0)
+    loss, kl, clipped, w = grpo_loss(logp, logp.detach(), logp.detach(), 2.0 * ones, ones, cfg, denominator=4.0)
     loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.5, -0.5]]))  # -A d logp / denominator; KL gradient 0 at ref = logp
-    assert clipped.sum() == 0 and torch.allclose(kl, torch.zeros(1, 2))
+    assert clipped.sum() == 0 and torch.allclose(kl, torch.zeros(1, 2)) and torch.equal(w, ones)
     far = torch.tensor([[0.0]], requires_grad=True)
-    loss, _, clipped = grpo_loss(far, torch.tensor([[-1.0]]), None, torch.tensor([[2.0]]), torch.ones(1, 1), cfg, 1.0)
+    loss, _, clipped, _ = grpo_loss(far, torch.tensor([[-1.0]]), None, torch.tensor([[2.0]]), torch.ones(1, 1), cfg, 1.0)
     loss.backward()
     assert clipped.item() == 1.0 and far.grad.item() == 0.0  # ratio e > 1.2 with A > 0: clipped, no gradient
     # Teacher rows (NaN sampler log-probs) have ratio 1; sequence_mean weighs each token 1 / its row's
@@ -278,8 +357,38 @@ def test_loss_is_policy_gradient_at_ratio_one_clips_and_normalises():
     logp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, 0.0]], requires_grad=True)
     weight = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0]])
     teacher_old = torch.full((2, 3), float("nan"))
-    loss, _, clipped = grpo_loss(logp, teacher_old, None, torch.ones(2, 3), weight, replace(cfg, loss_norm="sequence_mean"), 2.0)
+    loss, _, clipped, _ = grpo_loss(logp, teacher_old, None, torch.ones(2, 3), weight, replace(cfg, loss_norm="sequence_mean"), 2.0)
     assert loss.item() == pytest.approx(-1.0) and clipped.sum() == 0
+
+
+def test_one_step_off_loss_is_truncated_importance_sampling():
+    """--one-step-off: with a sampler the learner agrees with (within the clip range) the loss and
+    gradient are the on-policy form's; with a stale one each token's gradient is -w A / denominator,
+    w = min(p_learner / p_sampler, TIS_CAP), where the on-policy form would clip it to 0; teacher
+    rows (NaN) keep w = 1."""
+    from train import TIS_CAP
+
+    cfg = Config(clip_eps=0.2, kl_beta=0.1)
+    off = replace(cfg, one_step_off=True)
+    ref, adv, weight = torch.tensor([[-1.1, -1.9, -0.4]]), torch.tensor([[2.0, -1.0, 0.5]]), torch.ones(1, 3)
+    near = torch.tensor([[-1.05, -2.1, -0.45]])  # ratios e^0.05, e^0.1, e^0.05: inside 1 +- 0.2
+    grads = []
+    for c in (cfg, off):
+        logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+        loss, _, _, w = grpo_loss(logp, near, ref, adv, weight, c, 3.0)
+        loss.backward()
+        grads.append((loss.detach(), logp.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6) and torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    stale = torch.tensor([[-3.0, -2.5, float("nan")]])  # ratio e^2 (capped), e^0.5, teacher
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    loss, _, clipped, w = grpo_loss(logp, stale, None, adv, weight, off, 3.0)
+    loss.backward()
+    expected_w = torch.tensor([[TIS_CAP, math.exp(0.5), 1.0]])
+    assert torch.allclose(w, expected_w) and clipped.sum() == 0
+    assert torch.allclose(logp.grad, -expected_w * adv / 3.0)
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    grpo_loss(logp, stale, None, adv, weight, cfg, 3.0)[0].backward()
+    assert logp.grad[0, 0] == 0.0  # on-policy: ratio e^2 > 1.2 with A > 0, clipped away
 
 
 def test_teacher_text_is_cut_at_max_new_tokens_and_regraded(tmp_path):

@@ -1,0 +1,61 @@
+"""Work started now on a background thread and waited for later: one-step-off training
+(train.py's --one-step-off) samples step t+1's rollouts while step t learns.
+
+Guarantees:
+- The function runs on its own thread; on CUDA on the side stream of the caller's current
+  device (one per device, kept, so that its cached memory is reused from step to step), after
+  the work the calling thread had queued by the time `Ahead` was made: it reads what that
+  work wrote.
+- `result()` returns what the function returned, or raises what it raised, in the caller's
+  thread; on CUDA the side stream's work is finished by then.
+- A daemon thread: a run stopped meanwhile (an error, Ctrl-C) is not held up by it at exit.
+"""
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+@functools.cache
+def side_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(index)
+
+
+class Ahead(Generic[T]):
+    """fn(*args) running on a background thread (see the module docstring)."""
+
+    def __init__(self, device: str, fn: Callable[..., T], *args: object):
+        """`device`: where fn works ("cpu", "cuda", "cuda:1"); on CUDA the caller's current device is used."""
+        self._out: T | None = None
+        self._error: BaseException | None = None
+        stream = ready = None
+        if torch.device(device).type == "cuda":
+            # A new thread starts on device 0: the stream carries the caller's device (a torchrun rank's) there.
+            stream, ready = side_stream(torch.cuda.current_device()), torch.cuda.Event()
+            ready.record()  # on the caller's current stream: what the function must see
+        self._thread = threading.Thread(target=self._run, args=(stream, ready, fn, args), name="ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: "torch.cuda.Stream | None", ready: "torch.cuda.Event | None", fn: Callable[..., T], args: tuple) -> None:
+        try:
+            if stream is None:
+                self._out = fn(*args)
+                return
+            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                self._out = fn(*args)
+            stream.synchronize()
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> T:
+        """Wait for the function; its result, or its exception raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
