@@ -80,6 +80,10 @@ queue-full *ARGS:
 bench-grader *ARGS:
     uv run python benchmarks/bench_grader.py {{ARGS}}
 
+# One-step-off generation against on-policy: the same run twice, per-step seconds, KL, clip fraction, importance weights (out/bench/off_policy.json).
+bench-off-policy *ARGS:
+    uv run python benchmarks/bench_off_policy.py {{ARGS}}
+
 # One run over N GPUs (torchrun) for N = 1 2 by default: step, generation, learner and all-reduce seconds per rank, peak memory, efficiency against N = 1.
 bench-scaling *ARGS:
     uv run python benchmarks/bench_scaling.py {{ARGS}}

@@ -707,7 +707,8 @@ def warn_overlaps(cfg: Config, problems: list[Problem], pairs: list[Pair], pool:
 def step(state: RunState, batch: Batch) -> StepRecord:
     """One GRPO step of the run on `batch`: its phases in order, each timed (`state.seconds`).
     Advances the state (delta_S, optimizer, schedule, bases on a v_hack refresh, step, the last
-    gradients) and returns what the step records, the same on every rank."""
+    gradients; with --one-step-off the next batch, being sampled: `pending`) and returns what
+    the step records, the same on every rank."""
     state.seconds = seconds = {}
     if state.cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

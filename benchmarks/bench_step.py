@@ -61,7 +61,7 @@ from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, reference_mode, wrap_svd
-from train import PRESETS, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, step
+from train import PRESETS, Config, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, step
 
 
 @dataclass
@@ -412,16 +412,21 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
 STEP_PAIRS = 4  # the realistic step's v_hack is extracted from the first pairs of data/pairs.jsonl (untimed)
 
 
+def step_config(preset: str, model_name: str, device: str, compile: bool, work: Path) -> Config:
+    """`preset` with `model_name`'s weights on the bundled problems (real prompts), its caches in
+    `work`, v_hack extracted from the first STEP_PAIRS pairs: what a timed step runs."""
+    (work / "pairs.jsonl").write_text("".join((DATA / "pairs.jsonl").read_text().splitlines(keepends=True)[:STEP_PAIRS]))
+    cfg = PRESETS[preset][1]
+    return replace(cfg, model=model_name, device=device, problems=DATA / "problems_rl.jsonl", cache_dir=work / "cache",
+                   sampling=replace(cfg.sampling, compile=compile), v_hack=replace(cfg.v_hack, pairs=work / "pairs.jsonl")).resolved()
+
+
 def realistic_step(preset: str, model_name: str, device: str, compile: bool, work: Path) -> dict:
-    """One GRPO step of `preset` through train.step itself, with `model_name`'s weights, on the
-    bundled problems (real prompts), v_hack extracted from STEP_PAIRS pairs. A first step runs
+    """One GRPO step of `preset` through train.step itself (`step_config`). A first step runs
     before it (as a run's first step does, it compiles and captures the graphs of the shapes it
     meets), so the one reported is a steady-state step."""
-    (work / "pairs.jsonl").write_text("".join((DATA / "pairs.jsonl").read_text().splitlines(keepends=True)[:STEP_PAIRS]))
+    cfg = step_config(preset, model_name, device, compile, work)
     (work / "run").mkdir()
-    cfg = PRESETS[preset][1]
-    cfg = replace(cfg, model=model_name, device=device, problems=DATA / "problems_rl.jsonl", cache_dir=work / "cache",
-                  sampling=replace(cfg.sampling, compile=compile), v_hack=replace(cfg.v_hack, pairs=work / "pairs.jsonl")).resolved()
     with Grader(cfg.reward) as grader:
         state = RunState.start(cfg, work / "run", grader)
         step(state, state.next_batch())

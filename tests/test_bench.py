@@ -84,3 +84,20 @@ def test_scaling_bench_reads_what_train_logs(tmp_path: Path):
     assert len(r["gen_s_ranks"]) == len(r["learn_s_ranks"]) == 1 and r["step_s"] >= r["gen_s_ranks"][0] > 0
     assert r["cin_s"] is None or 0.0 <= r["cin_s"] <= 1.0
     assert "efficiency" in proc.stdout
+
+
+def test_off_policy_bench_compares_the_two_arms(tmp_path: Path):
+    """bench_off_policy.py on CPU (smoke, 2 steps per arm): the same steps on-policy and one-step-off,
+    the speed-up recomputed from the steps it names, the importance weights only where they exist."""
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "benchmarks/bench_off_policy.py", "--steps", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "off_policy.json").read_text())
+    arms = report["arms"]
+    assert list(arms) == ["on_policy", "one_step_off"] and all([r["step"] for r in rows] == [1, 2] for rows in arms.values())
+    steady = {name: rows[1]["step_s"] for name, rows in arms.items()}
+    assert report["steady_step_s"] == steady and math.isclose(report["speedup"], steady["on_policy"] / steady["one_step_off"], rel_tol=1e-9)
+    assert all(r["loss/is_ratio_mean"] is None and r["loss/is_clipped"] is None for r in arms["on_policy"])
+    weights = [r["loss/is_ratio_mean"] for r in arms["one_step_off"] if r["loss/is_ratio_mean"] is not None]
+    assert all(0 < w <= 2 for w in weights) and "steady step (steps 2..2)" in proc.stdout

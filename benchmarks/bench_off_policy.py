@@ -1,0 +1,98 @@
+"""One-step-off generation against on-policy GRPO: the same run twice, from the same start.
+
+    uv run python benchmarks/bench_off_policy.py            # what `just bench-off-policy` runs
+    uv run python benchmarks/bench_off_policy.py --steps 10 --preset fast
+
+PRESET (default `fast` on random-qwen3-4b on CUDA, teacher mix on so that groups are live;
+`smoke` on tiny-random-qwen3 on CPU) runs STEPS steps through train.step on the bundled
+problems (bench_step.step_config), first on-policy, then with --one-step-off: the same seed,
+so the same prompts, teacher picks and sampling streams. Reported per step and arm: seconds
+of the step and of its phases (gen is the sampling, or with --one-step-off the wait for the
+rollouts sampled ahead), loss/kl, loss/clip_frac, loss/logp_gap, the strict hack rate and, with
+--one-step-off, loss/is_ratio_mean and loss/is_clipped; then the speed-up, the mean step
+seconds on-policy over one-step-off, over steps 2..STEPS (step 1 compiles and captures, and
+samples on time in both). Everything goes to out/bench/off_policy.json.
+"""
+
+import gc
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import tyro
+
+from bench_step import step_config
+from grader import Grader
+from projected_grpo.metrics import KEY, OFF_POLICY_KEYS, mean
+from projected_grpo.models import pick_device
+from projected_grpo.paths import REPO_ROOT
+from train import RunState, step
+
+
+@dataclass
+class Args:
+    preset: str | None = None
+    """Preset to run; default fast on CUDA, smoke on CPU."""
+    model: str | None = None
+    """Model; default random-qwen3-4b on CUDA, tiny-random-qwen3 on CPU."""
+    steps: int = 10
+    """Steps per arm (the speed-up reads steps 2..steps)."""
+    compile: bool = True
+    """torch.compile the engine's decode step (CUDA)."""
+    out: Path = REPO_ROOT / "out" / "bench"
+    """Folder of off_policy.json."""
+
+
+LOGGED = (KEY.loss.kl, KEY.loss.clip_frac, KEY.loss.logp_gap, KEY.rollout.hack_s)  # the row's keys the comparison reads
+PHASES = ("gen", "grade", "learn")
+
+
+def run_arm(cfg, work: Path, off: bool) -> list[dict]:
+    """cfg's steps, on-policy or one-step-off: per step its seconds and the LOGGED (+ off-policy) keys."""
+    run = work / ("one_step_off" if off else "on_policy")
+    run.mkdir()
+    rows = []
+    with Grader(cfg.reward) as grader:
+        state = RunState.start(replace(cfg, one_step_off=off), run, grader)
+        while state.step < cfg.steps:
+            tracked = step(state, state.next_batch()).tracked()
+            rows.append({"step": state.step, "step_s": tracked[KEY.time.step]} | {f"{p}_s": state.seconds[p] for p in PHASES}
+                        | {k: tracked.get(k) for k in (*LOGGED, *OFF_POLICY_KEYS)})
+    del state
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(args: Args) -> dict:
+    device = pick_device("auto")
+    cuda = device == "cuda"
+    preset, model = args.preset or ("fast" if cuda else "smoke"), args.model or ("random-qwen3-4b" if cuda else "tiny-random-qwen3")
+    work = Path(tempfile.mkdtemp(prefix="bench_off_policy-"))
+    cfg = replace(step_config(preset, model, device, args.compile, work), steps=args.steps)
+    arms = {name: run_arm(cfg, work, off) for name, off in (("on_policy", False), ("one_step_off", True))}
+    steady = {name: mean([r["step_s"] for r in rows[1:]]) for name, rows in arms.items()}
+    report = {"preset": preset, "model": model, "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": args.steps,
+              "steady_step_s": steady, "speedup": steady["on_policy"] / steady["one_step_off"], "arms": arms}
+    cell = lambda v: f"{'-':>7}" if v is None else f"{v:7.3f}"  # noqa: E731
+    keys = (*LOGGED, *OFF_POLICY_KEYS)
+    print(f"# bench_off_policy: {preset} on {model}, {report['device']}, {args.steps} steps per arm")
+    print(f"{'arm':<13} {'step':>4} {'sec':>6} " + " ".join(f"{p:>6}" for p in PHASES) + " " + " ".join(f"{k.split('/')[1][:7]:>7}" for k in keys))
+    for name, rows in arms.items():
+        for r in rows:
+            print(f"{name:<13} {r['step']:>4} {r['step_s']:>6.1f} " + " ".join(f"{r[p + '_s']:>6.1f}" for p in PHASES) + " " + " ".join(cell(r[k]) for k in keys))
+    print(f"steady step (steps 2..{args.steps}): on-policy {steady['on_policy']:.1f} s, one-step-off {steady['one_step_off']:.1f} s: {report['speedup']:.2f}x")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "off_policy.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out / 'off_policy.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
