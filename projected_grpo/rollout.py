@@ -504,16 +504,22 @@ class RolloutEngine:
 
         def step(active: int, window: int):
             if (active, window) not in graphs:
-                side = torch.cuda.Stream()
+                side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
                 side.wait_stream(torch.cuda.current_stream())
-                # Warm-up (idempotent: rewrites the same K/V), where a new shape compiles.
-                with torch.cuda.stream(side), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    run(active, window)
+                with torch.cuda.stream(side):
+                    # Warm-up (idempotent: rewrites the same K/V), where a new shape compiles.
+                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                        run(active, window)
+                    # Captured with capture_begin/end, not under torch.cuda.graph, whose device-wide
+                    # synchronize and empty_cache per capture would stall a learner running on
+                    # another thread (--one-step-off) and hand back its cached memory; thread_local:
+                    # that learner's allocations stay legal during the capture.
+                    graph.capture_begin(pool, capture_error_mode="thread_local")
+                    try:
+                        outputs = run(active, window)
+                    finally:
+                        graph.capture_end()
                 torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: the learner may be running on another thread (one-step-off training)
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    outputs = run(active, window)
                 graphs[active, window] = (graph, outputs)
             graph, outputs = graphs[active, window]
             graph.replay()
