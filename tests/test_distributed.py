@@ -175,3 +175,23 @@ def test_torchrun_smoke_run_logs_the_whole_batch_and_resumes_at_world_sizes_one_
     assert untimed(log_rows(run_dir)) == untimed(rows)
     again = final_delta(run_dir)
     assert all(torch.equal(again[n], two_ranks[n]) for n in two_ranks)
+
+
+def test_torchrun_one_step_off_samples_ahead_on_every_rank_and_resumes_its_prompts(tmp_path, smoke_flags):
+    """--one-step-off over two ranks: each samples its share of the next step on a background
+    thread while the step's collectives run; resumed from the step-2 checkpoint (taken while step
+    3 was being sampled ahead), steps 3 and 4 take the uninterrupted run's prompts and teacher
+    picks (sampled on time now, from other weights: the students' numbers may differ)."""
+    flags = [*smoke_flags, "--one-step-off", "--runs-dir", str(tmp_path / "runs")]
+    proc = launch(2, flags)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    header = table_header(off_policy=True)
+    assert proc.stdout.count(header) == 1 and header.endswith("is_w is_cap")
+    rows = log_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["dist/world_size"] == 2 for r in rows)
+    shutil.rmtree(run_dir / "checkpoints" / "step_000004")
+    launch(2, [*flags, "--resume", str(run_dir)])
+    resumed = log_rows(run_dir)
+    assert resumed[:2] == rows[:2]
+    teachers = lambda rs: [(r["rollout/hack_t"], r["rollout/gt_t"], r["rollout/rollouts"]) for r in rs]  # noqa: E731
+    assert teachers(resumed) == teachers(rows)
