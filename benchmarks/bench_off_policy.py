@@ -11,11 +11,13 @@ of the step and of its phases (gen is the sampling, or with --one-step-off the w
 rollouts sampled ahead), loss/kl, loss/clip_frac, loss/logp_gap, the strict hack rate and, with
 --one-step-off, loss/is_ratio_mean and loss/is_clipped; then the speed-up, the mean step
 seconds on-policy over one-step-off, over steps 2..STEPS (step 1 compiles and captures, and
-samples on time in both). Everything goes to out/bench/off_policy.json.
+samples on time in both). Each step's line is printed as it is done; everything goes to
+out/bench/off_policy.json at the end.
 """
 
 import gc
 import json
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, replace
@@ -48,21 +50,27 @@ class Args:
     """Folder of off_policy.json."""
 
 
-LOGGED = (KEY.loss.kl, KEY.loss.clip_frac, KEY.loss.logp_gap, KEY.rollout.hack_s)  # the row's keys the comparison reads
+LOGGED = (KEY.loss.kl, KEY.loss.clip_frac, KEY.loss.logp_gap, KEY.rollout.hack_s, *OFF_POLICY_KEYS)  # the keys the comparison reads
 PHASES = ("gen", "grade", "learn")
 
 
-def run_arm(cfg, work: Path, off: bool) -> list[dict]:
-    """cfg's steps, on-policy or one-step-off: per step its seconds and the LOGGED (+ off-policy) keys."""
-    run = work / ("one_step_off" if off else "on_policy")
-    run.mkdir()
+def line(arm: str, r: dict) -> str:
+    cell = lambda v: f"{'-':>7}" if v is None else f"{v:7.3f}"  # noqa: E731
+    return f"{arm:<13} {r['step']:>4} {r['step_s']:>6.1f} " + " ".join(f"{r[p + '_s']:>6.1f}" for p in PHASES) + " " + " ".join(cell(r[k]) for k in LOGGED)
+
+
+def run_arm(cfg, work: Path, arm: str) -> list[dict]:
+    """cfg's steps, on-policy or one-step-off: per step its seconds and the LOGGED keys, each
+    printed as it is done (a run cut short still shows its steps)."""
+    (work / arm).mkdir()
     rows = []
     with Grader(cfg.reward) as grader:
-        state = RunState.start(replace(cfg, one_step_off=off), run, grader)
+        state = RunState.start(replace(cfg, one_step_off=arm == "one_step_off"), work / arm, grader)
         while state.step < cfg.steps:
             tracked = step(state, state.next_batch()).tracked()
             rows.append({"step": state.step, "step_s": tracked[KEY.time.step]} | {f"{p}_s": state.seconds[p] for p in PHASES}
-                        | {k: tracked.get(k) for k in (*LOGGED, *OFF_POLICY_KEYS)})
+                        | {k: tracked.get(k) for k in LOGGED})
+            print(line(arm, rows[-1]), flush=True)
     del state
     gc.collect()
     if torch.cuda.is_available():
@@ -76,17 +84,14 @@ def main(args: Args) -> dict:
     preset, model = args.preset or ("fast" if cuda else "smoke"), args.model or ("random-qwen3-4b" if cuda else "tiny-random-qwen3")
     work = Path(tempfile.mkdtemp(prefix="bench_off_policy-"))
     cfg = replace(step_config(preset, model, device, args.compile, work), steps=args.steps)
-    arms = {name: run_arm(cfg, work, off) for name, off in (("on_policy", False), ("one_step_off", True))}
-    steady = {name: mean([r["step_s"] for r in rows[1:]]) for name, rows in arms.items()}
-    report = {"preset": preset, "model": model, "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": args.steps,
-              "steady_step_s": steady, "speedup": steady["on_policy"] / steady["one_step_off"], "arms": arms}
-    cell = lambda v: f"{'-':>7}" if v is None else f"{v:7.3f}"  # noqa: E731
-    keys = (*LOGGED, *OFF_POLICY_KEYS)
-    print(f"# bench_off_policy: {preset} on {model}, {report['device']}, {args.steps} steps per arm")
-    print(f"{'arm':<13} {'step':>4} {'sec':>6} " + " ".join(f"{p:>6}" for p in PHASES) + " " + " ".join(f"{k.split('/')[1][:7]:>7}" for k in keys))
-    for name, rows in arms.items():
-        for r in rows:
-            print(f"{name:<13} {r['step']:>4} {r['step_s']:>6.1f} " + " ".join(f"{r[p + '_s']:>6.1f}" for p in PHASES) + " " + " ".join(cell(r[k]) for k in keys))
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"# bench_off_policy: {preset} on {model}, {name}, {args.steps} steps per arm")
+    print(f"{'arm':<13} {'step':>4} {'sec':>6} " + " ".join(f"{p:>6}" for p in PHASES) + " " + " ".join(f"{k.split('/')[1][:7]:>7}" for k in LOGGED))
+    arms = {arm: run_arm(cfg, work, arm) for arm in ("on_policy", "one_step_off")}
+    shutil.rmtree(work)
+    steady = {arm: mean([r["step_s"] for r in rows[1:]]) for arm, rows in arms.items()}
+    report = {"preset": preset, "model": model, "device": name, "steps": args.steps, "steady_step_s": steady,
+              "speedup": steady["on_policy"] / steady["one_step_off"], "arms": arms}
     print(f"steady step (steps 2..{args.steps}): on-policy {steady['on_policy']:.1f} s, one-step-off {steady['one_step_off']:.1f} s: {report['speedup']:.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "off_policy.json").write_text(json.dumps(report, indent=2))
