@@ -154,9 +154,9 @@ class LossMetrics:
     kl: float
     """Mean k3 KL estimate to the reference over student tokens (teacher tokens are regularised by it too, but not counted: not the policy's samples)."""
     clip_frac: float
-    """Fraction of the student tokens whose sampler/learner ratio was clipped."""
+    """Fraction of the student tokens whose sampler/learner ratio was clipped (0 with --one-step-off, whose ratio is to the step's own policy: loss/is_clipped counts its capped weights)."""
     logp_gap: float
-    """Mean absolute difference of the learner's and the sampler's log-probs over the student tokens: the numerics gap the clip guards."""
+    """Mean absolute difference of the learner's and the sampler's log-probs over the student tokens: the numerics gap the clip guards (with --one-step-off also the sampler's one update of staleness)."""
     grad_norm: float
     """Global norm of the delta_S gradient after the arm's projection, before clipping to --grad-clip."""
     lr: float
