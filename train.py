@@ -56,6 +56,7 @@ How this GRPO differs from the textbook one:
    loss on every completion token, teacher tokens included (`grpo_loss` says why).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -742,10 +743,7 @@ def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = 
     # The global generators: the only random draws while a step runs are the sampler's (the
     # rest take generators of their own), so a sampler on another thread draws what it would here.
     torch.manual_seed(stream_seed(cfg.seed, "sampling", distributed.rank(), batch.step))
-    if snapshot is None:
-        with merged(state.adapters):
-            samples = engine.generate(prompts, cfg.sampling, n=n_student)
-    else:
+    with merged(state.adapters) if snapshot is None else contextlib.nullcontext():
         samples = engine.generate(prompts, cfg.sampling, n=n_student, snapshot=snapshot)
     groups = []
     for gi, (p, pk) in enumerate(zip(batch.problems, batch.picks)):

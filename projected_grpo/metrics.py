@@ -81,6 +81,11 @@ class RankReport:
     peak_gib: float | None  # None on CPU
 
 
+def summed(reports: list[RankReport]) -> dict[str, float]:
+    """Every rank's loss sums (train.SUMS), added up."""
+    return {k: sum(r.sums[k] for r in reports) for k in reports[0].sums}
+
+
 def column(header: str, width: int, fmt: str) -> dict:
     """A field's column in the console table: its header, width and number format."""
     return {"column": (header, width, fmt)}
@@ -164,7 +169,7 @@ class LossMetrics:
 
     @classmethod
     def of(cls, reports: list[RankReport], grad_norm: float, lr: float) -> "LossMetrics":
-        sums = {k: sum(r.sums[k] for r in reports) for k in reports[0].sums}
+        sums = summed(reports)
         tokens = max(sums["student_tokens"], 1)
         return cls(total=sums["loss"], kl=sums["kl"] / tokens, clip_frac=sums["clipped"] / tokens, logp_gap=sums["logp_gap"] / tokens,
                    grad_norm=grad_norm, lr=lr)
@@ -267,7 +272,7 @@ class OffPolicyMetrics:
 
     @classmethod
     def of(cls, reports: list[RankReport]) -> "OffPolicyMetrics":
-        sums = {k: sum(r.sums[k] for r in reports) for k in ("is_weight", "is_capped", "student_tokens")}
+        sums = summed(reports)
         tokens = sums["student_tokens"] or float("nan")
         return cls(is_ratio_mean=sums["is_weight"] / tokens, is_clipped=sums["is_capped"] / tokens)
 
