@@ -310,9 +310,9 @@ def check(cfg: Config) -> None:
         ("v_hack.noise_quantile", cfg.v_hack.noise_quantile, 0 <= cfg.v_hack.noise_quantile <= 1, "must be in [0, 1]"),
     ):
         need(ok, name, value, what)
-    if cfg.one_step_off and "lm_head" in cfg.targets:  # the sampler's snapshot copies the projections, not an adapted LM head
-        raise UserError("--one-step-off with lm_head among --targets: the sampler ahead cannot snapshot an adapted LM head",
-                        "leave lm_head out of --targets, or drop --one-step-off")
+    if "lm_head" in cfg.targets:  # wrap_svd adapts the decoder's Linears only: a run would silently train without it
+        raise UserError("--targets lm_head: the LM head is never adapted (only the decoder layers' Linears are)",
+                        "leave lm_head out of --targets")
     check_file(cfg.problems, "problems", load_problems)
     if cfg.v_hack.path is None:
         check_file(cfg.v_hack.pairs, "v_hack.pairs")

@@ -260,8 +260,6 @@ class RolloutEngine:
                 if any(part is None for part in w):
                     raise ValueError("rollout engine: a snapshot needs every projection to be one stored weight (merge the adapters first) and a gated MLP")
             out.append(w)
-        if snapshot and isinstance(self.lm_head, SVDLinear):
-            raise ValueError("rollout engine: a snapshot does not copy the LM head, which is an adapter here (leave lm_head out of the targets)")
         return out
 
     def _layer(self, layer, x: Tensor, cos: Tensor, sin: Tensor, attend, qkv: Stacked | None, gate_up: Stacked | None,

@@ -27,7 +27,7 @@ BAD_FLAGS = [  # (flags after the preset, what the message must name)
     (["--problems", "nope.jsonl"], "--problems nope.jsonl does not exist"),
     (["--v-hack.pairs", "nope.jsonl"], "--v-hack.pairs nope.jsonl does not exist"),
     (["--report-to", "wandb"], "needs the wandb package"),
-    (["--one-step-off", "--targets", "q_proj", "lm_head"], "--one-step-off with lm_head among --targets"),
+    (["--targets", "q_proj", "lm_head"], "--targets lm_head: the LM head is never adapted"),
 ]
 
 
