@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The positive control (issue 19) on one H200, from .pcsrc2 (git archive of tag surrogate-v2).
+# The positive control (issue 19) on one H200, from /tmp/pcsrc2 (join.sh's copy of the git archive of tag surrogate-v2).
 # Phase A: diagnose + vanilla seeds 1-3 + their evals, and the base model's eval. The gate (vanilla
 # alone). Phase B, only once the gate is met: projected, random, null_pairs, shuffled x seeds 1-3.
-# Stops itself SECONDS after it starts; runs resume on the next call (from pcstate2/ on a fresh machine).
+# Stops itself SECONDS after it starts; runs resume on the next call (from pcstate2/ on a fresh machine,
+# carried after setup.sh and join.sh: the GGUF's halves leave no room for it in their calls).
 # Usage: bash .device/pc2.sh SECONDS
 set -u
 budget=$1; t0=$(date +%s); root=$PWD
@@ -13,7 +14,7 @@ touch $pc/.restored
 left() { echo $(( budget - ($(date +%s) - t0) )); }
 hours() { python -c "print(f'{max(60, $(left) - $1) / 3600:.4f}')"; }
 sweep() { python -m projected_grpo.sweep --preset surrogate --backend local --runs-dir $runs --python python --results true --train-flags="--cache-dir $pc/cache" "$@"; }
-cd .pcsrc2
+cd /tmp/pcsrc2
 # The teacher pool once, before runs that would each build it.
 [ -f out/pool/teacher_completions_easy-aware.jsonl ] || python train.py build-pool --source data/teacher_completions_easy.jsonl --problems data/problems_easy.jsonl --hint aware > $pc/pool.log 2>&1 || tail -5 $pc/pool.log
 v1=$runs/surrogate_vanilla_pairs_s1
@@ -31,6 +32,8 @@ python $root/.device/report.py $runs
 tail -4 $pc/sweepA.log $pc/sweepB.log 2>/dev/null | cut -c1-300
 grep -h -E "Error|Traceback" $runs/local/*.log $pc/base_eval.log 2>/dev/null | sort | uniq -c | head -8
 for d in $runs/*/checkpoints; do ls -d $d/step_* 2>/dev/null | sort | head -n -1 | xargs -r rm -rf; done
-# Only the run folders and logs travel (the caches rebuild in a minute): they must fit one carry.
-cd $pc && tar czf /tmp/pc.tgz runs $(ls base_eval.log sweepA.log sweepB.log pool.log 2>/dev/null) && split -b 15M /tmp/pc.tgz $OUT/pc.tgz.part_ && ls -la $OUT | tail -n +4
+# Only the run folders and logs travel (the caches rebuild in a minute): they must fit one carry. A run
+# whose eval is done leaves its checkpoint out (the first copy that comes back keeps it, off the device).
+cd $pc && evaluated=$(cd runs/local && ls eval_*.done 2>/dev/null | sed 's/^eval_\(.*\)\.done$/--exclude=runs\/\1\/checkpoints/')
+tar czf /tmp/pc.tgz $evaluated runs $(ls base_eval.log sweepA.log sweepB.log pool.log 2>/dev/null) && split -b 15M /tmp/pc.tgz $OUT/pc.tgz.part_ && ls -la $OUT | tail -n +4
 echo "end at $(( $(date +%s) - t0 )) s"

