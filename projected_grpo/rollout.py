@@ -34,7 +34,10 @@ two fused projections:
   the live ones move into the lower half and decoding continues on it alone (the step reads
   every decoded slot's K/V window, live or not, so the tail of long completions would
   otherwise cost as much per token as the full batch).
-- On CUDA the decode step (transformer + first sampling rounds) is replayed as a CUDA graph,
+- The decode step (transformer, sampling rounds, and the commit of every accepted token to its
+  slot's state: output, position, count, end) leaves the host two flags to read (a row to redraw,
+  a sequence that ended): one device sync per token; the host redraws the rare rows the rounds
+  left outside the nucleus and finishes ended sequences. On CUDA that step is replayed as a CUDA graph,
   one per (decoded slots, KV window), and with `compile` one decoder layer is torch.compile'd (regional
   compilation: one compile serves all layers, whose fused weights are its arguments; new
   windows and slot counts recompile it, up to RECOMPILE_LIMIT times). On CPU the same
@@ -75,7 +78,9 @@ PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activati
 # Compiles of the decode layer an engine may make (batch sizes as the tail halves them, KV
 # windows): at dynamo's default of 8 a training run's later shapes ran uncompiled.
 RECOMPILE_LIMIT = 64
-DRAW_ROUNDS = 2  # exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are redrawn
+# Exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are
+# redrawn on the host; 1 on CPU, where a race over the vocabulary costs more than a redraw.
+DRAW_ROUNDS = 2
 # (weight, bias) of projections concatenated on the output axis: one matmul computes them all.
 Stacked = tuple[Float[Tensor, "_out _in"], Float[Tensor, " _out"] | None]  # "_": each projection its own sizes
 
@@ -375,6 +380,8 @@ class RolloutEngine:
         n_gen = torch.zeros(b, dtype=torch.long, device=device)
         out_tokens = torch.zeros(b, max_new, dtype=torch.long, device=device)
         out_logprobs = torch.zeros(b, max_new, dtype=torch.float32, device=device)
+        is_live = torch.zeros(b, dtype=torch.bool, device=device)  # the slot's sequence has not ended
+        ended = torch.zeros(b, dtype=torch.bool, device=device)  # ended since the host last finished sequences
         owner: list[tuple[int, int] | None] = [None] * b  # (prompt, sample) per slot; None = free
         length = [0] * b  # host mirror of positions, for the KV window
         results: dict[tuple[int, int], tuple[list[int], Tensor, bool]] = {}
@@ -383,7 +390,35 @@ class RolloutEngine:
             """Next-token logits of slots [0, active), reading `window` positions of their K/V."""
             return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window, weights)
 
-        step = self._graphed_step(decode_slots, sampling) if device.type == "cuda" else None
+        def commit(active: int, new: Tensor, logp: Tensor, mask: Tensor) -> None:
+            """Append each masked slot's new token in [0, active) to its completion, and move it to
+            the token's position; a slot that ends leaves is_live and is flagged in `ended`. Fixed
+            shapes and no host sync: the CUDA graph of a decode step holds it."""
+            rows = slice(0, active)
+            at = n_gen[rows].clamp(max=max_new - 1)[:, None]  # an ended slot's n_gen is max_new: it writes nothing, at a valid index
+            for out, value in ((out_tokens, new), (out_logprobs, logp)):
+                out[rows].scatter_(1, at, torch.where(mask, value, out[rows].gather(1, at)[:, 0])[:, None])
+            n_gen[rows] += mask
+            positions[rows] += mask
+            tokens[rows] = torch.where(mask, new, tokens[rows])
+            just = mask & ((new[:, None] == eos).any(-1) | (n_gen[rows] == max_new))
+            ended[rows] |= just
+            is_live[rows] &= ~just
+
+        def decode_step(active: int, window: int, rounds: int, dry: bool = False):
+            """Decode slots [0, active), draw, commit the live rows drawn inside the nucleus (none if
+            `dry`: a CUDA graph's warm-up, which must not advance the state); returns the draws, the
+            logits and two flags (a live row left to redraw, a sequence ended)."""
+            logits = decode_slots(active, window)
+            new, logp, accepted = draw(logits, temperature, top_p, rounds)
+            commit(active, new, logp, is_live[:active] & accepted & (not dry))
+            flags = torch.stack(((is_live[:active] & ~accepted).any(), ended.any()))
+            return new, logp, accepted, logits, flags
+
+        if device.type == "cuda":
+            step = self._graphed(lambda active, window, dry: decode_step(active, window, DRAW_ROUNDS, dry), sampling.compile)
+        else:
+            step = lambda active, window: decode_step(active, window, 1)  # noqa: E731
         bar = tqdm(total=len(work), desc=desc, leave=False)
 
         def finish(done: list[int]) -> None:
@@ -395,24 +430,20 @@ class RolloutEngine:
                 owner[slot] = None
             bar.update(len(done))
 
-        def record(slots: Tensor, new: Tensor, logp: Tensor) -> list[int]:
-            """Store each slot's new token; returns the slots that just finished."""
-            out_tokens[slots, n_gen[slots]], out_logprobs[slots, n_gen[slots]] = new, logp
-            n_gen[slots] += 1
-            tokens[slots] = new
-            ended = torch.isin(new, eos) | (n_gen[slots] == max_new)
-            return slots[ended].tolist()
+        def finish_ended() -> None:
+            if done := ended.nonzero()[:, 0].tolist():
+                ended.zero_()
+                finish(done)
 
         def window_of(slots: list[int]) -> int:
             """The KV window these slots' next tokens read: past the longest."""
             return min(capacity, kv_window(max(length[s] for s in slots) + 1))
 
-        def live_slots() -> tuple[list[int], Tensor]:
-            """Slots with a sequence, and the same on the device (rebuilt when it changes)."""
-            live = [s for s in range(b) if owner[s] is not None]
-            return live, torch.tensor(live, dtype=torch.long, device=device)
+        def live_slots() -> list[int]:
+            """Slots with a sequence (is_live on the host, rebuilt when it changes)."""
+            return [s for s in range(b) if owner[s] is not None]
 
-        live, live_t = live_slots()
+        live = live_slots()
         active = b  # decode runs on slots [0, active)
         while work or live:
             if not work and len(live) <= active // 2:
@@ -425,15 +456,15 @@ class RolloutEngine:
                     window = window_of(moving)
                     for cache in (*k_cache, *v_cache):
                         cache[dst, :, :window] = cache[src, :, :window]
-                    for state in (tokens, positions, n_gen, out_tokens, out_logprobs):
+                    for state in (tokens, positions, n_gen, out_tokens, out_logprobs, is_live):
                         state[dst] = state[src]
+                    is_live[src] = False
                     for s, d in zip(moving, free_below):
                         owner[d], length[d], owner[s] = owner[s], length[s], None
-                live, live_t = live_slots()
+                live = live_slots()
             free = [s for s in range(b) if owner[s] is None]
             if work and free and (len(free) >= max(1, int(b * REFILL)) or len(free) == b):
                 take = [work.popleft() for _ in range(min(len(free), len(work)))]
-                done = []
                 for chunk in self._prefill_chunks(take, prompts):
                     slots_here = free[: len(chunk)]
                     free = free[len(chunk) :]
@@ -445,31 +476,32 @@ class RolloutEngine:
                     source = torch.tensor([unique.index(p) for p, _ in chunk], device=device)
                     slots = torch.tensor(slots_here, device=device)
                     logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, weights)
-                    new, logp = sample(logits[source], temperature, top_p)
-                    n_gen[slots] = 0
-                    positions[slots] = lengths[source]
+                    new, logp = torch.zeros_like(tokens), torch.zeros_like(out_logprobs[:, 0])
+                    new[slots], logp[slots] = sample(logits[source], temperature, top_p)
+                    n_gen[slots], is_live[slots] = 0, True
+                    positions[slots] = lengths[source] - 1  # the last prompt token's: the commit moves it to the first new token's
+                    mask = torch.zeros_like(is_live)
+                    mask[slots] = True
+                    commit(b, new, logp, mask)
                     for slot, item in zip(slots_here, chunk):
                         owner[slot], length[slot] = item, len(prompts[item[0]])
-                    done += record(slots, new, logp)
-                if done:
-                    finish(done)
-                live, live_t = live_slots()
+                finish_ended()
+                live = live_slots()
                 continue
-            window = window_of(live)
-            if step is not None:
-                new, logp, accepted, logits = step(active, window)
-            else:
-                logits = decode_slots(active, window)
-                new, logp, accepted = draw(logits, temperature, top_p)
-            new, logp, accepted = new.clone(), logp.clone(), accepted.clone()
-            redraw(logits, new, logp, accepted, temperature, top_p)
-            positions[live_t] += 1
+            new, logp, accepted, logits, flags = step(active, window_of(live))
+            rejected, any_ended = flags.tolist()  # the step's one sync
+            if rejected:  # the rows the rounds left outside the nucleus, drawn again (in place of the step's outputs) and committed
+                rows = (is_live[:active] & ~accepted).nonzero()[:, 0]
+                new[rows], logp[rows] = sample(logits[rows], temperature, top_p)
+                mask = torch.zeros_like(accepted)
+                mask[rows] = True
+                commit(active, new, logp, mask)
+                any_ended = bool(ended.any())
             for s in live:
                 length[s] += 1
-            done = record(live_t, new[live_t], logp[live_t])
-            if done:
-                finish(done)
-                live, live_t = live_slots()
+            if any_ended:
+                finish_ended()
+                live = live_slots()
         bar.close()
         return [results[item] for item in (divmod(i, n) for i in range(len(prompts) * n))]
 
@@ -486,35 +518,31 @@ class RolloutEngine:
             chunks[-1].append(item)
         return chunks
 
-    def _graphed_step(self, decode_slots, sampling: Sampling):
-        """decode_slots + draw as CUDA graphs over the engine's static buffers, captured lazily per (active slots, KV window)."""
-        if sampling.compile and self._compiled is None:
+    def _graphed(self, run, compile: bool):
+        """run(active, window, dry) as CUDA graphs over the engine's static buffers, captured lazily
+        per (active slots, KV window); returns step(active, window), which replays run(..., dry=False)."""
+        if compile and self._compiled is None:
             self._compiled = torch.compile(self._decode_layer)
-        elif not sampling.compile:
+        elif not compile:
             self._compiled = None
-        temperature, top_p = sampling.temperature, sampling.top_p
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
-
-        def run(active: int, window: int):
-            logits = decode_slots(active, window)
-            return (*draw(logits, temperature, top_p, DRAW_ROUNDS), logits)
 
         def step(active: int, window: int):
             if (active, window) not in graphs:
                 side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    # Warm-up (idempotent: rewrites the same K/V), where a new shape compiles.
+                    # Warm-up, where a new shape compiles: dry, so it commits nothing (it rewrites the same K/V).
                     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                        run(active, window)
+                        run(active, window, True)
                     # Captured with capture_begin/end, not under torch.cuda.graph, whose device-wide
                     # synchronize and empty_cache per capture would stall a learner running on
                     # another thread (--one-step-off) and hand back its cached memory; thread_local:
                     # that learner's allocations stay legal during the capture.
                     graph.capture_begin(pool, capture_error_mode="thread_local")
                     try:
-                        outputs = run(active, window)
+                        outputs = run(active, window, False)
                     finally:
                         graph.capture_end()
                 torch.cuda.current_stream().wait_stream(side)
