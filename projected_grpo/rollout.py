@@ -415,10 +415,8 @@ class RolloutEngine:
             flags = torch.stack(((is_live[:active] & ~accepted).any(), ended.any()))
             return new, logp, accepted, logits, flags
 
-        if device.type == "cuda":
-            step = self._graphed(lambda active, window, dry: decode_step(active, window, DRAW_ROUNDS, dry), sampling.compile)
-        else:
-            step = lambda active, window: decode_step(active, window, 1)  # noqa: E731
+        rounds = DRAW_ROUNDS if device.type == "cuda" else 1
+        step = self._stepper(lambda active, window, dry: decode_step(active, window, rounds, dry), device, sampling.compile)
         bar = tqdm(total=len(work), desc=desc, leave=False)
 
         def finish(done: list[int]) -> None:
@@ -518,9 +516,12 @@ class RolloutEngine:
             chunks[-1].append(item)
         return chunks
 
-    def _graphed(self, run, compile: bool):
-        """run(active, window, dry) as CUDA graphs over the engine's static buffers, captured lazily
-        per (active slots, KV window); returns step(active, window), which replays run(..., dry=False)."""
+    def _stepper(self, run, device: torch.device, compile: bool):
+        """step(active, window): run(active, window, dry=False); on CUDA replayed from CUDA graphs
+        over the engine's static buffers, captured lazily per (active slots, KV window) after a
+        dry run (the warm-up)."""
+        if device.type != "cuda":
+            return lambda active, window: run(active, window, False)
         if compile and self._compiled is None:
             self._compiled = torch.compile(self._decode_layer)
         elif not compile:

@@ -95,6 +95,31 @@ def test_tail_moves_to_fewer_slots_and_keeps_every_sequence(tiny):
         assert completion == ref[:cut] and len(logprobs) == len(completion) and truncated == (cut == 40 and ref[39] not in eos)
 
 
+def test_a_dry_decode_step_changes_no_state(tiny, monkeypatch):
+    """A CUDA graph is captured after a dry run of its decode step (the warm-up): run on CPU before
+    every step, dry runs leave every output as it was (greedy, EOS ends, refills, the tail's moves)."""
+    model, tokenizer = tiny
+    engine = RolloutEngine(model, tokenizer)
+    engine.eos = list(range(0, model.config.vocab_size, 3))
+    prompts = prompts_of([3 + (7 * i) % 23 for i in range(12)], seed=1)
+    sampling = Sampling(max_new_tokens=40, temperature=0.0, top_p=1.0, batch=8)
+    expected = engine.generate_ids(prompts, sampling)
+    dry_runs = []
+
+    def warmed(self, run, device, compile):
+        def step(active, window):
+            dry_runs.append(active)
+            run(active, window, True)
+            return run(active, window, False)
+        return step
+
+    monkeypatch.setattr(RolloutEngine, "_stepper", warmed)
+    out = engine.generate_ids(prompts, sampling)
+    assert len(set(dry_runs)) > 1 and any(1 < len(c) < 40 for c, _, _ in out)  # through EOS ends in decode, refills and the tail
+    for (c, lp, trunc), (c_ref, lp_ref, trunc_ref) in zip(out, expected):
+        assert c == c_ref and torch.equal(lp, lp_ref) and trunc == trunc_ref
+
+
 def test_decoder_layers_see_no_grad_inputs_with_gradient_checkpointing_on():
     """train.py turns on HF's gradient checkpointing, which hooks the embedding so that its output
     requires grad even under no_grad: the engine's layer inputs must not (on CUDA, layer 0 would
