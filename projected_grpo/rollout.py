@@ -252,7 +252,7 @@ class RolloutEngine:
 
         With `snapshot`, also o and down as copies, whatever `fuse` says: a generate call on
         these reads no weight of the model's (the module docstring's Snapshots). Every
-        projection must then be exact and the LM head no adapter, else a ValueError."""
+        projection must then be exact (the LM head is: wrap_svd never adapts it), else a ValueError."""
         if not (self.fuse or snapshot):
             return [LayerWeights(None, None)] * len(self.body.layers)
         out = []
@@ -405,7 +405,7 @@ class RolloutEngine:
             ended[rows] |= just
             is_live[rows] &= ~just
 
-        def decode_step(active: int, window: int, rounds: int, dry: bool = False):
+        def decode_step(active: int, window: int, rounds: int, dry: bool):
             """Decode slots [0, active), draw, commit the live rows drawn inside the nucleus (none if
             `dry`: a CUDA graph's warm-up, which must not advance the state); returns the draws, the
             logits and two flags (a live row left to redraw, a sequence ended)."""
