@@ -419,7 +419,11 @@ class RolloutEngine:
         step = self._stepper(lambda active, window, dry: decode_step(active, window, rounds, dry), device, sampling.compile)
         bar = tqdm(total=len(work), desc=desc, leave=False)
 
-        def finish(done: list[int]) -> None:
+        def finish_ended() -> None:
+            """Hand the sequences flagged in `ended` to the results and free their slots."""
+            if not (done := ended.nonzero()[:, 0].tolist()):
+                return
+            ended.zero_()
             idx = torch.tensor(done, device=device)
             counts, toks, lps = n_gen[idx].tolist(), out_tokens[idx].cpu(), out_logprobs[idx].cpu()
             for j, slot in enumerate(done):
@@ -427,11 +431,6 @@ class RolloutEngine:
                 results[owner[slot]] = (c, lps[j, : counts[j]], c[-1] not in self.eos)
                 owner[slot] = None
             bar.update(len(done))
-
-        def finish_ended() -> None:
-            if done := ended.nonzero()[:, 0].tolist():
-                ended.zero_()
-                finish(done)
 
         def window_of(slots: list[int]) -> int:
             """The KV window these slots' next tokens read: past the longest."""
