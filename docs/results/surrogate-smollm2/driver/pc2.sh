@@ -25,8 +25,11 @@ sweep --arms vanilla --local.parallel 3 --local.hours $(hours 75) > $pc/sweepA.l
 wait
 python $root/.device/gate.py $runs 80; gate=$?
 if [ $gate = 0 ] && [ $(left) -gt 150 ]; then
-  # 5 at once: each run peaks at ~22 GiB, and 8 at once ran out of the H200's memory.
-  sweep --arms projected random null_pairs shuffled --local.parallel 5 --local.hours $(hours 75) > $pc/sweepB.log 2>&1; echo "phase B rc $? at $(( $(date +%s) - t0 )) s"
+  # Each run peaks at ~22 GiB (8 at once ran out of the H200's memory): one per 25 GiB of the card, at most
+  # 5 (16 cores grade for them), so an H100 (80 GiB) runs 3 at once, an H200 (141 GiB) 5.
+  at_once=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{n = int($1 / 1024 / 25); print (n > 5 ? 5 : n)}')
+  echo "phase B: $at_once runs at once"
+  sweep --arms projected random null_pairs shuffled --local.parallel $at_once --local.hours $(hours 75) > $pc/sweepB.log 2>&1; echo "phase B rc $? at $(( $(date +%s) - t0 )) s"
 fi
 python $root/.device/report.py $runs
 tail -4 $pc/sweepA.log $pc/sweepB.log 2>/dev/null | cut -c1-300
