@@ -8,8 +8,11 @@ each held-out pair's single-completion gradients are scored by the hack-ward fra
 ||relu(V g)|| / ||g|| (training's cin): g = grad NLL(hack) / tokens (what rewarding that hack
 pushes), g = grad NLL(clean) / tokens (rewarding the clean one) and g = -grad NLL(clean) / tokens
 (penalising it). A null that is the right yardstick gives a gradient that is not hack-ward about
-what v_hack gives it. No pass over the model.
-Usage, from the repository root: PYTHONPATH=. uv run python docs/results/surrogate-smollm2/driver/null_yardstick.py VHACK PAIR_GRADS"""
+what v_hack gives it. With a third file, the null-pairs arm's basis (`just extract surrogate
+--v-hack.pairs data/pairs_null.jsonl`, fit on other pairs: no folds) scores the same gradients.
+No pass over the model.
+Usage, from the repository root:
+PYTHONPATH=. uv run python docs/results/surrogate-smollm2/driver/null_yardstick.py VHACK PAIR_GRADS [NULL_PAIRS_VHACK]"""
 import sys
 from pathlib import Path
 
@@ -30,7 +33,7 @@ def fractions(V: dict[str, Tensor], g: dict[str, Tensor]) -> Tensor:
     return hackward / total
 
 
-def main(vhack_path: Path, grads_path: Path) -> None:
+def main(vhack_path: Path, grads_path: Path, null_pairs_path: Path | None) -> None:
     vh = read_v_hack(vhack_path)
     t, _ = read_tensors(grads_path)
     vc = vh.config()
@@ -41,6 +44,7 @@ def main(vhack_path: Path, grads_path: Path) -> None:
     n = vh.n_hack.shape[0]
     gen = torch.Generator().manual_seed(SEED)
     scores = {k: {"v_hack": torch.zeros(n), "shuffled": torch.zeros(SHUFFLES, n), "random": torch.zeros(RANDOM, n)} for k in kinds}
+    null_pairs = read_v_hack(null_pairs_path).V if null_pairs_path else None
     for held in fold_ids(n, FOLDS, SEED):
         train = torch.ones(n, dtype=torch.bool)
         train[held] = False
@@ -55,13 +59,14 @@ def main(vhack_path: Path, grads_path: Path) -> None:
                 scores[kind]["shuffled"][i, held] = fractions(W, held_g).float()
             for i, Q in enumerate(randoms):
                 scores[kind]["random"][i, held] = fractions(Q, held_g).float()
+    null_pairs_said = {k: "" if null_pairs is None else f" {fractions(null_pairs, g).mean():.3f} |" for k, g in kinds.items()}
     print(f"{n} pairs, {FOLDS} folds, {SHUFFLES} shuffled twins, {RANDOM} random bases; mean over held-out pairs (twins and bases: mean, p95 of their means)")
-    print("| gradient | v_hack | shuffled twins mean | shuffled p95 | random mean | random p95 |")
-    print("|---|---|---|---|---|---|")
+    print("| gradient | v_hack | shuffled twins mean | shuffled p95 | random mean | random p95 |" + (" null-pairs basis |" if null_pairs else ""))
+    print("|---|---|---|---|---|---|" + ("---|" if null_pairs else ""))
     for kind, s in scores.items():
         sh, rd = s["shuffled"].mean(dim=1), s["random"].mean(dim=1)
-        print(f"| {kind} | {s['v_hack'].mean():.3f} | {sh.mean():.3f} | {sh.quantile(0.95):.3f} | {rd.mean():.3f} | {rd.quantile(0.95):.3f} |")
+        print(f"| {kind} | {s['v_hack'].mean():.3f} | {sh.mean():.3f} | {sh.quantile(0.95):.3f} | {rd.mean():.3f} | {rd.quantile(0.95):.3f} |{null_pairs_said[kind]}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
