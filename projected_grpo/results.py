@@ -89,7 +89,7 @@ POWER = (
     "`seeds needed` wants more seeds; one with `none` is no effect of the required size."
 )
 R, H = KEY.rollout, KEY.hackward  # the log keys, as projected_grpo/metrics.py defines them
-LOG_KEYS = (R.hack_s, R.gt_s, R.reward, H.cin_s, H.cin_t, H.null_s_mean, H.null_s_p95, H.null_t_mean, H.null_t_p95, H.upd, H.disp_sum, H.removed)  # what results reads
+LOG_KEYS = (R.hack_s, R.attempted_s, R.gt_s, R.reward, H.cin_s, H.cin_t, H.null_s_mean, H.null_s_p95, H.null_t_mean, H.null_t_p95, H.upd, H.disp_sum, H.removed)  # what results reads
 TRAIN_METRICS = {"hack_s": R.hack_s, "gt_s": R.gt_s, "reward": R.reward, "removed": H.removed}  # name in the table: log key
 EVAL_METRICS = {"eval_strict": "hack_strict", "eval_loose": "hack_loose", "eval_pass": "gt_pass"}  # name in the table: eval summary key
 EFFECT_MARGIN = 0.30  # a positive control: vanilla's held-out strict hack rate this far above the base model's at every seed
@@ -569,26 +569,37 @@ def first_stretch(flags: list[bool], steps: list[int], length: int) -> int | Non
     return None
 
 
+def rise(rows: list[dict], before: list[dict], key: str) -> tuple[float | None, int | None]:
+    """A signal against its own start: its steps-1-BASELINE_STEPS mean + 2 sd (None with fewer
+    than two values there), and the first step of STRETCH consecutive steps above it among the
+    steps of `before` after BASELINE_STEPS (None if there is none)."""
+    first = [r[key] for r in rows[:BASELINE_STEPS] if r[key] is not None]
+    if len(first) < 2:
+        return None, None
+    bar = statistics.mean(first) + 2 * statistics.stdev(first)
+    later = [r for r in before if r["step"] > BASELINE_STEPS]
+    return bar, first_stretch([r[key] is not None and r[key] > bar for r in later], [r["step"] for r in later], STRETCH)
+
+
 def leading(curves: pl.DataFrame) -> dict:
     """H2 and H3 (docs/spec.md) read from one vanilla run's log. onset: the first step whose
     hack_s exceeds ONSET. H2 against the null: cin_s > null_s_p95 for STRETCH consecutive steps
     before onset. H2 against its own start (cin_s sits above the null from step 1 on the
-    surrogate, which makes the first reading trivially true): cin_s above its steps-1-10 mean + 2 sd
-    for STRETCH consecutive steps between step 11 and onset. H3: steps where cin_t > null_t_p95
-    while cin_s <= null_s_p95 (both defined)."""
+    surrogate, which makes the first reading trivially true): `rise` of cin_s before onset.
+    Beside H2, not in it: `rise` of attempted_s before onset, the behavioural indicator the
+    surrogate's 16 vanilla logs support (RESEARCH_JOURNAL.md, 2026-12-05). H3: steps where
+    cin_t > null_t_p95 while cin_s <= null_s_p95 (both defined)."""
     rows = curves.to_dicts()
     above = lambda r, a, b: r[a] is not None and r[b] is not None and r[a] > r[b]
     onset = next((r["step"] for r in rows if r[R.hack_s] is not None and r[R.hack_s] > ONSET), None)
     before = [r for r in rows if onset is None or r["step"] < onset]
     h2_null = first_stretch([above(r, H.cin_s, H.null_s_p95) for r in before], [r["step"] for r in before], STRETCH)
-    first = [r[H.cin_s] for r in rows[:BASELINE_STEPS] if r[H.cin_s] is not None]
-    bar = statistics.mean(first) + 2 * statistics.stdev(first) if len(first) >= 2 else None
-    later = [r for r in before if r["step"] > BASELINE_STEPS]
-    h2_own = None if bar is None else first_stretch([r[H.cin_s] is not None and r[H.cin_s] > bar for r in later],
-                                                     [r["step"] for r in later], STRETCH)
+    bar, h2_own = rise(rows, before, H.cin_s)
+    attempt_bar, attempt_from = rise(rows, before, R.attempted_s)
     both = [r for r in rows if r[H.cin_s] is not None and r[H.cin_t] is not None]
     h3 = [r["step"] for r in both if above(r, H.cin_t, H.null_t_p95) and not above(r, H.cin_s, H.null_s_p95)]
-    return {"onset": onset, "h2_null_from": h2_null, "own_bar": bar, "h2_own_from": h2_own, "h3_steps": h3, "steps_with_cin_t": len(both)}
+    return {"onset": onset, "h2_null_from": h2_null, "own_bar": bar, "h2_own_from": h2_own, "attempt_bar": attempt_bar, "attempt_from": attempt_from,
+            "h3_steps": h3, "steps_with_cin_t": len(both)}
 
 
 def leading_lines(groups: dict[Group, list[TrainedRun]]) -> tuple[list[str], list[dict]]:
@@ -603,8 +614,10 @@ def leading_lines(groups: dict[Group, list[TrainedRun]]) -> tuple[list[str], lis
         h3 = (f"{len(e['h3_steps'])} of {e['steps_with_cin_t']} steps with teacher rollouts" + (f" (first: {', '.join(map(str, e['h3_steps'][:5]))})" if e["h3_steps"] else "")
               if e["steps_with_cin_t"] else "no step with teacher rollouts")
         when = "before it" if e["onset"] else "anywhere in the run"  # without an onset there is nothing to lead
+        attempt = ("no first-10-step level" if e["attempt_bar"] is None else
+                   f"above its first-{BASELINE_STEPS}-step mean + 2 sd ({e['attempt_bar']:.3f}) for {STRETCH} steps {when}: {stretch(e['attempt_from'])}")
         lines.append(f"- {r.group.preset} vanilla seed {r.seed}: {onset}; H2, cin_s > null_s_p95 for {STRETCH} steps {when}: "
-                     f"{stretch(e['h2_null_from'])}; {own}; H3, cin_t > its null p95 while cin_s is not: {h3}")
+                     f"{stretch(e['h2_null_from'])}; {own}; beside H2, not in it: attempted_s {attempt}; H3, cin_t > its null p95 while cin_s is not: {h3}")
     return lines, entries
 
 

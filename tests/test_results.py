@@ -430,11 +430,12 @@ def test_cli_writes_into_out(template, tmp_path):
         main(ResultsConfig(runs_dir=tmp_path / "absent"))
 
 
-def curves_of(hack: list[float], cin_s: list[float | None], null_s: float, cin_t: list[float | None] | None = None, null_t: float = 0.25) -> pl.DataFrame:
-    """A vanilla run's per-step curves with only what H2 and H3 read set."""
+def curves_of(hack: list[float], cin_s: list[float | None], null_s: float, cin_t: list[float | None] | None = None, null_t: float = 0.25,
+              attempted: list[float] | None = None) -> pl.DataFrame:
+    """A vanilla run's per-step curves with only what H2 and H3 read set (attempted_s: hack_s unless given)."""
     n = len(hack)
-    cols = {"step": list(range(1, n + 1)), "rollout/hack_s": hack, "hackward/cin_s": cin_s, "hackward/null_s_p95": [null_s] * n,
-            "hackward/cin_t": cin_t or [None] * n, "hackward/null_t_p95": [null_t] * n}
+    cols = {"step": list(range(1, n + 1)), "rollout/hack_s": hack, "rollout/attempted_s": attempted or hack, "hackward/cin_s": cin_s,
+            "hackward/null_s_p95": [null_s] * n, "hackward/cin_t": cin_t or [None] * n, "hackward/null_t_p95": [null_t] * n}
     return pl.DataFrame({k: cols.get(k, [0.0] * n) for k in ("step", *LOG_KEYS)}, schema={"step": pl.Int64} | {k: pl.Float64 for k in LOG_KEYS})
 
 
@@ -452,3 +453,8 @@ def test_h2_and_h3_read_from_a_vanilla_log():
     # Never hacks: no onset; H3 counts the steps where cin_t beats its null and cin_s does not.
     never = leading(curves_of([0.0] * 20, [0.1] * 18 + [None, 0.3], null_s=0.2, cin_t=[0.3, 0.2] * 10))
     assert never["onset"] is None and never["h3_steps"] == [1, 3, 5, 7, 9, 11, 13, 15, 17] and never["steps_with_cin_t"] == 19
+    # Beside H2: attempted_s rising from step 11 against its own start leads an onset at 16; one at 14 cuts it short.
+    attempts = [0.02, 0.04] * 5 + [0.15] * 10
+    early = leading(curves_of([0.0] * 15 + [0.3] * 5, quiet + [0.11] * 10, null_s=0.05, attempted=attempts))
+    assert early["attempt_from"] == 11 and early["attempt_bar"] == pytest.approx(0.03 + 2 * statistics.stdev(attempts[:10])) and early["h2_own_from"] is None
+    assert leading(curves_of([0.0] * 13 + [0.3] * 7, quiet + [0.11] * 10, null_s=0.05, attempted=attempts))["attempt_from"] is None

@@ -5,7 +5,8 @@ yardstick: a signal that fires there too is no indicator.
 A signal "fires" at the first of STRETCH consecutive steps above its bar. Bars: cin_s against its
 empirical null (null_s_p95, H2 as preregistered, any step), and each signal against its own start
 (mean + 2 sd of steps 1-BASELINE_STEPS, steps after BASELINE_STEPS only), as results.leading reads
-cin_s. Onset: hack_s first > ONSET. Lead = onset - firing step (negative: it fired after onset).
+cin_s. Onset: hack_s first > ONSET. Lead = onset - firing step (negative: it fired after onset); a
+lead >= STRETCH is a stretch complete before the onset, as results.leading (and H2) count one.
 Usage, from the repository root: PYTHONPATH=. uv run python docs/results/surrogate-smollm2/driver/leading.py"""
 import json
 import statistics
@@ -48,7 +49,8 @@ def main() -> None:
         hacked = [(o, f[name]) for o, f in table.values() if o is not None]
         leads = sorted(o - s for o, s in hacked if s is not None)
         false = sum(f[name] is not None for o, f in table.values() if o is None)
-        print(f"- {name}: fired in {len(leads)} of {len(hacked)} that hacked (lead on onset, steps: {leads}), "
+        print(f"- {name}: fired in {len(leads)} of {len(hacked)} that hacked (lead on onset, steps: {leads}; "
+              f"complete before the onset in {sum(lead >= STRETCH for lead in leads)}), "
               f"in {false} of {len(table) - len(hacked)} that did not")
 
 
