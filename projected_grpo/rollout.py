@@ -361,9 +361,9 @@ class RolloutEngine:
         from `snapshot` if given (see `generate`).
 
         One function past a screen, on purpose: the slots' state (KV caches, next tokens,
-        positions, owners) lives in this call and the closures below share it; the loop (shrink
-        the active slots, refill free ones by prefill, decode one token, finish the ended) reads
-        top to bottom here, where a class would scatter it over methods and attributes."""
+        positions, owners) lives in this call and the closures below share it, where a class
+        would scatter it over methods and attributes; the loop at the end reads top to bottom
+        (compact the tail, refill free slots by prefill, decode one token, redraw, finish the ended)."""
         device = self.lm_head.weight.device
         max_new, temperature, top_p = sampling.max_new_tokens, sampling.temperature, sampling.top_p
         work = deque(divmod(i, n) for i in range(len(prompts) * n))  # (prompt, sample) in output order
@@ -440,60 +440,74 @@ class RolloutEngine:
             """Slots with a sequence (is_live on the host, rebuilt when it changes)."""
             return [s for s in range(b) if owner[s] is not None]
 
+        def compact(active: int, live: list[int]) -> int:
+            """The tail: halve the active slots while at most half are live, moving the live ones
+            above the new bound into free slots below it. Returns the new bound."""
+            while len(live) <= active // 2:
+                active //= 2
+            moving = [s for s in live if s >= active]
+            if moving:
+                free_below = [s for s in range(active) if owner[s] is None][: len(moving)]
+                src, dst = torch.tensor(moving, device=device), torch.tensor(free_below, device=device)
+                window = window_of(moving)
+                for cache in (*k_cache, *v_cache):
+                    cache[dst, :, :window] = cache[src, :, :window]
+                for state in (tokens, positions, n_gen, out_tokens, out_logprobs, is_live):
+                    state[dst] = state[src]
+                is_live[src] = False
+                for s, d in zip(moving, free_below):
+                    owner[d], length[d], owner[s] = owner[s], length[s], None
+            return active
+
+        def refill(take: list[tuple[int, int]], free: list[int]) -> None:
+            """Prefill the (prompt, sample) items `take` into the free slots and commit their first tokens."""
+            for chunk in self._prefill_chunks(take, prompts):
+                slots_here = free[: len(chunk)]
+                free = free[len(chunk) :]
+                unique = sorted({p for p, _ in chunk})
+                padded = torch.zeros(len(unique), max(len(prompts[p]) for p in unique), dtype=torch.long)
+                for i, p in enumerate(unique):
+                    padded[i, : len(prompts[p])] = torch.tensor(prompts[p])
+                lengths = torch.tensor([len(prompts[p]) for p in unique], device=device)
+                source = torch.tensor([unique.index(p) for p, _ in chunk], device=device)
+                slots = torch.tensor(slots_here, device=device)
+                logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, weights)
+                new, logp = torch.zeros_like(tokens), torch.zeros_like(out_logprobs[:, 0])
+                new[slots], logp[slots] = sample(logits[source], temperature, top_p)
+                n_gen[slots], is_live[slots] = 0, True
+                positions[slots] = lengths[source] - 1  # the last prompt token's: the commit moves it to the first new token's
+                mask = torch.zeros_like(is_live)
+                mask[slots] = True
+                commit(b, new, logp, mask)
+                for slot, item in zip(slots_here, chunk):
+                    owner[slot], length[slot] = item, len(prompts[item[0]])
+
+        def redraw(active: int, new: Tensor, logp: Tensor, accepted: Tensor, logits: Tensor) -> bool:
+            """Draw again the live rows the step's rounds left outside the nucleus (in place of its
+            outputs) and commit them. Returns whether a sequence has ended."""
+            rows = (is_live[:active] & ~accepted).nonzero()[:, 0]
+            new[rows], logp[rows] = sample(logits[rows], temperature, top_p)
+            mask = torch.zeros_like(accepted)
+            mask[rows] = True
+            commit(active, new, logp, mask)
+            return bool(ended.any())
+
         live = live_slots()
         active = b  # decode runs on slots [0, active)
         while work or live:
             if not work and len(live) <= active // 2:
-                while len(live) <= active // 2:
-                    active //= 2
-                moving = [s for s in live if s >= active]
-                if moving:
-                    free_below = [s for s in range(active) if owner[s] is None][: len(moving)]
-                    src, dst = torch.tensor(moving, device=device), torch.tensor(free_below, device=device)
-                    window = window_of(moving)
-                    for cache in (*k_cache, *v_cache):
-                        cache[dst, :, :window] = cache[src, :, :window]
-                    for state in (tokens, positions, n_gen, out_tokens, out_logprobs, is_live):
-                        state[dst] = state[src]
-                    is_live[src] = False
-                    for s, d in zip(moving, free_below):
-                        owner[d], length[d], owner[s] = owner[s], length[s], None
+                active = compact(active, live)
                 live = live_slots()
             free = [s for s in range(b) if owner[s] is None]
             if work and free and (len(free) >= max(1, int(b * REFILL)) or len(free) == b):
-                take = [work.popleft() for _ in range(min(len(free), len(work)))]
-                for chunk in self._prefill_chunks(take, prompts):
-                    slots_here = free[: len(chunk)]
-                    free = free[len(chunk) :]
-                    unique = sorted({p for p, _ in chunk})
-                    padded = torch.zeros(len(unique), max(len(prompts[p]) for p in unique), dtype=torch.long)
-                    for i, p in enumerate(unique):
-                        padded[i, : len(prompts[p])] = torch.tensor(prompts[p])
-                    lengths = torch.tensor([len(prompts[p]) for p in unique], device=device)
-                    source = torch.tensor([unique.index(p) for p, _ in chunk], device=device)
-                    slots = torch.tensor(slots_here, device=device)
-                    logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, weights)
-                    new, logp = torch.zeros_like(tokens), torch.zeros_like(out_logprobs[:, 0])
-                    new[slots], logp[slots] = sample(logits[source], temperature, top_p)
-                    n_gen[slots], is_live[slots] = 0, True
-                    positions[slots] = lengths[source] - 1  # the last prompt token's: the commit moves it to the first new token's
-                    mask = torch.zeros_like(is_live)
-                    mask[slots] = True
-                    commit(b, new, logp, mask)
-                    for slot, item in zip(slots_here, chunk):
-                        owner[slot], length[slot] = item, len(prompts[item[0]])
+                refill([work.popleft() for _ in range(min(len(free), len(work)))], free)
                 finish_ended()
                 live = live_slots()
                 continue
             new, logp, accepted, logits, flags = step(active, window_of(live))
             rejected, any_ended = flags.tolist()  # the step's one sync
-            if rejected:  # the rows the rounds left outside the nucleus, drawn again (in place of the step's outputs) and committed
-                rows = (is_live[:active] & ~accepted).nonzero()[:, 0]
-                new[rows], logp[rows] = sample(logits[rows], temperature, top_p)
-                mask = torch.zeros_like(accepted)
-                mask[rows] = True
-                commit(active, new, logp, mask)
-                any_ended = bool(ended.any())
+            if rejected:
+                any_ended = redraw(active, new, logp, accepted, logits)
             for s in live:
                 length[s] += 1
             if any_ended:
