@@ -117,6 +117,103 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+SAMPLING = dict(temperature=0.7, top_p=0.95)  # every decode row's; its temperature is the extraction's, as in train.py
+
+
+def plain_generate_tok_s(model, tokenizer, prompts: dict[int, torch.Tensor], new_tokens: int) -> dict[int, float]:
+    """The baseline, per batch size: plain HF generate's tok/s (warmed up on 4 tokens)."""
+    def generate(ids: torch.Tensor, n: int) -> None:
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, **SAMPLING,
+                       max_new_tokens=n, min_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
+
+    plain = {}
+    for b, ids in prompts.items():
+        generate(ids, 4)
+        plain[b] = b * new_tokens / timed(lambda: generate(ids, new_tokens), warmup=0)
+    return plain
+
+
+def svd_wrap_times(model, cache: Path) -> tuple[dict, dict]:
+    """Wrap cold (the cache empty), unwrap, wrap warm (a cache hit): the second wrap's adapters, and both times."""
+    t = time.perf_counter()
+    adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
+    sync()
+    cold = time.perf_counter() - t
+    for module_name, a in adapters.items():
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, a.base)
+    del adapters
+    t = time.perf_counter()
+    adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
+    sync()
+    warm = time.perf_counter() - t
+    print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s, warm (cache hit) {warm:.1f} s")
+    return adapters, {"modules": len(adapters), "cold_s": cold, "warm_s": warm}
+
+
+def engine_tok_s(engine: RolloutEngine, ids: list[list[int]], new_tokens: int, compile: bool, cuda: bool) -> tuple[float, float]:
+    """tok/s of the engine's calls on these prompts (one batch), and the seconds of its first call (compiles and captures: untimed)."""
+    b = len(ids)
+    run = lambda: engine.generate_ids(ids, Sampling(max_new_tokens=new_tokens, batch=b, compile=compile, **SAMPLING))  # noqa: E731
+    t = time.perf_counter()
+    run()
+    sync()
+    first = time.perf_counter() - t
+    return b * new_tokens / timed(run, repeat=2 if cuda else 1, warmup=0), first
+
+
+def decode_rows(model, tokenizer, prompts: dict[int, torch.Tensor], plain: dict[int, float], bound, new_tokens: int, compile: bool, cuda: bool) -> dict:
+    """The engine against plain generate per batch size (`bound`: the roofline tok/s of a batch),
+    then at the largest batch: fused against unfused projections, flex against SDPA attention on
+    ragged prompts, and the kernel profile of one decode step. Forced lengths (no EOS), as
+    min_new_tokens does for generate."""
+    prompt_tokens = next(iter(prompts.values())).shape[1]
+    engine, unfused, flex = (RolloutEngine(model, tokenizer, **kw) for kw in ({}, {"fuse": False}, {"attention": "flex"}))
+    for e in (engine, unfused, flex):
+        e.eos = []
+    rows = []
+    print(f"\ndecode, {prompt_tokens}-token prompts, {new_tokens} new (tok/s of the whole call, prefill included)")
+    print(f"{'B':>5} {'generate':>10} {'engine':>10} {'ratio':>7} {'bound':>10} {'of bound':>9} {'1st call s':>11}")
+    for b, ids in prompts.items():
+        tps, first = engine_tok_s(engine, ids.tolist(), new_tokens, compile, cuda)
+        rows.append({"batch": b, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "generate_tok_s": plain[b], "engine_tok_s": tps,
+                     "ratio": tps / plain[b], "bound_tok_s": bound(b), "fraction_of_bound": tps / bound(b), "engine_first_call_s": first})
+        print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound(b):>10,.0f} {tps / bound(b):>9.1%} {first:>11.1f}")
+    b = max(prompts)
+    report = {"decode": rows}
+    fused_tps, unfused_tps = (engine_tok_s(e, prompts[b].tolist(), new_tokens, compile, cuda)[0] for e in (engine, unfused))
+    report["decode_fused"] = {"batch": b, "fused_tok_s": fused_tps, "unfused_tok_s": unfused_tps, "ratio": fused_tps / unfused_tps}
+    print(f"decode B={b} fused vs unfused (one matmul for Q, K, V and one for gate, up vs one per projection): "
+          f"{fused_tps:,.0f} vs {unfused_tps:,.0f} tok/s, {fused_tps / unfused_tps:.2f}x")
+    # Ragged prompts (own generator: the rows after this one draw what they did before it):
+    # with equal lengths every slot's blocks fill the window and flex ties with SDPA.
+    ragged = torch.Generator().manual_seed(1)
+    ids = [torch.randint(1000, 100000, (int(n),), generator=ragged).tolist() for n in torch.randint(32, 2 * prompt_tokens + 1, (b,), generator=ragged)]
+    try:  # flex decode has not run on this torch's CUDA before: a failure is reported, and the rows after it still run
+        flex_tps, sdpa_tps = (engine_tok_s(e, ids, new_tokens, compile, cuda)[0] for e in (flex, engine))
+        report["decode_attention"] = {"batch": b, "prompt_tokens": [32, 2 * prompt_tokens], "flex_tok_s": flex_tps, "sdpa_tok_s": sdpa_tps, "ratio": flex_tps / sdpa_tps}
+        print(f"decode B={b} flex (live KV blocks) vs sdpa (whole window), prompts of 32..{2 * prompt_tokens} tokens: "
+              f"{flex_tps:,.0f} vs {sdpa_tps:,.0f} tok/s, {flex_tps / sdpa_tps:.2f}x")
+    except Exception as e:
+        report["decode_attention"] = {"batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"decode B={b} flex vs sdpa: flex failed, {report['decode_attention']['error']}")
+    window = kv_window(prompt_tokens + new_tokens // 2)  # the mean window of the timed calls
+    report["decode_profile"] = decode_profile(engine, b, window, SAMPLING, 1e3 * b / rows[-1]["engine_tok_s"])
+    return report
+
+
+def extraction_s_per_pair(model, adapters, tokenizer, n_pairs: int) -> float:
+    """Seconds per pair of v_hack's one pass over the model (the first pairs of data/pairs.jsonl)."""
+    problems = {p.id: p for p in load_problems(DATA / "problems.jsonl")}
+    pairs = load_pairs(DATA / "pairs.jsonl", problems)[:n_pairs]
+    t = time.perf_counter()
+    pair_gradients(model, adapters, tokenizer, pairs, SAMPLING["temperature"])
+    sync()
+    seconds = (time.perf_counter() - t) / len(pairs)
+    print(f"extraction: {seconds:.2f} s per pair ({len(pairs)} pairs)")
+    return seconds
+
+
 def main(args: Args) -> dict:
     device = pick_device("auto")
     cuda = device == "cuda"
@@ -137,104 +234,24 @@ def main(args: Args) -> dict:
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
     report["bandwidth_gbs"] = bw / 1e9
     print(f"memory bandwidth {bw / 1e9:,.0f} GB/s (device copy); weights {weight_bytes / 1e9:.2f} GB; KV {kv_bytes_per_token / 1024:.1f} KiB per token")
+    # The roofline of a decode batch: every step reads the weights and the batch's mean KV cache once.
+    bound = lambda b: b / ((weight_bytes + b * (prompt_tokens + (new_tokens - 1) / 2) * kv_bytes_per_token) / bw)  # noqa: E731
 
     gen = torch.Generator().manual_seed(0)
-    sampling = dict(temperature=0.7, top_p=0.95)
-
-    def hf_generate(prompts: torch.Tensor, n: int) -> None:
-        model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0, **sampling,
-                       max_new_tokens=n, min_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
-
-    # Baseline first, in this process: plain HF generate per batch size (warmed up on 4 tokens).
     prompts = {b: torch.randint(1000, 100000, (b, prompt_tokens), generator=gen).to(device) for b in batches}
-    plain = {}
-    for b in batches:
-        hf_generate(prompts[b], 4)
-        plain[b] = b * new_tokens / timed(lambda: hf_generate(prompts[b], new_tokens), warmup=0)
-
+    plain = plain_generate_tok_s(model, tokenizer, prompts, new_tokens)  # the baseline first, in this process, before any wrap
     work = Path(tempfile.mkdtemp(prefix="bench_step-"))  # the SVD cache (the step's run hits it), the step's run folder
-    t = time.perf_counter()
-    adapters = wrap_svd(model, DEFAULT_TARGETS, work / "cache" / "svd")
-    sync()
-    cold = time.perf_counter() - t
-    for module_name, a in adapters.items():  # unwrap to time a second, warm wrap of the same weights
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, a.base)
-    del adapters
-    t = time.perf_counter()
-    adapters = wrap_svd(model, DEFAULT_TARGETS, work / "cache" / "svd")
-    sync()
-    warm = time.perf_counter() - t
-    report["svd_wrap"] = {"modules": len(adapters), "cold_s": cold, "warm_s": warm}
-    print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s, warm (cache hit) {warm:.1f} s")
+    adapters, report["svd_wrap"] = svd_wrap_times(model, work / "cache" / "svd")
     for a in adapters.values():
         torch.nn.init.normal_(a.delta_S, std=1e-3)
-
-    engine = RolloutEngine(model, tokenizer)
-    eos = engine.eos
-    engine.eos = []  # forced lengths, as min_new_tokens does for generate
-    report["decode"] = []
-    print(f"\ndecode, {prompt_tokens}-token prompts, {new_tokens} new (tok/s of the whole call, prefill included)")
-    print(f"{'B':>5} {'generate':>10} {'engine':>10} {'ratio':>7} {'bound':>10} {'of bound':>9} {'1st call s':>11}")
-
-    def engine_tok_s(engine: RolloutEngine, ids: list[list[int]]) -> tuple[float, float]:
-        """tok/s of the engine's calls on these prompts (one batch), and the seconds of its first call (compiles and captures: untimed)."""
-        b = len(ids)
-        run = lambda: engine.generate_ids(ids, Sampling(max_new_tokens=new_tokens, batch=b, compile=args.compile, **sampling))  # noqa: E731
-        t = time.perf_counter()
-        run()
-        sync()
-        first = time.perf_counter() - t
-        return b * new_tokens / timed(run, repeat=2 if cuda else 1, warmup=0), first
-
     with merged(adapters):
-        for b in batches:
-            tps, first = engine_tok_s(engine, prompts[b].tolist())
-            mean_kv = b * (prompt_tokens + (new_tokens - 1) / 2) * kv_bytes_per_token
-            bound = b / ((weight_bytes + mean_kv) / bw)
-            row = {"batch": b, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "generate_tok_s": plain[b], "engine_tok_s": tps,
-                   "ratio": tps / plain[b], "bound_tok_s": bound, "fraction_of_bound": tps / bound, "engine_first_call_s": first}
-            report["decode"].append(row)
-            print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound:>10,.0f} {tps / bound:>9.1%} {first:>11.1f}")
-        b = max(batches)
-        unfused = RolloutEngine(model, tokenizer, fuse=False)
-        unfused.eos = []
-        fused_tps, unfused_tps = engine_tok_s(engine, prompts[b].tolist())[0], engine_tok_s(unfused, prompts[b].tolist())[0]
-        report["decode_fused"] = {"batch": b, "fused_tok_s": fused_tps, "unfused_tok_s": unfused_tps, "ratio": fused_tps / unfused_tps}
-        print(f"decode B={b} fused vs unfused (one matmul for Q, K, V and one for gate, up vs one per projection): "
-              f"{fused_tps:,.0f} vs {unfused_tps:,.0f} tok/s, {fused_tps / unfused_tps:.2f}x")
-        # Ragged prompts (own generator: the rows after this one draw what they did before it):
-        # with equal lengths every slot's blocks fill the window and flex ties with SDPA.
-        ragged = torch.Generator().manual_seed(1)
-        ids = [torch.randint(1000, 100000, (int(n),), generator=ragged).tolist() for n in torch.randint(32, 2 * prompt_tokens + 1, (b,), generator=ragged)]
-        flex = RolloutEngine(model, tokenizer, attention="flex")
-        flex.eos = []
-        try:  # flex decode has not run on this torch's CUDA before: a failure is reported, and the rows after it still run
-            flex_tps, sdpa_tps = engine_tok_s(flex, ids)[0], engine_tok_s(engine, ids)[0]
-            report["decode_attention"] = {"batch": b, "prompt_tokens": [32, 2 * prompt_tokens], "flex_tok_s": flex_tps, "sdpa_tok_s": sdpa_tps, "ratio": flex_tps / sdpa_tps}
-            print(f"decode B={b} flex (live KV blocks) vs sdpa (whole window), prompts of 32..{2 * prompt_tokens} tokens: "
-                  f"{flex_tps:,.0f} vs {sdpa_tps:,.0f} tok/s, {flex_tps / sdpa_tps:.2f}x")
-        except Exception as e:
-            report["decode_attention"] = {"batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(f"decode B={b} flex vs sdpa: flex failed, {report['decode_attention']['error']}")
-        window = kv_window(prompt_tokens + new_tokens // 2)  # the mean window of the timed calls
-        step_ms = 1e3 * b / report["decode"][-1]["engine_tok_s"]
-        report["decode_profile"] = decode_profile(engine, b, window, sampling, step_ms)
-    engine.eos = eos
-
+        report |= decode_rows(model, tokenizer, prompts, plain, bound, new_tokens, args.compile, cuda)
     report["learner"] = learner_rows(model, adapters, args.learner_rollouts or (64 if cuda else 6), cuda, gen)
     model.eval()
-
-    problems = {p.id: p for p in load_problems(DATA / "problems.jsonl")}
-    pairs = load_pairs(DATA / "pairs.jsonl", problems)[: args.pairs]
-    t = time.perf_counter()
-    pair_gradients(model, adapters, tokenizer, pairs, sampling["temperature"])  # extraction at the sampling temperature, as train.py does
-    sync()
-    report["extraction_s_per_pair"] = (time.perf_counter() - t) / len(pairs)
-    print(f"extraction: {report['extraction_s_per_pair']:.2f} s per pair ({len(pairs)} pairs)")
+    report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, args.pairs)
 
     if step_preset:
-        del model, adapters, engine  # the step's run loads its own: one copy of the weights at a time
+        del model, adapters  # the step's run loads its own: one copy of the weights at a time
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
