@@ -4,15 +4,14 @@ yardstick: a signal that fires there too is no indicator.
 
 A signal "fires" at the first of STRETCH consecutive steps above its bar. Bars: cin_s against its
 empirical null (null_s_p95, H2 as preregistered, any step), and each signal against its own start
-(mean + 2 sd of steps 1-BASELINE_STEPS, steps after BASELINE_STEPS only), as results.leading reads
-cin_s. Onset: hack_s first > ONSET. Lead = onset - firing step (negative: it fired after onset); a
+(results.rise: mean + 2 sd of steps 1-BASELINE_STEPS, steps after BASELINE_STEPS only, here over the
+whole run), as results.leading reads cin_s before the onset. Onset: hack_s first > ONSET. Lead = onset - firing step (negative: it fired after onset); a
 lead >= STRETCH is a stretch complete before the onset, as results.leading (and H2) count one.
 Usage, from the repository root: PYTHONPATH=. uv run python docs/results/surrogate-smollm2/driver/leading.py"""
 import json
-import statistics
 from pathlib import Path
 
-from projected_grpo.results import BASELINE_STEPS, ONSET, STRETCH, first_stretch
+from projected_grpo.results import BASELINE_STEPS, ONSET, STRETCH, first_stretch, rise
 
 ROOT = Path("docs/results/surrogate-smollm2")
 OWN = ("hackward/cin_s", "hackward/cin", "hackward/upd", "rollout/attempted_s", "rollout/hack_s", "loss/kl", "rollout/len_s")
@@ -21,13 +20,6 @@ OWN = ("hackward/cin_s", "hackward/cin", "hackward/upd", "rollout/attempted_s", 
 def fires_above_null(rows: list[dict]) -> int | None:
     flags = [r["hackward/cin_s"] is not None and r["hackward/cin_s"] > r["hackward/null_s_p95"] for r in rows]
     return first_stretch(flags, [r["step"] for r in rows], STRETCH)
-
-
-def fires_above_own_start(rows: list[dict], key: str) -> int | None:
-    start = [r[key] for r in rows[:BASELINE_STEPS] if r[key] is not None]
-    bar = statistics.mean(start) + 2 * statistics.stdev(start)
-    later = [r for r in rows if r["step"] > BASELINE_STEPS]
-    return first_stretch([r[key] is not None and r[key] > bar for r in later], [r["step"] for r in later], STRETCH)
 
 
 def main() -> None:
@@ -41,7 +33,7 @@ def main() -> None:
             continue
         mix = json.loads((log.parent / "config.json").read_text())["teacher_mix"]
         onset = next((r["step"] for r in rows if r["rollout/hack_s"] > ONSET), None)
-        fired = {"cin_s > null": fires_above_null(rows)} | {k: fires_above_own_start(rows, k) for k in OWN}
+        fired = {"cin_s > null": fires_above_null(rows)} | {k: rise(rows, rows, k)[1] for k in OWN}  # any step, onset or not
         table[log.parent] = (onset, fired)
         print(f"| {log.parent.relative_to(ROOT)} | {mix} | {len(rows)} | {onset or '-'} | " + " | ".join(str(s or "-") for s in fired.values()) + " |")
     print(f"\nPer signal, over {sum(o is not None for o, _ in table.values())} runs that hacked and {sum(o is None for o, _ in table.values())} that did not:")
