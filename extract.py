@@ -10,6 +10,13 @@ temperature (`temperature`), because training's policy gradient is taken at T: v
 then lives in the same geometry as the gradients it is applied to. A gradient g with v . g > 0 for a hack-ward axis v is
 hack-ward: the descent step -lr g lowers NLL(hack) - NLL(clean) along v.
 
+With `common_mode="out"`, each module's differences first lose their component along the
+common mode u, the normalised mean of every completion's gradient (hack and clean, all
+pairs): on SmolLM2 every completion's gradient lies largely along u, and a v_hack that keeps
+it reads rewarding any completion as hack-ward (RESEARCH_JOURNAL.md, 2026-12-05). The axes
+are then orthogonal to u, the twins and the quality report are fit on the same differences,
+and u, being label-free, is taken over the quality report's held-out pairs too.
+
 Per module, from the stack D (n_pairs x r) of differences:
 - `svd` (the method as specified): the top-k right singular vectors of D, each oriented so
   that most pairs have d . v > 0. D^T D does not change when any row changes sign, so the
@@ -26,9 +33,10 @@ Guarantees:
 - The v_hack file (safetensors) holds the kept axes `<module>.V` (k_m x r), their scales
   `<module>.S`, the per-pair differences `<module>.diffs` (n x r, every module) and the
   completions' token counts, under a header naming everything it depends on (model, weight
-  fingerprint, dtype, targets, pairs file hash, n_pairs, method, norm, k, cuts, code
-  version). A file whose header differs from the run's is never used: it is re-extracted,
-  or refused naming the field. Its default path is derived from the header.
+  fingerprint, dtype, targets, pairs file hash, n_pairs, method, norm, common mode, k, cuts,
+  code version); the stored differences are those the axes were fit on (common mode out if
+  so). A file whose header differs from the run's is never used: it is re-extracted, or
+  refused naming the field. Its default path is derived from the header.
 - The per-completion gradients (the only pass over the model) are cached separately, keyed
   by model, pairs and temperature alone, so another method, norm or cut costs no model pass.
 - The label-shuffled twin of a v_hack (`shuffled_twin`: the control arm `shuffled`, and the
@@ -59,9 +67,10 @@ from projected_grpo.svd_adapter import SVDLinear, model_fingerprint
 
 Method = Literal["svd", "mean_diff"]
 Norm = Literal["sum", "token_mean"]
+CommonMode = Literal["keep", "out"]
 CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "projected_grpo/svd_adapter.py", "projected_grpo/models.py"))).hexdigest()[:16]
 GRADIENT_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "n_pairs", "temperature", "code_version")
-HEADER_FIELDS = (*GRADIENT_FIELDS, "method", "norm", "k", "noise_quantile", "min_split_half")
+HEADER_FIELDS = (*GRADIENT_FIELDS, "method", "norm", "common_mode", "k", "noise_quantile", "min_split_half")
 HALVINGS = 10  # random halvings behind the split-half criterion and the report's split_half_cos
 HALVING_SEED = 0
 
@@ -78,6 +87,8 @@ class VHackConfig:
     """svd: top-k right singular vectors of the differences, oriented by the pairs' vote; mean_diff: their normalised mean (one axis)."""
     norm: Norm = "token_mean"
     """Completion NLL for extraction: sum over its tokens, or token_mean (independent of completion length)."""
+    common_mode: CommonMode = "keep"
+    """keep: the differences as they are; out: each module's differences with the common mode projected out (the mean gradient of every completion, hack and clean), which every gradient shares."""
     k: int = 4
     """Axes per module before the cuts (svd; mean_diff has one)."""
     noise_quantile: float = 0.25
@@ -159,13 +170,30 @@ class PairGradients:
     n_hack: Tensor  # (n,) completion tokens, EOS included
     n_clean: Tensor
 
-    def differences(self, norm: Norm) -> dict[str, Tensor]:
-        """d = grad NLL(hack) - grad NLL(clean) per pair and module, under the given normalisation."""
+    def normalised(self, norm: Norm) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Every hack and clean completion's gradient under the given normalisation."""
         if norm == "sum":
-            return {m: self.hack[m] - self.clean[m] for m in self.hack}
+            return self.hack, self.clean
         if norm == "token_mean":
-            return {m: self.hack[m] / self.n_hack[:, None] - self.clean[m] / self.n_clean[:, None] for m in self.hack}
+            return {m: g / self.n_hack[:, None] for m, g in self.hack.items()}, {m: g / self.n_clean[:, None] for m, g in self.clean.items()}
         raise ValueError(f"unknown extraction norm {norm!r} (expected 'sum' or 'token_mean')")
+
+    def differences(self, norm: Norm, common_mode: CommonMode) -> dict[str, Tensor]:
+        """d = grad NLL(hack) - grad NLL(clean) per pair and module, under the given normalisation;
+        with common_mode "out", each d less its component along the module's mean completion
+        gradient (all pairs, hack and clean: label-free, so a label-shuffled twin loses it too)."""
+        hack, clean = self.normalised(norm)
+        diffs = {m: hack[m] - clean[m] for m in hack}
+        if common_mode == "keep":
+            return diffs
+        if common_mode != "out":
+            raise ValueError(f"unknown common_mode {common_mode!r} (expected 'keep' or 'out')")
+        out = {}
+        for m, d in diffs.items():
+            u = torch.cat([hack[m], clean[m]]).double().mean(dim=0)
+            u = u / u.norm().clamp_min(1e-30)
+            out[m] = (d.double() - (d.double() @ u)[:, None] * u[None]).to(d.dtype)
+        return out
 
 
 def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str, temperature: float) -> tuple[dict[str, Tensor], int]:
@@ -326,6 +354,7 @@ def expected_header(model_name: str, adapters: dict[str, SVDLinear], dtype: torc
         "code_version": CODE_VERSION,
         "method": vc.method,
         "norm": vc.norm,
+        "common_mode": vc.common_mode,
         "k": str(vc.k),
         "noise_quantile": repr(vc.noise_quantile),
         "min_split_half": repr(vc.min_split_half),
@@ -391,8 +420,8 @@ class VHack:
     def config(self) -> VHackConfig:
         """The fit options recorded in the header (what a re-fit of the stored differences uses)."""
         h = self.header
-        return VHackConfig(method=h["method"], norm=h["norm"], k=int(h["k"]), noise_quantile=float(h["noise_quantile"]), min_split_half=float(h["min_split_half"]),
-                           temperature=float(h["temperature"]))
+        return VHackConfig(method=h["method"], norm=h["norm"], common_mode=h.get("common_mode", "keep"),  # files from before the field kept it
+                           k=int(h["k"]), noise_quantile=float(h["noise_quantile"]), min_split_half=float(h["min_split_half"]), temperature=float(h["temperature"]))
 
 
 def save_v_hack(vh: VHack) -> None:
@@ -426,7 +455,7 @@ def resolve_v_hack(model, adapters, tokenizer, header: dict[str, str], pairs: li
     else:
         logger.info(f"v_hack cache miss: {path}")
     g = cached_pair_gradients(model, adapters, tokenizer, pairs, header, cache_dir)
-    diffs = g.differences(vc.norm)
+    diffs = g.differences(vc.norm, vc.common_mode)
     V, S = fit_v_hack(diffs, vc)
     vh = VHack(V, S, diffs, g.n_hack, g.n_clean, header, path)
     save_v_hack(vh)

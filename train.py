@@ -884,7 +884,7 @@ def refresh_v_hack(state: RunState) -> VHackMetrics:
     # bits, and every rank must project along the very same basis.
     fresh = None
     if distributed.is_main():
-        diffs = pair_gradients(state.model, state.adapters, state.tokenizer, state.pairs, cfg.v_hack.temperature).differences(cfg.v_hack.norm)
+        diffs = pair_gradients(state.model, state.adapters, state.tokenizer, state.pairs, cfg.v_hack.temperature).differences(cfg.v_hack.norm, cfg.v_hack.common_mode)
         new = fit_v_hack(diffs, cfg.v_hack)[0]
         fresh = (new, arm_basis_for(cfg, new, diffs, step))
     new, arm_basis = (to(cfg.device, b) for b in distributed.broadcast_object(fresh))

@@ -7,6 +7,7 @@ import extract
 from extract import (
     HEADER_FIELDS,
     PairFormatError,
+    PairGradients,
     VHackConfig,
     completion_nll_grad,
     expected_header,
@@ -93,14 +94,15 @@ def test_each_option_has_its_own_header_and_file_and_one_model_pass(tiny, monkey
     others = [run(method=m, norm=n) for m, n in (("svd", "token_mean"), ("mean_diff", "sum"), ("mean_diff", "token_mean"))]
     others.append(run(method="svd", norm="sum", k=2))
     others.append(run(method="svd", norm="sum", min_split_half=0.1))
+    others.append(run(method="svd", norm="sum", common_mode="out"))
     paths = {vh.path for vh in [first, *others]}
-    assert len(paths) == 6 and all(p.exists() for p in paths)
+    assert len(paths) == 7 and all(p.exists() for p in paths)
     assert {vh.V[next(iter(vh.V))].shape[0] for vh in others if vh.header["method"] == "mean_diff"} == {1}
     # A cache hit reads the file; a file whose header differs is refused, naming the field.
     mtime = first.path.stat().st_mtime_ns
     assert run(method="svd", norm="sum").path.stat().st_mtime_ns == mtime
     original = read_v_hack(first.path)
-    for field, value in (("dtype", "bfloat16"), ("fingerprint", "0" * 32), ("method", "mean_diff"), ("noise_quantile", "0.5")):
+    for field, value in (("dtype", "bfloat16"), ("fingerprint", "0" * 32), ("method", "mean_diff"), ("common_mode", "out"), ("noise_quantile", "0.5")):
         vh = read_v_hack(first.path)
         vh.header = original.header | {field: value}
         extract.save_v_hack(vh)
@@ -122,6 +124,24 @@ def test_extraction_at_the_sampling_temperature_has_its_own_gradients_and_header
     assert not torch.allclose(warm.diffs[name][0], cold.diffs[name][0], atol=1e-6)
     with pytest.raises(ValueError, match="temperature is unresolved"):
         expected_header("tiny-random-qwen3", adapters, torch.float32, DEFAULT_TARGETS, 2, VHackConfig(pairs=pairs))
+
+
+def test_common_mode_out_leaves_the_axis_orthogonal_to_what_every_completion_shares():
+    """Hack completions' gradients carry more of a direction every completion shares (3c vs c)
+    plus their own (h): kept, the common mode makes rewarding a clean completion read hack-ward."""
+    gen = torch.Generator().manual_seed(0)
+    r, n = 8, 12
+    c, h = torch.eye(r)[0], torch.eye(r)[1]
+    hack, clean = {"m": 3 * c + h + 0.03 * torch.randn(n, r, generator=gen)}, {"m": c + 0.03 * torch.randn(n, r, generator=gen)}
+    g = PairGradients(hack, clean, torch.full((n,), 5.0), torch.full((n,), 2.0))
+    vc = VHackConfig(noise_quantile=0.0)
+    keep, out = (fit_v_hack(g.differences("sum", mode), vc)[0]["m"][0] for mode in ("keep", "out"))  # mean_diff: one axis
+    u = torch.cat([hack["m"], clean["m"]]).mean(dim=0)
+    assert abs(out @ u) < 1e-5 * u.norm() and keep @ u > 0.9 * u.norm()
+    assert (clean["m"] @ keep > 0).all() and (clean["m"] @ out < 0).all() and (hack["m"] @ out > 0).all()
+    # token_mean: the common mode of the per-token gradients.
+    per_token = fit_v_hack(g.differences("token_mean", "out"), vc)[0]["m"][0]
+    assert abs(per_token @ torch.cat([hack["m"] / 5, clean["m"] / 2]).mean(dim=0)) < 1e-6
 
 
 def test_label_shuffled_twin_swaps_exactly_half_and_keeps_the_axis_counts():
