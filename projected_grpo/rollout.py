@@ -155,18 +155,14 @@ def draw(logits: Float[Tensor, "b v"], temperature: float, top_p: float, rounds:
     return tokens, logp.gather(1, tokens[:, None])[:, 0], accepted
 
 
-def redraw(logits: Float[Tensor, "b v"], tokens: Int[Tensor, " b"], logprobs: Float[Tensor, " b"], accepted: Bool[Tensor, " b"], temperature: float, top_p: float) -> None:
-    """Redraw in place the rows `draw` left outside the nucleus until every row is accepted."""
+def sample(logits: Float[Tensor, "b v"], temperature: float, top_p: float) -> tuple[Int[Tensor, " b"], Float[Tensor, " b"]]:
+    """Exact nucleus samples of softmax(logits / temperature) and their log-probs at `temperature`:
+    the rows `draw` leaves outside the nucleus are drawn again until every row is accepted."""
+    tokens, logprobs, accepted = draw(logits, temperature, top_p)
     while not bool(accepted.all()):
         rows = (~accepted).nonzero()[:, 0]
         t, lp, ok = draw(logits[rows], temperature, top_p)
         tokens[rows], logprobs[rows], accepted[rows] = t, lp, ok
-
-
-def sample(logits: Float[Tensor, "b v"], temperature: float, top_p: float) -> tuple[Int[Tensor, " b"], Float[Tensor, " b"]]:
-    """Exact nucleus samples of softmax(logits / temperature) and their log-probs at `temperature`."""
-    tokens, logprobs, accepted = draw(logits, temperature, top_p)
-    redraw(logits, tokens, logprobs, accepted, temperature, top_p)
     return tokens, logprobs
 
 
