@@ -135,18 +135,18 @@ def plain_generate_tok_s(model, tokenizer, prompts: dict[int, torch.Tensor], new
 
 def svd_wrap_times(model, cache: Path) -> tuple[dict, dict]:
     """Wrap cold (the cache empty), unwrap, wrap warm (a cache hit): the second wrap's adapters, and both times."""
-    t = time.perf_counter()
-    adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
-    sync()
-    cold = time.perf_counter() - t
+    def wrap() -> tuple[dict, float]:
+        t = time.perf_counter()
+        adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
+        sync()
+        return adapters, time.perf_counter() - t
+
+    adapters, cold = wrap()
     for module_name, a in adapters.items():
         parent_name, _, child = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, a.base)
     del adapters
-    t = time.perf_counter()
-    adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
-    sync()
-    warm = time.perf_counter() - t
+    adapters, warm = wrap()
     print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s, warm (cache hit) {warm:.1f} s")
     return adapters, {"modules": len(adapters), "cold_s": cold, "warm_s": warm}
 
