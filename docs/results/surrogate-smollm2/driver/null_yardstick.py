@@ -22,16 +22,15 @@ from torch import Tensor
 
 from extract import fit_v_hack, read_tensors, read_v_hack, shuffled_twin
 from projected_grpo.diagnose import fold_ids
-from projection import random_bases
+from projection import Projector, random_bases
 
 FOLDS, SHUFFLES, RANDOM, SEED = 5, 20, 8, 0
 
 
 def fractions(V: dict[str, Tensor], g: dict[str, Tensor]) -> Tensor:
-    """Per row of g (pairs x r per module): ||relu(V g)|| / ||g|| over all of delta_S."""
-    total = torch.sqrt(sum(x.double().square().sum(dim=1) for x in g.values()))
-    hackward = torch.sqrt(sum((g[m].double() @ V[m].double().T).clamp_min(0).square().sum(dim=1) for m in V))
-    return hackward / total
+    """Per row of g (pairs x r per module): training's cin, Projector.hackward_fraction, of that row."""
+    measure = Projector(V, {m: x.shape[1] for m, x in g.items()}, "one_sided", apply=False)
+    return torch.tensor([measure.hackward_fraction({m: x[i] for m, x in g.items()}) for i in range(next(iter(g.values())).shape[0])])
 
 
 def without_common_mode(V: dict[str, Tensor], mean_grad: dict[str, Tensor]) -> dict[str, Tensor]:
