@@ -610,14 +610,14 @@ def leading_lines(groups: dict[Group, list[TrainedRun]]) -> tuple[list[str], lis
         entries.append(e)
         stretch = lambda start: "no" if start is None else f"yes, steps {start}-{start + STRETCH - 1}"
         onset = f"hack_s first > {ONSET} at step {e['onset']}" if e["onset"] else f"hack_s never > {ONSET} (no onset: H2 undetermined)"
-        own = "no first-10-step level" if e["own_bar"] is None else f"above its first-{BASELINE_STEPS}-step mean + 2 sd ({e['own_bar']:.3f}): {stretch(e['h2_own_from'])}"
+        above_start = lambda bar, start: (f"no first-{BASELINE_STEPS}-step level" if bar is None else
+                                          f"above its first-{BASELINE_STEPS}-step mean + 2 sd ({bar:.3f}): {stretch(start)}")
         h3 = (f"{len(e['h3_steps'])} of {e['steps_with_cin_t']} steps with teacher rollouts" + (f" (first: {', '.join(map(str, e['h3_steps'][:5]))})" if e["h3_steps"] else "")
               if e["steps_with_cin_t"] else "no step with teacher rollouts")
         when = "before it" if e["onset"] else "anywhere in the run"  # without an onset there is nothing to lead
-        attempt = ("no first-10-step level" if e["attempt_bar"] is None else
-                   f"above its first-{BASELINE_STEPS}-step mean + 2 sd ({e['attempt_bar']:.3f}) for {STRETCH} steps {when}: {stretch(e['attempt_from'])}")
         lines.append(f"- {r.group.preset} vanilla seed {r.seed}: {onset}; H2, cin_s > null_s_p95 for {STRETCH} steps {when}: "
-                     f"{stretch(e['h2_null_from'])}; {own}; beside H2, not in it: attempted_s {attempt}; H3, cin_t > its null p95 while cin_s is not: {h3}")
+                     f"{stretch(e['h2_null_from'])}; {above_start(e['own_bar'], e['h2_own_from'])}; "
+                     f"beside H2, not in it: attempted_s {above_start(e['attempt_bar'], e['attempt_from'])}; H3, cin_t > its null p95 while cin_s is not: {h3}")
     return lines, entries
 
 
