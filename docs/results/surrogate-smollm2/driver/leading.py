@@ -11,7 +11,7 @@ Usage, from the repository root: PYTHONPATH=. uv run python docs/results/surroga
 import json
 from pathlib import Path
 
-from projected_grpo.results import BASELINE_STEPS, ONSET, STRETCH, first_stretch, rise
+from projected_grpo.results import ONSET, STRETCH, first_stretch, rise
 
 ROOT = Path("docs/results/surrogate-smollm2")
 OWN = ("hackward/cin_s", "hackward/cin", "hackward/upd", "rollout/attempted_s", "rollout/hack_s", "loss/kl", "rollout/len_s")
