@@ -4,9 +4,11 @@
 # alone). Phase B, only once the gate is met: projected, random, null_pairs, shuffled x seeds 1-3.
 # Stops itself SECONDS after it starts; runs resume on the next call (from pcstate2/ on a fresh machine,
 # carried after setup.sh and join.sh: the GGUF's halves leave no room for it in their calls).
-# Usage: bash .device/pc2.sh SECONDS
+# With GATE_RUNS (phase A's committed evidence, docs/results/surrogate-smollm2/v2-gate/runs), phase A is
+# not run again: the gate is read there (phase A's run folders did not outlive the session that ran them).
+# Usage: bash .device/pc2.sh SECONDS [GATE_RUNS]
 set -u
-budget=$1; t0=$(date +%s); root=$PWD
+budget=$1; t0=$(date +%s); root=$PWD; gate_runs=${2:+$PWD/$2}
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 pc=/tmp/pc2; runs=$pc/runs; mkdir -p $runs $pc/cache
 if [ ! -f $pc/.restored ] && ls pcstate2/pc.tgz.part_* >/dev/null 2>&1; then cat pcstate2/pc.tgz.part_* | tar xzf - -C $pc; echo "restored $(ls $runs | wc -l) run folders"; fi
@@ -18,12 +20,14 @@ cd /tmp/pcsrc2
 # The teacher pool once, before runs that would each build it.
 [ -f out/pool/teacher_completions_easy-aware.jsonl ] || python train.py build-pool --source data/teacher_completions_easy.jsonl --problems data/problems_easy.jsonl --hint aware > $pc/pool.log 2>&1 || tail -5 $pc/pool.log
 v1=$runs/surrogate_vanilla_pairs_s1
+if [ -z "$gate_runs" ]; then
 ( while [ ! -f $v1/config.json ] && [ $(left) -gt 100 ]; do sleep 10; done
   ls $v1/eval/problems_heldout-base-*/summary.json >/dev/null 2>&1 || { [ -f $v1/config.json ] && timeout $(( $(left) - 70 )) python train.py eval --run $v1 --base --grader-workers 4 > $pc/base_eval.log 2>&1; echo "base eval rc $? at $(( $(date +%s) - t0 )) s"; }
 ) &
 sweep --arms vanilla --local.parallel 3 --local.hours $(hours 75) > $pc/sweepA.log 2>&1; echo "phase A rc $? at $(( $(date +%s) - t0 )) s"
 wait
-python $root/.device/gate.py $runs 80; gate=$?
+fi
+python $root/.device/gate.py ${gate_runs:-$runs} 80; gate=$?
 if [ $gate = 0 ] && [ $(left) -gt 150 ]; then
   # Each run peaks at ~22 GiB (8 at once ran out of the H200's memory): one per 25 GiB of the card, at most
   # 5 (16 cores grade for them), so an H100 (80 GiB) runs 3 at once, an H200 (141 GiB) 5.
