@@ -6,9 +6,9 @@
 # carried after setup.sh and join.sh: the GGUF's halves leave no room for it in their calls).
 # With GATE_RUNS (phase A's committed evidence, docs/results/surrogate-smollm2/v2-gate/runs), phase A is
 # not run again: the gate is read there (phase A's run folders did not outlive the session that ran them).
-# Usage: bash .device/pc2.sh SECONDS [GATE_RUNS]
+# Usage, from the repository root: bash docs/results/surrogate-smollm2/driver/pc2.sh SECONDS [GATE_RUNS]
 set -u
-budget=$1; t0=$(date +%s); root=$PWD; gate_runs=${2:+$PWD/$2}
+budget=$1; t0=$(date +%s); here=$(cd "$(dirname "$0")" && pwd); gate_runs=${2:+$PWD/$2}
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 pc=/tmp/pc2; runs=$pc/runs; mkdir -p $runs $pc/cache
 if [ ! -f $pc/.restored ] && ls pcstate2/pc.tgz.part_* >/dev/null 2>&1; then cat pcstate2/pc.tgz.part_* | tar xzf - -C $pc; echo "restored $(ls $runs | wc -l) run folders"; fi
@@ -27,7 +27,7 @@ if [ -z "$gate_runs" ]; then
 sweep --arms vanilla --local.parallel 3 --local.hours $(hours 75) > $pc/sweepA.log 2>&1; echo "phase A rc $? at $(( $(date +%s) - t0 )) s"
 wait
 fi
-python $root/.device/gate.py ${gate_runs:-$runs} 80; gate=$?
+python $here/gate.py ${gate_runs:-$runs} 80; gate=$?
 if [ $gate = 0 ] && [ $(left) -gt 150 ]; then
   # Each run peaks at ~22 GiB (8 at once ran out of the H200's memory): one per 25 GiB of the card, at most
   # 5 (16 cores grade for them), so an H100 (80 GiB) runs 3 at once, an H200 (141 GiB) 5.
@@ -35,7 +35,7 @@ if [ $gate = 0 ] && [ $(left) -gt 150 ]; then
   echo "phase B: $at_once runs at once"
   sweep --arms projected random null_pairs shuffled --local.parallel $at_once --local.hours $(hours 75) > $pc/sweepB.log 2>&1; echo "phase B rc $? at $(( $(date +%s) - t0 )) s"
 fi
-python $root/.device/report.py $runs
+python $here/report.py $runs
 tail -4 $pc/sweepA.log $pc/sweepB.log 2>/dev/null | cut -c1-300
 grep -h -E "Error|Traceback" $runs/local/*.log $pc/base_eval.log 2>/dev/null | sort | uniq -c | head -8
 for d in $runs/*/checkpoints; do ls -d $d/step_* 2>/dev/null | sort | head -n -1 | xargs -r rm -rf; done
