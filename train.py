@@ -63,10 +63,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import typing
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -934,10 +936,15 @@ def main(cfg: Config) -> Path:
                 console(run_dir, table_header(off_policy=cfg.one_step_off))
             saved = json.loads((run_dir / "config.json").read_text()) if main_rank else {}
             with tracker(cfg.report_to if main_rank else "none", run_dir, saved, state.step + 1) as track, \
-                    tqdm(total=cfg.steps, initial=state.step, desc="steps", unit="step", disable=not main_rank) as bar:
+                    tqdm(total=cfg.steps, initial=state.step, desc="steps", unit="step", disable=not main_rank) as bar, stop_on_sigterm() as asked:
                 while state.step < cfg.steps:
-                    keep(state, step(state, state.next_batch()), track)
+                    record = step(state, state.next_batch())
+                    stopping = asked() and state.step < cfg.steps  # the last step ends the run as usual
+                    keep(state, record, track, checkpoint=stopping)
                     bar.update(1)
+                    if stopping:
+                        logger.warning(f"stopped by SIGTERM after step {state.step} of {cfg.steps}, its checkpoint written: `train.py resume {run_dir}` continues it")
+                        sys.exit(STOPPED_EXIT)
     except BaseException:
         discard_unstarted(cfg, run_dir, sink)
         raise
@@ -946,6 +953,23 @@ def main(cfg: Config) -> Path:
         logger.info(f"done: {run_dir}, {summary['steps']} steps in {summary['seconds'] / 60:.1f} min\n{summary_table(summary)}")
     distributed.teardown()
     return run_dir
+
+
+STOPPED_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process SIGTERM ended: a job queue's "not done"
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
+    """SIGTERM (a sweep's deadline, SLURM's time limit, `pueue kill`) asks the run to stop after
+    the step in flight, checkpointed, where the default would end it mid-step and lose the steps
+    since its last checkpoint (up to --checkpoint-every of them). Yields `asked()`: whether any
+    rank has been asked; every rank calls it after every step, so all stop after the same one."""
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield lambda: any(distributed.gather_objects(bool(received)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def discard_unstarted(cfg: Config, run_dir: Path, sink: int | None) -> None:
@@ -1039,10 +1063,10 @@ def role(cfg: Config) -> str:
     return {"vanilla": "baseline", "random": "random", "shuffled": "label_shuffled"}[cfg.intervention]
 
 
-def keep(state: RunState, record: StepRecord, track) -> None:
+def keep(state: RunState, record: StepRecord, track, checkpoint: bool = False) -> None:
     """The step's row into the log (state.rows, log.jsonl, the console and train.log, the tracker)
-    and, on schedule, the checkpoint. Every rank holds the same row, state and delta_S: rank 0
-    writes them."""
+    and the checkpoint, on schedule or if `checkpoint`. Every rank holds the same row, state and
+    delta_S: rank 0 writes them."""
     cfg, row = state.cfg, record.row()
     state.rows.append(row)
     if not distributed.is_main():
@@ -1051,7 +1075,7 @@ def keep(state: RunState, record: StepRecord, track) -> None:
         f.write(json.dumps(row) + "\n")
     console(state.run_dir, table_row(record.tracked()))
     track(record.tracked())
-    if record.step % cfg.checkpoint_every == 0 or record.step == cfg.steps:
+    if checkpoint or record.step % cfg.checkpoint_every == 0 or record.step == cfg.steps:
         save_checkpoint(state.run_dir, record.step, state.adapters, state.optimizer, state.scheduler, state.prompt_gen, state.prompt_order(), state.rows,
                         state.dtype, {"v_hack": state.bases.v_hack, "arm": state.bases.arm_basis or {}}, state.grads)
 

@@ -8,7 +8,7 @@ Guarantees:
   work wrote.
 - `result()` returns what the function returned, or raises what it raised, in the caller's
   thread; on CUDA the side stream's work is finished by then.
-- A daemon thread: a run stopped meanwhile (an error, Ctrl-C) is not held up by it at exit.
+- A daemon thread: a run stopped meanwhile (an error, Ctrl-C, a stop on SIGTERM) is not held up by it at exit.
 """
 
 import functools

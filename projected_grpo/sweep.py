@@ -97,7 +97,7 @@ class LocalConfig:
     parallel: int = 1
     """Jobs at once (a 135M model leaves an H200 mostly idle); each run and eval gets cores / parallel grader workers."""
     hours: float | None = None
-    """Stop every job after this long (SIGTERM: runs keep their checkpoints) and exit 3; None = run to the end."""
+    """Stop every job after this long (SIGTERM: a run checkpoints the step in flight; SIGKILL 60 s later) and exit 3; None = run to the end."""
 
 
 @dataclass(frozen=True)

@@ -222,6 +222,31 @@ def test_resume_after_kill_matches_uninterrupted(work, tmp_path):
     assert [e.value for e in events.Scalars("rollout/reward")] == pytest.approx([r["rollout/reward"] for r in rows(moved)])
 
 
+def test_sigterm_stops_after_the_step_in_flight_with_a_checkpoint_and_resumes_exactly(work, arms):
+    """A sweep's deadline or SLURM's time limit (SIGTERM) costs no finished step: the run checkpoints
+    the step in flight, off schedule, and exits 143 (a queue's "not done"); resumed, it ends as the
+    same run never stopped (arms["vanilla"]: the same flags but a checkpoint every step)."""
+    before = set((work / "runs").glob("*"))
+    proc = subprocess.Popen(train_cmd(work, "--intervention", "vanilla", "--steps", "4", "--checkpoint-every", "100"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 900
+    while not ((new := set((work / "runs").glob("*")) - before) and (log := next(iter(new)) / "log.jsonl").exists() and log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first step"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # during step 2
+    stderr = proc.communicate(timeout=900)[1]
+    (stopped,) = new
+    assert proc.returncode == 143, stderr[-3000:]
+    assert [r["step"] for r in rows(stopped)] == [1, 2] and "stopped by SIGTERM after step 2 of 4" in stderr
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step_000002"]  # off schedule (every 100)
+    resumed = subprocess.run([sys.executable, "train.py", "resume", str(stopped)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {stopped}/checkpoints/step_000002" in resumed.stderr
+    a, b = delta(arms["vanilla"], 4), delta(stopped, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["rollout/reward"] for r in rows(stopped)] == [r["rollout/reward"] for r in rows(arms["vanilla"])]
+
+
 def smoke_cfg(work: Path, max_new_tokens: int = 64, **changes) -> "Config":
     smoke = PRESETS["smoke"][1]
     return replace(smoke, cache_dir=work / "cache", teacher_pool=work / "pool.jsonl", v_hack=replace(smoke.v_hack, pairs=work / "pairs.jsonl"),
