@@ -322,7 +322,8 @@ def local_argv(cfg: SweepConfig, job: Job) -> tuple[str, ...]:
 
 
 def stop(procs: dict[str, subprocess.Popen]) -> None:
-    """SIGTERM each job's process group (its grader workers too), then SIGKILL what is left after 60 s."""
+    """SIGTERM each job's process group, then SIGKILL what is left after 60 s. A run's grader
+    workers, in sessions of their own, exit when its pipes to them close."""
     for proc in procs.values():
         os.killpg(proc.pid, signal.SIGTERM)
     for proc in procs.values():
