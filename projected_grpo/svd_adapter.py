@@ -12,8 +12,8 @@ Guarantees:
   shape, dtype and content checksums, with U and Vh in the adapter's dtype (the model's) and
   S in fp32; an entry that does not reconstruct its weight within `svd_tolerance(dtype)` is
   recomputed, so a stale or foreign entry is never used. The weights missing from the cache
-  are solved together, one batched SVD per stack of same-shape weights (`svd_batches`), and
-  each result is checked alone (fp64 for any that misses fp32's tolerance): an entry is the
+  are solved together, one batched SVD per stack of same-shape weights (`svd_batches`; a stack
+  the solver refuses is split), and each result is checked alone (fp64 for any that misses fp32's tolerance): an entry is the
   same whether it was computed in a batch or alone.
 - `merge` folds U diag(delta_S) Vh into the weights in place (plain Linears, no extra matmuls
   for rollouts) and `unmerge` restores the original weights bit for bit from a host copy
@@ -53,10 +53,13 @@ from projected_grpo.paths import atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAVE_BACKLOG = 8  # SVD cache entries that may wait in host memory for the writer thread
-# Weight elements stacked into one batched SVD (2**28: ~10 of Qwen3-4B's MLP weights, all 72 of
-# its k_proj and v_proj). The fp32 stack (1 GiB), its U, S, Vh (about as large again) and the
-# solver's workspace then stay a few GiB beside the model, whatever its size.
-SVD_BATCH_ELEMENTS = 2**28
+# Weight elements stacked into one batched SVD (2**27: 12 of Qwen3-4B's q_proj or o_proj, 5 of its
+# MLP weights, 51 of its k_proj or v_proj). cuSOLVER's batched gesvda fails its workspace query
+# past a stack size that depends on the shape (on an H100: 25 stacked 4096 x 2560 fail, 16 and
+# 10 x 9728 x 2560 pass), so a stack that fails is split (`svd_fp32`); this bound keeps Qwen3-4B's
+# stacks below the failures seen. The fp32 stack (512 MiB), its U, S, Vh and the workspace stay a
+# few GiB beside the model.
+SVD_BATCH_ELEMENTS = 2**27
 
 
 def svd_tolerance(dtype: torch.dtype) -> float:
@@ -170,10 +173,17 @@ def svd_error(W: Float[Tensor, "d_out d_in"], U: Float[Tensor, "d_out r"], S: Fl
 def svd_fp32(W: Float[Tensor, "n d_out d_in"]) -> tuple[Float[Tensor, "n d_out r"], Float[Tensor, "n r"], Float[Tensor, "n r d_in"]]:
     """Thin SVDs in fp32 of a stack of same-shape weights, in one batched call (gesvda on CUDA,
     cuSOLVER's strided-batched kernel: ~8x faster than the default driver and more accurate on
-    these shapes); a matrix whose result misses fp32's tolerance is recomputed alone in fp64."""
+    these shapes); a stack the solver refuses is solved in two halves, and a matrix whose result
+    misses fp32's tolerance is recomputed alone in fp64."""
     Wf = W.detach().float()
     driver = "gesvda" if Wf.is_cuda else None
-    U, S, Vh = torch.linalg.svd(Wf, full_matrices=False, driver=driver)
+    try:
+        U, S, Vh = torch.linalg.svd(Wf, full_matrices=False, driver=driver)
+    except torch.linalg.LinAlgError:
+        if len(Wf) == 1:
+            raise
+        halves = svd_fp32(Wf[: len(Wf) // 2]), svd_fp32(Wf[len(Wf) // 2 :])
+        return tuple(torch.cat(parts) for parts in zip(*halves))
     for i in range(len(Wf)):
         if svd_error(Wf[i], U[i], S[i], Vh[i]) > svd_tolerance(torch.float32):
             U[i], S[i], Vh[i] = torch.linalg.svd(Wf[i].double(), full_matrices=False)

@@ -192,6 +192,31 @@ def test_batched_svd_recomputes_in_fp64_only_the_matrix_that_misses(monkeypatch)
     assert all(svd_error(W, u, s, vh) < 1e-5 for W, u, s, vh in zip(Ws, U, S, Vh))
 
 
+def test_a_stack_the_solver_refuses_is_solved_in_halves(monkeypatch):
+    """cuSOLVER's batched gesvda fails its workspace query on stacks past a size (an H100 refused
+    25 stacked 4096 x 2560 weights): such a stack is split until the solver takes each part, and
+    every matrix gets the SVD it gets alone, in order. A single matrix's failure is raised."""
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def svd_refusing_stacks_of_3(A, **kwargs):
+        calls.append(len(A) if A.ndim == 3 else 0)
+        if A.ndim == 3 and len(A) >= 3:
+            raise torch.linalg.LinAlgError("cusolver error: CUSOLVER_STATUS_INVALID_VALUE")
+        return real_svd(A, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", svd_refusing_stacks_of_3)
+    Ws = torch.randn(5, 40, 24, generator=torch.Generator().manual_seed(0))
+    U, S, Vh = svd_fp32(Ws)
+    assert calls == [5, 2, 3, 1, 2]  # 5 refused -> 2 + 3; 3 refused -> 1 + 2
+    assert U.shape == (5, 40, 24) and S.shape == (5, 24) and Vh.shape == (5, 24, 24)
+    for W, s, u, vh in zip(Ws, S, U, Vh):
+        assert torch.allclose(s, torch.linalg.svdvals(W), rtol=1e-5) and svd_error(W, u, s, vh) < svd_tolerance(torch.float32)
+    monkeypatch.setattr(torch.linalg, "svd", lambda A, **kwargs: (_ for _ in ()).throw(torch.linalg.LinAlgError("NaN")))
+    with pytest.raises(torch.linalg.LinAlgError):
+        svd_fp32(Ws[:2])
+
+
 def test_svd_batches_group_same_shapes_within_the_budget(monkeypatch):
     weights = [torch.zeros(8, 4), torch.zeros(4, 8), torch.zeros(8, 4), torch.zeros(8, 4, dtype=torch.bfloat16), torch.zeros(8, 4), torch.zeros(8, 4)]
     monkeypatch.setattr(svd_adapter, "SVD_BATCH_ELEMENTS", 3 * 32)
