@@ -42,6 +42,7 @@ Reported (table on stdout, everything in out/bench/bench.json):
 import gc
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -57,6 +58,7 @@ from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
 from projected_grpo import packing
 from projected_grpo.activations import Checkpointing, checkpoint_first, decoder_layers, enable_checkpointing
+from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
@@ -130,6 +132,7 @@ def plain_generate_tok_s(model, tokenizer, prompts: dict[int, torch.Tensor], new
     for b, ids in prompts.items():
         generate(ids, 4)
         plain[b] = b * new_tokens / timed(lambda: generate(ids, new_tokens), warmup=0)
+        print(f"plain generate B={b}: {plain[b]:,.0f} tok/s")  # the baseline, in the log before any later part can fail
     return plain
 
 
@@ -215,17 +218,36 @@ def extraction_s_per_pair(model, adapters, tokenizer, n_pairs: int) -> float:
 
 
 def main(args: Args) -> dict:
+    """Every part in order, into ARGS.out/bench.json. The file is written however the run ends (a
+    part that fails, a SIGTERM from `timeout`): a run cut short keeps the parts it measured, and
+    only a finished run has "targets"."""
     device = pick_device("auto")
+    step_preset = ("full" if device == "cuda" else "smoke") if args.step_preset is None else args.step_preset
+    if step_preset and step_preset not in PRESETS:
+        raise UserError(f"--step-preset {step_preset} is not a preset", f"give one of {', '.join(PRESETS)}, or '' to skip the step")
+    report: dict = {}
+    work = Path(tempfile.mkdtemp(prefix="bench_step-"))  # the SVD cache (the step's run hits it), the step's run folder
+    try:
+        measure(args, device, step_preset, work, report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # never in place of the error that ended the run
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
+        print(f"wrote {args.out / 'bench.json'}" + ("" if "targets" in report else " (cut short: the parts measured before it stopped)"))
+    return report
+
+
+def measure(args: Args, device: str, step_preset: str, work: Path, report: dict) -> None:
+    """main's parts on `device` (scratch files in `work`), each adding its rows to `report` as it finishes."""
     cuda = device == "cuda"
     name = args.model or ("random-qwen3-4b" if cuda else "tiny-random-qwen3")
     batches = args.batches or ((64, 128) if cuda else (4, 8))
     prompt_tokens = args.prompt_tokens or (256 if cuda else 32)
     new_tokens = args.new_tokens or (512 if cuda else 16)
-    step_preset = ("full" if cuda else "smoke") if args.step_preset is None else args.step_preset
     model, tokenizer, dtype = load_model(name, device)
     config = model.config
-    report: dict = {"model": name, "dtype": str(dtype), "device": torch.cuda.get_device_name() if cuda else "cpu",
-                    "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    report |= {"model": name, "dtype": str(dtype), "device": torch.cuda.get_device_name() if cuda else "cpu",
+               "torch": torch.__version__, "transformers": __import__("transformers").__version__}
     print(f"# bench_step: {name}, {dtype}, {report['device']}, torch {report['torch']}, transformers {report['transformers']}")
 
     bw = bandwidth(device)
@@ -240,7 +262,6 @@ def main(args: Args) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(1000, 100000, (b, prompt_tokens), generator=gen).to(device) for b in batches}
     plain = plain_generate_tok_s(model, tokenizer, prompts, new_tokens)  # the baseline first, in this process, before any wrap
-    work = Path(tempfile.mkdtemp(prefix="bench_step-"))  # the SVD cache (the step's run hits it), the step's run folder
     adapters, report["svd_wrap"] = svd_wrap_times(model, work / "cache" / "svd")
     for a in adapters.values():
         torch.nn.init.normal_(a.delta_S, std=1e-3)
@@ -256,13 +277,8 @@ def main(args: Args) -> dict:
         if cuda:
             torch.cuda.empty_cache()
         report["step"] = realistic_step(step_preset, name, device, args.compile, work)
-    shutil.rmtree(work)
 
     report["targets"] = targets(report, cuda)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
-    print(f"wrote {args.out / 'bench.json'}")
-    return report
 
 
 # Issue 21's targets for one H200: (row, value from the report, yardstick beside it, bound, "<=" or ">=").
@@ -462,4 +478,5 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`'s stop unwinds through main's write of bench.json
+    reported(lambda: main(tyro.cli(Args)), sys.argv)

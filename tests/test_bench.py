@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import bench_step
+from projected_grpo.errors import UserError
 from projected_grpo.paths import REPO_ROOT
 
 
@@ -68,6 +70,28 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert all(r["met"] is None for r in rows.values()) and "issue 21's targets" in bench["stdout"]
     assert rows["step, steady (s)"]["value"] == step["step_s"] and rows["first step - steady (s)"]["value"] == step["first_step_s"] - step["step_s"]
     assert rows["learner tok/s, reference included"]["value"] == learner["packed_tok_s"]
+
+
+def test_a_bench_cut_short_keeps_the_parts_it_measured(tmp_path: Path, monkeypatch):
+    """A part that fails (here the step, the last) still leaves bench.json, with every part
+    measured before it and no "targets" (those come only at the end), and the error is raised."""
+    monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
+
+    def failing_step(*args, **kwargs):
+        raise RuntimeError("the step's part failed")
+
+    monkeypatch.setattr(bench_step, "realistic_step", failing_step)
+    with pytest.raises(RuntimeError, match="the step's part failed"):
+        bench_step.main(bench_step.Args(batches=(2,), new_tokens=4, learner_rollouts=2, pairs=1, out=tmp_path))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch"] for r in report["decode"]] == [2] and report["learner"]["packed_tok_s"] > 0 and report["svd_wrap"]["modules"] > 0
+    assert report["extraction_s_per_pair"] > 0 and "step" not in report and "targets" not in report
+
+
+def test_an_unknown_step_preset_is_refused_before_anything_runs(tmp_path: Path):
+    with pytest.raises(UserError, match=r"--step-preset nosuch is not a preset \(give one of smoke, .*or '' to skip the step\)"):
+        bench_step.main(bench_step.Args(step_preset="nosuch", out=tmp_path))
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_scaling_bench_reads_what_train_logs(tmp_path: Path):
