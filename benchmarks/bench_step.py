@@ -20,7 +20,8 @@ Reported (table on stdout, everything in out/bench/bench.json):
   SDPA (every slot reads the whole window), timed back to back on prompts of ragged lengths,
   uniform in 32..2 x prompt tokens (with equal lengths the two would tie): tok/s of each and
   the ratio. Flex needs the compiled step on CUDA (with --no-compile it falls back to SDPA).
-- SVD wrap, cold (fresh cache: SVD + save) vs warm (cache hit: load + reconstruction check).
+- SVD wrap, cold (fresh cache: SVD + save) with the misses solved in stacks, beside cold with one
+  SVD per weight (the yardstick), and warm (cache hit: load + reconstruction check).
 - Learner, on one batch of rollouts with realistic lengths (reference forward included): the
   padded adapter path it replaced (the baseline, `padded_backward`: right-padded micro-batches
   of 8 sorted by length, the adapter's three matmuls per Linear) against train.backward_parts
@@ -62,7 +63,7 @@ from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
-from projected_grpo.svd_adapter import DEFAULT_TARGETS, merged, reference_mode, wrap_svd
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, wrap_svd
 from train import PRESETS, Config, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, step
 
 
@@ -137,21 +138,29 @@ def plain_generate_tok_s(model, tokenizer, prompts: dict[int, torch.Tensor], new
 
 
 def svd_wrap_times(model, cache: Path) -> tuple[dict, dict]:
-    """Wrap cold (the cache empty), unwrap, wrap warm (a cache hit): the second wrap's adapters, and both times."""
-    def wrap() -> tuple[dict, float]:
+    """Wrap cold (an empty cache) with the misses solved in stacks (the default), then cold with one
+    SVD per weight (the yardstick, its cache deleted after), then warm (the first cache hit): the
+    last wrap's adapters, and the three times."""
+    def wrap(cache_dir: Path, batch_elements: int = SVD_BATCH_ELEMENTS) -> tuple[dict, float]:
         t = time.perf_counter()
-        adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
+        adapters = wrap_svd(model, DEFAULT_TARGETS, cache_dir, batch_elements)
         sync()
         return adapters, time.perf_counter() - t
 
-    adapters, cold = wrap()
-    for module_name, a in adapters.items():
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, a.base)
+    def unwrap(adapters: dict) -> None:
+        for module_name, a in adapters.items():
+            parent_name, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, a.base)
+
+    adapters, cold = wrap(cache)
+    unwrap(adapters)
+    adapters, per_weight = wrap(cache.with_name("svd_per_weight"), batch_elements=0)
+    unwrap(adapters)
+    shutil.rmtree(cache.with_name("svd_per_weight"))  # ~10 GB for Qwen3-4B
     del adapters
-    adapters, warm = wrap()
-    print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s, warm (cache hit) {warm:.1f} s")
-    return adapters, {"modules": len(adapters), "cold_s": cold, "warm_s": warm}
+    adapters, warm = wrap(cache)
+    print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s in stacks, {per_weight:.1f} s one SVD per weight; warm (cache hit) {warm:.1f} s")
+    return adapters, {"modules": len(adapters), "cold_s": cold, "cold_per_weight_s": per_weight, "warm_s": warm}
 
 
 def engine_tok_s(engine: RolloutEngine, ids: list[list[int]], new_tokens: int, compile: bool, cuda: bool) -> tuple[float, float]:
@@ -288,7 +297,7 @@ TARGETS = (
     ("learner tok/s, reference included", lambda r: r["learner"]["packed_tok_s"], lambda r: f"padded adapter path {r['learner']['padded_tok_s']:,.0f}", 12000.0, ">="),
     ("decode at the largest batch, fraction of bound", lambda r: r["decode"][-1]["fraction_of_bound"],
      lambda r: f"B={r['decode'][-1]['batch']}: {r['decode'][-1]['engine_tok_s']:,.0f} of {r['decode'][-1]['bound_tok_s']:,.0f} tok/s", 0.60, ">="),
-    ("SVD wrap, cold (s)", lambda r: r["svd_wrap"]["cold_s"], lambda r: f"{r['svd_wrap']['modules']} Linears", 8.0, "<="),
+    ("SVD wrap, cold (s)", lambda r: r["svd_wrap"]["cold_s"], lambda r: f"{r['svd_wrap']['modules']} Linears; one SVD per weight {r['svd_wrap']['cold_per_weight_s']:.1f} s", 8.0, "<="),
     ("SVD wrap, warm (s)", lambda r: r["svd_wrap"]["warm_s"], lambda r: "cache hit", 3.0, "<="),
     ("step's peak memory (GiB)", lambda r: r["step"]["peak_gib"], lambda r: "", 80.0, "<="),
 )

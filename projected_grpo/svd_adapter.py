@@ -208,27 +208,28 @@ def load_svd(W: Float[Tensor, "d_out d_in"], path: Path) -> tuple[Tensor, Tensor
     return None
 
 
-def computed_svds(misses: list[tuple[Tensor, Path]], save: Callable[[dict[str, Tensor], Path], object]) -> list[tuple[Tensor, Tensor, Tensor]]:
+def computed_svds(misses: list[tuple[Tensor, Path]], save: Callable[[dict[str, Tensor], Path], object],
+                  batch_elements: int = SVD_BATCH_ELEMENTS) -> list[tuple[Tensor, Tensor, Tensor]]:
     """SVDs of the weights in `misses` (weight, cache path), in that order, computed per batch of
     `svd_batches`, each entry handed to `save` with its path. U and Vh in the weight's dtype, S in
     fp32, on the weight's device."""
     svds: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(misses)
-    for batch in tqdm(svd_batches([W for W, _ in misses]), desc="svd", leave=False):
+    for batch in tqdm(svd_batches([W for W, _ in misses], batch_elements), desc="svd", leave=False):
         for i, (U, S, Vh) in zip(batch, split_svds(torch.stack([misses[i][0].detach() for i in batch]))):
             save({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, misses[i][1])
             svds[i] = U, S, Vh
     return svds
 
 
-def svd_batches(weights: list[Tensor]) -> list[list[int]]:
+def svd_batches(weights: list[Tensor], batch_elements: int = SVD_BATCH_ELEMENTS) -> list[list[int]]:
     """Indices of `weights` in batches for one `svd_fp32` call each: same shape, dtype and
-    device, at most SVD_BATCH_ELEMENTS elements (or a single weight) per batch."""
+    device, at most `batch_elements` elements (or a single weight) per batch."""
     groups: dict[tuple, list[int]] = {}
     for i, W in enumerate(weights):
         groups.setdefault((W.shape, W.dtype, W.device), []).append(i)
     batches = []
     for (shape, _, _), group in groups.items():
-        size = max(1, SVD_BATCH_ELEMENTS // shape.numel())
+        size = max(1, batch_elements // shape.numel())
         batches += [group[start : start + size] for start in range(0, len(group), size)]
     return batches
 
@@ -284,11 +285,12 @@ def background_saves() -> Iterator[Callable[[dict[str, Tensor], Path], None]]:
             saved.result()
 
 
-def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: Path) -> dict[str, SVDLinear]:
+def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: Path, batch_elements: int = SVD_BATCH_ELEMENTS) -> dict[str, SVDLinear]:
     """Replace every nn.Linear whose last name component is in `targets` by an SVDLinear.
     Freezes every base parameter; returns the adapters by module name, in model order.
     Cache hits are loaded one by one, then the misses computed in batches of same-shape
-    weights (`computed_svds`), then the adapters built."""
+    weights of at most `batch_elements` elements (`computed_svds`; 0: one SVD per weight, the
+    benchmark's yardstick), then the adapters built."""
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and "lm_head" not in n]
@@ -301,7 +303,7 @@ def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: 
     svds = {name: load_svd(bases[name].weight, paths[name]) for name in tqdm(names, desc="svd cache", leave=False)}
     missing = [name for name, svd in svds.items() if svd is None]
     with background_saves() as save:
-        svds.update(zip(missing, computed_svds([(bases[name].weight, paths[name]) for name in missing], save)))
+        svds.update(zip(missing, computed_svds([(bases[name].weight, paths[name]) for name in missing], save, batch_elements)))
     adapters = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")

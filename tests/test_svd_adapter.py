@@ -2,7 +2,6 @@ import pytest
 import torch
 from loguru import logger
 
-from projected_grpo import svd_adapter
 from projected_grpo.svd_adapter import (
     DEFAULT_TARGETS,
     SVDLinear,
@@ -217,12 +216,12 @@ def test_a_stack_the_solver_refuses_is_solved_in_halves(monkeypatch):
         svd_fp32(Ws[:2])
 
 
-def test_svd_batches_group_same_shapes_within_the_budget(monkeypatch):
+def test_svd_batches_group_same_shapes_within_the_budget():
     weights = [torch.zeros(8, 4), torch.zeros(4, 8), torch.zeros(8, 4), torch.zeros(8, 4, dtype=torch.bfloat16), torch.zeros(8, 4), torch.zeros(8, 4)]
-    monkeypatch.setattr(svd_adapter, "SVD_BATCH_ELEMENTS", 3 * 32)
-    assert svd_batches(weights) == [[0, 2, 4], [5], [1], [3]]  # a stack has one shape and one dtype
-    monkeypatch.setattr(svd_adapter, "SVD_BATCH_ELEMENTS", 31)  # below one weight: one weight per batch
-    assert svd_batches(weights) == [[0], [2], [4], [5], [1], [3]]
+    assert svd_batches(weights, 3 * 32) == [[0, 2, 4], [5], [1], [3]]  # a stack has one shape and one dtype
+    assert svd_batches(weights, 31) == [[0], [2], [4], [5], [1], [3]]  # below one weight: one weight per batch
+    assert svd_batches(weights, 0) == [[0], [2], [4], [5], [1], [3]]  # the benchmark's yardstick: one SVD per weight
+    assert svd_batches(weights) == [[0, 2, 4, 5], [1], [3]]  # the default budget
 
 
 def toy_model(dtype: torch.dtype) -> torch.nn.Module:
@@ -241,9 +240,8 @@ def test_batched_and_single_entries_are_interchangeable(tmp_path, monkeypatch, d
     """The key and the file format did not change with batching: every entry wrap_svd computed in
     batches (here of at most 2 weights) is a hit for cached_svd, with U and Vh in the weight's
     dtype and S in fp32; an entry written by the per-weight code is a hit for wrap_svd."""
-    monkeypatch.setattr(svd_adapter, "SVD_BATCH_ELEMENTS", 2 * 48 * 40)
     model = toy_model(dtype)
-    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path / "batched")
+    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path / "batched", batch_elements=2 * 48 * 40)
     assert list(adapters) == [f"{i}.{t}" for i in range(3) for t in ("q_proj", "k_proj", "o_proj")]
     for a in adapters.values():
         assert svd_error(a.base.weight, a.U, a.S, a.Vh) < svd_tolerance(dtype)
