@@ -13,8 +13,8 @@ Guarantees:
   S in fp32; an entry that does not reconstruct its weight within `svd_tolerance(dtype)` is
   recomputed, so a stale or foreign entry is never used. The weights missing from the cache
   are solved together, one batched SVD per stack of same-shape weights (`svd_batches`; a stack
-  the solver refuses is split), and each result is checked alone (fp64 for any that misses fp32's tolerance): an entry is the
-  same whether it was computed in a batch or alone.
+  the solver refuses is split), and each result is checked alone (fp64 for any that misses
+  fp32's tolerance): an entry is the same whether it was computed in a batch or alone.
 - `merge` folds U diag(delta_S) Vh into the weights in place (plain Linears, no extra matmuls
   for rollouts) and `unmerge` restores the original weights bit for bit from a host copy
   (pinned CPU memory, made at the first merge: the base weights never change), so no second
