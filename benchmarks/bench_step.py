@@ -63,7 +63,7 @@ from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
-from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, wrap_svd
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
 from train import PRESETS, Config, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, step
 
 
@@ -147,16 +147,12 @@ def svd_wrap_times(model, cache: Path) -> tuple[dict, dict]:
         sync()
         return adapters, time.perf_counter() - t
 
-    def unwrap(adapters: dict) -> None:
-        for module_name, a in adapters.items():
-            parent_name, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, a.base)
-
     adapters, cold = wrap(cache)
-    unwrap(adapters)
-    adapters, per_weight = wrap(cache.with_name("svd_per_weight"), batch_elements=0)
-    unwrap(adapters)
-    shutil.rmtree(cache.with_name("svd_per_weight"))  # ~10 GB for Qwen3-4B
+    unwrap_svd(model, adapters)
+    per_weight_cache = cache.with_name("svd_per_weight")
+    adapters, per_weight = wrap(per_weight_cache, batch_elements=0)
+    unwrap_svd(model, adapters)
+    shutil.rmtree(per_weight_cache)  # ~10 GB for Qwen3-4B
     del adapters
     adapters, warm = wrap(cache)
     print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s in stacks, {per_weight:.1f} s one SVD per weight; warm (cache hit) {warm:.1f} s")

@@ -22,7 +22,7 @@ from projected_grpo.checkpoints import checkpoints, run_config
 from projected_grpo.errors import UserError, reported
 from projected_grpo.models import load_model
 from projected_grpo.paths import atomic
-from projected_grpo.svd_adapter import SVDLinear, load_delta, wrap_svd
+from projected_grpo.svd_adapter import SVDLinear, load_delta, unwrap_svd, wrap_svd
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,10 @@ def checkpoint_at(run: Path, step: int | None) -> Path:
 def unwrap(model: nn.Module, adapters: dict[str, SVDLinear]) -> None:
     """Put each adapter's base Linear back in its place, carrying the merged weight: the model is
     a plain transformers model again. The adapters are spent."""
-    for name, adapter in adapters.items():
+    for adapter in adapters.values():
         adapter.merge()
         adapter.W_host = None  # the merge's copy of the original weight: not needed, only memory
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, adapter.base)
+    unwrap_svd(model, adapters)
 
 
 def model_card(run: Path, ckpt: Path, saved: dict, out: Path, n_adapted: int, dtype: torch.dtype, norm: float) -> str:

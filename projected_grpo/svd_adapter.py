@@ -314,6 +314,13 @@ def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: 
     return adapters
 
 
+def unwrap_svd(model: nn.Module, adapters: dict[str, SVDLinear]) -> None:
+    """wrap_svd undone: each adapter's base Linear back in its place (with the weight it holds now)."""
+    for name, adapter in adapters.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, adapter.base)
+
+
 def model_fingerprint(adapters: dict[str, SVDLinear]) -> str:
     """One hash over every adapted module's name and weight key: which model, which weights."""
     h = hashlib.blake2b(digest_size=16)

@@ -19,7 +19,7 @@ from projected_grpo import rollout
 from projected_grpo.ahead import Ahead
 from projected_grpo.models import completion_logprobs, load_model
 from projected_grpo.rollout import KV_WINDOW, RolloutEngine, Sampling, _stack, in_nucleus, live_blocks, sample
-from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, merged, reference_mode, wrap_svd
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, merged, reference_mode, unwrap_svd, wrap_svd
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +207,7 @@ def svd_wrapped(model, cache: Path) -> Iterator[dict[str, SVDLinear]]:
             torch.nn.init.normal_(a.delta_S, std=0.5)
         yield adapters
     finally:
-        for name, a in adapters.items():
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, a.base)
+        unwrap_svd(model, adapters)
 
 
 def assert_scored_as_the_learner(model, prompts: list[list[int]], out: list, n: int, temperature: float) -> None:
