@@ -27,6 +27,8 @@ orientation can carry the labels; for `mean_diff` the labels shape the axis itse
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,6 +71,21 @@ def pearson(x: Tensor, y: Tensor) -> float | None:
     return (x @ y).item() / denom if denom > 0 else None
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch's intra-op threads set to one, restored after. The report is ~10^5 operations on
+    tensors of a few thousand entries: threads gain nothing there (2.1 s with two, 2.5 s with one
+    on 2 idle cores, smollm2-sized differences) and thrash beside other busy processes, as a
+    sweep's jobs are (17-62 s with two vs 3.3-3.5 s with one; ~6 min on a 16-core GPU box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
 def quality_report(vh: VHack, folds: int = 5, shuffles: int = 20, random_bases: int = 8, seed: int = 0) -> dict:
     """Every number of the report (see the module docstring), as a JSON-ready dict."""
     vc = vh.config()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from projected_grpo import diagnose
 from projected_grpo.diagnose import fold_ids, quality_report, report_path
 from extract import VHack, fit_axes, fit_v_hack, read_v_hack
 from projected_grpo.paths import REPO_ROOT
@@ -36,6 +37,19 @@ def test_verdict_follows_the_signal(tmp_path):
     assert abs(noise["heldout_sign_agreement"] - 0.5) < 0.3
     with pytest.raises(ValueError, match="at least 4 pairs"):
         quality_report(synthetic(tmp_path, signal=1.0, n=3))
+
+
+def test_the_report_runs_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
+    """Beside a sweep's other jobs, intra-op threads on the report's tiny tensors thrash (one_thread)."""
+    seen, fit = [], diagnose.fit_v_hack
+    monkeypatch.setattr(diagnose, "fit_v_hack", lambda *a: seen.append(torch.get_num_threads()) or fit(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        quality_report(synthetic(tmp_path, signal=1.0))
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
