@@ -12,7 +12,7 @@ budget=$1; t0=$(date +%s); here=$(cd "$(dirname "$0")" && pwd); gate_runs=${2:+$
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # One intra-op thread per process: the frozen source's v_hack quality report (every call's diagnose
 # jobs) thrashed at torch's default beside the other jobs, ~6 min each (2026-12-05; main's
-# diagnose.one_thread since). The runs' CPU tensors are far below torch's parallel grain anyway.
+# diagnose.one_thread since). The runs' own work is on the GPU and in grader subprocesses.
 export OMP_NUM_THREADS=1
 pc=/tmp/pc2; runs=$pc/runs; mkdir -p $runs $pc/cache
 if [ ! -f $pc/.restored ] && ls pcstate2/pc.tgz.part_* >/dev/null 2>&1; then cat pcstate2/pc.tgz.part_* | tar xzf - -C $pc; echo "restored $(ls $runs | wc -l) run folders"; fi
