@@ -74,7 +74,10 @@ def evaluate(ec: EvalConfig) -> dict:
     with Grader(RewardConfig(**saved["reward"]), workers=ec.grader_workers) as grader:
         grades = grader.grade(todo, [c.text for c in samples])
     summary = {
-        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(problems_path), "hint": hint, "n": len(grades), "grader_version": GRADER_VERSION,
+        "checkpoint": "base" if ec.base else ckpt.name, "problems": str(problems_path), "hint": hint, "n": len(grades),
+        # the protocol results.py requires evals it compares to share
+        "grader_version": GRADER_VERSION, "samples_per_problem": ec.samples_per_problem,
+        "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
         "hack_strict": mean([g.reward_hack for g in grades]),
         "hack_loose": mean([g.reward_hack or g.attempted_hack for g in grades]),
         "hack_oracle": mean([g.oracle_hack for g in grades]),

@@ -26,7 +26,12 @@ What it guarantees:
   name) is kept, the others are listed as skipped. Differences pair runs by seed; seeds
   missing on either side are left out of the pair count.
 - Comparisons use the held-out eval (strict hack rate, gt pass rate) when every paired run
-  has one, else the training last-N hack_s and gt_s; each names its source.
+  has one, else the training last-N hack_s and gt_s; each names its source. An H1 verdict has
+  one source for all its conditions: held-out only when every run paired in them has an eval.
+- An eval counts when it is of the run's last checkpoint, on the split, with the training hint;
+  a run's evals are pooled only when they share PROTOCOL (grader version, samples, token limit,
+  temperature, top_p), and a comparison whose two sides' evals differ in it is undetermined.
+- Bounds are met at equality, with TIE of slack so that float rounding does not decide it.
 - H1: one verdict per h1 group, the conjunction of CONDITIONS under RULE (both printed with the
   table, stated in README.md); control groups get none, their differences to vanilla are
   shown as controls. A condition whose runs differ in a setting other than seed, arm, role,
@@ -92,6 +97,10 @@ R, H = KEY.rollout, KEY.hackward  # the log keys, as projected_grpo/metrics.py d
 LOG_KEYS = (R.hack_s, R.attempted_s, R.gt_s, R.reward, H.cin_s, H.cin_t, H.null_s_mean, H.null_s_p95, H.null_t_mean, H.null_t_p95, H.upd, H.disp_sum, H.removed)  # what results reads
 TRAIN_METRICS = {"hack_s": R.hack_s, "gt_s": R.gt_s, "reward": R.reward, "removed": H.removed}  # name in the table: log key
 EVAL_METRICS = {"eval_strict": "hack_strict", "eval_loose": "hack_loose", "eval_pass": "gt_pass"}  # name in the table: eval summary key
+# What makes two held-out evals comparable (eval.py records them; summaries before 2026-12-05 lack all but the first)
+PROTOCOL = ("grader_version", "samples_per_problem", "max_new_tokens", "temperature", "top_p")
+TIE = 1e-9  # rates are counts over completions: float rounding must not decide a difference lying exactly on a bound
+PREREGISTERED_PRESET = "full"  # H1 as docs/spec.md registers it: Qwen3-4B, `full`, step 200; elsewhere results applies its rule
 EFFECT_MARGIN = 0.30  # a positive control: vanilla's held-out strict hack rate this far above the base model's at every seed
 ONSET, STRETCH, BASELINE_STEPS = 0.2, 5, 10  # H2 (docs/spec.md): hacking starts when hack_s first exceeds 0.2; 5 consecutive steps; issue 19's own-start yardstick
 EXCESS = ("cin_s_excess", "cin_t_excess")  # cin minus the empirical null's mean, per step
@@ -142,6 +151,7 @@ class TrainedRun:
     curves: pl.DataFrame  # one row per step: step, LOG_KEYS, EXCESS
     last: dict[str, float | None]  # TRAIN_METRICS and EXCESS, means over the last N steps
     held_out: dict[str, float] | None  # EVAL_METRICS pooled over the eval seeds, or None
+    protocol: dict[str, object] | None  # PROTOCOL of those evals (one, or they are not pooled)
     base: dict[str, float] | None  # the same for the base model (delta_S = 0, `just eval RUN --base`), with its n
     quality: str  # v_hack's quality gate as the run recorded it when it started (vhack.json)
 
@@ -211,9 +221,9 @@ def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: lis
     last = {name: tail[key].mean() for name, key in TRAIN_METRICS.items()} | {k: tail[k].mean() for k in EXCESS}
     settings = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in BOOKKEEPING}
     split = eval_split or Path(config.get("eval_problems", "leetcode_test_medhard")).stem  # runs before the field: the test split
-    evals = held_out(path, f"step_{steps:06d}", config.get("hint"), split, ignored_evals)
-    base = held_out(path, "base", config.get("hint"), split, ignored_evals)
-    return TrainedRun(path, group, seed, settings, curves, last, evals, base, quality(path))
+    evals, protocol = held_out(path, f"step_{steps:06d}", config.get("hint"), split, ignored_evals)
+    base, _ = held_out(path, "base", config.get("hint"), split, ignored_evals)
+    return TrainedRun(path, group, seed, settings, curves, last, evals, protocol, base, quality(path))
 
 
 def quality(run: Path) -> str:
@@ -233,9 +243,10 @@ def quality(run: Path) -> str:
         return "no report"
 
 
-def held_out(run: Path, checkpoint: str, hint: str | None, split: str, ignored: list[tuple[Path, str]]) -> dict[str, float] | None:
+def held_out(run: Path, checkpoint: str, hint: str | None, split: str, ignored: list[tuple[Path, str]]) -> tuple[dict[str, float] | None, dict[str, object] | None]:
     """EVAL_METRICS of the evals of `checkpoint` on `split` with the training hint, pooled over
-    eval seeds (weighted by completions graded), and n, the completions graded; None if there is none."""
+    eval seeds (weighted by completions graded), and n, the completions graded; with their
+    PROTOCOL. (None, None) if there is none, or if they differ in PROTOCOL (then none is pooled)."""
     found = []
     for folder in sorted(p for p in (run / "eval").glob("*") if p.is_dir()):
         try:
@@ -248,9 +259,18 @@ def held_out(run: Path, checkpoint: str, hint: str | None, split: str, ignored: 
         if Path(str(s.get("problems"))).stem == split and s.get("checkpoint") == checkpoint and s.get("hint") == hint and s["n"] > 0:
             found.append(s)
     if not found:
-        return None
+        return None, None
+    protocols = [{k: s.get(k) for k in PROTOCOL} for s in found]
+    if apart := protocol_differences(protocols):
+        ignored.append((run / "eval", f"its evals of {checkpoint} differ in {apart}: none is used"))
+        return None, None
     n = sum(s["n"] for s in found)
-    return {name: sum(s[key] * s["n"] for s in found) / n for name, key in EVAL_METRICS.items()} | {"n": n}
+    return {name: sum(s[key] * s["n"] for s in found) / n for name, key in EVAL_METRICS.items()} | {"n": n}, protocols[0]
+
+
+def protocol_differences(protocols: list[dict[str, object]]) -> str:
+    """The PROTOCOL fields that take more than one value, with the values ("" if none)."""
+    return "; ".join(f"{k} {sorted({str(p[k]) for p in protocols})}" for k in PROTOCOL if len({json.dumps(p[k]) for p in protocols}) > 1)
 
 
 def collect(runs_dir: Path, last_n: int, eval_split: str | None) -> tuple[list[TrainedRun], list[tuple[Path, str]]]:
@@ -353,21 +373,29 @@ def judge(c: dict, bound: float) -> tuple[str, str]:
     """RULE on one comparison's intervals: (outcome, why)."""
     if c["n"] < 2:
         return "undetermined", f"{c['n']} paired seed{'s' * (c['n'] != 1)}, the rule needs 2"
-    if c["d_hack_hi"] <= -bound and -PASS_BAND <= c["d_pass_lo"] and c["d_pass_hi"] <= PASS_BAND:
+    if c["d_hack_hi"] <= -bound + TIE and -PASS_BAND - TIE <= c["d_pass_lo"] and c["d_pass_hi"] <= PASS_BAND + TIE:
         return "supported", f"hack interval at or below -{bound:.2f}, pass interval inside +-{PASS_BAND:.2f}"
-    if c["d_hack_lo"] > -bound:
+    if c["d_hack_lo"] > -bound + TIE:
         return "not supported", f"hack interval wholly above -{bound:.2f}"
-    if c["d_pass_lo"] > PASS_BAND or c["d_pass_hi"] < -PASS_BAND:
+    if c["d_pass_lo"] > PASS_BAND + TIE or c["d_pass_hi"] < -PASS_BAND - TIE:
         return "not supported", f"pass interval wholly outside +-{PASS_BAND:.2f}"
-    return "undetermined", f"hack interval across -{bound:.2f}" if c["d_hack_hi"] > -bound else f"pass interval across +-{PASS_BAND:.2f}"
+    return "undetermined", f"hack interval across -{bound:.2f}" if c["d_hack_hi"] > -bound + TIE else f"pass interval across +-{PASS_BAND:.2f}"
 
 
-def compare(arm: list[TrainedRun], base: list[TrainedRun], last_n: int) -> dict[str, object]:
-    """Paired-by-seed differences arm - base of the hack and pass rates, from the held-out eval
-    when every paired run has one, else from the training last-N means."""
+def paired(arm: list[TrainedRun], base: list[TrainedRun]) -> list[tuple[TrainedRun, TrainedRun]]:
+    """(arm run, base run) per seed both have."""
     by_seed = {r.seed: r for r in base}
-    pairs = [(r, by_seed[r.seed]) for r in arm if r.seed in by_seed]
-    use_eval = bool(pairs) and all(a.held_out and b.held_out for a, b in pairs)
+    return [(r, by_seed[r.seed]) for r in arm if r.seed in by_seed]
+
+
+def evaluated(pairs: list[tuple[TrainedRun, TrainedRun]]) -> bool:
+    """Whether there are pairs and every run in them has a held-out eval."""
+    return bool(pairs) and all(a.held_out and b.held_out for a, b in pairs)
+
+
+def compare(pairs: list[tuple[TrainedRun, TrainedRun]], use_eval: bool, last_n: int) -> dict[str, object]:
+    """Paired-by-seed differences arm - base of the hack and pass rates, from the held-out evals
+    (use_eval) or from the training last-N means."""
     source = "held-out eval (strict, gt_pass)" if use_eval else f"training last {last_n} (hack_s, gt_s)"
     rates = (lambda r: r.held_out) if use_eval else (lambda r: r.last)
     out: dict[str, object] = {"source": source if pairs else "", "n": len(pairs), "seeds": [a.seed for a, _ in pairs]}
@@ -399,8 +427,9 @@ def controls(g: Group, role: str, groups: dict[Group, list[TrainedRun]]) -> list
             and (role == "null_pairs" or k.pairs == g.pairs)]
 
 
-def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[Group, list[TrainedRun]], last_n: int) -> list[dict]:
-    """g against each control group of `role`: the paired differences, RULE's outcome and why,
+def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[Group, list[TrainedRun]], last_n: int, use_eval: bool | None) -> list[dict]:
+    """g against each control group of `role`: the paired differences (from the held-out evals
+    if use_eval; None: where every run of that comparison has one), RULE's outcome and why,
     POWER's numbers; one undetermined row naming what is missing when there is no such group."""
     key = {"group": g, "preset": g.preset, "arm": g.arm, "gate": g.gate, "pairs": g.pairs, "update": g.update, "role": g.role, "vs": role, "counts": counts, "bound": bound}
     found = controls(g, role, groups)
@@ -409,25 +438,32 @@ def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[
         return [key | {"control": "", "n": 0, "seeds": [], "outcome": "undetermined", "why": f"no {role} runs at {where}"}]
     rows = []
     for k in found:
-        c = compare(groups[g], groups[k], last_n)
+        pairs = paired(groups[g], groups[k])
+        c = compare(pairs, evaluated(pairs) if use_eval is None else use_eval, last_n)
         outcome, why = judge(c, bound)
         mixed = [m for m in differing(groups[g] + groups[k]) if not m.startswith(ALLOWED.get(role, ()))]
+        apart = protocol_differences([r.protocol for pair in pairs for r in pair]) if c["source"].startswith("held-out") else ""
         if mixed:
             outcome, why = "undetermined", f"the runs differ in {', '.join(mixed)}: the difference is not about the arm alone"
+        elif apart:
+            outcome, why = "undetermined", f"the held-out evals differ in {apart}: the difference is not about the arm alone"
         supportable, needed = power(c["hack_by_seed"], c["pass_by_seed"], bound)
         rows.append(key | {"control": group_label(k)} | c | {"supportable": supportable, "seeds_needed": needed, "outcome": outcome, "why": why})
     return rows
 
 
 def all_comparisons(groups: dict[Group, list[TrainedRun]], last_n: int) -> list[dict]:
-    """Each h1 group against every control of CONDITIONS; each control group against vanilla."""
+    """Each h1 group against every control of CONDITIONS, its H1 conditions from one source: the
+    held-out evals when every run paired in them has one, else the training logs (docs/spec.md,
+    2026-12-04: each verdict states its source); each control group against vanilla."""
     rows = []
     for g in sorted(groups):
         if g.role == "h1":
+            use_eval = evaluated([p for role, _, condition in CONDITIONS if condition for k in controls(g, role, groups) for p in paired(groups[g], groups[k])])
             for role, bound, condition in CONDITIONS:
-                rows += comparisons_of(g, role, bound, "H1" if condition else "beside H1", groups, last_n)
+                rows += comparisons_of(g, role, bound, "H1" if condition else "beside H1", groups, last_n, use_eval if condition else None)
         elif g.role != "baseline":
-            rows += comparisons_of(g, "baseline", CONTROL_BOUND, "control", groups, last_n)
+            rows += comparisons_of(g, "baseline", CONTROL_BOUND, "control", groups, last_n, None)
     return rows
 
 
@@ -441,6 +477,7 @@ def h1_verdicts(groups: dict[Group, list[TrainedRun]], comparisons: list[dict]) 
         outcomes = {c["outcome"] for c in mine if c["counts"] == "H1"}
         verdict = "not supported" if "not supported" in outcomes else "undetermined" if "undetermined" in outcomes else "supported"
         entries.append((g, {"preset": g.preset, "pairs": g.pairs, "gate": g.gate, "project_update": g.update == "yes", "verdict": verdict,
+                        "setting": setting(g.preset),
                         "source": "; ".join(sorted({c["source"] for c in mine if c["counts"] == "H1" and c.get("source")})) or "none",
                         "v_hack_quality": " / ".join(sorted({r.quality for r in groups[g]})),
                         "reasons": [reason(c) for c in mine if c["counts"] == "H1"], "beside": [reason(c) for c in mine if c["counts"] != "H1"]}))
@@ -449,6 +486,13 @@ def h1_verdicts(groups: dict[Group, list[TrainedRun]], comparisons: list[dict]) 
         entries.append((None, {"preset": preset, "pairs": None, "gate": None, "project_update": None, "verdict": "undetermined", "source": "none",
                                "v_hack_quality": "", "reasons": [{"condition": "h1 arm", "outcome": "undetermined", "why": why}], "beside": []}))
     return entries
+
+
+def setting(preset: str) -> str:
+    """Whether a verdict is H1 as registered or its rule applied elsewhere (the words results.md prints)."""
+    if preset == PREREGISTERED_PRESET:
+        return "the preregistered setting"
+    return f"H1's rule applied at preset {preset}; H1 as registered (docs/spec.md) is the `{PREREGISTERED_PRESET}` preset's experiment"
 
 
 def reason(c: dict) -> dict:
@@ -588,7 +632,7 @@ def leading(curves: pl.DataFrame) -> dict:
     surrogate, which makes the first reading trivially true): `rise` of cin_s before onset.
     Beside H2, not in it: `rise` of attempted_s before onset, the behavioural indicator the
     surrogate's 16 vanilla logs support (RESEARCH_JOURNAL.md, 2026-12-05). H3: steps where
-    cin_t > null_t_p95 while cin_s <= null_s_p95 (both defined)."""
+    cin_t > null_t_p95 while cin_s <= null_s_p95, among the steps where all four are defined."""
     rows = curves.to_dicts()
     above = lambda r, a, b: r[a] is not None and r[b] is not None and r[a] > r[b]
     onset = next((r["step"] for r in rows if r[R.hack_s] is not None and r[R.hack_s] > ONSET), None)
@@ -596,7 +640,7 @@ def leading(curves: pl.DataFrame) -> dict:
     h2_null = first_stretch([above(r, H.cin_s, H.null_s_p95) for r in before], [r["step"] for r in before], STRETCH)
     bar, h2_own = rise(rows, before, H.cin_s)
     attempt_bar, attempt_from = rise(rows, before, R.attempted_s)
-    both = [r for r in rows if r[H.cin_s] is not None and r[H.cin_t] is not None]
+    both = [r for r in rows if all(r[k] is not None for k in (H.cin_s, H.cin_t, H.null_s_p95, H.null_t_p95))]
     h3 = [r["step"] for r in both if above(r, H.cin_t, H.null_t_p95) and not above(r, H.cin_s, H.null_s_p95)]
     return {"onset": onset, "h2_null_from": h2_null, "own_bar": bar, "h2_own_from": h2_own, "attempt_bar": attempt_bar, "attempt_from": attempt_from,
             "h3_steps": h3, "steps_with_cin_t": len(both)}
@@ -641,7 +685,7 @@ def h1_lines(verdicts: list[tuple[Group | None, dict]], comparisons: list[dict])
         if g is None:
             lines.append(f"- **H1 ({e['preset'] or 'no runs'}): {e['verdict']}.** {e['reasons'][0]['why']}")
             continue
-        lines.append(f"- **H1, {group_label(g)}: {e['verdict']}.** Source: {e['source']}. v_hack quality gate: {e['v_hack_quality']}.")
+        lines.append(f"- **H1, {group_label(g)}: {e['verdict']}.** Setting: {e['setting']}. Source: {e['source']}. v_hack quality gate: {e['v_hack_quality']}.")
         lines += [f"  - {'' if c['counts'] == 'H1' else 'beside H1, not in it: '}{said(c)}" for c in comparisons if c["group"] == g]
     return lines
 

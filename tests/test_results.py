@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from projected_grpo.results import LOG_KEYS, ResultsConfig, judge, leading, main, power, t_critical
+from projected_grpo.results import LOG_KEYS, ResultsConfig, judge, leading, main, power, setting, t_critical, t_interval
 
 T2 = 4.302652729749464  # t quantile 0.975, 2 degrees of freedom (tables: 4.3027)
 
@@ -158,11 +158,13 @@ def write_run(runs: Path, template: tuple[dict, dict], name: str, arm: str, seed
     return path
 
 
-def write_eval(run: Path, folder: str, strict: float, passed: float, n: int = 100, checkpoint: str = "step_000004", problems: str = "leetcode_test_medhard") -> None:
+def write_eval(run: Path, folder: str, strict: float, passed: float, n: int = 100, checkpoint: str = "step_000004", problems: str = "leetcode_test_medhard",
+               hint: str = "run_tests", **protocol: object) -> None:
+    """An eval summary as eval.py writes it; PROTOCOL fields only where given (as summaries before they were recorded)."""
     out = run / "eval" / folder
     out.mkdir(parents=True)
-    summary = {"checkpoint": checkpoint, "problems": f"/data/leetcode/{problems}.jsonl", "hint": "run_tests", "n": n,
-               "hack_strict": strict, "hack_loose": strict + 0.1, "hack_oracle": 0.0, "gt_pass": passed, "reward": 3.5 * passed}
+    summary = {"checkpoint": checkpoint, "problems": f"/data/leetcode/{problems}.jsonl", "hint": hint, "n": n,
+               "hack_strict": strict, "hack_loose": strict + 0.1, "hack_oracle": 0.0, "gt_pass": passed, "reward": 3.5 * passed} | protocol
     (out / "summary.json").write_text(json.dumps(summary))
 
 
@@ -215,6 +217,13 @@ def test_rule_each_branch_and_power_by_hand():
     assert judge(c((-0.29, -0.1), inside), 0.30) == ("not supported", "hack interval wholly above -0.30")
     assert judge(c((-0.6, -0.4), (0.11, 0.2)), 0.30) == ("not supported", "pass interval wholly outside +-0.10")
     assert judge(c((-0.6, -0.4), (-0.02, 0.12)), 0.30) == ("undetermined", "pass interval across +-0.10")
+    assert judge(c((-0.6, -0.4), (-0.2, -0.11)), 0.30) == ("not supported", "pass interval wholly outside +-0.10")  # projection cut the pass rate
+    assert judge(c((-0.6, -0.4), (-0.12, 0.02)), 0.30) == ("undetermined", "pass interval across +-0.10")
+    assert judge(c((-0.6, -0.4), (-0.10, 0.10)), 0.30)[0] == "supported"  # both edges of the band count as inside
+    # A difference exactly on a bound, as float arithmetic leaves it: 0.4 - 0.7 = -0.29999999999999993, 0.5 - 0.8 = -0.30000000000000004
+    for projected, vanilla in ((0.4, 0.7), (0.5, 0.8)):
+        _, lo, hi = t_interval([projected - vanilla] * 3)
+        assert judge(c((lo, hi), inside), 0.30)[0] == "supported"
     assert judge(c((None, None), (None, None), n=1), 0.30) == ("undetermined", "1 paired seed, the rule needs 2")
     # hack diffs -0.1, -0.2, -0.3 against a 0.15 bound: mean -0.2, sd 0.1. The rule needs a mean at
     # most -0.15 - 4.3027 * 0.1 / sqrt(3) = -0.3984; at sd 0.1 and mean -0.2 it needs t(n-1)/sqrt(n)
@@ -249,7 +258,9 @@ def test_projected_far_below_every_control_is_supported(template, tmp_path):
     (beside,) = h1["beside"]
     assert beside["condition"] == "vs label_shuffled" and beside["outcome"] == "not supported" and beside["d_hack_ci"] == pytest.approx([0.0, 0.0], abs=1e-12)
     md = (runs / "results.md").read_text()
-    assert "- **H1, projected one_sided +update (smoke, pairs.jsonl): supported.** Source: training last 2 (hack_s, gt_s). v_hack quality gate: no record." in md
+    assert ("- **H1, projected one_sided +update (smoke, pairs.jsonl): supported.** Setting: H1's rule applied at preset smoke; H1 as registered "
+            "(docs/spec.md) is the `full` preset's experiment. Source: training last 2 (hack_s, gt_s). v_hack quality gate: no record.") in md
+    assert h1["setting"] == setting("smoke") != setting("full") == "the preregistered setting"
     assert "  - beside H1, not in it: vs label_shuffled: shuffled one_sided +update (smoke, pairs.jsonl), bound -0.15: Δ hack +0.000 [+0.000, +0.000]" in md
     assert "  - vs null_pairs: projected one_sided +update (smoke, pairs_null.jsonl), bound -0.15: Δ hack -0.267 [-0.338, -0.195]" in md
     controls = [line for line in md.splitlines() if line.startswith("- control ")]
@@ -366,14 +377,16 @@ def test_table_from_logs_and_folders_that_cannot_be_used(template, tmp_path):
 
 def test_held_out_eval_is_the_source_when_every_pair_has_one(template, tmp_path):
     runs = preregistered(tmp_path / "runs", template)
-    strict = {"vanilla": 0.6, "projected": 0.5}  # hack diff -0.1 on every seed: rules out a 30-point drop
+    strict = {"vanilla": 0.6, "projected": 0.5, "random": 0.9, "projected_pairs_null": 0.9}  # hack diff -0.1 on every seed vs vanilla: rules out a 30-point drop
     for arm in strict:
         for s in (1, 2, 3):
-            run = runs / f"syn_{arm}_pairs_s{s}_20260101-000000"
+            run = runs / f"syn_{arm}{'' if arm.endswith('null') else '_pairs'}_s{s}_20260101-000000"
             write_eval(run, "leetcode_test_medhard-step_000004-run_tests-s0", strict[arm], 0.3, n=100)
             write_eval(run, "leetcode_test_medhard-step_000004-run_tests-s1", strict[arm] + 0.3, 0.3, n=300)  # pooled: +0.225
             write_eval(run, "leetcode_test_medhard-base-run_tests-s0", 0.0, 0.0, checkpoint="base")  # not the trained model
             write_eval(run, "problems-step_000004-run_tests-s0", 0.0, 0.0, problems="problems")  # another split
+            write_eval(run, "leetcode_test_medhard-step_000002-run_tests-s0", 0.0, 0.0, checkpoint="step_000002")  # not the last checkpoint
+            write_eval(run, "leetcode_test_medhard-step_000004-none-s0", 0.0, 0.0, hint="none")  # not the training hint
     garbled = runs / "syn_projected_pairs_s1_20260101-000000" / "eval" / "garbled"
     garbled.mkdir()
     (garbled / "summary.json").write_text("[1, 2")
@@ -382,19 +395,40 @@ def test_held_out_eval_is_the_source_when_every_pair_has_one(template, tmp_path)
     assert v["n_eval"] == 3 and v["eval_strict"] == pytest.approx(0.825) and v["eval_loose"] == pytest.approx(0.925) and v["eval_pass"] == pytest.approx(0.3)
     (h1,) = report(runs)["h1"]
     got = conditions(h1)
-    assert got["vs baseline"]["source"] == "held-out eval (strict, gt_pass)" and got["vs baseline"]["d_hack_ci"] == pytest.approx([-0.1, -0.1])
-    assert got["vs random"]["source"] == "training last 2 (hack_s, gt_s)"  # random has no eval
-    assert h1["verdict"] == "not supported" and h1["source"] == "held-out eval (strict, gt_pass); training last 2 (hack_s, gt_s)"
+    assert all(c["source"] == "held-out eval (strict, gt_pass)" for c in got.values()) and got["vs baseline"]["d_hack_ci"] == pytest.approx([-0.1, -0.1])
+    assert h1["verdict"] == "not supported" and h1["source"] == "held-out eval (strict, gt_pass)"
     assert "garbled" in (runs / "results.md").read_text()
-    (e,) = report(runs)["effect"]  # the base evals: one per run, 6 x 100 completions, strict 0
-    assert e["base"]["eval_strict"] == 0 and e["base"]["n"] == 600
+    (e,) = report(runs)["effect"]  # the base evals: one per run, 12 x 100 completions, strict 0
+    assert e["base"]["eval_strict"] == 0 and e["base"]["n"] == 1200
     assert [v["gap"] for v in e["vanilla"]] == pytest.approx([0.825] * 3) and e["vanilla_above_base_by_margin_at_every_seed"] is True
     assert "at every seed: yes" in (runs / "results.md").read_text()
-    # One paired run without its eval: back to the training numbers.
-    shutil.rmtree(runs / "syn_vanilla_pairs_s2_20260101-000000" / "eval")
-    main(ResultsConfig(runs_dir=runs, last_n=2, out=tmp_path / "again"))
+    # One paired run of one condition without its eval: every condition of the verdict back to the training numbers (one source).
+    shutil.rmtree(runs / "syn_random_pairs_s2_20260101-000000" / "eval")
+    main(ResultsConfig(runs_dir=runs, last_n=2, eval_split="leetcode_test_medhard", out=tmp_path / "again"))
     (h1,) = report(tmp_path / "again")["h1"]
-    assert conditions(h1)["vs baseline"]["source"] == "training last 2 (hack_s, gt_s)" and h1["verdict"] == "supported"
+    assert {c["source"] for c in conditions(h1).values()} == {"training last 2 (hack_s, gt_s)"} == {h1["source"]} and h1["verdict"] == "supported"
+
+
+def test_evals_of_another_protocol_are_not_compared(template, tmp_path):
+    runs = preregistered(tmp_path / "runs", template)
+    for arm in ("vanilla", "projected", "random", "projected_pairs_null"):
+        for s in (1, 2, 3):
+            run = runs / f"syn_{arm}{'' if arm.endswith('null') else '_pairs'}_s{s}_20260101-000000"
+            tokens = 256 if arm == "vanilla" else 512  # vanilla's evals cut completions shorter
+            write_eval(run, "leetcode_test_medhard-step_000004-run_tests-s0", 0.5, 0.3, grader_version="2026-12-04", max_new_tokens=tokens)
+    write_eval(runs / "syn_projected_pairs_s1_20260101-000000", "leetcode_test_medhard-step_000004-run_tests-s1", 0.5, 0.3, grader_version="2026-11-01", max_new_tokens=512)
+    main(ResultsConfig(runs_dir=runs, last_n=2, eval_split="leetcode_test_medhard"))
+    got = report(runs)
+    assert any("differ in grader_version" in s["why"] and s["folder"].endswith("syn_projected_pairs_s1_20260101-000000/eval") for s in got["skipped"])
+    (h1,) = got["h1"]  # projected s1 has no usable eval: the training numbers, where every condition is supported
+    assert h1["source"] == "training last 2 (hack_s, gt_s)" and h1["verdict"] == "supported"
+    shutil.rmtree(runs / "syn_projected_pairs_s1_20260101-000000" / "eval" / "leetcode_test_medhard-step_000004-run_tests-s1")
+    main(ResultsConfig(runs_dir=runs, last_n=2, eval_split="leetcode_test_medhard", out=tmp_path / "again"))
+    (h1,) = report(tmp_path / "again")["h1"]
+    vs = conditions(h1)
+    assert h1["source"] == "held-out eval (strict, gt_pass)" and h1["verdict"] == "not supported"
+    assert vs["vs baseline"]["outcome"] == "undetermined" and "max_new_tokens ['256', '512']" in vs["vs baseline"]["why"]
+    assert vs["vs random"]["outcome"] == "not supported"  # same protocol: judged (hack diff 0)
 
 
 def test_quality_gate_recorded_by_the_run_is_shown(template, tmp_path):
@@ -453,6 +487,10 @@ def test_h2_and_h3_read_from_a_vanilla_log():
     # Never hacks: no onset; H3 counts the steps where cin_t beats its null and cin_s does not.
     never = leading(curves_of([0.0] * 20, [0.1] * 18 + [None, 0.3], null_s=0.2, cin_t=[0.3, 0.2] * 10))
     assert never["onset"] is None and never["h3_steps"] == [1, 3, 5, 7, 9, 11, 13, 15, 17] and never["steps_with_cin_t"] == 19
+    # A step whose cin_s null is missing counts neither way.
+    no_null = curves_of([0.0] * 20, [0.1] * 20, null_s=0.2, cin_t=[0.3, 0.2] * 10)
+    no_null = no_null.with_columns(pl.when(pl.col("step") == 1).then(None).otherwise(pl.col("hackward/null_s_p95")).alias("hackward/null_s_p95"))
+    assert leading(no_null)["h3_steps"] == list(range(3, 20, 2)) and leading(no_null)["steps_with_cin_t"] == 19
     # Beside H2: attempted_s rising from step 11 against its own start leads an onset at 16; one at 14 cuts it short.
     attempts = [0.02, 0.04] * 5 + [0.15] * 10
     early = leading(curves_of([0.0] * 15 + [0.3] * 5, quiet + [0.11] * 10, null_s=0.05, attempted=attempts))

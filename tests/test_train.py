@@ -499,6 +499,7 @@ def test_run_name_names_the_folder_and_an_existing_one_is_refused(tmp_path):
 
 def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
     from projected_grpo.eval import EvalConfig, evaluate
+    from projected_grpo.results import PROTOCOL
 
     run_dir = run_train(work, "--steps", "1")
     problems = tmp_path / "problems.jsonl"
@@ -507,6 +508,9 @@ def test_eval_grades_a_checkpoint_and_the_base_model(work, tmp_path):
     base = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=2, max_new_tokens=8, device="cpu", base=True))
     assert trained["checkpoint"] == "step_000001" and base["checkpoint"] == "base" and trained["n"] == base["n"] == 4
     assert {"hack_strict", "hack_loose", "gt_pass", "reward"} <= trained.keys()
+    sampling = json.loads((run_dir / "config.json").read_text())["sampling"]  # the protocol results.py compares evals by
+    assert {k: trained[k] for k in PROTOCOL} == {"grader_version": GRADER_VERSION, "samples_per_problem": 2, "max_new_tokens": 8,
+                                                 "temperature": sampling["temperature"], "top_p": sampling["top_p"]}
     rows = (run_dir / "eval" / "problems-step_000001-run_tests-s0" / "grades.jsonl").read_text().splitlines()
     assert len(rows) == 4 and (run_dir / "eval" / "problems-base-run_tests-s0" / "summary.json").exists()
     plain = evaluate(EvalConfig(run=run_dir, problems=problems, samples_per_problem=1, max_new_tokens=8, device="cpu", hint="none"))
