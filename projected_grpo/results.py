@@ -153,6 +153,7 @@ class TrainedRun:
     held_out: dict[str, float] | None  # EVAL_METRICS pooled over the eval seeds, or None
     protocol: dict[str, object] | None  # PROTOCOL of those evals (one, or they are not pooled)
     base: dict[str, float] | None  # the same for the base model (delta_S = 0, `just eval RUN --base`), with its n
+    base_protocol: dict[str, object] | None
     quality: str  # v_hack's quality gate as the run recorded it when it started (vhack.json)
 
 
@@ -222,8 +223,8 @@ def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: lis
     settings = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in BOOKKEEPING}
     split = eval_split or Path(config.get("eval_problems", "leetcode_test_medhard")).stem  # runs before the field: the test split
     evals, protocol = held_out(path, f"step_{steps:06d}", config.get("hint"), split, ignored_evals)
-    base, _ = held_out(path, "base", config.get("hint"), split, ignored_evals)
-    return TrainedRun(path, group, seed, settings, curves, last, evals, protocol, base, quality(path))
+    base, base_protocol = held_out(path, "base", config.get("hint"), split, ignored_evals)
+    return TrainedRun(path, group, seed, settings, curves, last, evals, protocol, base, base_protocol, quality(path))
 
 
 def quality(run: Path) -> str:
@@ -588,18 +589,20 @@ def said(c: dict) -> str:
 def effect(groups: dict[Group, list[TrainedRun]]) -> list[dict]:
     """Per preset, the effect there is to catch: the base model's held-out rates (pooled over every
     base eval in the preset's runs) and, per vanilla seed, its held-out strict hack rate minus the
-    base model's. A positive control needs vanilla >= EFFECT_MARGIN above base at every seed."""
+    base model's. A positive control needs vanilla >= EFFECT_MARGIN above base at every seed. No
+    base is pooled, and no gap taken, where these evals differ in PROTOCOL (`apart` says how)."""
     out = []
     for preset in sorted({g.preset for g in groups}):
         runs = [r for g, rs in groups.items() if g.preset == preset for r in rs]
-        bases = [r.base for r in runs if r.base]
+        evaluated_vanilla = sorted((r for r in runs if r.group.role == "baseline" and r.held_out), key=lambda r: r.seed)
+        apart = protocol_differences([r.base_protocol for r in runs if r.base] + [r.protocol for r in evaluated_vanilla])
+        bases = [r.base for r in runs if r.base] if not apart else []
         n = sum(b["n"] for b in bases)
         base = {k: sum(b[k] * b["n"] for b in bases) / n for k in EVAL_METRICS} | {"n": n} if bases else None
-        vanilla = [{"seed": r.seed, "eval_strict": r.held_out["eval_strict"],
-                    "gap": None if base is None else r.held_out["eval_strict"] - base["eval_strict"]}
-                   for r in sorted((r for r in runs if r.group.role == "baseline"), key=lambda r: r.seed) if r.held_out]
+        vanilla = [{"seed": r.seed, "eval_strict": r.held_out["eval_strict"], "gap": None if base is None else r.held_out["eval_strict"] - base["eval_strict"]}
+                   for r in evaluated_vanilla]
         met = None if base is None or not vanilla else all(v["gap"] >= EFFECT_MARGIN for v in vanilla)
-        out.append({"preset": preset, "base": base, "vanilla": vanilla, "vanilla_above_base_by_margin_at_every_seed": met})
+        out.append({"preset": preset, "base": base, "apart": apart, "vanilla": vanilla, "vanilla_above_base_by_margin_at_every_seed": met})
     return out
 
 
@@ -669,8 +672,8 @@ def effect_lines(effects: list[dict]) -> list[str]:
     lines = []
     for e in effects:
         b = e["base"]
-        base = (f"base model (delta_S = 0) strict hack {b['eval_strict']:.3f}, loose {b['eval_loose']:.3f}, pass {b['eval_pass']:.3f} (n = {b['n']})"
-                if b else "no base-model eval (`just eval RUN --base`)")
+        base = (f"base model (delta_S = 0) strict hack {b['eval_strict']:.3f}, loose {b['eval_loose']:.3f}, pass {b['eval_pass']:.3f} (n = {b['n']})" if b
+                else f"the base-model and vanilla evals differ in {e['apart']}: not compared" if e["apart"] else "no base-model eval (`just eval RUN --base`)")
         seeds = ", ".join(f"seed {v['seed']} {v['eval_strict']:.3f}" + ("" if v["gap"] is None else f" ({v['gap']:+.3f})") for v in e["vanilla"])
         met = {None: "undetermined", True: "yes", False: "no"}[e["vanilla_above_base_by_margin_at_every_seed"]]
         lines.append(f"- {e['preset']}: {base}; vanilla's held-out strict hack by seed: {seeds or '(no eval)'}; "

@@ -402,6 +402,14 @@ def test_held_out_eval_is_the_source_when_every_pair_has_one(template, tmp_path)
     assert e["base"]["eval_strict"] == 0 and e["base"]["n"] == 1200
     assert [v["gap"] for v in e["vanilla"]] == pytest.approx([0.825] * 3) and e["vanilla_above_base_by_margin_at_every_seed"] is True
     assert "at every seed: yes" in (runs / "results.md").read_text()
+    # The base model evaluated at another token limit than vanilla: no base pooled, no gap taken.
+    for base_eval in runs.glob("*/eval/leetcode_test_medhard-base-run_tests-s0"):
+        shutil.rmtree(base_eval)
+    write_eval(runs / "syn_vanilla_pairs_s1_20260101-000000", "leetcode_test_medhard-base-run_tests-s1", 0.0, 0.0, checkpoint="base", max_new_tokens=64)
+    main(ResultsConfig(runs_dir=runs, last_n=2, eval_split="leetcode_test_medhard", out=tmp_path / "protocols"))
+    (e,) = report(tmp_path / "protocols")["effect"]
+    assert e["base"] is None and "max_new_tokens" in e["apart"] and e["vanilla_above_base_by_margin_at_every_seed"] is None
+    assert [v["gap"] for v in e["vanilla"]] == [None] * 3 and "differ in max_new_tokens" in (tmp_path / "protocols" / "results.md").read_text()
     # One paired run of one condition without its eval: every condition of the verdict back to the training numbers (one source).
     shutil.rmtree(runs / "syn_random_pairs_s2_20260101-000000" / "eval")
     main(ResultsConfig(runs_dir=runs, last_n=2, eval_split="leetcode_test_medhard", out=tmp_path / "again"))
