@@ -309,16 +309,28 @@ def submit_slurm(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
     return ids
 
 
+def core_share(cfg: SweepConfig) -> int:
+    """Each of `cfg.local.parallel` jobs' share of the cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) // cfg.local.parallel)
+
+
 def local_argv(cfg: SweepConfig, job: Job) -> tuple[str, ...]:
     """A job's command as the local backend runs it: runs and evals get their share of the cores as
     grader workers, and a run whose folder has a checkpoint resumes from it."""
     argv = job.argv
     if job.label.startswith(("run:", "eval:")):
-        argv = (*argv, "--grader-workers", str(max(1, len(os.sched_getaffinity(0)) // cfg.local.parallel)))
+        argv = (*argv, "--grader-workers", str(core_share(cfg)))
     folder = cfg.runs_dir / job.label.removeprefix("run:")
     if job.label.startswith("run:") and folder.exists():
         argv = (*argv, "--resume", str(folder))
     return argv
+
+
+def local_env(cfg: SweepConfig) -> dict[str, str]:
+    """A job's environment: torch's intra-op threads at its share of the cores, unless
+    OMP_NUM_THREADS is set. Jobs at a thread per core each thrash: 2-3x slower CPU training on 2
+    cores, ~20x slower v_hack quality reports (RESEARCH_JOURNAL.md, 2026-12-05)."""
+    return {"OMP_NUM_THREADS": str(core_share(cfg))} | dict(os.environ)
 
 
 def stop(procs: dict[str, subprocess.Popen]) -> None:
@@ -359,7 +371,8 @@ def submit_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
             ready = [j for j in jobs if j.label not in status and j.label not in running and all(status.get(a) == "done" for a in j.after)]
             for job in ready[: cfg.local.parallel - len(running)]:
                 with marker(job.label, "log").open("a") as log:
-                    running[job.label] = subprocess.Popen(local_argv(cfg, job), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                    running[job.label] = subprocess.Popen(local_argv(cfg, job), cwd=REPO_ROOT, env=local_env(cfg), stdout=log, stderr=subprocess.STDOUT,
+                                                          start_new_session=True)
             if not running or time.time() > deadline:
                 break
             time.sleep(1)

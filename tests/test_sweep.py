@@ -380,3 +380,17 @@ def test_local_sweep_stops_its_jobs_at_the_deadline(tmp_path):
     status = submit_local(cfg, [Job("eval:a", sleeper), Job("eval:b", sleeper, after=("eval:a",))])
     assert status == {"eval:a": "stopped", "eval:b": "pending"} and time.time() - t0 < 30
     assert subprocess.run(["pgrep", "-f", "time.sleep(600)"], capture_output=True).returncode == 1  # the job's children too
+
+
+def test_local_jobs_get_their_share_of_the_cores_as_threads(tmp_path, monkeypatch):
+    """Unless OMP_NUM_THREADS is set, each of `parallel` jobs gets cores // parallel intra-op threads."""
+    show = (sys.executable, "-c", "import os, torch; print('threads', os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())")
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = SweepConfig(runs_dir=tmp_path / "share", backend="local", local=LocalConfig(parallel=2))
+    assert submit_local(cfg, [Job("diagnose:a", show)]) == {"diagnose:a": "done"}
+    assert f"threads {share} {share}" in (tmp_path / "share" / "local" / "diagnose_a.log").read_text()
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    cfg = SweepConfig(runs_dir=tmp_path / "set", backend="local", local=LocalConfig(parallel=2))
+    assert submit_local(cfg, [Job("diagnose:a", show)]) == {"diagnose:a": "done"}
+    assert "threads 3 " in (tmp_path / "set" / "local" / "diagnose_a.log").read_text()  # (torch may cap it at the cores)
