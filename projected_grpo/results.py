@@ -440,10 +440,11 @@ def comparisons_of(g: Group, role: str, bound: float, counts: str, groups: dict[
     rows = []
     for k in found:
         pairs = paired(groups[g], groups[k])
-        c = compare(pairs, evaluated(pairs) if use_eval is None else use_eval, last_n)
+        from_evals = evaluated(pairs) if use_eval is None else use_eval
+        c = compare(pairs, from_evals, last_n)
         outcome, why = judge(c, bound)
         mixed = [m for m in differing(groups[g] + groups[k]) if not m.startswith(ALLOWED.get(role, ()))]
-        apart = protocol_differences([r.protocol for pair in pairs for r in pair]) if c["source"].startswith("held-out") else ""
+        apart = protocol_differences([r.protocol for pair in pairs for r in pair]) if from_evals else ""
         if mixed:
             outcome, why = "undetermined", f"the runs differ in {', '.join(mixed)}: the difference is not about the arm alone"
         elif apart:
@@ -595,8 +596,9 @@ def effect(groups: dict[Group, list[TrainedRun]]) -> list[dict]:
     for preset in sorted({g.preset for g in groups}):
         runs = [r for g, rs in groups.items() if g.preset == preset for r in rs]
         evaluated_vanilla = sorted((r for r in runs if r.group.role == "baseline" and r.held_out), key=lambda r: r.seed)
-        apart = protocol_differences([r.base_protocol for r in runs if r.base] + [r.protocol for r in evaluated_vanilla])
-        bases = [r.base for r in runs if r.base] if not apart else []
+        with_base = [r for r in runs if r.base]
+        apart = protocol_differences([r.base_protocol for r in with_base] + [r.protocol for r in evaluated_vanilla])
+        bases = [r.base for r in with_base] if not apart else []
         n = sum(b["n"] for b in bases)
         base = {k: sum(b[k] * b["n"] for b in bases) / n for k in EVAL_METRICS} | {"n": n} if bases else None
         vanilla = [{"seed": r.seed, "eval_strict": r.held_out["eval_strict"], "gap": None if base is None else r.held_out["eval_strict"] - base["eval_strict"]}

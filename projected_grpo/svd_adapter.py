@@ -306,9 +306,8 @@ def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: 
         svds.update(zip(missing, computed_svds([(bases[name].weight, paths[name]) for name in missing], save, batch_elements)))
     adapters = {}
     for name in names:
-        parent_name, _, child = name.rpartition(".")
         adapters[name] = SVDLinear(bases[name], *svds[name], keys[name])
-        setattr(model.get_submodule(parent_name), child, adapters[name])
+        model.set_submodule(name, adapters[name])
     n_delta = sum(a.rank for a in adapters.values())
     logger.info(f"SVD adapter on {len(adapters)} Linears ({', '.join(targets)}): {n_delta:,} delta_S entries, {len(missing)} SVDs computed; cache {cache_dir}")
     return adapters
@@ -317,8 +316,7 @@ def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: 
 def unwrap_svd(model: nn.Module, adapters: dict[str, SVDLinear]) -> None:
     """wrap_svd undone: each adapter's base Linear back in its place (with the weight it holds now)."""
     for name, adapter in adapters.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, adapter.base)
+        model.set_submodule(name, adapter.base)
 
 
 def model_fingerprint(adapters: dict[str, SVDLinear]) -> str:

@@ -18,9 +18,9 @@ from pathlib import Path
 import matplotlib.image
 import polars as pl
 import pytest
-import torch
 
 from conftest import ROOT
+from projected_grpo.diagnose import one_thread
 from projected_grpo.results import LOG_KEYS, ResultsConfig, judge, leading, main, power, setting, t_critical, t_interval
 
 T2 = 4.302652729749464  # t quantile 0.975, 2 degrees of freedom (tables: 4.3027)
@@ -42,9 +42,7 @@ def real_runs(tmp_path_factory) -> Path:
     (work / "pairs.jsonl").write_text("".join((ROOT / "data" / "pairs.jsonl").read_text().splitlines(keepends=True)[:8]))
     (work / "problems.jsonl").write_text("".join((ROOT / "data" / "problems.jsonl").read_text().splitlines(keepends=True)[:2]))
     smoke = PRESETS["smoke"][1]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on 2 shared cores two threads per process thrash: 2-3x slower measured
-    try:
+    with one_thread():  # on 2 shared cores two threads per process thrash: 2-3x slower measured
         for arm in ("vanilla", "projected"):
             for seed in (0, 1):
                 run = train(replace(smoke, intervention=arm, seed=seed, steps=2, runs_dir=work / "runs", cache_dir=work / "cache", eval_problems=work / "problems.jsonl",
@@ -52,8 +50,6 @@ def real_runs(tmp_path_factory) -> Path:
                                     sampling=replace(smoke.sampling, max_new_tokens=128)))  # a few teacher texts still fit: some live groups
                 for base in (False, True) if (arm, seed) == ("vanilla", 0) else (False,):
                     evaluate(EvalConfig(run=run, samples_per_problem=2, device="cpu", max_new_tokens=8, base=base))  # on the run's --eval-problems
-    finally:
-        torch.set_num_threads(threads)
     main(ResultsConfig(runs_dir=work / "runs", last_n=2))
     return work / "runs"
 
