@@ -44,7 +44,8 @@ tail -4 $pc/sweepA.log $pc/sweepB.log 2>/dev/null | cut -c1-300
 grep -h -E "Error|Traceback" $runs/local/*.log $pc/base_eval.log 2>/dev/null | sort | uniq -c | head -8
 for d in $runs/*/checkpoints; do ls -d $d/step_* 2>/dev/null | sort | head -n -1 | xargs -r rm -rf; done
 # Only the run folders and logs travel (the caches rebuild in a minute): they must fit one carry. A run
-# whose eval is done leaves its checkpoint out (the first copy that comes back keeps it, off the device).
-cd $pc && evaluated=$(cd runs/local && ls eval_*.done 2>/dev/null | sed 's/^eval_\(.*\)\.done$/--exclude=runs\/\1\/checkpoints/')
+# whose eval is done keeps only its last checkpoint's delta_S (0.4 MB, the trained parameters), without
+# the optimizer state, gradients and bases that a resume needs (phase A and the first three phase B runs lost it).
+cd $pc && evaluated=$(cd runs/local && ls eval_*.done 2>/dev/null | sed 's/^eval_\(.*\)\.done$/\1/' | while read -r r; do for f in state.pt grads.safetensors bases.safetensors; do echo "--exclude=runs/$r/checkpoints/*/$f"; done; done)
 tar czf /tmp/pc.tgz $evaluated runs $(ls base_eval.log sweepA.log sweepB.log pool.log 2>/dev/null) && split -b 15M /tmp/pc.tgz $OUT/pc.tgz.part_ && ls -la $OUT | tail -n +4
 echo "end at $(( $(date +%s) - t0 )) s"
