@@ -925,32 +925,27 @@ def main(cfg: Config) -> Path:
         + (f", over {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
     )
     run_dir = open_run_dir(cfg)
-    sink = logger.add(run_dir / "train.log") if distributed.is_main() else None
     workers = cfg.grader_workers or max(1, len(os.sched_getaffinity(0)) // distributed.local_world_size())  # the node's cores, shared by its ranks
-    try:
-        with Grader(cfg.reward, workers=workers) as grader:
-            state = RunState.start(cfg, run_dir, grader)
-            main_rank = distributed.is_main()
-            if main_rank:  # the log holds exactly the checkpointed rows: steps after the checkpoint are redone
-                (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.rows))
-                console(run_dir, table_header(off_policy=cfg.one_step_off))
-            saved = json.loads((run_dir / "config.json").read_text()) if main_rank else {}
-            with tracker(cfg.report_to if main_rank else "none", run_dir, saved, state.step + 1) as track, \
-                    tqdm(total=cfg.steps, initial=state.step, desc="steps", unit="step", disable=not main_rank) as bar, stop_on_sigterm() as asked:
-                while state.step < cfg.steps:
-                    record = step(state, state.next_batch())
-                    stopping = asked() and state.step < cfg.steps  # the last step ends the run as usual
-                    keep(state, record, track, checkpoint=stopping)
-                    bar.update(1)
-                    if stopping:
-                        logger.warning(f"stopped by SIGTERM after step {state.step} of {cfg.steps}, its checkpoint written: `train.py resume {run_dir}` continues it")
-                        sys.exit(STOPPED_EXIT)
-    except BaseException:
-        discard_unstarted(cfg, run_dir, sink)
-        raise
-    if distributed.is_main():
-        summary = write_summary(run_dir, state.rows)
-        logger.info(f"done: {run_dir}, {summary['steps']} steps in {summary['seconds'] / 60:.1f} min\n{summary_table(summary)}")
+    with run_log(cfg, run_dir), Grader(cfg.reward, workers=workers) as grader:
+        state = RunState.start(cfg, run_dir, grader)
+        main_rank = distributed.is_main()
+        if main_rank:  # the log holds exactly the checkpointed rows: steps after the checkpoint are redone
+            (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.rows))
+            console(run_dir, table_header(off_policy=cfg.one_step_off))
+        saved = json.loads((run_dir / "config.json").read_text()) if main_rank else {}
+        with tracker(cfg.report_to if main_rank else "none", run_dir, saved, state.step + 1) as track, \
+                tqdm(total=cfg.steps, initial=state.step, desc="steps", unit="step", disable=not main_rank) as bar, stop_on_sigterm() as asked:
+            while state.step < cfg.steps:
+                record = step(state, state.next_batch())
+                stopping = asked() and state.step < cfg.steps  # the last step ends the run as usual
+                keep(state, record, track, checkpoint=stopping)
+                bar.update(1)
+                if stopping:
+                    logger.warning(f"stopped by SIGTERM after step {state.step} of {cfg.steps}, its checkpoint written: `train.py resume {run_dir}` continues it")
+                    sys.exit(STOPPED_EXIT)
+        if main_rank:
+            summary = write_summary(run_dir, state.rows)
+            logger.info(f"done: {run_dir}, {summary['steps']} steps in {summary['seconds'] / 60:.1f} min\n{summary_table(summary)}")
     distributed.teardown()
     return run_dir
 
@@ -972,14 +967,25 @@ def stop_on_sigterm() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def discard_unstarted(cfg: Config, run_dir: Path, sink: int | None) -> None:
-    """Nothing half-made: a fresh run folder that fails before its first logged step is removed."""
-    log = run_dir / "log.jsonl"
-    if cfg.resume or not distributed.is_main() or (log.exists() and log.stat().st_size > 0):
-        return
-    logger.remove(sink)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    logger.info(f"removed {run_dir}: the run failed before its first step")
+@contextlib.contextmanager
+def run_log(cfg: Config, run_dir: Path) -> Iterator[None]:
+    """The run's train.log (rank 0) for as long as the run lasts, no longer: a later run in the
+    same process does not write into it. Nothing half-made: a fresh run folder that fails before
+    its first logged step is removed."""
+    sink = logger.add(run_dir / "train.log") if distributed.is_main() else None
+    try:
+        yield
+    except BaseException:
+        log = run_dir / "log.jsonl"
+        if sink is not None and not cfg.resume and not (log.exists() and log.stat().st_size > 0):
+            logger.remove(sink)
+            sink = None
+            shutil.rmtree(run_dir, ignore_errors=True)
+            logger.info(f"removed {run_dir}: the run failed before its first step")
+        raise
+    finally:
+        if sink is not None:
+            logger.remove(sink)
 
 
 def console(run_dir: Path, line: str) -> None:

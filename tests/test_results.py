@@ -63,6 +63,15 @@ def report(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def test_each_in_process_run_logs_to_its_own_train_log_only(real_runs):
+    """Four runs in one process: each train.log ends with its own run's "done" line and holds no
+    other run's (a run's log sink used to outlive it)."""
+    runs = sorted(real_runs.glob("smoke_*"))
+    for run in runs:
+        log = (run / "train.log").read_text()
+        assert [other for other in runs if f"done: {other}," in log] == [run]
+
+
 def test_real_runs_numbers_match_their_logs_and_evals(real_runs):
     logs = {d: [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()] for d in real_runs.glob("smoke_*")}
     evals = {d: json.loads(next((d / "eval").glob("problems-step_000002-*/summary.json")).read_text()) for d in logs}
