@@ -61,6 +61,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from grader import Problem, jsonl_rows, load_problems, render_prompt
+from projected_grpo.errors import UserError
 from projected_grpo.models import completion_logprobs, precision_name
 from projected_grpo.paths import DATA, REPO_ROOT, atomic
 from projected_grpo.svd_adapter import SVDLinear, model_fingerprint
@@ -450,13 +451,16 @@ def resolve_v_hack(model, adapters, tokenizer, header: dict[str, str], pairs: li
             logger.info(f"v_hack cache hit: {path}")
             return vh
         if vc.on_mismatch == "error":
-            raise ValueError(f"v_hack file {path} does not fit this run: {mismatch}. Delete it or pass --v-hack.on-mismatch extract")
+            raise UserError(f"v_hack file {path} does not fit this run: {mismatch}", "delete it or pass --v-hack.on-mismatch extract")
         logger.warning(f"v_hack file {path} does not fit this run ({mismatch}); re-extracting")
     else:
         logger.info(f"v_hack cache miss: {path}")
     g = cached_pair_gradients(model, adapters, tokenizer, pairs, header, cache_dir)
     diffs = g.differences(vc.norm, vc.common_mode)
     V, S = fit_v_hack(diffs, vc)
+    if not V:  # nothing to measure along or project out: every step would fail
+        raise UserError(f"v_hack from {vc.pairs} kept no axis in any module (noise quantile {vc.noise_quantile}, split-half minimum {vc.min_split_half})",
+                        "lower --v-hack.min-split-half or --v-hack.noise-quantile, or use more pairs")
     vh = VHack(V, S, diffs, g.n_hack, g.n_clean, header, path)
     save_v_hack(vh)
     return vh

@@ -82,7 +82,7 @@ from loguru import logger
 from torch import Tensor
 from tqdm import tqdm
 
-from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, pair_gradients, shuffled_twin, v_hack_for_run
+from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, load_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed, packing
 from projected_grpo.ahead import Ahead
@@ -305,19 +305,23 @@ def check(cfg: Config) -> None:
         ("grad_clip", cfg.grad_clip, cfg.grad_clip > 0, "must be > 0"),
         ("weight_decay", cfg.weight_decay, 0 <= cfg.weight_decay < 1, "must be in [0, 1)"),
         ("betas", cfg.betas, all(0 <= b < 1 for b in cfg.betas), "must be in [0, 1)"),
-        ("teacher_mix", cfg.teacher_mix, 0 <= cfg.teacher_mix < 1 and round(cfg.group_size * cfg.teacher_mix) < cfg.group_size,
-         f"must leave a student rollout in a group of {cfg.group_size}, in [0, 1)"),
+        ("teacher_mix", cfg.teacher_mix, 0 <= cfg.teacher_mix < 1 and split_group(cfg)[0] > 0,
+         f"must be in [0, 1) and leave a student rollout in a group of {cfg.group_size}"),
         ("sampling.temperature", s.temperature, s.temperature > 0, "must be > 0 (training samples; greedy 0 is for eval)"),
         ("sampling.top_p", s.top_p, 0 < s.top_p <= 1, "must be in (0, 1]"),
-        ("v_hack.noise_quantile", cfg.v_hack.noise_quantile, 0 <= cfg.v_hack.noise_quantile <= 1, "must be in [0, 1]"),
+        ("v_hack.k", cfg.v_hack.k, cfg.v_hack.k >= 1, "must be >= 1"),
+        ("v_hack.noise_quantile", cfg.v_hack.noise_quantile, 0 <= cfg.v_hack.noise_quantile < 1, "must be in [0, 1)"),
+        ("v_hack.min_split_half", cfg.v_hack.min_split_half, 0 <= cfg.v_hack.min_split_half <= 1, "must be in [0, 1]"),
+        ("v_hack.temperature", cfg.v_hack.temperature, cfg.v_hack.temperature is None or cfg.v_hack.temperature > 0, "must be > 0 (or left out: the run's)"),
     ):
         need(ok, name, value, what)
     if "lm_head" in cfg.targets:  # wrap_svd adapts the decoder's Linears only: a run would silently train without it
         raise UserError("--targets lm_head: the LM head is never adapted (only the decoder layers' Linears are)",
                         "leave lm_head out of --targets")
     check_file(cfg.problems, "problems", load_problems)
-    if cfg.v_hack.path is None:
-        check_file(cfg.v_hack.pairs, "v_hack.pairs")
+    check_file(cfg.v_hack.problems, "v_hack.problems", load_problems)
+    v_hack_problems = {p.id: p for p in load_problems(cfg.v_hack.problems)}
+    check_file(cfg.v_hack.pairs, "v_hack.pairs", lambda path: load_pairs(path, v_hack_problems))  # every run loads its pairs, a given --v-hack.path too
     pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
     if cfg.teacher_mix > 0 and not pool.is_file() and cfg.teacher_source.suffix == ".jsonl":  # else a model samples the pool
         check_file(cfg.teacher_source, "teacher_source")  # the default pool is built from it on first use

@@ -21,6 +21,7 @@ from extract import (
     v_hack_for_run,
 )
 from grader import Grader, load_problems, render_prompt, user_prompt
+from projected_grpo.errors import UserError
 from projected_grpo.models import load_model
 from projected_grpo.paths import REPO_ROOT
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, wrap_svd
@@ -106,8 +107,10 @@ def test_each_option_has_its_own_header_and_file_and_one_model_pass(tiny, monkey
         vh = read_v_hack(first.path)
         vh.header = original.header | {field: value}
         extract.save_v_hack(vh)
-        with pytest.raises(ValueError, match=f"field '{field}'"):
+        with pytest.raises(UserError, match=f"field '{field}'"):
             run(method="svd", norm="sum", path=first.path)
+    with pytest.raises(UserError, match="kept no axis in any module"):  # else every step would fail on an empty basis
+        run(method="svd", norm="sum", min_split_half=1.0)
 
 
 def test_extraction_at_the_sampling_temperature_has_its_own_gradients_and_header(tiny, tmp_path):

@@ -26,6 +26,11 @@ BAD_FLAGS = [  # (flags after the preset, what the message must name)
     (["--sampling.temperature", "0"], "--sampling.temperature 0"),
     (["--problems", "nope.jsonl"], "--problems nope.jsonl does not exist"),
     (["--v-hack.pairs", "nope.jsonl"], "--v-hack.pairs nope.jsonl does not exist"),
+    (["--v-hack.problems", "nope.jsonl"], "--v-hack.problems nope.jsonl does not exist"),
+    (["--v-hack.k", "0"], "--v-hack.k 0"),
+    (["--v-hack.noise-quantile", "1"], "--v-hack.noise-quantile 1.0"),
+    (["--v-hack.min-split-half", "1.5"], "--v-hack.min-split-half 1.5"),
+    (["--v-hack.temperature", "0"], "--v-hack.temperature 0.0"),
     (["--report-to", "wandb"], "needs the wandb package"),
     (["--targets", "q_proj", "lm_head"], "--targets lm_head: the LM head is never adapted"),
 ]
@@ -63,6 +68,9 @@ def test_bad_files_are_named_with_their_line(nothing_starts, capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text((ROOT / "data" / "problems.jsonl").read_text().splitlines()[0] + "\n{not json\n")
     assert f"{bad}:2" in one_line_error(capsys, ["smoke", "--runs-dir", str(nothing_starts), "--problems", str(bad)])
+    pairs = tmp_path / "pairs.jsonl"  # a pair whose problem the --v-hack.problems file lacks
+    pairs.write_text(json.dumps({"id": 10**9, "hack_style": "x", "hack": "a", "clean": "b"}) + "\n")
+    assert f"{pairs}:1: field 'id'" in one_line_error(capsys, ["smoke", "--runs-dir", str(nothing_starts), "--v-hack.pairs", str(pairs)])
     # eval: a folder that is not a run, and a run whose held-out problems were never downloaded.
     assert "not a run folder" in one_line_error(capsys, ["eval", "--run", str(tmp_path)])
     run = tmp_path / "run"
