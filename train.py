@@ -562,10 +562,12 @@ def to(device: str, tensors: dict[str, Tensor] | None) -> dict[str, Tensor] | No
 
 def arm_basis_for(cfg: Config, v_hack: dict[str, Tensor], diffs: dict[str, Tensor], step: int) -> dict[str, Tensor] | None:
     """The basis the arm projects along: v_hack (projected); random orthonormal bases with its
-    axis counts, drawn from --seed and the step (random); its label-shuffled twin, fit from its
-    pair differences `diffs` with the swapped half drawn from --seed (shuffled); none (vanilla)."""
+    axis counts, drawn from the stream (--seed, "random_arm", step), apart from the empirical
+    null's draws from --null-seed even where the two seeds are equal (random); its label-shuffled
+    twin, fit from its pair differences `diffs` with the swapped half drawn from --seed
+    (shuffled); none (vanilla)."""
     if cfg.intervention == "random":
-        return random_bases(v_hack, torch.Generator().manual_seed(cfg.seed + 1_000_003 * step))
+        return random_bases(v_hack, torch.Generator().manual_seed(stream_seed(cfg.seed, "random_arm", step)))
     if cfg.intervention == "shuffled":
         return shuffled_twin(diffs, v_hack, cfg.v_hack, torch.Generator().manual_seed(cfg.seed))
     return v_hack if cfg.intervention == "projected" else None
@@ -836,8 +838,9 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
 
 def apply_arm(state: RunState, grads: Gradients) -> dict[str, float]:
     """The method: g_s, g_t and g measured along v_hack (g_s and g_t also against the empirical
-    null; NaN where no live group holds their kind of rollout), then the hack-ward part of g
-    removed along the arm's basis, in place (vanilla: nothing). Returns those HackwardMetrics."""
+    null; NaN where no live group holds their kind of rollout, g's NaN without any), then the
+    hack-ward part of g removed along the arm's basis, in place (vanilla: nothing). Returns those
+    HackwardMetrics."""
     b, nan = state.bases, float("nan")
     null_s = b.null.fractions(grads.g_s) if grads.learned_s else torch.full((1,), nan)
     null_t = b.null.fractions(grads.g_t) if grads.learned_t else torch.full((1,), nan)
@@ -846,11 +849,13 @@ def apply_arm(state: RunState, grads: Gradients) -> dict[str, float]:
         "cin_t": b.measure.hackward_fraction(grads.g_t) if grads.learned_t else nan,
         "null_s_mean": null_s.mean().item(), "null_s_p95": null_s.quantile(0.95).item(),
         "null_t_mean": null_t.mean().item(), "null_t_p95": null_t.quantile(0.95).item(),
-        "cin": b.measure.hackward_fraction(grads.g),
+        "cin": b.measure.hackward_fraction(grads.g) if grads.learned else nan,
     }
     projection = b.arm(grads.g) if b.arm else None  # g -> the arm's g_applied, in place
     touched, removed = (projection.touched, projection.removed) if projection else (0.0, 0.0)
-    return measured | {"cout": b.measure.hackward_fraction(grads.g), "touched": touched, "removed": removed if grads.learned else nan}
+    if not grads.learned:  # g = 0: a fraction of nothing is undefined, not 0 (a 0 would pull the last-10 means down)
+        return measured | {"cout": nan, "touched": nan, "removed": nan}
+    return measured | {"cout": b.measure.hackward_fraction(grads.g), "touched": touched, "removed": removed}
 
 
 def update(state: RunState, grads: Gradients) -> tuple[float, dict[str, Tensor], dict]:

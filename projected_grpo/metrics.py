@@ -157,7 +157,7 @@ class LossMetrics:
     total: float
     """The step's loss: the sum of every micro-batch's share on every rank."""
     kl: float
-    """Mean k3 KL estimate to the reference over student tokens (teacher tokens are regularised by it too, but not counted: not the policy's samples)."""
+    """Mean k3 KL estimate to the reference over student tokens (teacher tokens are regularised by it too, but not counted: not the policy's samples); null, as clip_frac and logp_gap, without a live student token."""
     clip_frac: float
     """Fraction of the student tokens whose sampler/learner ratio was clipped (0 with --one-step-off, whose ratio is to the step's own policy: loss/is_clipped counts its capped weights)."""
     logp_gap: float
@@ -170,9 +170,11 @@ class LossMetrics:
     @classmethod
     def of(cls, reports: list[RankReport], grad_norm: float, lr: float) -> "LossMetrics":
         sums = summed(reports)
-        tokens = max(sums["student_tokens"], 1)
-        return cls(total=sums["loss"], kl=sums["kl"] / tokens, clip_frac=sums["clipped"] / tokens, logp_gap=sums["logp_gap"] / tokens,
-                   grad_norm=grad_norm, lr=lr)
+
+        def per_token(key: str) -> float:  # no live student token: undefined, not 0
+            return sums[key] / sums["student_tokens"] if sums["student_tokens"] else float("nan")
+
+        return cls(total=sums["loss"], kl=per_token("kl"), clip_frac=per_token("clipped"), logp_gap=per_token("logp_gap"), grad_norm=grad_norm, lr=lr)
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,9 @@ class HackwardMetrics:
     cin_t: float = field(metadata=column("cin_t", 6, ".3f"))
     """The same of the teacher part g_t = g − g_s; null when no live group holds a teacher rollout."""
     cin: float
-    """The same of the whole gradient g, before the arm's projection."""
+    """The same of the whole gradient g, before the arm's projection; null without a gradient (no live group)."""
     cout: float
-    """The same after the arm's projection, still measured on v_hack: cout = cin in vanilla, ~0 in projected."""
+    """The same after the arm's projection, still measured on v_hack: cout = cin in vanilla, ~0 in projected; null without a gradient."""
     null_s_mean: float
     """Mean of cin_s's empirical null: the hack-ward fraction of g_s along --null-bases random bases with v_hack's axis count per module."""
     null_s_p95: float = field(metadata=column("null95", 6, ".3f"))
@@ -200,7 +202,7 @@ class HackwardMetrics:
     upd: float = field(metadata=column("upd", 6, ".3f"))
     """Hack-ward fraction of the change actually applied to delta_S this step, AdamW's moments and weight decay included (0 with --project-update; after a v_hack refresh, measured on the new basis); null without an optimizer step."""
     touched: float
-    """Fraction of the arm basis's modules (those with axes) where the projection removed more than rounding (0 in vanilla)."""
+    """Fraction of the arm basis's modules (those with axes) where the projection removed more than rounding (0 in vanilla; null without a gradient)."""
     removed: float
     """‖g − g_applied‖/‖g‖: the fraction of the whole gradient the arm's projection removed (g_applied: after projection, before clipping; 0 in vanilla; null without a gradient)."""
     disp_sum: float

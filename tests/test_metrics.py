@@ -62,3 +62,7 @@ def test_a_record_is_a_log_row_with_nan_as_null():
     assert tuple(off.row()) == PREREGISTERED and tuple(tracked) == PREREGISTERED + OFF_POLICY_KEYS == PREREGISTERED + ("loss/is_ratio_mean", "loss/is_clipped")
     assert tracked["loss/is_ratio_mean"] == 1.25 and tracked["loss/is_clipped"] is None
     assert len(table_row(tracked)) == len(table_header(off_policy=True)) and table_row(tracked).split()[-2:] == ["1.250", "-"]
+    # A step without a live student token: its per-token loss numbers are undefined, not 0.
+    dead = [RankReport([[student, student]], {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "logp_gap": 0.0, "student_tokens": 0.0}, 2.0, 0.0, 0.1, None)]
+    loss = dataclasses.replace(record, loss=LossMetrics.of(dead, 0.0, 1e-3)).row()
+    assert loss["loss/kl"] is None and loss["loss/clip_frac"] is None and loss["loss/logp_gap"] is None and loss["loss/total"] == 0.0

@@ -110,8 +110,8 @@ def test_removed_fraction_is_logged_in_every_arm_and_recomputed_from_checkpoints
         log = rows(run_dir)
         assert all("hackward/removed" in r for r in log) and any(r["hackward/removed"] is not None for r in log)
         for step, row in enumerate(log, 1):
-            if row["hackward/removed"] is None:  # no group with reward variance: no gradient
-                assert row["hackward/upd"] is None
+            if row["hackward/removed"] is None:  # no group with reward variance: no gradient, nothing measured on it
+                assert all(row[f"hackward/{k}"] is None for k in ("upd", "cin", "cout", "touched", "cin_s", "cin_t")), row
                 continue
             grads = load_file(checkpoint(run_dir, step) / "grads.safetensors")
             g = {k.split(".", 1)[1]: t + grads[k.replace("g_s.", "g_t.", 1)] for k, t in grads.items() if k.startswith("g_s.")}
@@ -454,6 +454,22 @@ def test_a_pool_graded_by_another_grader_version_is_regraded(tmp_path):
         pool_path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "grader_version"} | {"reward": -1.0}) + "\n" for r in rows))
         regraded = teacher_pool(cfg, problems, tokenizer, grader)
     assert regraded == fresh and all(grade.reward >= 0 for es in regraded.values() for _, _, grade in es)
+
+
+def test_the_random_arm_never_projects_along_its_own_yardstick():
+    """The random arm's basis and the empirical null's bases come from separate streams, also
+    where --seed equals --null-seed (both 0 by default): else the arm's basis was null basis #1."""
+    from projection import random_bases
+    from train import arm_basis_for
+
+    v_hack = {"a": torch.eye(6)[:2], "b": torch.eye(4)[:1]}
+    cfg = replace(PRESETS["smoke"][1], intervention="random", seed=0, null_seed=0)
+    arm = arm_basis_for(cfg, v_hack, {}, 0)
+    null = torch.Generator().manual_seed(cfg.null_seed)  # EmpiricalNull's draws, in its order
+    drawn = [random_bases(v_hack, null) for _ in range(cfg.null_bases)]
+    assert {n: t.shape for n, t in arm.items()} == {n: t.shape for n, t in v_hack.items()}
+    assert not any(all(torch.allclose(arm[n].abs(), basis[n].abs()) for n in arm) for basis in drawn)
+    assert all(torch.equal(arm[n], arm_basis_for(cfg, v_hack, {}, 0)[n]) for n in arm)  # still a function of (seed, step)
 
 
 def test_presets_resolve():
