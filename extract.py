@@ -1,7 +1,7 @@
 """Extracting v_hack, the hack-direction basis in delta_S coordinates, from contrastive pairs.
 
 For each (prompt, hack, clean) pair of a pairs file (prompts rendered by grader.py with the
-run_tests hint, exactly as in training) we take the gradient on every delta_S of each
+run_tests hint, the spec's, whatever hint a run trains with) we take the gradient on every delta_S of each
 completion's NLL (completion tokens only, the EOS that ends a rollout included) and the
 difference d = grad NLL(hack) - grad NLL(clean), the NLL being either summed over the
 completion's tokens (`norm="sum"`) or averaged over them (`token_mean`; then d does not
@@ -69,8 +69,9 @@ from projected_grpo.svd_adapter import SVDLinear, model_fingerprint
 Method = Literal["svd", "mean_diff"]
 Norm = Literal["sum", "token_mean"]
 CommonMode = Literal["keep", "out"]
-CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "projected_grpo/svd_adapter.py", "projected_grpo/models.py"))).hexdigest()[:16]
-GRADIENT_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "n_pairs", "temperature", "code_version")
+# The code a pair gradient depends on: the pass over the model, and grader.py's prompt (render_prompt, HINTS).
+CODE_VERSION = hashlib.sha256(b"".join((REPO_ROOT / f).read_bytes() for f in ("extract.py", "grader.py", "projected_grpo/svd_adapter.py", "projected_grpo/models.py"))).hexdigest()[:16]
+GRADIENT_FIELDS = ("model", "fingerprint", "dtype", "targets", "pairs_sha256", "problems_sha256", "n_pairs", "temperature", "code_version")
 HEADER_FIELDS = (*GRADIENT_FIELDS, "method", "norm", "common_mode", "k", "noise_quantile", "min_split_half")
 HALVINGS = 10  # random halvings behind the split-half criterion and the report's split_half_cos
 HALVING_SEED = 0
@@ -331,7 +332,8 @@ def shuffled_twin(diffs: dict[str, Tensor], v_hack: dict[str, Tensor], vc: VHack
     """The label-shuffled twin of v_hack: the same differences under `label_flips`, fit by the
     same method, with v_hack's axis count in each module (the twin's largest-scale axes there;
     modules where v_hack has none get none). Matched on text, pipeline and dimension; only the
-    labels differ. With `svd` it spans v_hack's subspace and differs in orientation only."""
+    labels differ. With `svd` and no split-half cut it spans v_hack's subspace and differs in
+    orientation only (a split-half cut may drop a middle axis of v_hack; the twin keeps its leading ones)."""
     flip = label_flips(next(iter(diffs.values())).shape[0], generator)
     V, _ = fit_modules({m: d * flip[:, None] for m, d in diffs.items()}, vc.method, vc.k)
     return {m: V[m][: v.shape[0]] for m, v in v_hack.items()}
@@ -350,6 +352,7 @@ def expected_header(model_name: str, adapters: dict[str, SVDLinear], dtype: torc
         "dtype": precision_name(dtype),
         "targets": ",".join(targets),
         "pairs_sha256": file_sha256(vc.pairs),
+        "problems_sha256": file_sha256(vc.problems),  # the prompts' text
         "n_pairs": str(n_pairs),
         "temperature": repr(vc.temperature),
         "code_version": CODE_VERSION,

@@ -1,7 +1,7 @@
 """GRPO on the LeetCode reward-hacking benchmark, training only delta_S of an SVD-basis
 adapter, with the hack-ward part of the gradient projected out (or only measured).
 
-    python train.py smoke                                # tiny-random-qwen3 on CPU, ~1 min
+    python train.py smoke                                # tiny-random-qwen3 on CPU, 2-3.5 min
     python train.py full --intervention vanilla --seed 1 # Qwen3-4B at the benchmark's scale
     torchrun --nproc-per-node 8 train.py full            # the same run over 8 GPUs (README: Many GPUs)
     python train.py build-pool                           # grade and freeze the teacher pool
@@ -93,7 +93,7 @@ from projected_grpo.errors import UserError, check_file, flag, reported
 from projected_grpo.eval import EvalConfig, evaluate
 from projected_grpo.metrics import (
     DistMetrics, HackwardMetrics, LossMetrics, MemoryMetrics, OffPolicyMetrics, RankReport, RolloutMetrics, RolloutSummary, StepRecord, TimeMetrics,
-    Timer, VHackMetrics, summary_table, table_header, table_row, write_summary,
+    Timer, VHackMetrics, is_live, summary_table, table_header, table_row, write_summary,
 )
 from projected_grpo.models import completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
 from projected_grpo.paths import DATA, OUT
@@ -216,13 +216,17 @@ class Config:
     run_name: str | None = None
     """Run folder name under runs_dir; None = <name>_<arm>_s<seed>_<stamp>."""
 
+    def pool_path(self) -> Path:
+        """The teacher pool file: --teacher-pool, else the default one for --teacher-source and --hint."""
+        return self.teacher_pool or default_pool_path(self.teacher_source, self.hint)
+
     def resolved(self) -> "Config":
         """This config checked (`check`), with the values a preset leaves open filled: device, dtype,
         teacher pool, v_hack's temperature (training's gradients are taken at the sampling temperature)."""
         check(self)
         device = pick_device(self.device)
         dtype = "tfloat32" if self.dtype == "tfloat32" else str(pick_dtype(self.dtype, device)).removeprefix("torch.")
-        pool = self.teacher_pool or default_pool_path(self.teacher_source, self.hint)
+        pool = self.pool_path()
         v_hack = replace(self.v_hack, temperature=self.v_hack.temperature or self.sampling.temperature)
         return replace(self, device=device, dtype=dtype, teacher_pool=pool, v_hack=v_hack)
 
@@ -322,7 +326,7 @@ def check(cfg: Config) -> None:
     check_file(cfg.v_hack.problems, "v_hack.problems", load_problems)
     v_hack_problems = {p.id: p for p in load_problems(cfg.v_hack.problems)}
     check_file(cfg.v_hack.pairs, "v_hack.pairs", lambda path: load_pairs(path, v_hack_problems))  # every run loads its pairs, a given --v-hack.path too
-    pool = cfg.teacher_pool or default_pool_path(cfg.teacher_source, cfg.hint)
+    pool = cfg.pool_path()
     if cfg.teacher_mix > 0 and not pool.is_file() and cfg.teacher_source.suffix == ".jsonl":  # else a model samples the pool
         check_file(cfg.teacher_source, "teacher_source")  # the default pool is built from it on first use
     if cfg.resume is not None:
@@ -818,7 +822,7 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
     denominator; then g_s and g summed over the ranks (every rank joins, live rollouts or none),
     so all that follows sees the whole batch. Timed: learn, allreduce."""
     cfg, adapters, seconds = state.cfg, state.adapters, state.seconds
-    live = [g for g in groups if len({r.reward for r in g}) > 1]
+    live = [g for g in groups if is_live(g)]
     state.optimizer.zero_grad(set_to_none=False)
     denominator = float(n_rollouts * (cfg.sampling.max_new_tokens if cfg.loss_norm == "constant" else 1))
     with Timer(seconds, "learn"):
@@ -832,7 +836,7 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
                       sums, seconds["gen"], seconds["learn"], seconds["allreduce"],
                       torch.cuda.max_memory_allocated() / 2**30 if cfg.device.startswith("cuda") else None)
     reports = distributed.gather_objects(mine)  # what the record and the decisions below need from every rank, in batch order
-    live_everywhere = [grp for report in reports for grp in report.groups if len({o.reward for o in grp}) > 1]
+    live_everywhere = [grp for report in reports for grp in report.groups if is_live(grp)]
     return Gradients(g_s, g, g_t, reports, any(not o.teacher for grp in live_everywhere for o in grp), any(o.teacher for grp in live_everywhere for o in grp))
 
 
@@ -1064,7 +1068,7 @@ def from_dict(cls, values: dict):
 def resumed_config(rc: ResumeConfig) -> Config:
     """The run's own config, pointed at where its folder lies now, with what may change changed."""
     cfg = from_dict(Config, run_config(rc.run))
-    changes = {k: getattr(rc, k) for k in ("checkpoint_every", "grader_workers", "report_to") if getattr(rc, k) is not None}
+    changes = {k: getattr(rc, k) for k in RESUME_MAY_CHANGE if getattr(rc, k) is not None}
     return replace(cfg, runs_dir=rc.run.parent, run_name=rc.run.name, resume=rc.run, **changes)
 
 

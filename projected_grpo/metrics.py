@@ -40,6 +40,11 @@ from grader import Grade
 # What a step measures: the rank's share, and the helpers that turn it into numbers
 
 
+def is_live(group: list) -> bool:
+    """A group with reward variance (of Rollouts or RolloutSummaries): the only kind GRPO learns from."""
+    return len({r.reward for r in group}) > 1
+
+
 def mean(xs: list[float | int]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -132,7 +137,7 @@ class RolloutMetrics:
         student = [r for g in groups for r in g if not r.teacher]
         teachers = [r for g in groups for r in g if r.teacher]
         rewards = torch.tensor([r.reward for r in student])
-        live = [g for g in groups if len({r.reward for r in g}) > 1]
+        live = [g for g in groups if is_live(g)]
         return cls(
             reward=rewards.mean().item(),
             reward_std=rewards.std().item() if len(student) > 1 else float("nan"),
