@@ -736,7 +736,7 @@ def step(state: RunState, batch: Batch) -> StepRecord:
             grade_groups(state, groups)
         grads = learn(state, groups, batch.rollouts)
         with Timer(seconds, "arm"):
-            measured = apply_arm(state, grads)
+            measured = apply_arm(state.bases, grads)
         with Timer(seconds, "update"):
             grad_norm, change, moved = update(state, grads)
         state.step, state.grads = batch.step, {"g_s": grads.g_s, "g_t": grads.g_t}
@@ -840,12 +840,12 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
     return Gradients(g_s, g, g_t, reports, any(not o.teacher for grp in live_everywhere for o in grp), any(o.teacher for grp in live_everywhere for o in grp))
 
 
-def apply_arm(state: RunState, grads: Gradients) -> dict[str, float]:
+def apply_arm(b: Bases, grads: Gradients) -> dict[str, float]:
     """The method: g_s, g_t and g measured along v_hack (g_s and g_t also against the empirical
     null; NaN where no live group holds their kind of rollout, g's NaN without any), then the
     hack-ward part of g removed along the arm's basis, in place (vanilla: nothing). Returns those
     HackwardMetrics."""
-    b, nan = state.bases, float("nan")
+    nan = float("nan")
     null_s = b.null.fractions(grads.g_s) if grads.learned_s else torch.full((1,), nan)
     null_t = b.null.fractions(grads.g_t) if grads.learned_t else torch.full((1,), nan)
     measured = {

@@ -472,6 +472,22 @@ def test_the_random_arm_never_projects_along_its_own_yardstick():
     assert all(torch.equal(arm[n], arm_basis_for(cfg, v_hack, {}, 0)[n]) for n in arm)  # still a function of (seed, step)
 
 
+def test_a_step_without_a_gradient_measures_nothing_on_it():
+    """No live group: g = 0, and every fraction of it is undefined (null), not 0."""
+    from projected_grpo.svd_adapter import SVDLinear
+    from train import Bases, Gradients, apply_arm
+
+    linear = torch.nn.Linear(6, 6)
+    U, S, Vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    adapters = {"a": SVDLinear(linear, U, S, Vh, "a")}
+    v_hack = {"a": torch.eye(6)[:2]}
+    cfg = replace(PRESETS["smoke"][1], intervention="projected", null_bases=4)
+    bases = Bases.of(cfg, v_hack, v_hack, adapters)
+    zero = lambda: {"a": torch.zeros(6)}  # noqa: E731
+    measured = apply_arm(bases, Gradients(zero(), zero(), zero(), [], learned_s=False, learned_t=False))
+    assert all(math.isnan(measured[k]) for k in ("cin", "cout", "touched", "removed", "cin_s", "cin_t", "null_s_mean", "null_t_p95")), measured
+
+
 def test_presets_resolve():
     assert set(PRESETS) == {"smoke", "fast-dev-run", "smollm2", "surrogate", "fast", "full"}
     smoke = PRESETS["smoke"][1]
