@@ -190,21 +190,26 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
 
 def precision_name(dtype: torch.dtype) -> str:
     """The numerics a model runs at: its dtype, and +tf32 when float32 matmuls run on TF32 (a
-    process-wide torch setting, which load_model sets for 'tfloat32'). Caches key on it."""
+    process-wide torch setting, which load_model switches on for 'tfloat32' and never off).
+    Caches key on it."""
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return str(dtype).removeprefix("torch.") + ("+tf32" if tf32 else "")
 
 
 def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, object, torch.dtype]:
     """Model and tokenizer in `dtype` (`pick_dtype`), with flash_attention_2 (on CUDA in
-    bf16, if flash-attn imports) or sdpa. A tokenizer without a pad token gets its EOS token
-    as pad (transformers 5.17 leaves SmolLM2's unset; pad positions are masked everywhere).
-    Returns the dtype actually used."""
+    bf16, if flash-attn imports) or sdpa, each under its packed name (packing.register).
+    'tfloat32' switches TF32 on for the whole process; no load switches it off. A tokenizer
+    without a pad token gets its EOS token as pad (transformers 5.17 leaves SmolLM2's unset;
+    pad positions are masked everywhere). Returns the dtype actually used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name)
     torch_dtype = pick_dtype(dtype, device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tfloat32"
+    if dtype == "tfloat32":
+        # Process-wide, and only ever switched on: a later load in another dtype (a teacher
+        # pool's model) must not turn TF32 off under a tfloat32 run (precision_name reports it).
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     flash = device.startswith("cuda") and torch_dtype == torch.bfloat16 and importlib.util.find_spec("flash_attn") is not None
     base = "flash_attention_2" if flash else "sdpa"
     attn = packing.register(base)  # that, plus the learner's packed rows
@@ -234,7 +239,7 @@ def completion_logprobs(
     lm_head(last hidden state), true of Qwen, Llama and Mistral)."""
     packed = {}
     if spans is not None:
-        assert model.config._attn_implementation == packing.ATTENTION, "packed rows need a model from load_model"
+        assert packing.is_packed(model), "packed rows need a model from load_model"
         packed = {"position_ids": positions, "spans": spans}
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state[:, :-1]
     logits = model.get_output_embeddings()(hidden[mask])

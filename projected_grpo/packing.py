@@ -5,9 +5,9 @@ token is padding, each attending only to itself.
     positions  = 0 .. |s_1|-1, 0 .. |s_2|-1, ...        (rotary positions restart per sequence)
     attention  = causal within each sequence, nothing across it
 
-The attention is an HF attention function registered as `ATTENTION` over a base implementation
-(sdpa, or flash_attention_2 where flash-attn is installed; `models.load_model` asks for it):
-given `spans` it runs the packed row, through torch's varlen flash kernel on CUDA in fp16/bf16,
+The attention is an HF attention function registered over a base implementation (sdpa, or
+flash_attention_2 where flash-attn is installed; `models.load_model` asks for it), under a name
+of its own per base (`attention_name`): given `spans` it runs the packed row, through torch's varlen flash kernel on CUDA in fp16/bf16,
 else one SDPA call per sequence; without `spans` it is the base implementation, masks and all,
 so every padded forward (extraction, eval) is unchanged. A dense block-diagonal mask is
 never built: over a 16k-token row it would cost more attention FLOPs than the Linears.
@@ -15,10 +15,14 @@ never built: over a 16k-token row it would cost more attention FLOPs than the Li
 Guarantees:
 - A packed row's log-probs equal each sequence's run alone, to float rounding (positions
   restart, attention never crosses a boundary): tests/test_packing.py.
+- Registering is idempotent, and models loaded over different bases in one process (a
+  tfloat32 policy on sdpa beside a bf16 teacher on flash_attention_2) each keep their own
+  base's masks and attention.
 - `plan` puts every index in exactly one micro-batch, longest first, each at most `budget`
   tokens unless one sequence alone is longer.
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -27,8 +31,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-ATTENTION = "packed"
-_base = {"name": "sdpa"}  # the implementation a forward without spans runs (register sets it)
+ATTENTION = "packed"  # the name over sdpa; over another base, see attention_name
 
 
 def plan(lengths: list[int], budget: int) -> list[list[int]]:
@@ -103,24 +106,39 @@ def attend(query: Float[Tensor, "1 h t d"], key: Float[Tensor, "1 hk t d"], valu
     return torch.cat(parts, dim=2).transpose(1, 2)
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, spans: Spans | None = None, **kwargs):
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, spans: Spans | None = None,
+                     base: str = "sdpa", **kwargs):
     """HF attention function: a packed row when given `spans` (its mask, all ones, unused),
-    else the base implementation."""
+    else the implementation `base` (bound per registered name by `register`)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if spans is None:
-        return ALL_ATTENTION_FUNCTIONS[_base["name"]](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     assert dropout == 0.0, "the learner runs without dropout"
     return attend(query, key, value, spans, scaling).contiguous(), None
 
 
+def attention_name(base: str) -> str:
+    """The attn_implementation name of packed rows over `base`. One name per base: HF looks a
+    model's masks and attention up by name, process-wide, so a second model over another base
+    must not re-point the first one's. No name contains "flash": transformers takes any such
+    name for a flash-attn implementation of its own (and may swap in its default one)."""
+    return ATTENTION if base == "sdpa" else f"{ATTENTION}_{base.replace('flash_attention', 'fa')}"
+
+
 def register(base: str) -> str:
-    """Make `ATTENTION` an attn_implementation HF accepts, over `base` (its masks, and its
-    attention wherever no spans are given); returns ATTENTION."""
+    """Make `attention_name(base)` an attn_implementation HF accepts, over `base` (its masks,
+    and its attention wherever no spans are given); returns that name. Calling it again, for
+    any base, changes nothing already registered."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    _base["name"] = base
-    ALL_ATTENTION_FUNCTIONS.register(ATTENTION, packed_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS[base])
-    return ATTENTION
+    name = attention_name(base)
+    ALL_ATTENTION_FUNCTIONS.register(name, functools.partial(packed_attention, base=base))
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def is_packed(model) -> bool:
+    """Whether `model` was loaded with a packed attention (`register`'s name over its base)."""
+    return model.config._attn_implementation.startswith(ATTENTION)

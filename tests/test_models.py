@@ -70,3 +70,20 @@ def test_a_tokenizer_without_pad_token_pads_with_eos_and_dtype_is_chosen(tiny_mo
     assert tokenizer.pad_token_id == tokenizer.eos_token_id is not None
     assert dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
     assert load_model(str(tiny_model_path), "cpu")[2] == torch.float32  # auto: fp32 on CPU
+
+
+def test_tf32_is_switched_on_by_a_tfloat32_load_and_never_off(tiny_model_path):
+    """TF32 is process-wide: a later load in another dtype (train.py's teacher pool, sampled from
+    a model in 'auto') must leave a tfloat32 run's matmuls on TF32 (the flags read on CPU too)."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [f.allow_tf32 for f in flags]  # restored after: monkeypatch cannot undo torch's flag objects
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        load_model(str(tiny_model_path), "cpu", "tfloat32")
+        load_model(str(tiny_model_path), "cpu")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert models.precision_name(torch.float32) == "float32+tf32"
+    finally:
+        for f, on in zip(flags, before):
+            f.allow_tf32 = on

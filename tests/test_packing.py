@@ -99,3 +99,25 @@ def test_varlen_kernel_equals_one_sdpa_per_sequence():
     torch.testing.assert_close(flash.float(), loop, rtol=2e-2, atol=2e-2)
     flash.float().square().sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_a_second_base_leaves_a_loaded_models_attention_alone(tiny, monkeypatch):
+    """Attention names are looked up process-wide: registering packed rows over another base (a
+    second load_model, e.g. a bf16 teacher on flash_attention_2 beside an fp32 policy on sdpa;
+    flex_attention stands in on CPU) must leave the first model on its own masks and attention."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+    model, _, _ = tiny
+    name = model.config._attn_implementation
+    assert packing.register("sdpa") == name  # idempotent: the same name for the same base
+    assert packing.register("flex_attention") != name
+    assert ALL_MASK_ATTENTION_FUNCTIONS[name] is ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    calls = []
+    for base in ("sdpa", "flex_attention"):
+        real = ALL_ATTENTION_FUNCTIONS[base]
+        monkeypatch.setitem(AttentionInterface._global_mapping, base, lambda *a, real=real, base=base, **k: calls.append(base) or real(*a, **k))
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])  # left padding: a real mask
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=(ids != 0).long())
+    assert calls == ["sdpa"] * model.config.num_hidden_layers
