@@ -241,7 +241,9 @@ def completion_logprobs(
     if spans is not None:
         assert packing.is_packed(model), "packed rows need a model from load_model"
         packed = {"position_ids": positions, "spans": spans}
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **packed).last_hidden_state[:, :-1]
+    # use_cache=False: with the config's default (True) every layer would keep its K/V in a
+    # DynamicCache for the whole forward, memory the learner's checkpointing budget never counts.
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **packed).last_hidden_state[:, :-1]
     logits = model.get_output_embeddings()(hidden[mask])
     selected = -F.cross_entropy(logits.float() / temperature, input_ids[:, 1:][mask], reduction="none")
     return torch.zeros(mask.shape, dtype=torch.float32, device=selected.device).masked_scatter(mask, selected)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from projected_grpo import models
-from projected_grpo.models import SMOLLM2, build_random_qwen3, load_gguf, load_model, resolve_model, smollm2_gguf
+from projected_grpo.models import SMOLLM2, build_random_qwen3, completion_logprobs, load_gguf, load_model, resolve_model, smollm2_gguf
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +87,19 @@ def test_tf32_is_switched_on_by_a_tfloat32_load_and_never_off(tiny_model_path):
     finally:
         for f, on in zip(flags, before):
             f.allow_tf32 = on
+
+
+def test_scoring_keeps_no_kv_cache(tiny_model_path, monkeypatch):
+    """completion_logprobs runs no-grad passes (the KL reference) whose K/V nobody reads again:
+    no layer may store them in a cache (the config's use_cache is True)."""
+    from transformers import DynamicCache
+
+    model, _, _ = load_model(str(tiny_model_path), "cpu")
+    assert model.config.use_cache  # else the test shows nothing
+    updates = []
+    update = DynamicCache.update
+    monkeypatch.setattr(DynamicCache, "update", lambda self, *a, **k: updates.append(1) or update(self, *a, **k))
+    ids = torch.tensor([[0, 5, 6, 7, 8], [9, 10, 11, 12, 13]])
+    with torch.no_grad():
+        logprobs = completion_logprobs(model, ids, (ids != 0).long(), torch.ones(2, 4, dtype=torch.bool))
+    assert logprobs.shape == (2, 4) and bool((logprobs < 0).all()) and updates == []
