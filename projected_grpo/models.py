@@ -101,9 +101,14 @@ def build_random_qwen3(name: str, out: Path, seed: int = 0) -> Path:
     config = Qwen3Config(tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos[0], pad_token_id=tokenizer.pad_token_id, **arch)
     dtype = torch.float32 if name == TINY_MODEL else torch.bfloat16
     # Seeded in a forked RNG: a run that builds the model on first use must draw the same
-    # random numbers afterwards as one that finds it built.
-    with torch.random.fork_rng(devices=[]), torch.device(pick_device("auto")):
-        torch.manual_seed(seed)
+    # random numbers afterwards as one that finds it built. Only the generators forked are
+    # seeded (the CPU's and the current GPU's, where the weights are drawn): torch.manual_seed
+    # would reseed every GPU, and forking every GPU's state would start a context on each.
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda), torch.device(pick_device("auto")):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)
         model = Qwen3ForCausalLM(config).to(dtype)
         if name != TINY_MODEL:
             eos += torch.randperm(config.vocab_size, device="cpu")[: round(config.vocab_size / RANDOM_4B_MEAN_LENGTH)].tolist()

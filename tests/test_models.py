@@ -51,8 +51,10 @@ def test_building_a_model_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "RANDOM_QWEN3", models.RANDOM_QWEN3 | {"micro": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)})
     torch.manual_seed(123)
     state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() else None  # the GPU's too, where there is one
     build_random_qwen3("micro", tmp_path / "micro")
     assert torch.equal(torch.get_rng_state(), state)
+    assert cuda_state is None or torch.equal(torch.cuda.get_rng_state(), cuda_state)
 
 
 def test_a_tokenizer_without_pad_token_pads_with_eos_and_dtype_is_chosen(tiny_model_path, tmp_path):
