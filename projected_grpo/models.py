@@ -201,9 +201,22 @@ def precision_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.") + ("+tf32" if tf32 else "")
 
 
+def attention_base(device: str, dtype: torch.dtype) -> str:
+    """flash_attention_2 on CUDA in bf16 if flash-attn imports, else sdpa. Imported, not only
+    found: a broken install (built against another torch, a missing CUDA library) raises
+    ImportError or OSError on import, and falls back to sdpa rather than failing mid-forward."""
+    if not (device.startswith("cuda") and dtype == torch.bfloat16):
+        return "sdpa"
+    try:
+        import flash_attn  # noqa: F401
+    except (ImportError, OSError):
+        return "sdpa"
+    return "flash_attention_2"
+
+
 def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, object, torch.dtype]:
     """Model and tokenizer in `dtype` (`pick_dtype`), with flash_attention_2 (on CUDA in
-    bf16, if flash-attn imports) or sdpa, each under its packed name (packing.register).
+    bf16, if flash-attn imports: `attention_base`) or sdpa, each under its packed name (packing.register).
     'tfloat32' switches TF32 on for the whole process; no load switches it off. A tokenizer
     without a pad token gets its EOS token as pad (transformers 5.17 leaves SmolLM2's unset;
     pad positions are masked everywhere). Returns the dtype actually used."""
@@ -215,8 +228,7 @@ def load_model(name: str, device: str, dtype: str = "auto") -> tuple[nn.Module, 
         # Process-wide, and only ever switched on: a later load in another dtype (a teacher
         # pool's model) must not turn TF32 off under a tfloat32 run (precision_name reports it).
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    flash = device.startswith("cuda") and torch_dtype == torch.bfloat16 and importlib.util.find_spec("flash_attn") is not None
-    base = "flash_attention_2" if flash else "sdpa"
+    base = attention_base(device, torch_dtype)
     attn = packing.register(base)  # that, plus the learner's packed rows
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn).to(device)
     model.eval()  # no dropout: rollouts and logprobs must come from the same function

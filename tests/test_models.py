@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -105,3 +106,16 @@ def test_scoring_keeps_no_kv_cache(tiny_model_path, monkeypatch):
     with torch.no_grad():
         logprobs = completion_logprobs(model, ids, (ids != 0).long(), torch.ones(2, 4, dtype=torch.bool))
     assert logprobs.shape == (2, 4) and bool((logprobs < 0).all()) and updates == []
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_flash_attention_is_chosen_only_where_flash_attn_imports(tmp_path, monkeypatch, broken):
+    """A flash-attn that is installed but fails to import (here: raises OSError, as a missing
+    CUDA library does) falls back to sdpa; one that imports is used on CUDA in bf16 only."""
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise OSError('libcudart.so.12: cannot open shared object file')\n" if broken else "")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    assert models.attention_base("cuda", torch.bfloat16) == ("sdpa" if broken else "flash_attention_2")
+    assert models.attention_base("cuda", torch.float32) == models.attention_base("cpu", torch.bfloat16) == "sdpa"
