@@ -343,13 +343,16 @@ def reference_mode(adapters: dict[str, SVDLinear]) -> Iterator[None]:
 @contextlib.contextmanager
 def merged(adapters: dict[str, SVDLinear]) -> Iterator[None]:
     """delta_S folded into the weights for the duration: rollouts on plain Linears, and a learner
-    whose forward is one matmul per Linear (`MergedLinear`; its backward must run inside)."""
-    for a in adapters.values():
-        a.merge()
+    whose forward is one matmul per Linear (`MergedLinear`; its backward must run inside). A
+    merge that fails partway unmerges the adapters merged before it."""
+    done = []
     try:
+        for a in adapters.values():
+            a.merge()
+            done.append(a)
         yield
     finally:
-        for a in adapters.values():
+        for a in done:
             a.unmerge()
 
 

@@ -63,6 +63,30 @@ def test_merge_unmerge_restores_weights(tiny):
     assert torch.equal(logits(model, ids), hooked)
 
 
+def test_a_merge_failing_partway_leaves_every_weight_unmerged(tiny, monkeypatch):
+    """merged() on an error in the third merge (e.g. out of pinned memory): the two adapters
+    merged before it are unmerged, and the model is the one it was before."""
+    model, ids, cache = tiny
+    adapters = wrap_svd(model, DEFAULT_TARGETS, cache)
+    for a in adapters.values():
+        torch.nn.init.normal_(a.delta_S, std=0.1)
+    weights = {n: a.base.weight.detach().clone() for n, a in adapters.items()}
+    merge, calls = SVDLinear.merge, []
+
+    def failing_merge(self):
+        calls.append(self)
+        if len(calls) == 3:
+            raise RuntimeError("pin_memory failed")
+        merge(self)
+
+    monkeypatch.setattr(SVDLinear, "merge", failing_merge)
+    with pytest.raises(RuntimeError, match="pin_memory failed"):
+        with merged(adapters):
+            pass
+    assert len(calls) == 3 and not any(a.merged for a in adapters.values())
+    assert all(torch.equal(a.base.weight, weights[n]) for n, a in adapters.items())
+
+
 def test_delta_branch_matches_dense_formula():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 7, bias=False)
