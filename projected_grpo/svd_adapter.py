@@ -361,15 +361,21 @@ def delta_state(adapters: dict[str, SVDLinear]) -> dict[str, Tensor]:
 
 
 def load_delta(adapters: dict[str, SVDLinear], path: Path) -> None:
-    """delta_S of every adapter from a checkpoint's delta_S.safetensors (names must match); a
-    file that cannot be read, or holds other modules, is a UserError naming it."""
+    """delta_S of every adapter from a checkpoint's delta_S.safetensors (names and shapes must
+    match); a file that cannot be read, or holds other modules or shapes, is a UserError naming it."""
     try:
         saved = load_file(path)
     except Exception as e:  # whatever safetensors raises on a truncated or foreign file
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})", "it is truncated or not a delta_S file: use another checkpoint") from e
+    elsewhere = "evaluate or export it with the run folder it came from"
     if saved.keys() != adapters.keys():
-        raise UserError(f"{path} holds delta_S for other modules than this model's adapters ({len(saved)} vs {len(adapters)} modules)",
-                        "evaluate or export it with the run folder it came from")
+        raise UserError(f"{path} holds delta_S for other modules than this model's adapters ({len(saved)} vs {len(adapters)} modules)", elsewhere)
+    # Same names, other shapes: another model of the same architecture family (copy_ would raise a bare RuntimeError).
+    reshaped = [name for name, t in saved.items() if t.shape != adapters[name].delta_S.shape]
+    if reshaped:
+        name = reshaped[0]
+        raise UserError(f"{path} holds delta_S of other shapes than this model's adapters ({len(reshaped)} modules, e.g. {name}: "
+                        f"{tuple(saved[name].shape)} vs {tuple(adapters[name].delta_S.shape)})", elsewhere)
     for name, t in saved.items():
         adapters[name].delta_S.data.copy_(t)
 

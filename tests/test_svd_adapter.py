@@ -87,6 +87,24 @@ def test_a_merge_failing_partway_leaves_every_weight_unmerged(tiny, monkeypatch)
     assert all(torch.equal(a.base.weight, weights[n]) for n, a in adapters.items())
 
 
+def test_a_delta_file_of_other_shapes_is_a_user_error(tmp_path):
+    """A delta_S file with this model's module names but other ranks (another model's) is the
+    same UserError as one of other modules, not copy_'s RuntimeError; a matching one loads."""
+    from safetensors.torch import save_file
+
+    from projected_grpo.errors import UserError
+    from projected_grpo.svd_adapter import load_delta
+
+    adapters = {name: SVDLinear(torch.nn.Linear(6, 4), torch.eye(4), torch.ones(4), torch.eye(4, 6), "key") for name in ("a", "b")}
+    path = tmp_path / "delta_S.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.ones(5)}, path)
+    with pytest.raises(UserError, match=r"other shapes than this model's adapters \(1 modules, e.g. b: \(5,\) vs \(4,\)\) \(evaluate or export it"):
+        load_delta(adapters, path)
+    save_file({"a": torch.ones(4), "b": torch.full((4,), 2.0)}, path)
+    load_delta(adapters, path)
+    assert torch.equal(adapters["b"].delta_S, torch.full((4,), 2.0))
+
+
 def test_delta_branch_matches_dense_formula():
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 7, bias=False)
