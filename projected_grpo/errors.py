@@ -35,6 +35,12 @@ def reported(fn: Callable[[], T], argv: list[str]) -> T:
         sys.exit(2)
 
 
+def unreadable_file(path: Path, error: BaseException) -> str:
+    """How a file that failed to read is named in an error or a warning: its path, the
+    exception's type and the start of its message (a foreign file's can run to pages)."""
+    return f"{path} is unreadable ({type(error).__name__}: {str(error)[:120]})"
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field (tyro spells underscores as dashes)."""
     return "--" + name.replace("_", "-")

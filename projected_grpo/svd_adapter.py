@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from projected_grpo.errors import UserError
+from projected_grpo.errors import UserError, unreadable_file
 from projected_grpo.paths import atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -204,7 +204,7 @@ def load_svd(W: Float[Tensor, "d_out d_in"], path: Path) -> tuple[Tensor, Tensor
             return U, S, Vh
         logger.warning(f"SVD cache entry {path} reconstructs its weight with error {err:.2e} (tolerance {tolerance:.0e}, U in {U.dtype}); recomputing")
     except Exception as e:  # a truncated or foreign file is a cache miss, not a crash
-        logger.warning(f"SVD cache entry {path} is unreadable ({type(e).__name__}: {e}); recomputing")
+        logger.warning(f"SVD cache entry {unreadable_file(path, e)}; recomputing")
     return None
 
 
@@ -366,7 +366,7 @@ def load_delta(adapters: dict[str, SVDLinear], path: Path) -> None:
     try:
         saved = load_file(path)
     except Exception as e:  # whatever safetensors raises on a truncated or foreign file
-        raise UserError(f"{path} is unreadable ({type(e).__name__}: {str(e)[:120]})", "it is truncated or not a delta_S file: use another checkpoint") from e
+        raise UserError(unreadable_file(path, e), "it is truncated or not a delta_S file: use another checkpoint") from e
     elsewhere = "evaluate or export it with the run folder it came from"
     if saved.keys() != adapters.keys():
         raise UserError(f"{path} holds delta_S for other modules than this model's adapters ({len(saved)} vs {len(adapters)} modules)", elsewhere)
