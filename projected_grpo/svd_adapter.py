@@ -250,15 +250,18 @@ def svd_entry(W: Tensor, cache_dir: Path) -> tuple[str, Path]:
     return key, cache_dir / f"{key}.safetensors"
 
 
-def cached_svd(W: Tensor, cache_dir: Path) -> tuple[Tensor, Tensor, Tensor, str]:
-    """SVD of one weight from `cache_dir` if a valid entry exists, else computed and saved
-    (wrap_svd does the same for a whole model, the misses batched). Returns U and Vh in W's
-    dtype, S in fp32, on W's device, and the weight's key."""
-    key, path = svd_entry(W, cache_dir)
-    found = load_svd(W, path)
-    if found is None:
-        (found,) = computed_svds([(W, path)], save_svd)
-    return *found, key
+def cached_svds(weights: list[Tensor], cache_dir: Path, batch_elements: int = SVD_BATCH_ELEMENTS) -> tuple[list[tuple[Tensor, Tensor, Tensor]], list[str], int]:
+    """The SVD and key of each weight, in order, through the cache in `cache_dir`: hits loaded
+    one by one, then the misses computed in batches of same-shape weights of at most
+    `batch_elements` elements (`computed_svds`) and saved by a writer thread. U and Vh in each
+    weight's dtype, S in fp32, on its device. Also returns how many were computed."""
+    entries = [svd_entry(W, cache_dir) for W in weights]
+    svds = [load_svd(W, path) for W, (_, path) in tqdm(list(zip(weights, entries)), desc="svd cache", leave=False)]
+    missing = [i for i, svd in enumerate(svds) if svd is None]
+    with background_saves() as save:
+        for i, svd in zip(missing, computed_svds([(weights[i], entries[i][1]) for i in missing], save, batch_elements)):
+            svds[i] = svd
+    return svds, [key for key, _ in entries], len(missing)
 
 
 def save_svd(tensors: dict[str, Tensor], path: Path) -> None:
@@ -288,28 +291,21 @@ def background_saves() -> Iterator[Callable[[dict[str, Tensor], Path], None]]:
 def wrap_svd(model: nn.Module, targets: tuple[str, ...] | list[str], cache_dir: Path, batch_elements: int = SVD_BATCH_ELEMENTS) -> dict[str, SVDLinear]:
     """Replace every nn.Linear whose last name component is in `targets` by an SVDLinear.
     Freezes every base parameter; returns the adapters by module name, in model order.
-    Cache hits are loaded one by one, then the misses computed in batches of same-shape
-    weights of at most `batch_elements` elements (`computed_svds`; 0: one SVD per weight, the
-    benchmark's yardstick), then the adapters built."""
+    The SVDs come from `cached_svds` (`batch_elements` 0: one SVD per weight, the benchmark's
+    yardstick), then the adapters are built."""
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets and "lm_head" not in n]
     if not names:
         raise ValueError(f"no nn.Linear in the model matches targets {list(targets)}")
-    bases = {name: model.get_submodule(name) for name in names}
-    keys, paths = {}, {}
-    for name, base in bases.items():
-        keys[name], paths[name] = svd_entry(base.weight, cache_dir)
-    svds = {name: load_svd(bases[name].weight, paths[name]) for name in tqdm(names, desc="svd cache", leave=False)}
-    missing = [name for name, svd in svds.items() if svd is None]
-    with background_saves() as save:
-        svds.update(zip(missing, computed_svds([(bases[name].weight, paths[name]) for name in missing], save, batch_elements)))
+    bases = [model.get_submodule(name) for name in names]
+    svds, keys, computed = cached_svds([base.weight for base in bases], cache_dir, batch_elements)
     adapters = {}
-    for name in names:
-        adapters[name] = SVDLinear(bases[name], *svds[name], keys[name])
+    for name, base, svd, key in zip(names, bases, svds, keys):
+        adapters[name] = SVDLinear(base, *svd, key)
         model.set_submodule(name, adapters[name])
     n_delta = sum(a.rank for a in adapters.values())
-    logger.info(f"SVD adapter on {len(adapters)} Linears ({', '.join(targets)}): {n_delta:,} delta_S entries, {len(missing)} SVDs computed; cache {cache_dir}")
+    logger.info(f"SVD adapter on {len(adapters)} Linears ({', '.join(targets)}): {n_delta:,} delta_S entries, {computed} SVDs computed; cache {cache_dir}")
     return adapters
 
 

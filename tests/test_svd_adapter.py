@@ -5,7 +5,7 @@ from loguru import logger
 from projected_grpo.svd_adapter import (
     DEFAULT_TARGETS,
     SVDLinear,
-    cached_svd,
+    cached_svds,
     merged,
     model_fingerprint,
     reference_mode,
@@ -25,6 +25,12 @@ def tiny(tmp_path, tiny_model_path):
     model, tokenizer, dtype = load_model(str(tiny_model_path), "cpu")
     ids = torch.randint(0, 5000, (2, 17), generator=torch.Generator().manual_seed(0))
     return model, ids, tmp_path / "svd"
+
+
+def cached_svd(W, cache_dir):
+    """One weight through wrap_svd's cache path: U, S, Vh and its key."""
+    (svd,), (key,), _ = cached_svds([W], cache_dir)
+    return *svd, key
 
 
 def logits(model, ids):
