@@ -7,7 +7,7 @@ Guarantees:
   the work the calling thread had queued by the time `Ahead` was made: it reads what that
   work wrote.
 - `result()` returns what the function returned, or raises what it raised, in the caller's
-  thread; on CUDA the side stream's work is finished by then.
+  thread; on CUDA the side stream's work is finished by then, in either case.
 - A daemon thread: a run stopped meanwhile (an error, Ctrl-C, a stop on SIGTERM) is not held up by it at exit.
 """
 
@@ -46,10 +46,12 @@ class Ahead(Generic[T]):
             if stream is None:
                 self._out = fn(*args)
                 return
-            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
-                stream.wait_event(ready)
-                self._out = fn(*args)
-            stream.synchronize()
+            try:
+                with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+                    stream.wait_event(ready)
+                    self._out = fn(*args)
+            finally:
+                stream.synchronize()  # after an error too: result() promises the side stream's work is done
         except BaseException as e:  # re-raised in the caller's thread by result()
             self._error = e
 

@@ -3,8 +3,9 @@
 import threading
 
 import pytest
+import torch
 
-from projected_grpo.ahead import Ahead
+from projected_grpo.ahead import Ahead, side_stream
 
 
 def test_the_result_and_the_error_come_back_to_the_caller():
@@ -25,3 +26,17 @@ def test_the_result_and_the_error_come_back_to_the_caller():
 
     with pytest.raises(RuntimeError, match="out of memory"):
         Ahead("cpu", fail).result()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the side stream exists there only")
+def test_the_side_streams_work_is_finished_when_the_error_comes_back():
+    """A function that queues GPU work and then raises: by the time result() raises, the side
+    stream has run what was queued (the caller may free or reuse what that work touches)."""
+
+    def fail() -> None:
+        torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU cycles, queued on the side stream
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Ahead("cuda", fail).result()
+    assert side_stream(torch.cuda.current_device()).query()
