@@ -15,7 +15,8 @@ Guarantees:
 - `all_reduce_sum` sums dicts of tensors over the ranks in ONE collective over one flat
   buffer (per-module gradients are small: ~0.5M entries for Qwen3-4B; one call, not one
   per module) and every rank gets the same bits. It returns once the sum is complete (on
-  CUDA the host waits for it), so a timer around it measures the collective.
+  CUDA the host waits for the caller's stream, not the device), so a timer around it
+  measures the collective.
 - `gather_objects` gives every rank every rank's object, in rank order.
 - `main_first` runs a block on rank 0, then on the other ranks: a cache that rank 0 builds
   on a miss (a model built offline, the SVD cache, v_hack, the teacher pool) is built once
@@ -116,7 +117,9 @@ def all_reduce_sum(*parts: dict[str, Float[Tensor, "..."]]) -> tuple[dict[str, T
     flat = torch.cat([t.reshape(-1) for part in parts for t in part.values()])
     dist.all_reduce(flat)
     if flat.is_cuda:
-        torch.cuda.synchronize()
+        # This stream only: a device-wide synchronize would also wait for the one-step-off
+        # sampler's side stream, and the timer around this call would count its decoding.
+        torch.cuda.current_stream().synchronize()
     out, offset = [], 0
     for part in parts:
         summed = {}
