@@ -237,6 +237,11 @@ class RolloutEngine:
         self.eos = sorted(set(eos if isinstance(eos, list) else [eos]))
         self._compiled = None  # torch.compile'd decode layer, made once per engine (one compile serves every layer)
 
+    def truncated(self, ids: list[int]) -> bool:
+        """Whether a completion (sampled here, or a teacher's cut to max_new_tokens) ended
+        without an EOS: the one rule for `Completion.truncated` and the teacher rollouts'."""
+        return ids[-1] not in self.eos
+
     # -- the transformer, with the engine's attention -------------------------
 
     @torch.no_grad()
@@ -424,7 +429,7 @@ class RolloutEngine:
             counts, toks, lps = n_gen[idx].tolist(), out_tokens[idx].cpu(), out_logprobs[idx].cpu()
             for j, slot in enumerate(done):
                 c = toks[j, : counts[j]].tolist()
-                results[owner[slot]] = (c, lps[j, : counts[j]], c[-1] not in self.eos)
+                results[owner[slot]] = (c, lps[j, : counts[j]], self.truncated(c))
                 owner[slot] = None
             bar.update(len(done))
 

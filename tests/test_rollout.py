@@ -65,7 +65,7 @@ def test_eos_ends_each_sequence_and_every_sample_returns_once(tiny):
     for completion, logprobs, truncated in out:
         assert 1 <= len(completion) <= 10 and len(logprobs) == len(completion)
         assert not eos & set(completion[:-1])  # EOS only as the last token
-        assert truncated == (completion[-1] not in eos) and (not truncated or len(completion) == 10)
+        assert truncated == (completion[-1] not in eos) == engine.truncated(completion) and (not truncated or len(completion) == 10)
         lengths.append(len(completion))
     assert len(set(lengths)) > 2  # the test exercises ragged ends, not one length
     # Each sample continues its own prompt: greedy decoding with the same EOS set equals HF's.
