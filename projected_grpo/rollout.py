@@ -225,7 +225,7 @@ class RolloutEngine:
         config = model.config
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
             raise ValueError(f"rollout engine: {type(model).__name__} has sliding-window layers, which the engine does not implement")
-        self.model, self.tokenizer = model, tokenizer
+        self.tokenizer = tokenizer
         self.body = model.base_model
         self.lm_head = model.get_output_embeddings()
         self.n_kv = config.num_key_value_heads
