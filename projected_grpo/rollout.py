@@ -11,8 +11,8 @@ two fused projections:
   4.7 GB for Qwen3-4B in bf16).
   Only where exact: each fused projection computes F.linear(x, weight, bias) with its weight as
   stored, so the fused matmul computes the same dot products (rounding may differ with the
-  kernel); a group with any other module (an unmerged adapter with its delta on: eval of
-  unmerged adapters) runs its modules as they are.
+  kernel); a group with any other module (an adapter whose delta is on but not merged into
+  its weight) runs its modules as they are.
 - Snapshots: `layer_weights(snapshot=True)` copies every projection (Q/K/V and gate/up
   stacked, o and down cloned); a generate call given it reads no weight of the model's, so
   another thread may merge and unmerge the model's weights meanwhile (one-step-off training
@@ -108,7 +108,7 @@ class Sampling:
     batch: int = 64
     """Sequences decoded at once (KV-cache slots)."""
     compile: bool = True
-    """CUDA: torch.compile the decode step once (~15 s on first use on an H200, journal 2026-11-30) before graphing it; ignored on CPU."""
+    """CUDA: torch.compile the decode step's decoder layer, once per engine (one compile serves every layer; ~15 s on first use on an H200, journal 2026-11-30), before graphing the step; ignored on CPU."""
 
 
 @dataclass
@@ -116,7 +116,7 @@ class Completion:
     prompt_ids: list[int]
     completion_ids: list[int]  # up to and including EOS
     text: str
-    logprobs: Float[Tensor, " n"]  # sampler's log p(token) at the sampling temperature
+    logprobs: Float[Tensor, " n"]  # sampler's log p(token) at the sampling temperature (at 1 when greedy)
     truncated: bool  # ended at max_new_tokens before its EOS
 
 
@@ -311,18 +311,18 @@ class RolloutEngine:
         return self.lm_head(self.body.norm(last)).float()
 
     def decode(self, tokens: Int[Tensor, " b"], positions: Int[Tensor, " b"], k_cache: list[Tensor], v_cache: list[Tensor], window: int,
-               weights: list[LayerWeights]) -> Float[Tensor, "b v"]:
+               weights: list[LayerWeights], compiled: bool = False) -> Float[Tensor, "b v"]:
         """One token per slot at its own position: write its K/V there, attend to positions
         0..position (within the first `window` of the cache), return the next-token logits.
-        Flex where it is fused (the compiled layer) and on CPU (eager, for the tests); on CUDA
-        without compile SDPA, as eager flex materialises the scores."""
+        Flex in the compiled layer (`compiled`: CUDA with Sampling.compile) and on CPU (eager,
+        for the tests); on CUDA without compile SDPA, as eager flex materialises the scores."""
         x, cos, sin = self._embed(tokens[:, None], positions[:, None])
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        if self.attention == "flex" and (self._compiled is not None or tokens.device.type == "cpu"):
+        if self.attention == "flex" and (compiled or tokens.device.type == "cpu"):
             mask = live_blocks(positions, self.group, window)
         else:
             mask = (torch.arange(window, device=tokens.device) <= positions[:, None])[:, None, None, :]
-        layer_step = self._compiled or self._decode_layer
+        layer_step = self._compiled_layer() if compiled else self._decode_layer
         for layer, kc, vc, w in zip(self.body.layers, k_cache, v_cache, weights):
             x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask, *w)
         return self.lm_head(self.body.norm(x[:, 0])).float()
@@ -343,6 +343,13 @@ class RolloutEngine:
             return out.reshape(b, 1, -1)
 
         return self._layer(layer, x, cos, sin, attend, qkv, gate_up, o, down)
+
+    def _compiled_layer(self):
+        """`_decode_layer` torch.compile'd, made on first use and kept: a generate call without
+        compile leaves it for the next one with."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._decode_layer)
+        return self._compiled
 
     # -- the loop -------------------------------------------------------------
 
@@ -371,6 +378,7 @@ class RolloutEngine:
         b = min(sampling.batch, len(work))
         capacity = max(map(len, prompts)) + max_new
         dtype = self.lm_head.weight.dtype
+        compiled = sampling.compile and device.type == "cuda"  # on CPU the decode layer runs eagerly
         k_cache = [torch.zeros(b, self.n_kv, capacity, self.head_dim, dtype=dtype, device=device) for _ in self.body.layers]
         v_cache = [torch.zeros_like(k) for k in k_cache]
         weights = snapshot or self.layer_weights()  # this call's weights (merged or not); no copy outlives it
@@ -389,7 +397,7 @@ class RolloutEngine:
 
         def decode_slots(active: int, window: int) -> Tensor:
             """Next-token logits of slots [0, active), reading `window` positions of their K/V."""
-            return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window, weights)
+            return self.decode(tokens[:active], positions[:active], [k[:active] for k in k_cache], [v[:active] for v in v_cache], window, weights, compiled)
 
         def commit(active: int, new: Tensor, logp: Tensor, mask: Tensor) -> None:
             """Append each masked slot's new token in [0, active) to its completion, and move it to
@@ -417,7 +425,7 @@ class RolloutEngine:
             return new, logp, accepted, logits, flags
 
         rounds = DRAW_ROUNDS if device.type == "cuda" else 1
-        step = self._stepper(lambda active, window, dry: decode_step(active, window, rounds, dry), device, sampling.compile)
+        step = self._stepper(lambda active, window, dry: decode_step(active, window, rounds, dry), device)
         bar = tqdm(total=len(work), desc=desc, leave=False)
 
         def finish_ended() -> None:
@@ -530,16 +538,13 @@ class RolloutEngine:
             chunks[-1].append(item)
         return chunks
 
-    def _stepper(self, run, device: torch.device, compile: bool):
+    def _stepper(self, run, device: torch.device):
         """step(active, window): run(active, window, dry=False); on CUDA replayed from CUDA graphs
-        over the engine's static buffers, captured lazily per (active slots, KV window) after a
+        over the calling generate_ids' state tensors (KV caches, tokens, positions, outputs: the
+        same storage for the whole call), captured lazily per (active slots, KV window) after a
         dry run (the warm-up)."""
         if device.type != "cuda":
             return lambda active, window: run(active, window, False)
-        if compile and self._compiled is None:
-            self._compiled = torch.compile(self._decode_layer)
-        elif not compile:
-            self._compiled = None
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
 

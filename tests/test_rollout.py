@@ -106,7 +106,7 @@ def test_a_dry_decode_step_changes_no_state(tiny, monkeypatch):
     expected = engine.generate_ids(prompts, sampling)
     dry_runs = []
 
-    def warmed(self, run, device, compile):
+    def warmed(self, run, device):
         def step(active, window):
             dry_runs.append(active)
             run(active, window, True)
@@ -389,6 +389,19 @@ def test_engine_first_tokens_follow_hf_generate_distribution(tiny):
     pooled = (a + b)[common] / (a + b)[common].sum()
     assert common.sum() >= 3
     assert chi_square_p(a[common], pooled) > 1e-4 and chi_square_p(b[common], pooled) > 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the decode layer is compiled there only")
+def test_a_call_without_compile_keeps_the_engines_compiled_layer():
+    """The compiled decode layer is made once per engine: a generate call with compile=False
+    between two with compile=True does not drop it, and the second compiled call reuses it."""
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cuda")
+    engine = RolloutEngine(model, tokenizer)
+    layers = []
+    for compile in (True, False, True):
+        engine.generate_ids(prompts_of([7, 20]), Sampling(max_new_tokens=4, temperature=0.0, top_p=1.0, batch=2, compile=compile))
+        layers.append(engine._compiled)
+    assert layers[0] is not None and layers[0] is layers[1] is layers[2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled decode step replayed as CUDA graphs")
