@@ -761,7 +761,7 @@ def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = 
     for gi, (p, pk) in enumerate(zip(batch.problems, batch.picks)):
         group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
         for ids, text, grade in (state.pool[p.id][j] for j in pk):
-            group.append(Rollout(p, group[0].prompt_ids, ids, text, True, None, ids[-1] not in engine.eos, grade))
+            group.append(Rollout(p, group[0].prompt_ids, ids, text, True, None, engine.truncated(ids), grade))
         groups.append(group)
     return groups
 
