@@ -6,7 +6,8 @@
    starts; every arm needs v_hack, vanilla included, since vanilla measures along it);
 2. every run, after the diagnosis of its pairs file;
 3. each run's held-out eval (`train.py eval --run RUN`), after that run;
-4. one results job (`just results RUNS_DIR`), after every eval.
+4. one results job (`python -m projected_grpo.results RUNS_DIR`, as `just results` runs it, with
+   the sweep's --python), after every eval.
 
     python -m projected_grpo.sweep --dry-run          # the preregistered sweep's jobs, printed
     python -m projected_grpo.sweep                    # ... queued on this box's pueue daemon
@@ -126,8 +127,8 @@ class SweepConfig:
     """More `train.py eval` flags for every eval, as one string: --eval-flags="--samples-per-problem 4"."""
     python: str = "uv run python"
     """How each job starts Python (e.g. .venv/bin/python where the nodes have no uv)."""
-    results: str = "just results"
-    """Command of the results job; the runs dir is its last argument."""
+    results: str | None = None
+    """Command of the results job, the runs dir its last argument; None = `<--python> -m projected_grpo.results` (what `just results` runs)."""
     backend: Literal["pueue", "slurm", "local"] = "pueue"
     """pueue (one box), slurm (a cluster, through submitit) or local (child processes here, resumable)."""
     dry_run: bool = False
@@ -202,7 +203,8 @@ def plan(cfg: SweepConfig) -> list[Job]:
                                             "--seed", str(seed), "--runs-dir", runs, "--run-name", name, *train_flags), (f"diagnose:{pairs.stem}",)))
             evals.append(Job(f"eval:{name}", (*py, "train.py", "eval", "--run", f"{runs}/{name}", *shlex.split(cfg.eval_flags)), (f"run:{name}",)))
             jobs.append(evals[-1])
-    jobs.append(Job("results", (*shlex.split(cfg.results), runs), tuple(j.label for j in evals), gpu=False))
+    results = shlex.split(cfg.results) if cfg.results is not None else (*py, "-m", "projected_grpo.results")  # --python's, as every other job
+    jobs.append(Job("results", (*results, runs), tuple(j.label for j in evals), gpu=False))
     return jobs
 
 

@@ -89,7 +89,7 @@ def test_dry_run_lists_every_job_after_the_jobs_it_needs(backend, tmp_path):
         name = j["label"][5:]
         assert j["after"] == [f"run:{name}"] and train_args(j["command"]) == ["train.py", "eval", "--run", str(runs_dir / name)]
     assert labels[-1] == "results" and jobs[-1]["after"] == [j["label"] for j in evals]
-    assert jobs[-1]["command"] == ["just", "results", str(runs_dir)]
+    assert jobs[-1]["command"] == ["uv", "run", "python", "-m", "projected_grpo.results", str(runs_dir)]  # `just results`, with --python
     assert len(jobs) == 3 + 2 * len(runs) + 1
 
     # The backend's options carry the same dependencies (task ids / job ids stand as <label>).
@@ -148,6 +148,15 @@ def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
     (runs_dir / "full_random-one_sided_pairs_s2").mkdir(parents=True)
     with pytest.raises(UserError, match="full_random-one_sided_pairs_s2"):
         check(cfg, jobs)
+
+
+def test_every_job_starts_the_sweeps_python(tmp_path):
+    """--python reaches the results job too (nodes without uv); --results replaces that job's command."""
+    cfg = SweepConfig(runs_dir=tmp_path, arms=("vanilla",), seeds=(1,), python=".venv/bin/python")
+    jobs = plan(cfg)
+    assert [j.argv[0] for j in jobs] == [".venv/bin/python"] * len(jobs)
+    assert jobs[-1].label == "results" and jobs[-1].argv == (".venv/bin/python", "-m", "projected_grpo.results", str(tmp_path))
+    assert plan(replace(cfg, results="just results"))[-1].argv == ("just", "results", str(tmp_path))
 
 
 def test_pueue_queues_each_task_after_the_task_ids_it_needs(tmp_path, monkeypatch):
