@@ -190,7 +190,7 @@ def plan(cfg: SweepConfig) -> list[Job]:
         raise UserError(f"pairs files {[str(p) for p in files]} share a file name, which names their runs", "rename one")
     names = [run_name(cfg.preset, INTERVENTION[arm], gate, pairs, 0) for arm, gate, pairs in runs_of_seed]
     if len(set(names)) < len(names):
-        raise UserError(f"arms {cfg.arms} with pairs {[str(p) for p in cfg.pairs]} queue the same run twice", "take --null-pairs out of --pairs")
+        raise UserError(f"arms {cfg.arms} with pairs {[str(p) for p in cfg.pairs]} queue the same run twice", "give each arm and gate once, and leave --null-pairs out of --pairs")
     py, train_flags, runs = shlex.split(cfg.python), tuple(shlex.split(cfg.train_flags)), here(cfg.runs_dir)
     jobs = [Job(f"diagnose:{p.stem}", (*py, "train.py", "diagnose", cfg.preset, "--v-hack.pairs", here(p), *train_flags)) for p in files]
     evals = []
@@ -205,6 +205,9 @@ def plan(cfg: SweepConfig) -> list[Job]:
             jobs.append(evals[-1])
     results = shlex.split(cfg.results) if cfg.results is not None else (*py, "-m", "projected_grpo.results")  # --python's, as every other job
     jobs.append(Job("results", (*results, runs), tuple(j.label for j in evals), gpu=False))
+    labels = [j.label for j in jobs]
+    if twice := sorted({label for label in labels if labels.count(label) > 1}):  # a label names one job (its task id, its run folder); arms and gates are checked above
+        raise UserError(f"the sweep would queue {', '.join(twice)} more than once", "give each seed once")
     return jobs
 
 

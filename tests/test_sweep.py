@@ -143,6 +143,11 @@ def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
         plan(replace(cfg, pairs=(PAIRS, tmp_path / "pairs.jsonl")))
     with pytest.raises(UserError, match="the same run twice"):
         plan(replace(cfg, pairs=(PAIRS, NULL_PAIRS)))
+    with pytest.raises(UserError, match=r"eval:full_projected-one_sided_pairs_null_s1, .* run:full_vanilla_pairs_s1 more than once \(give each seed once\)"):
+        plan(replace(cfg, seeds=(1, 1)))
+    for twice in ({"arms": ("vanilla", "vanilla")}, {"gates": ("one_sided", "one_sided")}):
+        with pytest.raises(UserError, match=r"the same run twice \(give each arm and gate once"):
+            plan(replace(cfg, **twice))
     with pytest.raises(SystemExit):  # a typo fails now, not when the job starts
         check(cfg, plan(replace(cfg, train_flags="--stepz 3")))
     (runs_dir / "full_random-one_sided_pairs_s2").mkdir(parents=True)
