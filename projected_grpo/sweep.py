@@ -43,6 +43,7 @@ from typing import Literal
 import submitit
 import tyro
 
+from projected_grpo.checkpoints import checkpoints
 from projected_grpo.paths import DATA, OUT, REPO_ROOT
 from projection import Gate
 from grader import load_problems
@@ -159,6 +160,11 @@ def here(path: Path) -> str:
     return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
 
+def flag_of(arg: str) -> str:
+    """The flag an argument sets, as train.py's parser reads it (`--a_b=1` sets `--a-b`)."""
+    return arg.split("=")[0].replace("_", "-")
+
+
 def run_name(preset: str, arm: str, gate: str, pairs: Path, seed: int) -> str:
     return f"{preset}_{arm if arm == 'vanilla' else f'{arm}-{gate}'}_{pairs.stem}_s{seed}"
 
@@ -180,7 +186,7 @@ def plan(cfg: SweepConfig) -> list[Job]:
     if cfg.runs_dir is None:
         raise ValueError("plan needs a runs_dir (sweep() fills in the default)")
     for flags, refused, what in ((cfg.train_flags, RUN_FLAGS, "--train-flags"), (cfg.eval_flags, EVAL_FLAGS, "--eval-flags")):
-        clash = [f for f in shlex.split(flags) if f.split("=")[0].replace("_", "-") in refused]
+        clash = [f for f in shlex.split(flags) if flag_of(f) in refused]
         if clash:
             raise UserError(f"{what} {' '.join(clash)}: the sweep sets {', '.join(refused)} itself", f"leave them out of {what}")
     runs_of_seed = arm_runs(cfg)
@@ -321,14 +327,32 @@ def core_share(cfg: SweepConfig) -> int:
 
 def local_argv(cfg: SweepConfig, job: Job) -> tuple[str, ...]:
     """A job's command as the local backend runs it: runs and evals get their share of the cores as
-    grader workers, and a run whose folder has a checkpoint resumes from it."""
+    grader workers (unless --train-flags / --eval-flags set --grader-workers), and a run whose
+    folder has a checkpoint resumes from it (one whose folder has none starts afresh: set_aside)."""
     argv = job.argv
-    if job.label.startswith(("run:", "eval:")):
+    if job.label.startswith(("run:", "eval:")) and "--grader-workers" not in map(flag_of, argv):
         argv = (*argv, "--grader-workers", str(core_share(cfg)))
     folder = cfg.runs_dir / job.label.removeprefix("run:")
-    if job.label.startswith("run:") and folder.exists():
+    if job.label.startswith("run:") and checkpoints(folder):
         argv = (*argv, "--resume", str(folder))
     return argv
+
+
+def set_aside(cfg: SweepConfig, job: Job, state: Path) -> None:
+    """A run's folder without a checkpoint (its start was stopped or killed before the first one)
+    moved to RUNS/local/<label>.unstarted[.N]/, where it is kept, not deleted: the run then starts
+    as a new one. Resumed instead, it would start from step 0 all the same, but without writing
+    vhack.json (a resume records no quality gate), and train.py refuses to start a new run into a
+    folder that exists."""
+    folder = cfg.runs_dir / job.label.removeprefix("run:")
+    if not job.label.startswith("run:") or not folder.exists() or checkpoints(folder):
+        return
+    name = f"{job.label.replace(':', '_')}.unstarted"
+    aside, n = state / name, 1
+    while aside.exists():
+        aside, n = state / f"{name}.{n}", n + 1
+    folder.rename(aside)
+    print(f"{time.strftime('%H:%M:%S')} {job.label}: its folder has no checkpoint, moved to {aside}; starting afresh", flush=True)
 
 
 def local_env(cfg: SweepConfig) -> dict[str, str]:
@@ -375,6 +399,7 @@ def submit_local(cfg: SweepConfig, jobs: list[Job]) -> dict[str, str]:
                     status[job.label] = "skipped"
             ready = [j for j in jobs if j.label not in status and j.label not in running and all(status.get(a) == "done" for a in j.after)]
             for job in ready[: cfg.local.parallel - len(running)]:
+                set_aside(cfg, job, state)
                 with marker(job.label, "log").open("a") as log:
                     running[job.label] = subprocess.Popen(local_argv(cfg, job), cwd=REPO_ROOT, env=local_env(cfg), stdout=log, stderr=subprocess.STDOUT,
                                                           start_new_session=True)

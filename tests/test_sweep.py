@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from conftest import ROOT
 from projected_grpo.errors import UserError
-from projected_grpo.sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, plan, submit_local, sweep
+from projected_grpo.sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, flag_of, local_argv, plan, submit_local, sweep
 
 PAIRS, NULL_PAIRS, MINIMAL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl", ROOT / "data" / "pairs_minimal.jsonl"
 
@@ -408,3 +408,35 @@ def test_local_jobs_get_their_share_of_the_cores_as_threads(tmp_path, monkeypatc
     cfg = SweepConfig(runs_dir=tmp_path / "set", backend="local", local=LocalConfig(parallel=2))
     assert submit_local(cfg, [Job("diagnose:a", show)]) == {"diagnose:a": "done"}
     assert "threads 3 " in (tmp_path / "set" / "local" / "diagnose_a.log").read_text()  # (torch may cap it at the cores)
+
+
+def test_a_users_grader_workers_is_not_overridden(tmp_path):
+    """The local backend gives runs and evals their share of the cores as --grader-workers, unless the user's flags set it."""
+    cfg = SweepConfig(runs_dir=tmp_path, backend="local", arms=("vanilla",), seeds=(1,), train_flags="--grader_workers=3", eval_flags="--grader-workers 5")
+    argv = {j.label.split(":")[0]: local_argv(cfg, j) for j in plan(cfg)}
+    assert [flag_of(a) for a in argv["run"]].count("--grader-workers") == 1 and "--grader_workers=3" in argv["run"]
+    assert argv["eval"].count("--grader-workers") == 1 and flag(list(argv["eval"]), "--grader-workers") == "5"
+    bare = {j.label.split(":")[0]: local_argv(replace(cfg, train_flags="", eval_flags=""), j) for j in plan(replace(cfg, train_flags="", eval_flags=""))}
+    assert all(bare[kind].count("--grader-workers") == 1 for kind in ("run", "eval"))
+
+
+def test_a_run_resumes_only_from_a_checkpoint_and_a_folder_without_one_is_set_aside(tmp_path):
+    """A run killed before its first checkpoint left a folder (config.json, train.log, maybe no vhack.json): the
+    next local sweep moves it into RUNS/local/ and starts the run as new, without --resume."""
+    cfg = SweepConfig(runs_dir=tmp_path, backend="local")
+    show = (sys.executable, "-c", "import sys; print('argv', sys.argv[1:])")
+    job = Job("run:r", show)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text("{}")
+    assert "--resume" not in local_argv(cfg, job)
+    assert submit_local(cfg, [job]) == {"run:r": "done"}
+    assert "--resume" not in (tmp_path / "local" / "run_r.log").read_text()
+    assert not (tmp_path / "r").exists() and (tmp_path / "local" / "run_r.unstarted" / "config.json").read_text() == "{}"
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)  # again, stopped before its first checkpoint: kept beside the first
+    (tmp_path / "local" / "run_r.done").unlink()
+    assert submit_local(cfg, [Job("run:r", show)]) == {"run:r": "done"} and (tmp_path / "local" / "run_r.unstarted.1" / "checkpoints").is_dir()
+    (tmp_path / "r" / "checkpoints" / "step_000001").mkdir(parents=True)
+    assert local_argv(cfg, job)[-2:] == ("--resume", str(tmp_path / "r"))
+    (tmp_path / "local" / "run_r.done").unlink()
+    assert submit_local(cfg, [job]) == {"run:r": "done"} and (tmp_path / "r" / "checkpoints" / "step_000001").is_dir()  # resumed, left in place
+    assert f"'--resume', '{tmp_path / 'r'}'" in (tmp_path / "local" / "run_r.log").read_text()
