@@ -362,14 +362,16 @@ def local_env(cfg: SweepConfig) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(core_share(cfg))} | dict(os.environ)
 
 
-def stop(procs: dict[str, subprocess.Popen]) -> None:
-    """SIGTERM each job's process group, then SIGKILL what is left after 60 s. A run's grader
-    workers, in sessions of their own, exit when its pipes to them close."""
+def stop(procs: dict[str, subprocess.Popen], grace: float = 60) -> None:
+    """SIGTERM each job's process group, then SIGKILL what is left `grace` seconds later (one
+    deadline for all: not `grace` per job). A run's grader workers, in sessions of their own,
+    exit when its pipes to them close."""
     for proc in procs.values():
         os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
     for proc in procs.values():
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 

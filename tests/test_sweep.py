@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from conftest import ROOT
 from projected_grpo.errors import UserError
+from projected_grpo import sweep as sweep_module
 from projected_grpo.sweep import Job, LocalConfig, PueueConfig, SlurmConfig, SweepConfig, check, flag_of, local_argv, plan, submit_local, sweep
 
 PAIRS, NULL_PAIRS, MINIMAL_PAIRS = ROOT / "data" / "pairs.jsonl", ROOT / "data" / "pairs_null.jsonl", ROOT / "data" / "pairs_minimal.jsonl"
@@ -440,3 +441,21 @@ def test_a_run_resumes_only_from_a_checkpoint_and_a_folder_without_one_is_set_as
     (tmp_path / "local" / "run_r.done").unlink()
     assert submit_local(cfg, [job]) == {"run:r": "done"} and (tmp_path / "r" / "checkpoints" / "step_000001").is_dir()  # resumed, left in place
     assert f"'--resume', '{tmp_path / 'r'}'" in (tmp_path / "local" / "run_r.log").read_text()
+
+
+def test_stop_gives_all_jobs_one_grace_period(monkeypatch):
+    """Jobs that ignore SIGTERM get 60 s between them, not 60 s each (fake processes and a fake clock)."""
+    clock, signals = [0.0], []
+
+    class Stubborn(subprocess.Popen):  # no process behind it
+        def __init__(self, pid: int):
+            self.pid = pid
+
+        def wait(self, timeout: float) -> None:
+            clock[0] += timeout  # waits its whole timeout, then is still running
+            raise subprocess.TimeoutExpired("job", timeout)
+
+    monkeypatch.setattr(sweep_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(sweep_module.os, "killpg", lambda pid, sig: signals.append((pid, sig)))
+    sweep_module.stop({str(i): Stubborn(i) for i in range(3)})
+    assert clock[0] == 60 and signals == [(i, signal.SIGTERM) for i in range(3)] + [(i, signal.SIGKILL) for i in range(3)]
