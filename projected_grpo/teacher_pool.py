@@ -21,7 +21,7 @@ from loguru import logger
 
 from extract import written_completion_ids
 from grader import GRADER_VERSION, Grade, Grader, Hint, Problem, RewardConfig, jsonl_rows, load_problems, render_prompt
-from projected_grpo.errors import UserError
+from projected_grpo.errors import UserError, check_file
 from projected_grpo.models import load_model, pick_device
 from projected_grpo.paths import DATA, OUT, atomic
 from projected_grpo.rollout import RolloutEngine, Sampling
@@ -56,10 +56,13 @@ def default_pool_path(source: str | Path, hint: str) -> Path:
 
 def build_pool(pc: PoolConfig) -> Path:
     """Grade the source's completions (written ones, or sampled from a model) once and write the
-    pool, atomically; returns its path."""
+    pool, atomically; returns its path. A missing or malformed problems or source file is a
+    UserError naming it, raised before a model loads or a completion is graded."""
+    check_file(pc.problems, "problems", load_problems)
     problems = {p.id: p for p in load_problems(pc.problems)}
     source = Path(pc.source)
     if source.suffix == ".jsonl":
+        check_file(source, "source", lambda path: list(jsonl_rows(path)))
         items = []
         for where, row in jsonl_rows(source):
             if not isinstance(row, dict) or row.get("id") not in problems or not isinstance(row.get("completion"), str):

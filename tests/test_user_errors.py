@@ -119,6 +119,16 @@ def test_a_truncated_or_foreign_delta_file_is_named(tmp_path):
         load_delta({}, path)
 
 
+def test_build_pool_names_a_missing_or_malformed_file(tmp_path, capsys):
+    problems, source = ROOT / "data" / "problems.jsonl", tmp_path / "written.jsonl"
+    source.write_text('{"id": 1, "completion": "x"}\n{oops\n')
+    build = lambda *flags: one_line_error(capsys, ["build-pool", "--out", str(tmp_path / "pool.jsonl"), *flags])
+    assert "--problems nope.jsonl does not exist" in build("--problems", "nope.jsonl", "--source", str(source))
+    assert "--source nope.jsonl does not exist" in build("--problems", str(problems), "--source", "nope.jsonl")
+    assert f"{source}:2: invalid JSON" in build("--problems", str(problems), "--source", str(source))
+    assert not (tmp_path / "pool.jsonl").exists()
+
+
 def test_a_bad_teacher_pool_or_source_row_is_one_line(tmp_path, capsys):
     from projected_grpo.teacher_pool import load_pool
 
