@@ -18,7 +18,7 @@ from loguru import logger
 
 from grader import GRADER_VERSION, Grader, Hint, RewardConfig, load_problems, render_prompt
 from projected_grpo.checkpoints import last_checkpoint, run_config
-from projected_grpo.errors import UserError, check_file
+from projected_grpo.errors import UserError, check_file, flag
 from projected_grpo.metrics import mean
 from projected_grpo.models import load_model, pick_device
 from projected_grpo.paths import DATA
@@ -50,8 +50,18 @@ class EvalConfig:
     """Sandbox worker processes; None = one per core."""
 
 
+def check(ec: EvalConfig) -> None:
+    """Every count is at least 1 (UserError), checked before a model loads: a 0 would be ignored
+    (--max-new-tokens), write NaN rates (--samples-per-problem) or mean one worker per core
+    (--grader-workers); a negative one would fail after the model loaded."""
+    for name, value in (("samples_per_problem", ec.samples_per_problem), ("max_new_tokens", ec.max_new_tokens), ("grader_workers", ec.grader_workers)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag(name)} {value}: must be >= 1", f"give {flag(name)} a value >= 1")
+
+
 def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
+    check(ec)
     saved = run_config(ec.run, "--run")
     ckpt = last_checkpoint(ec.run)
     if ckpt is None and not ec.base:
@@ -68,7 +78,8 @@ def evaluate(ec: EvalConfig) -> dict:
     hint = ec.hint or saved["hint"]
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]
     sampling = Sampling(**saved["sampling"])
-    sampling = replace(sampling, max_new_tokens=ec.max_new_tokens or sampling.max_new_tokens)
+    if ec.max_new_tokens is not None:
+        sampling = replace(sampling, max_new_tokens=ec.max_new_tokens)
     with merged(adapters):
         samples = RolloutEngine(model, tokenizer).generate([render_prompt(tokenizer, p, hint) for p in problems], sampling, n=ec.samples_per_problem, desc="eval")
     with Grader(RewardConfig(**saved["reward"]), workers=ec.grader_workers) as grader:

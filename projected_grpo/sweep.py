@@ -48,6 +48,7 @@ from projected_grpo.paths import DATA, OUT, REPO_ROOT
 from projection import Gate
 from grader import load_problems
 from projected_grpo.errors import UserError, check_file, reported
+from projected_grpo.eval import check as check_eval
 from train import PRESETS, parse  # the presets, and the job check: each command parsed and checked as train.py would
 from train import check as check_run
 
@@ -232,6 +233,7 @@ def check(cfg: SweepConfig, jobs: list[Job]) -> None:
         argv = next(j.argv for j in jobs if j.label.startswith(kind + ":"))
         _, parsed[kind] = parse(list(argv[argv.index("train.py") + 1 :]))
     check_run(parsed["run"])  # every run differs from this one in arm, seed and pairs file only (checked above)
+    check_eval(parsed["eval"])
     check_file(parsed["eval"].problems or parsed["run"].eval_problems, "problems", load_problems)
 
 

@@ -149,6 +149,8 @@ def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
     for twice in ({"arms": ("vanilla", "vanilla")}, {"gates": ("one_sided", "one_sided")}):
         with pytest.raises(UserError, match=r"the same run twice \(give each arm and gate once"):
             plan(replace(cfg, **twice))
+    with pytest.raises(UserError, match="--samples-per-problem 0: must be >= 1"):
+        check(cfg, plan(replace(cfg, eval_flags="--samples-per-problem 0")))
     with pytest.raises(SystemExit):  # a typo fails now, not when the job starts
         check(cfg, plan(replace(cfg, train_flags="--stepz 3")))
     (runs_dir / "full_random-one_sided_pairs_s2").mkdir(parents=True)

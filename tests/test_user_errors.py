@@ -80,6 +80,18 @@ def test_bad_files_are_named_with_their_line(nothing_starts, capsys, tmp_path):
     assert "not a run folder" in one_line_error(capsys, ["resume", str(tmp_path / "nowhere")])
 
 
+@pytest.mark.parametrize("flags", [["--samples-per-problem", "0"], ["--max-new-tokens", "0"], ["--max-new-tokens", "-1"], ["--grader-workers", "0"]])
+def test_bad_eval_count_is_one_line_before_a_model_loads(flags, monkeypatch, capsys, tmp_path):
+    from projected_grpo import eval as eval_module
+
+    monkeypatch.setattr(eval_module, "load_model", lambda *a, **k: pytest.fail("a model loaded before the flags were checked"))
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"eval_problems": str(ROOT / "data" / "problems.jsonl")}))
+    err = one_line_error(capsys, ["eval", "--run", str(run), *flags])
+    assert f"{' '.join(flags)}: must be >= 1 (give {flags[0]} a value >= 1)" in err
+
+
 def test_debug_shows_the_traceback(nothing_starts):
     with pytest.raises(UserError, match="--steps 0"):
         train.cli(["smoke", "--runs-dir", str(nothing_starts), "--steps", "0", "--debug"])
