@@ -35,8 +35,28 @@ import torch
 from torch import Tensor
 
 from extract import VHack, VHackConfig, fit_v_hack, label_flips, split_half_cos
+from grader import jsonl_rows
+from projected_grpo.errors import UserError
 
 MIN_PAIRS = 4
+
+
+def check_pair_count(n: int, source: Path) -> None:
+    """UserError unless `n` pairs (those of `source`) are enough for the report's held-out scores."""
+    if n < MIN_PAIRS:
+        raise UserError(f"{source}: the quality report needs at least {MIN_PAIRS} pairs for held-out scores, it has {n}",
+                        f"give --v-hack.pairs a file of at least {MIN_PAIRS} pairs")
+
+
+def check_pairs(path: Path) -> None:
+    """check_pair_count on a pairs file's rows, before the model pass that extracts v_hack from
+    it. Rows are counted, not checked: a missing or malformed file is left to the loader, which
+    names it."""
+    try:
+        n = sum(1 for _ in jsonl_rows(path))
+    except (OSError, ValueError):
+        return
+    check_pair_count(n, path)
 
 
 def fold_ids(n: int, folds: int, seed: int) -> list[Tensor]:
@@ -91,8 +111,7 @@ def quality_report(vh: VHack, folds: int = 5, shuffles: int = 20, random_bases: 
     vc = vh.config()
     diffs = vh.diffs
     n = vh.n_hack.shape[0]
-    if n < MIN_PAIRS:
-        raise ValueError(f"{vh.path}: the quality report needs at least {MIN_PAIRS} pairs for held-out scores, the file has {n}")
+    check_pair_count(n, vh.path)
     fold_list = fold_ids(n, min(folds, n), seed)
     gen = torch.Generator().manual_seed(seed)
     proj, frac, frac_random = heldout(diffs, vc, fold_list, torch.ones(n), random_bases, gen)

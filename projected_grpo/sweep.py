@@ -44,6 +44,7 @@ import submitit
 import tyro
 
 from projected_grpo.checkpoints import checkpoints
+from projected_grpo.diagnose import check_pairs
 from projected_grpo.paths import DATA, OUT, REPO_ROOT
 from projection import Gate
 from grader import load_problems
@@ -219,12 +220,14 @@ def plan(cfg: SweepConfig) -> list[Job]:
 
 
 def check(cfg: SweepConfig, jobs: list[Job]) -> None:
-    """Fail before anything is queued: a missing pairs file, a run folder that exists, a flag that
+    """Fail before anything is queued: a missing pairs file or one too short for the quality
+    report its diagnose job writes, a run folder that exists, a flag that
     train.py would refuse hours later (one command of each kind is parsed as train.py would, and
     its run checked as train.py checks it), or held-out problems the evals would not find."""
     for p in {pairs for _, _, pairs in arm_runs(cfg)}:
         if not p.exists():
             raise UserError(f"pairs file {p} does not exist", "give an existing file to --pairs or --null-pairs")
+        check_pairs(p)
     taken = [j.label for j in jobs if j.label.startswith("run:") and (cfg.runs_dir / j.label[4:]).exists()]
     if taken and cfg.backend != "local":  # local resumes them
         raise UserError(f"{cfg.runs_dir} already has {', '.join(taken)}", "give another --runs-dir, or --backend local, which resumes them")

@@ -11,6 +11,7 @@ import torch
 from projected_grpo import diagnose
 from projected_grpo.diagnose import fold_ids, quality_report, report_path
 from extract import VHack, fit_axes, fit_v_hack, read_v_hack
+from projected_grpo.errors import UserError
 from projected_grpo.paths import REPO_ROOT
 from train import cli
 
@@ -35,8 +36,17 @@ def test_verdict_follows_the_signal(tmp_path):
     noise = quality_report(synthetic(tmp_path, signal=0.0))
     assert not noise["beats_shuffled"] and "does NOT beat" in noise["verdict"]
     assert abs(noise["heldout_sign_agreement"] - 0.5) < 0.3
-    with pytest.raises(ValueError, match="at least 4 pairs"):
+    with pytest.raises(UserError, match="at least 4 pairs"):
         quality_report(synthetic(tmp_path, signal=1.0, n=3))
+
+
+def test_too_few_pairs_are_a_user_error_before_the_model_pass(tmp_path):
+    pairs = tmp_path / "few.jsonl"
+    pairs.write_text("".join((REPO_ROOT / "data" / "pairs.jsonl").read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(UserError, match=rf"{pairs}: the quality report needs at least 4 pairs for held-out scores, it has 3 \(give --v-hack.pairs"):
+        diagnose.check_pairs(pairs)
+    pairs.write_text("".join((REPO_ROOT / "data" / "pairs.jsonl").read_text().splitlines(keepends=True)[:4]))
+    diagnose.check_pairs(pairs)  # enough
 
 
 def test_the_report_runs_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):

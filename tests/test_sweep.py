@@ -149,6 +149,10 @@ def test_default_sweep_is_the_preregistered_design_and_refusals(tmp_path):
     for twice in ({"arms": ("vanilla", "vanilla")}, {"gates": ("one_sided", "one_sided")}):
         with pytest.raises(UserError, match=r"the same run twice \(give each arm and gate once"):
             plan(replace(cfg, **twice))
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(UserError, match="needs at least 4 pairs"):  # its diagnose job would fail after the model pass
+        check(replace(cfg, pairs=(few,)), plan(replace(cfg, pairs=(few,))))
     with pytest.raises(UserError, match="--samples-per-problem 0: must be >= 1"):
         check(cfg, plan(replace(cfg, eval_flags="--samples-per-problem 0")))
     with pytest.raises(SystemExit):  # a typo fails now, not when the job starts
