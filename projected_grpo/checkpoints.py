@@ -1,8 +1,11 @@
-"""A run's checkpoints: checkpoints/step_NNNNNN/ in its run folder.
+"""A run's checkpoints: checkpoints/step_NNNNNN/ in its run folder (`checkpoint_dir`, the one
+place that spells the name).
 
 Guarantees:
-- A checkpoint is written to a temporary folder and renamed (paths.atomic): `last_checkpoint`
+- A checkpoint is written to a temporary folder and renamed (paths.atomic): `checkpoints`
   sees only complete ones.
+- `resumable_checkpoint` is the one choice of "the latest checkpoint": the latest whose files
+  all read. A resume, and eval and export without --step, take it.
 - Everything in it is the run's, none of it a rank's (random streams derive from the step:
   train.stream_seed), so a run resumes from it at any world size; at the same world size on
   CPU, a resumed run equals an uninterrupted one bit for bit.
@@ -17,8 +20,26 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from projected_grpo.errors import UserError
+from projected_grpo.models import load_model
 from projected_grpo.paths import TMP, atomic
-from projected_grpo.svd_adapter import SVDLinear, delta_state, load_delta
+from projected_grpo.svd_adapter import SVDLinear, delta_state, load_delta, wrap_svd
+
+PREFIX = "step_"
+
+
+def checkpoint_name(step: int) -> str:
+    """The folder name of step `step`'s checkpoint, step_NNNNNN (an eval's summary.json records it)."""
+    return f"{PREFIX}{step:06d}"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of step `step` of a run lies."""
+    return run_dir / "checkpoints" / checkpoint_name(step)
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a checkpoint folder (checkpoint_dir's inverse)."""
+    return int(ckpt.name.removeprefix(PREFIX))
 
 
 def save_checkpoint(run_dir: Path, step: int, adapters: dict[str, SVDLinear], optimizer, scheduler, prompt_gen: torch.Generator, order: list[int],
@@ -28,7 +49,7 @@ def save_checkpoint(run_dir: Path, step: int, adapters: dict[str, SVDLinear], op
     needs); grads.safetensors (`g_s.<module>`, `g_t.<module>`: this step's student and teacher
     gradients, to re-measure against any basis); state.pt (optimizer, scheduler, prompt order
     and generator, log rows)."""
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    final = checkpoint_dir(run_dir, step)
     with atomic(final) as tmp:
         tmp.mkdir()
         flat = lambda groups: {f"{g}.{n}": t.detach().cpu().clone() for g, d in groups.items() for n, t in d.items()}  # clone: the arm may share v_hack
@@ -67,12 +88,7 @@ def run_config(run_dir: Path, given_as: str = "") -> dict:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints, oldest first."""
-    return sorted(p for p in (run_dir / "checkpoints").glob("step_*") if TMP not in p.name)
-
-
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The run's latest complete checkpoint; None if it has none yet."""
-    return (checkpoints(run_dir) or [None])[-1]
+    return sorted(p for p in (run_dir / "checkpoints").glob(PREFIX + "*") if TMP not in p.name)
 
 
 def unreadable(ckpt: Path) -> str | None:
@@ -87,10 +103,22 @@ def unreadable(ckpt: Path) -> str | None:
 
 
 def resumable_checkpoint(run_dir: Path) -> Path | None:
-    """The latest checkpoint whose files all read; each unreadable later one is reported by name."""
+    """The latest checkpoint whose files all read (None if there is none); each unreadable later
+    one is reported by name."""
     for ckpt in reversed(checkpoints(run_dir)):
         why = unreadable(ckpt)
         if why is None:
             return ckpt
-        logger.warning(f"{why}: resuming from the checkpoint before it")
+        logger.warning(f"{why}: taking the checkpoint before it")
     return None
+
+
+def load_run_model(saved: dict, device: str, ckpt: Path | None) -> tuple[torch.nn.Module, object, torch.dtype, dict[str, SVDLinear]]:
+    """A run's model as its config.json (`saved`) names it (model, dtype, targets, SVD cache),
+    wrapped in its adapters, with `ckpt`'s delta_S loaded (None: delta_S = 0, the base model);
+    returns the model, its tokenizer, its dtype and the adapters."""
+    model, tokenizer, dtype = load_model(saved["model"], device, saved.get("dtype", "auto"))
+    adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
+    if ckpt is not None:
+        load_delta(adapters, ckpt / "delta_S.safetensors")
+    return model, tokenizer, dtype, adapters

@@ -1,4 +1,5 @@
-"""Held-out evaluation of a run: sample its last checkpoint (or the base model) on held-out
+"""Held-out evaluation of a run: sample its latest readable checkpoint (the one a resume would
+take: checkpoints.resumable_checkpoint), or the base model, on held-out
 problems and grade the completions (`just eval RUN`, `python train.py eval --run RUN`).
 
 Guarantees:
@@ -17,21 +18,21 @@ import torch
 from loguru import logger
 
 from grader import GRADER_VERSION, Grader, Hint, RewardConfig, load_problems, render_prompt
-from projected_grpo.checkpoints import last_checkpoint, run_config
+from projected_grpo.checkpoints import load_run_model, resumable_checkpoint, run_config
 from projected_grpo.errors import UserError, check_file, flag
 from projected_grpo.metrics import mean
-from projected_grpo.models import load_model, pick_device
+from projected_grpo.models import pick_device
 from projected_grpo.paths import DATA
 from projected_grpo.rollout import RolloutEngine, Sampling
-from projected_grpo.svd_adapter import load_delta, merged, wrap_svd
+from projected_grpo.svd_adapter import merged
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Sample and grade a run's last checkpoint on held-out problems (`just eval RUN_DIR`)."""
+    """Sample and grade a run's latest readable checkpoint on held-out problems (`just eval RUN_DIR`)."""
 
     run: Path
-    """Run folder: its config gives model, targets, hint and reward; its last checkpoint the delta_S."""
+    """Run folder: its config gives model, targets, hint and reward; its latest readable checkpoint the delta_S."""
     problems: Path | None = None
     """Held-out problems; None = the run's --eval-problems."""
     samples_per_problem: int = 10
@@ -63,17 +64,14 @@ def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
     check(ec)
     saved = run_config(ec.run, "--run")
-    ckpt = last_checkpoint(ec.run)
-    if ckpt is None and not ec.base:
-        raise UserError(f"{ec.run} has no checkpoint to evaluate", "wait for its first checkpoint, or pass --base for the base model")
     problems_path = ec.problems or Path(saved.get("eval_problems", DATA / "leetcode" / "leetcode_test_medhard.jsonl"))  # runs before the field: the test split
     check_file(problems_path, "problems", load_problems)
+    ckpt = None if ec.base else resumable_checkpoint(ec.run)
+    if ckpt is None and not ec.base:
+        raise UserError(f"{ec.run} has no readable checkpoint to evaluate", "wait for its first checkpoint, or pass --base for the base model")
     torch.manual_seed(ec.seed)
     device = pick_device(ec.device)
-    model, tokenizer, _ = load_model(saved["model"], device, saved.get("dtype", "auto"))
-    adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
-    if not ec.base:
-        load_delta(adapters, ckpt / "delta_S.safetensors")
+    model, tokenizer, _, adapters = load_run_model(saved, device, ckpt)
     problems = load_problems(problems_path)
     hint = ec.hint or saved["hint"]
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]

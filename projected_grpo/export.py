@@ -18,11 +18,10 @@ import tyro
 from loguru import logger
 from torch import nn
 
-from projected_grpo.checkpoints import checkpoints, run_config
+from projected_grpo.checkpoints import checkpoint_dir, checkpoint_step, checkpoints, load_run_model, resumable_checkpoint, run_config
 from projected_grpo.errors import UserError, reported
-from projected_grpo.models import load_model
 from projected_grpo.paths import atomic
-from projected_grpo.svd_adapter import SVDLinear, load_delta, unwrap_svd, wrap_svd
+from projected_grpo.svd_adapter import SVDLinear, unwrap_svd
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class ExportConfig:
     run: tyro.conf.Positional[Path]
     """Run folder (train.py's output): its config names the model, targets and dtype."""
     step: int | None = None
-    """Checkpoint step; None = the latest."""
+    """Checkpoint step; None = the latest readable one (the one a resume would take)."""
     out: Path | None = None
     """Output folder; None = RUN/export/step_NNNNNN."""
     device: str = "cpu"
@@ -40,15 +39,18 @@ class ExportConfig:
 
 
 def checkpoint_at(run: Path, step: int | None) -> Path:
-    """The checkpoint folder of `step` (None = the latest); a missing one names those there are."""
+    """The checkpoint folder of `step` (None = the latest readable one, as a resume takes it); a
+    missing one names those there are."""
     have = checkpoints(run)
     if not have:
         raise UserError(f"{run} has no checkpoint", "export a run folder once train.py has written RUN/checkpoints/step_N")
     if step is None:
-        return have[-1]
-    wanted = run / "checkpoints" / f"step_{step:06d}"
+        if (latest := resumable_checkpoint(run)) is None:
+            raise UserError(f"{run} has no readable checkpoint (the warnings above name each unreadable file)", "give --step N to export one whose delta_S reads")
+        return latest
+    wanted = checkpoint_dir(run, step)
     if wanted not in have:
-        raise UserError(f"{run} has no checkpoint at step {step}", f"give --step one of {', '.join(str(int(p.name[5:])) for p in have)}")
+        raise UserError(f"{run} has no checkpoint at step {step}", f"give --step one of {', '.join(str(checkpoint_step(p)) for p in have)}")
     return wanted
 
 
@@ -78,9 +80,7 @@ def export(ec: ExportConfig) -> Path:
     out = ec.out or ec.run / "export" / ckpt.name
     if out.exists():
         raise UserError(f"{out} exists", "remove it or give another --out")
-    model, tokenizer, dtype = load_model(saved["model"], ec.device, saved.get("dtype", "auto"))
-    adapters = wrap_svd(model, tuple(saved["targets"]), Path(saved["cache_dir"]) / "svd")
-    load_delta(adapters, ckpt / "delta_S.safetensors")
+    model, tokenizer, dtype, adapters = load_run_model(saved, ec.device, ckpt)
     norm = torch.cat([a.delta_S.detach().flatten() for a in adapters.values()]).norm().item()
     unwrap(model, adapters)
     with atomic(out, replace=False) as tmp:

@@ -8,10 +8,12 @@ from dataclasses import asdict, replace
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
+from projected_grpo import eval as eval_module
+from projected_grpo.checkpoints import checkpoint_dir, save_checkpoint
+from projected_grpo.eval import EvalConfig, evaluate
 from projected_grpo.models import load_model
 from projected_grpo.errors import UserError
 from projected_grpo.export import ExportConfig, export
@@ -36,19 +38,22 @@ def logprobs(model, tokenizer) -> torch.Tensor:
 
 @pytest.fixture
 def run(tmp_path):
-    """A run folder as train.py leaves it: its config and two checkpoints of delta_S (random, large
-    enough to move the log-probs)."""
+    """A run folder as train.py leaves it: its config and two checkpoints (save_checkpoint) whose
+    delta_S is random, large enough to move the log-probs."""
     cfg = replace(PRESETS["smoke"][1], cache_dir=tmp_path / "cache")
     run = tmp_path / "smoke_projected_s1"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(asdict(cfg), default=str))
-    model, _, _ = load_model(cfg.model, "cpu", cfg.dtype)
+    model, _, dtype = load_model(cfg.model, "cpu", cfg.dtype)
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
+    optimizer = torch.optim.AdamW([a.delta_S for a in adapters.values()])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
     for step in (1, 2):
-        (run / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
-        save_file({n: 0.5 * step * torch.randn(a.rank, generator=gen) for n, a in adapters.items()},
-                  run / "checkpoints" / f"step_{step:06d}" / "delta_S.safetensors")
+        with torch.no_grad():
+            for a in adapters.values():
+                a.delta_S.copy_(0.5 * step * torch.randn(a.rank, generator=gen))
+        save_checkpoint(run, step, adapters, optimizer, scheduler, torch.Generator(), [], [], dtype, {"v_hack": {}, "arm": {}}, {})
     return run
 
 
@@ -76,6 +81,22 @@ def test_export_refuses_what_it_cannot_do(run, tmp_path):
     (run / "export" / "step_000002").mkdir(parents=True)
     with pytest.raises(UserError, match="exists"):
         export(ExportConfig(run=run))  # the latest, already there: never overwritten
+
+
+def test_eval_and_export_take_the_checkpoint_a_resume_would(run, monkeypatch):
+    """Without --step, the latest checkpoint whose files all read (checkpoints.resumable_checkpoint), not the latest."""
+    (checkpoint_dir(run, 2) / "state.pt").write_bytes(b"truncated")
+    assert export(ExportConfig(run=run)) == run / "export" / "step_000001"
+    taken = []
+
+    def stop_before_the_model(saved, device, ckpt):
+        taken.append(ckpt)
+        raise InterruptedError
+
+    monkeypatch.setattr(eval_module, "load_run_model", stop_before_the_model)
+    with pytest.raises(InterruptedError):
+        evaluate(EvalConfig(run=run, problems=ROOT / "data" / "problems.jsonl"))
+    assert taken == [checkpoint_dir(run, 1)]
 
 
 def test_just_export_runs_the_module(run):

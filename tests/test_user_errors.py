@@ -84,7 +84,7 @@ def test_bad_files_are_named_with_their_line(nothing_starts, capsys, tmp_path):
 def test_bad_eval_count_is_one_line_before_a_model_loads(flags, monkeypatch, capsys, tmp_path):
     from projected_grpo import eval as eval_module
 
-    monkeypatch.setattr(eval_module, "load_model", lambda *a, **k: pytest.fail("a model loaded before the flags were checked"))
+    monkeypatch.setattr(eval_module, "load_run_model", lambda *a, **k: pytest.fail("a model loaded before the flags were checked"))
     run = tmp_path / "run"
     (run / "checkpoints" / "step_000001").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"eval_problems": str(ROOT / "data" / "problems.jsonl")}))
