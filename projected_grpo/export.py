@@ -20,6 +20,7 @@ from torch import nn
 
 from projected_grpo.checkpoints import checkpoint_dir, checkpoint_step, checkpoints, load_run_model, resumable_checkpoint, run_config
 from projected_grpo.errors import UserError, reported
+from projected_grpo.models import pick_device
 from projected_grpo.paths import atomic
 from projected_grpo.svd_adapter import SVDLinear, unwrap_svd
 
@@ -35,7 +36,7 @@ class ExportConfig:
     out: Path | None = None
     """Output folder; None = RUN/export/step_NNNNNN."""
     device: str = "cpu"
-    """Torch device for the merge (cpu needs no GPU; the weights end on the host either way)."""
+    """Torch device for the merge; auto = cuda if available, else cpu (cpu needs no GPU; the weights end on the host either way)."""
 
 
 def checkpoint_at(run: Path, step: int | None) -> Path:
@@ -80,7 +81,7 @@ def export(ec: ExportConfig) -> Path:
     out = ec.out or ec.run / "export" / ckpt.name
     if out.exists():
         raise UserError(f"{out} exists", "remove it or give another --out")
-    model, tokenizer, dtype, adapters = load_run_model(saved, ec.device, ckpt)
+    model, tokenizer, dtype, adapters = load_run_model(saved, pick_device(ec.device), ckpt)
     norm = torch.cat([a.delta_S.detach().flatten() for a in adapters.values()]).norm().item()
     unwrap(model, adapters)
     with atomic(out, replace=False) as tmp:

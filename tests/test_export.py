@@ -99,6 +99,12 @@ def test_eval_and_export_take_the_checkpoint_a_resume_would(run, monkeypatch):
     assert taken == [checkpoint_dir(run, 1)]
 
 
+def test_export_takes_device_auto(run):
+    """auto picks cuda or cpu, as eval's --device does (it was passed to .to() as is)."""
+    out = export(ExportConfig(run=run, device="auto"))
+    assert (out / "model.safetensors").exists()
+
+
 def test_just_export_runs_the_module(run):
     out = run.parent / "elsewhere"
     subprocess.run([sys.executable, "-m", "projected_grpo.export", str(run), "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
