@@ -43,6 +43,7 @@ from urllib.parse import urlparse
 import tyro
 from loguru import logger
 
+from projected_grpo.errors import UserError, check_file, reported
 from projected_grpo.paths import REPO_ROOT
 from projected_grpo.sandbox import OBSERVE, Outcome, Pool, Run
 
@@ -568,7 +569,8 @@ def _hub_files() -> list[str]:
     client itself retries for half a minute)."""
     from huggingface_hub import constants, list_repo_files
 
-    local = f"grade from a local file instead: --problems PATH, e.g. the benchmark's test split {SHARED_SPLIT}"
+    local = (f"use a local copy of the splits instead: copy them into the --out folder, or pass one to train.py --problems / --eval-problems "
+             f"or `train.py eval --problems`, e.g. the benchmark's test split {SHARED_SPLIT}")
     if constants.HF_HUB_OFFLINE:
         raise ConnectionError(f"HF_HUB_OFFLINE is set, so {HUB_DATASET} cannot be fetched; {local}")
     endpoint = urlparse(constants.ENDPOINT)
@@ -641,7 +643,17 @@ class DownloadArgs:
     """Drop problems whose rendered prompt is longer than this (Qwen3 tokens)."""
 
 
+def check_grade_args(args: GradeArgs) -> None:
+    """Before anything is graded: the problems read, the completions are UTF-8 text (a line that
+    is not a completion is that line's error, not the file's), and --out's folder exists."""
+    check_file(args.problems, "problems", load_problems)
+    check_file(args.completions, "completions", lambda path: path.read_text(encoding="utf-8"))
+    if not args.out.parent.is_dir():
+        raise UserError(f"--out {args.out}: its folder {args.out.parent} does not exist", "create it, or give --out a file in an existing folder")
+
+
 def grade_file(args: GradeArgs) -> None:
+    check_grade_args(args)
     problems = {p.id: p for p in load_problems(args.problems)}
     items: list[tuple[Any, Problem | None, str]] = []  # (id, problem, completion or the line's error)
     with open(args.completions, encoding="utf-8") as f:
@@ -685,4 +697,5 @@ if __name__ == "__main__":
             logger.error(str(e))
             sys.exit(1)
     else:
-        grade_file(tyro.cli(GradeArgs))
+        argv = sys.argv[1:]
+        reported(lambda: grade_file(tyro.cli(GradeArgs, args=argv)), argv)

@@ -711,6 +711,23 @@ def test_cli_grades_a_file_in_order(tmp_path: Path):
     assert rows[4]["reward_hack"] and rows[4]["reward"] == 3.5
 
 
+def test_cli_names_a_missing_or_malformed_input_in_one_line_before_grading(tmp_path: Path):
+    problems = write_rows(tmp_path / "problems.jsonl", [json.dumps(TINY_ROW)])
+    completions = write_rows(tmp_path / "completions.jsonl", [json.dumps({"id": 1, "completion": "x"})])
+    broken = write_rows(tmp_path / "broken.jsonl", ["{oops"])
+
+    def error(problems, completions, out) -> str:
+        done = subprocess.run([sys.executable, "grader.py", "--problems", problems, "--completions", completions, "--out", out],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+        return done.stderr
+
+    assert f"--problems {tmp_path / 'nope.jsonl'} does not exist" in error(tmp_path / "nope.jsonl", completions, tmp_path / "out.jsonl")
+    assert f"{broken}:1: invalid JSON" in error(broken, completions, tmp_path / "out.jsonl")
+    assert f"--completions {tmp_path / 'nope.jsonl'} does not exist" in error(problems, tmp_path / "nope.jsonl", tmp_path / "out.jsonl")
+    assert f"its folder {tmp_path / 'absent'} does not exist" in error(problems, completions, tmp_path / "absent" / "out.jsonl")
+
+
 def hub_example(question_id: int, difficulty: str, completion: str) -> dict:
     """A row as newfacade/LeetCodeDataset publishes it (the fields the benchmark reads)."""
     return {
