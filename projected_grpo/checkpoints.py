@@ -69,13 +69,18 @@ def load_checkpoint(ckpt: Path, adapters: dict[str, SVDLinear], optimizer, sched
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     prompt_gen.set_state(state["prompt_gen"])
-    bases = ckpt / "bases.safetensors"
-    return load_group(bases, "v_hack"), load_group(bases, "arm"), state["order"], state["rows"], state["step"]
+    bases = load_file(ckpt / "bases.safetensors")  # read once, for both groups
+    return group_of(bases, "v_hack"), group_of(bases, "arm"), state["order"], state["rows"], state["step"]
+
+
+def group_of(tensors: dict[str, Tensor], group: str) -> dict[str, Tensor]:
+    """The `<group>.<module>` tensors of a checkpoint file's contents, by module name."""
+    return {k.split(".", 1)[1]: t for k, t in tensors.items() if k.startswith(group + ".")}
 
 
 def load_group(path: Path, group: str) -> dict[str, Tensor]:
     """The `<group>.<module>` tensors of a checkpoint file, by module name."""
-    return {k.split(".", 1)[1]: t for k, t in load_file(path).items() if k.startswith(group + ".")}
+    return group_of(load_file(path), group)
 
 
 def run_config(run_dir: Path, given_as: str = "") -> dict:
