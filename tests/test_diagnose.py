@@ -49,6 +49,18 @@ def test_too_few_pairs_are_a_user_error_before_the_model_pass(tmp_path):
     diagnose.check_pairs(pairs)  # enough
 
 
+def test_the_random_bases_do_not_depend_on_the_order_of_the_modules(tmp_path):
+    """Each module's random basis is projection.random_bases's, drawn in module-name order: listing the
+    modules in another order changes no number of the report (it changed the random-bases yardstick)."""
+    vh = synthetic(tmp_path, signal=0.5)
+    turned = VHack(dict(reversed(vh.V.items())), dict(reversed(vh.S.items())), dict(reversed(vh.diffs.items())), vh.n_hack, vh.n_clean, vh.header, vh.path)
+    assert list(turned.diffs) != list(vh.diffs)
+    report, again = quality_report(vh), quality_report(turned)
+    numbers = [k for k, v in report.items() if isinstance(v, float)]
+    assert "hackward_fraction_random" in numbers and report["hackward_fraction_random"] > 0
+    assert {k: again[k] for k in numbers} == pytest.approx({k: report[k] for k in numbers}, rel=1e-5)
+
+
 def test_the_report_runs_on_one_thread_and_restores_the_count(tmp_path, monkeypatch):
     """Beside a sweep's other jobs, intra-op threads on the report's tiny tensors thrash (one_thread)."""
     seen, fit = [], diagnose.fit_v_hack
