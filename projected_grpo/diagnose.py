@@ -40,6 +40,7 @@ from extract import VHack, VHackConfig, fit_v_hack, label_flips, split_half_cos
 from projection import random_bases
 from grader import jsonl_rows
 from projected_grpo.errors import UserError
+from projected_grpo.paths import atomic
 
 MIN_PAIRS = 4
 
@@ -200,6 +201,9 @@ def format_report(report: dict, pairs: Path) -> str:
 
 
 def write_report(vh: VHack, report: dict) -> Path:
+    """The report beside its v_hack file, whole or not at all (paths.atomic): runs read it when they
+    start (quality_gate), perhaps while a sweep's diagnose job writes it."""
     path = report_path(vh)
-    path.write_text(json.dumps(report | {"v_hack": str(vh.path), "header": vh.header}, indent=2))
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(report | {"v_hack": str(vh.path), "header": vh.header}, indent=2))
     return path

@@ -7,7 +7,7 @@ Guarantees:
   from its config.json.
 - RUN/eval/<problems>-<checkpoint>-<hint>-s<seed>/ holds every graded completion
   (grades.jsonl, with the GRADER_VERSION that graded it) and the rates (summary.json), which
-  projected_grpo/results.py reads.
+  projected_grpo/results.py reads. Each appears whole or not at all, grades first.
 """
 
 import json
@@ -22,7 +22,7 @@ from projected_grpo.checkpoints import load_run_model, resumable_checkpoint, run
 from projected_grpo.errors import UserError, check_file, flag
 from projected_grpo.metrics import mean
 from projected_grpo.models import pick_device
-from projected_grpo.paths import DATA
+from projected_grpo.paths import DATA, atomic
 from projected_grpo.rollout import RolloutEngine, Sampling
 from projected_grpo.svd_adapter import merged
 
@@ -94,8 +94,16 @@ def evaluate(ec: EvalConfig) -> dict:
         "reward": mean([g.reward for g in grades]),
     }
     out = ec.run / "eval" / f"{problems_path.stem}-{summary['checkpoint']}-{hint}-s{ec.seed}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "grades.jsonl").write_text("".join(json.dumps({"id": p.id, "completion": text, "grader_version": GRADER_VERSION} | asdict(g)) + "\n" for p, text, g in zip(todo, [c.text for c in samples], grades)))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_eval(out, [{"id": p.id, "completion": c.text, "grader_version": GRADER_VERSION} | asdict(g) for p, c, g in zip(todo, samples, grades)], summary)
     logger.info(f"eval {out}: {json.dumps(summary)}")
     return summary
+
+
+def write_eval(out: Path, rows: list[dict], summary: dict) -> None:
+    """grades.jsonl, then summary.json, into `out`, each whole or not at all (paths.atomic):
+    results.py, which may read them while a sweep runs, never sees half a file, and a summary
+    means its grades are there."""
+    with atomic(out / "grades.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with atomic(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
