@@ -108,7 +108,8 @@ class ProblemFormatError(ValueError):
 
 def jsonl_rows(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[str, Any]]:
     """(where, row) for every non-blank line of a JSONL file, where = "path:LINE"; a line
-    that is not JSON raises `error` naming it. Every JSONL reader of the harness uses this."""
+    that is not JSON raises `error` naming it. The problem, pair and teacher-pool readers use
+    this (the grader CLI reads its completions line by line itself: a bad line is that line's error)."""
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():

