@@ -88,7 +88,7 @@ from projected_grpo import distributed, packing
 from projected_grpo.ahead import Ahead
 from projected_grpo.activations import Checkpointing, Policy, checkpoint_first, decoder_layers, enable_checkpointing, free_bytes, measure
 from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
-from projected_grpo.diagnose import format_report, quality_gate, quality_report, write_report
+from projected_grpo.diagnose import check_pairs, format_report, quality_gate, quality_report, write_report
 from projected_grpo.errors import UserError, check_file, flag, reported
 from projected_grpo.eval import EvalConfig, evaluate
 from projected_grpo.metrics import (
@@ -96,7 +96,7 @@ from projected_grpo.metrics import (
     Timer, VHackMetrics, is_live, summary_table, table_header, table_row, write_summary,
 )
 from projected_grpo.models import completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
-from projected_grpo.paths import DATA, OUT
+from projected_grpo.paths import DATA, OUT, write_atomic
 from projected_grpo.rollout import LayerWeights, RolloutEngine, Sampling
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, delta_grads, delta_state, merged, reference_mode, wrap_svd
 from projected_grpo.teacher_pool import PoolConfig, build_pool, default_pool_path, teacher_pool
@@ -617,7 +617,6 @@ class RunState:
     run_dir: Path
     model: torch.nn.Module
     tokenizer: object
-    dtype: torch.dtype
     adapters: dict[str, SVDLinear]  # delta_S, the only trainable parameters
     engine: RolloutEngine
     checkpointing: Checkpointing  # how many decoder layers each learner micro-batch recomputes
@@ -656,7 +655,7 @@ class RunState:
             # v_hack: cache hit if the header matches, else extracted on this very model (cuts applied).
             vh, pairs = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)
         if distributed.is_main() and not cfg.resume:  # what the run started with: projected_grpo/results.py shows the quality gate beside its verdicts
-            (run_dir / "vhack.json").write_text(json.dumps({"v_hack": str(vh.path), "header": vh.header} | quality_gate(vh), indent=2))
+            write_atomic(run_dir / "vhack.json", json.dumps({"v_hack": str(vh.path), "header": vh.header} | quality_gate(vh), indent=2))
         with distributed.main_first():  # a missing default pool is built by rank 0 alone
             pool = teacher_pool(cfg, problems, tokenizer, grader) if split_group(cfg)[1] else {}
         warn_overlaps(cfg, problems, pairs, pool)
@@ -670,7 +669,7 @@ class RunState:
             v_hack, arm_basis = to(cfg.device, v_hack), to(cfg.device, arm_basis)  # the arm's basis: empty for vanilla
             logger.info(f"resumed from {ckpt} at step {taken + 1}")
         bases = Bases.of(cfg, v_hack, arm_basis or to(cfg.device, arm_basis_for(cfg, v_hack, vh.diffs, taken)), adapters)
-        return cls(cfg, run_dir, model, tokenizer, dtype, adapters, RolloutEngine(model, tokenizer), checkpointing, grader, problems, pool, pairs, bases,
+        return cls(cfg, run_dir, model, tokenizer, adapters, RolloutEngine(model, tokenizer), checkpointing, grader, problems, pool, pairs, bases,
                    optimizer, scheduler, prompt_gen, order, rows, taken)
 
     def next_batch(self) -> Batch:
@@ -943,7 +942,7 @@ def main(cfg: Config) -> Path:
         state = RunState.start(cfg, run_dir, grader)
         main_rank = distributed.is_main()
         if main_rank:  # the log holds exactly the checkpointed rows: steps after the checkpoint are redone
-            (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in state.rows))
+            write_atomic(run_dir / "log.jsonl", "".join(json.dumps(r) + "\n" for r in state.rows))
             console(run_dir, table_header(off_policy=cfg.one_step_off))
         saved = json.loads((run_dir / "config.json").read_text()) if main_rank else {}
         with tracker(cfg.report_to if main_rank else "none", run_dir, saved, state.step + 1) as track, \
@@ -1026,7 +1025,7 @@ def open_run_dir(cfg: Config) -> Path:
             raise UserError(f"run folder {run_dir} exists", f"continue it with `train.py resume {run_dir}`, or give another --run-name")
         if distributed.is_main():
             run_dir.mkdir(parents=True)
-            (run_dir / "config.json").write_text(json.dumps(asdict(cfg) | {"role": role(cfg)}, indent=2, default=str))
+            write_atomic(run_dir / "config.json", json.dumps(asdict(cfg) | {"role": role(cfg)}, indent=2, default=str))
     logger.info(f"run folder {run_dir}")
     return run_dir
 
@@ -1096,7 +1095,7 @@ def keep(state: RunState, record: StepRecord, track, checkpoint: bool = False) -
     track(record.tracked())
     if checkpoint or record.step % cfg.checkpoint_every == 0 or record.step == cfg.steps:
         save_checkpoint(state.run_dir, record.step, state.adapters, state.optimizer, state.scheduler, state.prompt_gen, state.prompt_order(), state.rows,
-                        state.dtype, {"v_hack": state.bases.v_hack, "arm": state.bases.arm_basis or {}}, state.grads)
+                        {"v_hack": state.bases.v_hack, "arm": state.bases.arm_basis or {}}, state.grads)
 
 
 # ----------------------------------------------------------------------------
@@ -1107,6 +1106,8 @@ def extract_command(cfg: Config, report: bool) -> Path:
     """Resolve (extract on a miss) the v_hack this config's run would use; with `report`, also
     write and print its quality report (projected_grpo/diagnose.py)."""
     cfg = cfg.resolved()
+    if report:
+        check_pairs(cfg.v_hack.pairs)  # enough pairs for the report, before the model pass
     model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
     vh, _ = v_hack_for_run(cfg.v_hack, cfg.model, model, adapters, tokenizer, dtype, cfg.targets, cfg.cache_dir)

@@ -43,7 +43,7 @@ def checkpoint_step(ckpt: Path) -> int:
 
 
 def save_checkpoint(run_dir: Path, step: int, adapters: dict[str, SVDLinear], optimizer, scheduler, prompt_gen: torch.Generator, order: list[int],
-                    rows: list[dict], dtype: torch.dtype, bases: dict[str, dict[str, Tensor]], grads: dict[str, dict[str, Tensor]]) -> Path:
+                    rows: list[dict], bases: dict[str, dict[str, Tensor]], grads: dict[str, dict[str, Tensor]]) -> Path:
     """checkpoints/step_NNNNNN/: delta_S.safetensors; bases.safetensors (`v_hack.<module>`, and
     `arm.<module>` for the basis the arm projects onto: what a resume or a later analysis
     needs); grads.safetensors (`g_s.<module>`, `g_t.<module>`: this step's student and teacher
@@ -53,7 +53,7 @@ def save_checkpoint(run_dir: Path, step: int, adapters: dict[str, SVDLinear], op
     with atomic(final) as tmp:
         tmp.mkdir()
         flat = lambda groups: {f"{g}.{n}": t.detach().cpu().clone() for g, d in groups.items() for n, t in d.items()}  # clone: the arm may share v_hack
-        save_file({n: t.contiguous().cpu() for n, t in delta_state(adapters).items()}, tmp / "delta_S.safetensors", metadata={"step": str(step), "model_dtype": str(dtype)})
+        save_file({n: t.contiguous().cpu() for n, t in delta_state(adapters).items()}, tmp / "delta_S.safetensors", metadata={"step": str(step)})
         save_file(flat(bases), tmp / "bases.safetensors")
         save_file(flat(grads), tmp / "grads.safetensors")
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "prompt_gen": prompt_gen.get_state(), "order": order, "rows": rows}, tmp / "state.pt")

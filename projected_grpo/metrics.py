@@ -35,6 +35,7 @@ import matplotlib
 import torch
 
 from grader import Grade
+from projected_grpo.paths import write_atomic
 
 # ----------------------------------------------------------------------------
 # What a step measures: the rank's share, and the helpers that turn it into numbers
@@ -384,7 +385,7 @@ def write_summary(run_dir: Path, rows: list[dict]) -> dict:
 
     summary = {"steps": len(rows), "seconds": sum(r[KEY.time.step] for r in rows),
                "last10": {k: tail_mean(k) for k in SUMMARY_KEYS}, "first": {k: rows[0][k] for k in SUMMARY_KEYS}}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     fig = curves(rows)
     fig.savefig(run_dir / "curves.png", dpi=100)
     matplotlib.pyplot.close(fig)

@@ -1,4 +1,5 @@
-"""Where the harness's files live, and the one way it writes a file or folder that others read.
+"""Where the harness's files live, and the one way it writes a file or folder that another process
+may read meanwhile (a sweep's results job, `just results` during a sweep, a resume).
 
 REPO_ROOT is the checkout; DATA its bundled data (data/), OUT what runs write (out/: runs,
 caches, teacher pools, benchmarks), MODELS_DIR the local model folders (models/).
@@ -30,6 +31,12 @@ def remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path.write_text(text)` through `atomic`: never seen half-written."""
+    with atomic(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ def run(tmp_path):
     run = tmp_path / "smoke_projected_s1"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(asdict(cfg), default=str))
-    model, _, dtype = load_model(cfg.model, "cpu", cfg.dtype)
+    model, _, _ = load_model(cfg.model, "cpu", cfg.dtype)
     adapters = wrap_svd(model, cfg.targets, cfg.cache_dir / "svd")
     optimizer = torch.optim.AdamW([a.delta_S for a in adapters.values()])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -53,7 +53,7 @@ def run(tmp_path):
         with torch.no_grad():
             for a in adapters.values():
                 a.delta_S.copy_(0.5 * step * torch.randn(a.rank, generator=gen))
-        save_checkpoint(run, step, adapters, optimizer, scheduler, torch.Generator(), [], [], dtype, {"v_hack": {}, "arm": {}}, {})
+        save_checkpoint(run, step, adapters, optimizer, scheduler, torch.Generator(), [], [], {"v_hack": {}, "arm": {}}, {})
     return run
 
 
