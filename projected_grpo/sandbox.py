@@ -9,16 +9,16 @@ only the standard library, since every worker imports it at start.
 
 Guarantees:
 1. No program runs in the caller's process. Every program runs in a child forked from a
-   long-lived worker (started with a clean environment, its setup imports loaded once),
-   in a fresh namespace, as `exec(code, {})` runs code (so `__name__` is not "__main__"),
-   with: its own session, killed as a whole (and every descendant that left it) at the
-   end; a time limit in CPU seconds (3 s by default, as in the benchmark) and a wall-clock
-   limit (2x + 1 s); limits on address space, processes, file size and core files; stdin
-   closed; output drained and capped; a fresh working directory, removed afterwards; an
-   empty network namespace; and, when run as root, a uid of its own that can read every
-   file but write none of the caller's and signal none of its processes. Exiting, killing
-   itself, looping, forking, flooding or patching builtins ends as a failed run and leaves
-   the caller untouched.
+   long-lived worker (started with a clean environment, its setup imports loaded once), in a
+   fresh namespace, as `exec(code, {})` runs code (so `__name__` is not "__main__"), with: its
+   own session, killed as a whole (and every descendant that left it) at the end; a time limit
+   in CPU seconds of the child and all its descendants (3 s by default, as in the benchmark)
+   and a wall-clock limit (2x + 1 s); limits on address space, processes, file size and core
+   files; stdin closed; output drained and capped; a fresh working directory, removed
+   afterwards; an empty network namespace; and, when run as root, a uid of its own that can
+   read every file but write none of the caller's and signal none of its processes. Exiting,
+   killing itself, looping, forking, flooding or patching builtins ends as a failed run and
+   leaves the caller untouched.
 2. A run passes only if the child reports a per-run nonce after the last test, so exiting
    early (sys.exit(0), os._exit(0), a signal) never passes.
 3. Pool.run never hangs: every run has an outer timeout, and a dead or hung worker is
@@ -404,13 +404,15 @@ def _sandboxed(run: Run, timeout_s: float, memory_mb: int, uid: int | None) -> O
     output_r, output_w = os.pipe()
     nonce = os.urandom(16).hex()
     deadline = time.monotonic() + wall_clock_s(timeout_s)
+    cpu_before = _reaped_cpu_s()
     pid = os.fork()
     if pid == 0:
         _child(run.program, setup, tests, expected, nonce, workdir, report_w, output_w, uid, timeout_s, memory_mb)
     os.close(report_w)
     os.close(output_w)
     report, output, timed_out = _collect(report_r, output_r, deadline)
-    status, cpu_s = _kill_tree(pid)
+    status = _kill_tree(pid)
+    cpu_s = _reaped_cpu_s() - cpu_before  # the child's and every descendant's, orphans included
     os.close(report_r)
     os.close(output_r)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -545,13 +547,13 @@ def _collect(report_r: int, output_r: int, deadline: float) -> tuple[bytes, byte
     return report, output, False
 
 
-def _kill_tree(pid: int) -> tuple[int, float]:
+def _kill_tree(pid: int) -> int:
     """SIGKILL the run's process group and every descendant that left it, reap them all; the
-    child's wait status and CPU seconds."""
+    child's wait status."""
     for kill in (os.killpg, os.kill):
         with contextlib.suppress(ProcessLookupError):
             kill(pid, signal.SIGKILL)
-    _, status, usage = os.wait4(pid, 0)
+    _, status = os.waitpid(pid, 0)
     # Descendants outside the group were re-parented to this worker (a child subreaper).
     while orphans := _children():
         for orphan in orphans:
@@ -560,7 +562,15 @@ def _kill_tree(pid: int) -> tuple[int, float]:
         for orphan in orphans:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(orphan, 0)
-    return status, usage.ru_utime + usage.ru_stime
+    return status
+
+
+def _reaped_cpu_s() -> float:
+    """CPU seconds of every process this worker has reaped (the child's own count covers only the
+    descendants it waited for itself: a grandchild whose parent exited is reaped here, and must
+    count against the run's time limit as well)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _children() -> list[int]:

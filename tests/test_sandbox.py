@@ -191,6 +191,14 @@ def test_how_a_run_ended(pool: Pool):
     assert [o.ended for o in pool.run(runs)] == ["exit", "test", "died", "time", "passed"]
 
 
+def test_a_forked_grandchild_counts_against_the_time_limit(pool: Pool):
+    """The child forks and exits; its child, re-parented to the worker, burns more CPU than the
+    limit (2 s here) and then runs the tests: a time-limit failure, not a pass."""
+    program = "import os, time\nif os.fork():\n    os._exit(0)\nwhile time.process_time() < 2.3:\n    pass\n"
+    (outcome,) = pool.run([Run("", program, ("assert True",))])
+    assert outcome.ended == "time", outcome
+
+
 def test_identical_runs_run_once_and_outcomes_keep_input_order(pool: Pool, tmp_path: Path):
     log = tmp_path / "runs.log"
     log.write_text("")
