@@ -96,7 +96,7 @@ from projected_grpo.metrics import (
     Timer, VHackMetrics, is_live, summary_table, table_header, table_row, write_summary,
 )
 from projected_grpo.models import completion_logprobs, load_model, pick_device, pick_dtype, resolve_model
-from projected_grpo.paths import DATA, OUT, write_atomic
+from projected_grpo.paths import DATA, OUT, TEST_SPLIT, write_atomic
 from projected_grpo.rollout import LayerWeights, RolloutEngine, Sampling
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, delta_grads, delta_state, merged, reference_mode, wrap_svd
 from projected_grpo.teacher_pool import PoolConfig, build_pool, default_pool_path, teacher_pool
@@ -131,7 +131,7 @@ class Config:
     # Data and rewards
     problems: Path = DATA / "leetcode" / "leetcode_train_medhard.jsonl"
     """Training problems, LeetCodeDataset-schema JSONL (`just download-data` writes the real ones)."""
-    eval_problems: Path = DATA / "leetcode" / "leetcode_test_medhard.jsonl"
+    eval_problems: Path = TEST_SPLIT
     """Held-out problems `just eval` grades this run on (disjoint from `problems` and every pairs file)."""
     n_problems: int | None = None
     """Use only the first n problems; None = all."""

@@ -22,7 +22,7 @@ from projected_grpo.checkpoints import load_run_model, resumable_checkpoint, run
 from projected_grpo.errors import UserError, check_file, flag
 from projected_grpo.metrics import mean
 from projected_grpo.models import pick_device
-from projected_grpo.paths import DATA, atomic
+from projected_grpo.paths import TEST_SPLIT, atomic
 from projected_grpo.rollout import RolloutEngine, Sampling
 from projected_grpo.svd_adapter import merged
 
@@ -64,7 +64,7 @@ def evaluate(ec: EvalConfig) -> dict:
     """Strict and loose hack rates, pass rate and mean reward; rows and summary under RUN/eval/."""
     check(ec)
     saved = run_config(ec.run, "--run")
-    problems_path = ec.problems or Path(saved.get("eval_problems", DATA / "leetcode" / "leetcode_test_medhard.jsonl"))  # runs before the field: the test split
+    problems_path = ec.problems or Path(saved.get("eval_problems", TEST_SPLIT))  # runs before the field: the test split
     check_file(problems_path, "problems", load_problems)
     ckpt = None if ec.base else resumable_checkpoint(ec.run)
     if ckpt is None and not ec.base:

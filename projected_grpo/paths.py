@@ -22,6 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "data"
 OUT = REPO_ROOT / "out"
 MODELS_DIR = REPO_ROOT / "models"
+TEST_SPLIT = DATA / "leetcode" / "leetcode_test_medhard.jsonl"  # the benchmark's test split (`just download-data`)
 TMP = ".tmp"  # in the name of every temporary path `atomic` hands out
 
 

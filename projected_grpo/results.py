@@ -59,7 +59,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from projected_grpo.checkpoints import checkpoint_name  # noqa: E402
 from projected_grpo.metrics import KEY  # noqa: E402
-from projected_grpo.paths import OUT  # noqa: E402
+from projected_grpo.paths import OUT, TEST_SPLIT  # noqa: E402
 
 PASS_BAND = 0.10  # matched pass rate: the pass difference lies within +-10 points
 CONFIDENCE = 0.95
@@ -222,7 +222,7 @@ def read_run(path: Path, last_n: int, eval_split: str | None, ignored_evals: lis
     tail = curves.tail(last_n)
     last = {name: tail[key].mean() for name, key in TRAIN_METRICS.items()} | {k: tail[k].mean() for k in EXCESS}
     settings = {k: v for k, v in flatten(config).items() if k.split(".")[0] not in BOOKKEEPING}
-    split = eval_split or Path(config.get("eval_problems", "leetcode_test_medhard")).stem  # runs before the field: the test split
+    split = eval_split or Path(config.get("eval_problems", TEST_SPLIT)).stem  # runs before the field: the test split
     evals, protocol = held_out(path, checkpoint_name(steps), config.get("hint"), split, ignored_evals)
     base, base_protocol = held_out(path, "base", config.get("hint"), split, ignored_evals)
     return TrainedRun(path, group, seed, settings, curves, last, evals, protocol, base, base_protocol, quality(path))
