@@ -419,7 +419,7 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     weights = engine.layer_weights()
 
     def step() -> None:
-        logits = engine.decode(tokens, positions, k_cache, v_cache, window, weights)
+        logits = engine.decode(tokens, positions, k_cache, v_cache, window, weights, compiled=cuda)  # the compiled layer, as the timed rows (Sampling.compile), without the graph
         draw(logits, sampling["temperature"], sampling["top_p"], DRAW_ROUNDS)
 
     steps = 5
