@@ -841,9 +841,9 @@ def learn(state: RunState, groups: list[list[Rollout]], n_rollouts: int) -> Grad
 
 def apply_arm(b: Bases, grads: Gradients) -> dict[str, float]:
     """The method: g_s, g_t and g measured along v_hack (g_s and g_t also against the empirical
-    null; NaN where no live group holds their kind of rollout, g's NaN without any), then the
-    hack-ward part of g removed along the arm's basis, in place (vanilla: nothing). Returns those
-    HackwardMetrics."""
+    null), then the hack-ward part of g removed along the arm's basis, in place (vanilla:
+    nothing). Returns those HackwardMetrics: NaN for g_s (g_t) where no live group holds a
+    student (teacher) rollout, and NaN for g and the projection where no group is live."""
     nan = float("nan")
     null_s = b.null.fractions(grads.g_s) if grads.learned_s else torch.full((1,), nan)
     null_t = b.null.fractions(grads.g_t) if grads.learned_t else torch.full((1,), nan)
