@@ -644,18 +644,18 @@ class DownloadArgs:
     """Drop problems whose rendered prompt is longer than this (Qwen3 tokens)."""
 
 
-def check_grade_args(args: GradeArgs) -> None:
-    """Before anything is graded: the problems read, the completions are UTF-8 text (a line that
-    is not a completion is that line's error, not the file's), and --out's folder exists."""
-    check_file(args.problems, "problems", load_problems)
+def check_grade_args(args: GradeArgs) -> list[Problem]:
+    """Before anything is graded: the problems read (returned), the completions are UTF-8 text (a
+    line that is not a completion is that line's error, not the file's), and --out's folder exists."""
+    problems = check_file(args.problems, "problems", load_problems)
     check_file(args.completions, "completions", lambda path: path.read_text(encoding="utf-8"))
     if not args.out.parent.is_dir():
         raise UserError(f"--out {args.out}: its folder {args.out.parent} does not exist", "create it, or give --out a file in an existing folder")
+    return problems
 
 
 def grade_file(args: GradeArgs) -> None:
-    check_grade_args(args)
-    problems = {p.id: p for p in load_problems(args.problems)}
+    problems = {p.id: p for p in check_grade_args(args)}
     items: list[tuple[Any, Problem | None, str]] = []  # (id, problem, completion or the line's error)
     with open(args.completions, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):

@@ -323,8 +323,7 @@ def check(cfg: Config) -> None:
         raise UserError("--targets lm_head: the LM head is never adapted (only the decoder layers' Linears are)",
                         "leave lm_head out of --targets")
     check_file(cfg.problems, "problems", load_problems)
-    check_file(cfg.v_hack.problems, "v_hack.problems", load_problems)
-    v_hack_problems = {p.id: p for p in load_problems(cfg.v_hack.problems)}
+    v_hack_problems = {p.id: p for p in check_file(cfg.v_hack.problems, "v_hack.problems", load_problems)}
     check_file(cfg.v_hack.pairs, "v_hack.pairs", lambda path: load_pairs(path, v_hack_problems))  # every run loads its pairs, a given --v-hack.path too
     pool = cfg.pool_path()
     if cfg.teacher_mix > 0 and not pool.is_file() and cfg.teacher_source.suffix == ".jsonl":  # else a model samples the pool

@@ -46,14 +46,16 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_file(path: Path | None, name: str, parse: Callable[[Path], object] | None = None) -> None:
-    """`path` (the value of field `name`) exists, and `parse` reads it; a default LeetCode split
-    names `just download-data` as the fix."""
+def check_file(path: Path | None, name: str, parse: Callable[[Path], T] | None = None) -> T | None:
+    """`path` (the value of field `name`) exists, and `parse` reads it; returns what `parse` read
+    (None without one), so a caller need not read the file again. A default LeetCode split names
+    `just download-data` as the fix."""
     fix = "run `just download-data`" if path is not None and path.parent.name == "leetcode" else f"pass an existing file to {flag(name)}"
     if path is None or not path.is_file():
         raise UserError(f"{flag(name)} {path} does not exist", fix)
-    if parse is not None:
-        try:
-            parse(path)
-        except ValueError as e:  # ProblemFormatError and jsonl_rows name file, line and field
-            raise UserError(str(e), f"fix the file or pass another {flag(name)}") from e
+    if parse is None:
+        return None
+    try:
+        return parse(path)
+    except ValueError as e:  # ProblemFormatError and jsonl_rows name file, line and field
+        raise UserError(str(e), f"fix the file or pass another {flag(name)}") from e

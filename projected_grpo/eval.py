@@ -22,7 +22,7 @@ from projected_grpo.checkpoints import load_run_model, resumable_checkpoint, run
 from projected_grpo.errors import UserError, check_file, flag
 from projected_grpo.metrics import mean
 from projected_grpo.models import pick_device
-from projected_grpo.paths import TEST_SPLIT, atomic
+from projected_grpo.paths import TEST_SPLIT, write_atomic
 from projected_grpo.rollout import RolloutEngine, Sampling
 from projected_grpo.svd_adapter import merged
 
@@ -65,14 +65,13 @@ def evaluate(ec: EvalConfig) -> dict:
     check(ec)
     saved = run_config(ec.run, "--run")
     problems_path = ec.problems or Path(saved.get("eval_problems", TEST_SPLIT))  # runs before the field: the test split
-    check_file(problems_path, "problems", load_problems)
+    problems = check_file(problems_path, "problems", load_problems)
     ckpt = None if ec.base else resumable_checkpoint(ec.run)
     if ckpt is None and not ec.base:
         raise UserError(f"{ec.run} has no readable checkpoint to evaluate", "wait for its first checkpoint, or pass --base for the base model")
     torch.manual_seed(ec.seed)
     device = pick_device(ec.device)
     model, tokenizer, _, adapters = load_run_model(saved, device, ckpt)
-    problems = load_problems(problems_path)
     hint = ec.hint or saved["hint"]
     todo = [p for p in problems for _ in range(ec.samples_per_problem)]
     sampling = Sampling(**saved["sampling"])
@@ -103,7 +102,5 @@ def write_eval(out: Path, rows: list[dict], summary: dict) -> None:
     """grades.jsonl, then summary.json, into `out`, each whole or not at all (paths.atomic):
     results.py, which may read them while a sweep runs, never sees half a file, and a summary
     means its grades are there."""
-    with atomic(out / "grades.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    with atomic(out / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "grades.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))

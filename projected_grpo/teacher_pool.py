@@ -58,13 +58,11 @@ def build_pool(pc: PoolConfig) -> Path:
     """Grade the source's completions (written ones, or sampled from a model) once and write the
     pool, atomically; returns its path. A missing or malformed problems or source file is a
     UserError naming it, raised before a model loads or a completion is graded."""
-    check_file(pc.problems, "problems", load_problems)
-    problems = {p.id: p for p in load_problems(pc.problems)}
+    problems = {p.id: p for p in check_file(pc.problems, "problems", load_problems)}
     source = Path(pc.source)
     if source.suffix == ".jsonl":
-        check_file(source, "source", lambda path: list(jsonl_rows(path)))
         items = []
-        for where, row in jsonl_rows(source):
+        for where, row in check_file(source, "source", lambda path: list(jsonl_rows(path))):
             if not isinstance(row, dict) or row.get("id") not in problems or not isinstance(row.get("completion"), str):
                 raise UserError(f"{where}: needs an 'id' from {pc.problems} and a string 'completion'", "fix the row, or pass the problems it was written for with --problems")
             items.append((problems[row["id"]], row["completion"]))
