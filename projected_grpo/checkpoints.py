@@ -19,7 +19,7 @@ from loguru import logger
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from projected_grpo.errors import UserError
+from projected_grpo.errors import UserError, unreadable_file
 from projected_grpo.models import load_model
 from projected_grpo.paths import TMP, atomic
 from projected_grpo.svd_adapter import SVDLinear, delta_state, load_delta, wrap_svd
@@ -103,7 +103,7 @@ def unreadable(ckpt: Path) -> str | None:
         try:
             read(ckpt / name)
         except Exception as e:  # whatever safetensors, zip or pickle raise on a truncated or foreign file
-            return f"{ckpt / name} is unreadable ({type(e).__name__}: {str(e)[:120]})"
+            return unreadable_file(ckpt / name, e)
     return None
 
 

@@ -40,7 +40,7 @@ from extract import VHack, VHackConfig, fit_v_hack, label_flips, split_half_cos
 from projection import random_bases
 from grader import jsonl_rows
 from projected_grpo.errors import UserError
-from projected_grpo.paths import atomic
+from projected_grpo.paths import write_atomic
 
 MIN_PAIRS = 4
 
@@ -204,6 +204,5 @@ def write_report(vh: VHack, report: dict) -> Path:
     """The report beside its v_hack file, whole or not at all (paths.atomic): runs read it when they
     start (quality_gate), perhaps while a sweep's diagnose job writes it."""
     path = report_path(vh)
-    with atomic(path) as tmp:
-        tmp.write_text(json.dumps(report | {"v_hack": str(vh.path), "header": vh.header}, indent=2))
+    write_atomic(path, json.dumps(report | {"v_hack": str(vh.path), "header": vh.header}, indent=2))
     return path
