@@ -2,6 +2,7 @@
 jaxtyping shape checks for every harness module, so the hook must go in before any import."""
 
 import ast
+import contextlib
 import json
 import sys
 from collections import Counter, defaultdict
@@ -15,6 +16,27 @@ from projected_grpo import typecheck  # noqa: E402,F401
 import pytest  # noqa: E402
 
 from grader import SHARED_SPLIT, Grader, Problem, extract_code, jsonl_rows, user_prompt  # noqa: E402
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """A context in which Path.write_text writes half its text, then fails as a full disk does:
+    for checking that a writer leaves the previous file whole."""
+    real = Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    @contextlib.contextmanager
+    def full():
+        monkeypatch.setattr(Path, "write_text", half_then_fail)
+        try:
+            yield
+        finally:
+            monkeypatch.undo()
+
+    return full
 
 
 @pytest.fixture(scope="session")
