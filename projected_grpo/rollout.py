@@ -137,7 +137,7 @@ def in_nucleus(probs: Float[Tensor, "b v"], tokens: Int[Tensor, " b"], top_p: fl
 
 def draw(logits: Float[Tensor, "b v"], temperature: float, top_p: float, rounds: int = 1) -> tuple[Int[Tensor, " b"], Float[Tensor, " b"], Bool[Tensor, " b"]]:
     """Up to `rounds` nucleus draws per row; returns tokens, their log-probs at `temperature`, and
-    which rows got a token inside the nucleus (the others must be redrawn: see `sample`)."""
+    which rows got a token inside the nucleus (the others must be redrawn: see `sample_tokens`)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, logits.float().log_softmax(-1).gather(1, tokens[:, None])[:, 0], torch.ones_like(tokens, dtype=torch.bool)
@@ -155,7 +155,7 @@ def draw(logits: Float[Tensor, "b v"], temperature: float, top_p: float, rounds:
     return tokens, logp.gather(1, tokens[:, None])[:, 0], accepted
 
 
-def sample(logits: Float[Tensor, "b v"], temperature: float, top_p: float) -> tuple[Int[Tensor, " b"], Float[Tensor, " b"]]:
+def sample_tokens(logits: Float[Tensor, "b v"], temperature: float, top_p: float) -> tuple[Int[Tensor, " b"], Float[Tensor, " b"]]:
     """Exact nucleus samples of softmax(logits / temperature) and their log-probs at `temperature`:
     the rows `draw` leaves outside the nucleus are drawn again until every row is accepted."""
     tokens, logprobs, accepted = draw(logits, temperature, top_p)
@@ -482,7 +482,7 @@ class RolloutEngine:
                 slots = torch.tensor(slots_here, device=device)
                 logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, weights)
                 new, logp = torch.zeros_like(tokens), torch.zeros_like(out_logprobs[:, 0])
-                new[slots], logp[slots] = sample(logits[source], temperature, top_p)
+                new[slots], logp[slots] = sample_tokens(logits[source], temperature, top_p)
                 n_gen[slots], is_live[slots] = 0, True
                 positions[slots] = lengths[source] - 1  # the last prompt token's: the commit moves it to the first new token's
                 mask = torch.zeros_like(is_live)
@@ -495,7 +495,7 @@ class RolloutEngine:
             """Draw again the live rows the step's rounds left outside the nucleus (in place of its
             outputs) and commit them. Returns whether a sequence has ended."""
             rows = (is_live[:active] & ~accepted).nonzero()[:, 0]
-            new[rows], logp[rows] = sample(logits[rows], temperature, top_p)
+            new[rows], logp[rows] = sample_tokens(logits[rows], temperature, top_p)
             mask = torch.zeros_like(accepted)
             mask[rows] = True
             commit(active, new, logp, mask)

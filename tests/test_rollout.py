@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
 from projected_grpo import rollout
 from projected_grpo.ahead import Ahead
 from projected_grpo.models import completion_logprobs, load_model
-from projected_grpo.rollout import KV_WINDOW, RolloutEngine, Sampling, _stack, in_nucleus, live_blocks, sample
+from projected_grpo.rollout import KV_WINDOW, RolloutEngine, Sampling, _stack, in_nucleus, live_blocks, sample_tokens
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, merged, reference_mode, unwrap_svd, wrap_svd
 
 
@@ -343,7 +343,7 @@ def test_sampler_draws_the_hf_nucleus_distribution_exactly():
     nucleus = warped.softmax(-1)[0]
     assert 5 < (nucleus > 0).sum() < 400  # a real cut: neither everything nor one token
     torch.manual_seed(0)
-    tokens, logprobs = sample(logits.expand(20000, -1), temperature, top_p)
+    tokens, logprobs = sample_tokens(logits.expand(20000, -1), temperature, top_p)
     assert bool((nucleus[tokens] > 0).all())
     assert torch.allclose(logprobs, (logits[0] / temperature).log_softmax(-1)[tokens])
     assert chi_square_p(torch.bincount(tokens, minlength=500).float(), nucleus) > 1e-3
