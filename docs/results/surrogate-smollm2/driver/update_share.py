@@ -1,0 +1,66 @@
+"""Why does the surrogate hack with half of every gradient projected away? Where the learned update
+lies: how much of each run's final delta_S (its whole update, delta_S = 0 at the start) is along
+v_hack, against random bases with v_hack's axis counts and against the null-pairs basis.
+
+For a run's latest checkpoint delta_S = d (every adapted module) and a basis V (k_m x r_m rows per
+module, orthonormal), share = sum_m ||V_m d_m||^2 / ||d||^2; hack-ward share the same with
+relu(-V_m d_m) (a loss gradient g with V g > 0 is hack-ward, projection.py, so a hack-ward update
+moves along -V). Yardsticks on the same d: RANDOM seeded random bases (projection.random_bases,
+v_hack's counts: mean and max) and the expected share of an isotropic d, sum_m k_m/r_m ||d_m||^2 /
+||d||^2. Also the cosine between the runs' updates (all modules concatenated): runs that learned
+the same thing point the same way. Bases come from a checkpoint's bases.safetensors (`v_hack.*`).
+No pass over the model.
+Usage, from the repository root:
+PYTHONPATH=. uv run python docs/results/surrogate-smollm2/driver/update_share.py PAIRS_BASES NULL_BASES RUN...
+"""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from projected_grpo.checkpoints import checkpoint_step, checkpoints, load_group
+from projection import random_bases
+
+RANDOM, SEED = 20, 0
+
+
+def shares(V: dict[str, Tensor], d: dict[str, Tensor]) -> tuple[float, float]:
+    """(share, hack-ward share) of update d along V's rows, over d's whole norm."""
+    total = sum(float(x.square().sum()) for x in d.values())
+    c = {m: V[m] @ d[m] for m in V}
+    return sum(float(x.square().sum()) for x in c.values()) / total, sum(float((-x).relu().square().sum()) for x in c.values()) / total
+
+
+def flat(d: dict[str, Tensor]) -> Tensor:
+    return torch.cat([d[m] for m in sorted(d)])
+
+
+def main(pairs_bases: Path, null_bases: Path, runs: list[Path]) -> None:
+    pairs, null = load_group(pairs_bases, "v_hack"), load_group(null_bases, "v_hack")
+    randoms = [random_bases(pairs, torch.Generator().manual_seed(SEED + i)) for i in range(RANDOM)]
+    print(f"pairs basis: {len(pairs)} modules, {sum(v.shape[0] for v in pairs.values())} axes; null-pairs basis: {len(null)} modules, {sum(v.shape[0] for v in null.values())} axes")
+    print("| run | step | ‖δ‖ | along v_hack (hack-ward) | along null-pairs (hack-ward) | random bases mean / max | isotropic |")
+    print("|---|---|---|---|---|---|---|")
+    updates = {}
+    for run in runs:
+        if not (saved := checkpoints(run)):
+            continue
+        ckpt = saved[-1]
+        d = load_file(ckpt / "delta_S.safetensors")
+        updates[run.name] = flat(d)
+        total = sum(float(x.square().sum()) for x in d.values())
+        iso = sum(pairs[m].shape[0] / d[m].numel() * float(d[m].square().sum()) for m in pairs) / total
+        (s, h), (sn, hn) = shares(pairs, d), shares(null, d)
+        r = torch.tensor([shares(R, d)[0] for R in randoms])
+        print(f"| {run.name} | {checkpoint_step(ckpt)} | {total ** 0.5:.3f} | {s:.4f} ({h:.4f}) | {sn:.4f} ({hn:.4f}) | {r.mean():.4f} / {r.max():.4f} | {iso:.4f} |")
+    names = list(updates)
+    if len(names) > 1:
+        print("\ncosine between runs' updates")
+        for i, a in enumerate(names):
+            print(a, " ".join(f"{float(torch.nn.functional.cosine_similarity(updates[a], updates[b], dim=0)):+.3f}" for b in names[i + 1 :]))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
