@@ -8,7 +8,10 @@ relu(-V_m d_m) (a loss gradient g with V g > 0 is hack-ward, projection.py, so a
 moves along -V). Yardsticks on the same d: RANDOM seeded random bases (projection.random_bases,
 v_hack's counts: mean and max) and the expected share of an isotropic d, sum_m k_m/r_m ||d_m||^2 /
 ||d||^2. Also the cosine between the runs' updates (all modules concatenated): runs that learned
-the same thing point the same way. Bases come from a checkpoint's bases.safetensors (`v_hack.*`).
+the same thing point the same way. Where the latest checkpoint can resume (state.pt,
+grads.safetensors), one step seen three ways along v_hack: its loss gradient g (before the arm;
+hack-ward is +V here), AdamW's first moment m, and AdamW's direction m_hat / (sqrt(v_hat) + eps),
+the shape of the change it makes. Bases come from a checkpoint's bases.safetensors (`v_hack.*`).
 No pass over the model.
 Usage, from the repository root:
 PYTHONPATH=. uv run python docs/results/surrogate-smollm2/driver/update_share.py PAIRS_BASES NULL_BASES RUN...
@@ -24,6 +27,8 @@ from projected_grpo.checkpoints import checkpoint_step, checkpoints, load_group
 from projection import random_bases
 
 RANDOM, SEED = 20, 0
+# The adapters' order (the optimizer's parameter order): a Llama/Qwen decoder layer's projections as registered.
+PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 def shares(V: dict[str, Tensor], d: dict[str, Tensor]) -> tuple[float, float]:
@@ -31,6 +36,30 @@ def shares(V: dict[str, Tensor], d: dict[str, Tensor]) -> tuple[float, float]:
     total = sum(float(x.square().sum()) for x in d.values())
     c = {m: V[m] @ d[m] for m in V}
     return sum(float(x.square().sum()) for x in c.values()) / total, sum(float((-x).relu().square().sum()) for x in c.values()) / total
+
+
+def signed_parts(V: dict[str, Tensor], g: dict[str, Tensor]) -> str:
+    """A loss gradient's (or moment's) share along V's rows, split into +V (hack-ward) and -V."""
+    total = sum(float(x.square().sum()) for x in g.values())
+    c = [V[m] @ g[m] for m in V]
+    return f"+{sum(float(x.relu().square().sum()) for x in c) / total:.3f} / -{sum(float((-x).relu().square().sum()) for x in c) / total:.3f}"
+
+
+def optimizer_view(V: dict[str, Tensor], ckpt: Path) -> str | None:
+    """The checkpoint's step along V: gradient, AdamW's first moment and its direction (None: no optimizer state)."""
+    if not (ckpt / "state.pt").exists():
+        return None
+    g_s, g_t = load_group(ckpt / "grads.safetensors", "g_s"), load_group(ckpt / "grads.safetensors", "g_t")
+    rank = lambda m: (int(m.split(".")[2]), PROJECTIONS.index(m.split(".", 3)[3]))
+    order = sorted(g_s, key=rank)
+    opt = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)["optimizer"]
+    (b1, b2), eps = opt["param_groups"][0]["betas"], opt["param_groups"][0]["eps"]
+    state = [opt["state"][i] for i in range(len(order))]
+    assert all(s["exp_avg"].shape == g_s[m].shape for s, m in zip(state, order)), "optimizer order is not the adapters' order"
+    t = float(state[0]["step"])
+    m = {n: s["exp_avg"] for n, s in zip(order, state)}
+    direction = {n: (s["exp_avg"] / (1 - b1**t)) / ((s["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps) for n, s in zip(order, state)}
+    return f"gradient {signed_parts(V, {n: g_s[n] + g_t[n] for n in g_s})}, first moment {signed_parts(V, m)}, AdamW direction {shares(V, direction)[0]:.4f}"
 
 
 def flat(d: dict[str, Tensor]) -> Tensor:
@@ -55,6 +84,10 @@ def main(pairs_bases: Path, null_bases: Path, runs: list[Path]) -> None:
         (s, h), (sn, hn) = shares(pairs, d), shares(null, d)
         r = torch.tensor([shares(R, d)[0] for R in randoms])
         print(f"| {run.name} | {checkpoint_step(ckpt)} | {total ** 0.5:.3f} | {s:.4f} ({h:.4f}) | {sn:.4f} ({hn:.4f}) | {r.mean():.4f} / {r.max():.4f} | {iso:.4f} |")
+    print("\none step along v_hack (share of the squared norm; gradient and moment: +V hack-ward / -V)")
+    for run in runs:
+        if (saved := checkpoints(run)) and (view := optimizer_view(pairs, saved[-1])):
+            print(f"{run.name} step {checkpoint_step(saved[-1])}: {view}")
     names = list(updates)
     if len(names) > 1:
         print("\ncosine between runs' updates")
