@@ -31,18 +31,23 @@ RANDOM, SEED = 20, 0
 PROJECTIONS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
+def parts(V: dict[str, Tensor], x: dict[str, Tensor]) -> tuple[float, float]:
+    """Shares of ||x||^2 (every module) along V's rows on their + and - sides."""
+    total = sum(float(t.square().sum()) for t in x.values())
+    c = [V[m] @ x[m] for m in V]
+    return sum(float(t.relu().square().sum()) for t in c) / total, sum(float((-t).relu().square().sum()) for t in c) / total
+
+
 def shares(V: dict[str, Tensor], d: dict[str, Tensor]) -> tuple[float, float]:
-    """(share, hack-ward share) of update d along V's rows, over d's whole norm."""
-    total = sum(float(x.square().sum()) for x in d.values())
-    c = {m: V[m] @ d[m] for m in V}
-    return sum(float(x.square().sum()) for x in c.values()) / total, sum(float((-x).relu().square().sum()) for x in c.values()) / total
+    """(share, hack-ward share) of an update d along V: a hack-ward update moves along -V."""
+    plus, minus = parts(V, d)
+    return plus + minus, minus
 
 
 def signed_parts(V: dict[str, Tensor], g: dict[str, Tensor]) -> str:
-    """A loss gradient's (or moment's) share along V's rows, split into +V (hack-ward) and -V."""
-    total = sum(float(x.square().sum()) for x in g.values())
-    c = [V[m] @ g[m] for m in V]
-    return f"+{sum(float(x.relu().square().sum()) for x in c) / total:.3f} / -{sum(float((-x).relu().square().sum()) for x in c) / total:.3f}"
+    """A loss gradient's (or moment's) share along V, "+hack-ward / -the other side"."""
+    plus, minus = parts(V, g)
+    return f"+{plus:.3f} / -{minus:.3f}"
 
 
 def optimizer_view(V: dict[str, Tensor], ckpt: Path) -> str | None:
@@ -89,10 +94,10 @@ def main(pairs_bases: Path, null_bases: Path, runs: list[Path]) -> None:
         if (saved := checkpoints(run)) and (view := optimizer_view(pairs, saved[-1])):
             print(f"{run.name} step {checkpoint_step(saved[-1])}: {view}")
     names = list(updates)
-    if len(names) > 1:
-        print("\ncosine between runs' updates")
-        for i, a in enumerate(names):
-            print(a, " ".join(f"{float(torch.nn.functional.cosine_similarity(updates[a], updates[b], dim=0)):+.3f}" for b in names[i + 1 :]))
+    print("\ncosine between runs' updates")
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            print(f"{a} · {b}: {float(torch.nn.functional.cosine_similarity(updates[a], updates[b], dim=0)):+.3f}")
 
 
 if __name__ == "__main__":
