@@ -228,7 +228,7 @@ def check(cfg: SweepConfig, jobs: list[Job]) -> None:
         if not p.exists():
             raise UserError(f"pairs file {p} does not exist", "give an existing file to --pairs or --null-pairs")
         check_pairs(p)
-    taken = [j.label for j in jobs if j.label.startswith("run:") and (cfg.runs_dir / j.label[4:]).exists()]
+    taken = [j.label for j in jobs if (folder := run_folder(cfg, j)) is not None and folder.exists()]
     if taken and cfg.backend != "local":  # local resumes them
         raise UserError(f"{cfg.runs_dir} already has {', '.join(taken)}", "give another --runs-dir, or --backend local, which resumes them")
     parsed = {}
@@ -330,6 +330,11 @@ def core_share(cfg: SweepConfig) -> int:
     return max(1, len(os.sched_getaffinity(0)) // cfg.local.parallel)
 
 
+def run_folder(cfg: SweepConfig, job: Job) -> Path | None:
+    """The folder a `run:` job trains into (its label names it); None for any other job."""
+    return cfg.runs_dir / job.label.removeprefix("run:") if job.label.startswith("run:") else None
+
+
 def local_argv(cfg: SweepConfig, job: Job) -> tuple[str, ...]:
     """A job's command as the local backend runs it: runs and evals get their share of the cores as
     grader workers (unless --train-flags / --eval-flags set --grader-workers), and a run whose
@@ -337,8 +342,8 @@ def local_argv(cfg: SweepConfig, job: Job) -> tuple[str, ...]:
     argv = job.argv
     if job.label.startswith(("run:", "eval:")) and "--grader-workers" not in map(flag_of, argv):
         argv = (*argv, "--grader-workers", str(core_share(cfg)))
-    folder = cfg.runs_dir / job.label.removeprefix("run:")
-    if job.label.startswith("run:") and checkpoints(folder):
+    folder = run_folder(cfg, job)
+    if folder is not None and checkpoints(folder):
         argv = (*argv, "--resume", str(folder))
     return argv
 
@@ -349,8 +354,8 @@ def set_aside(cfg: SweepConfig, job: Job, state: Path) -> None:
     as a new one. Resumed instead, it would start from step 0 all the same, but without writing
     vhack.json (a resume records no quality gate), and train.py refuses to start a new run into a
     folder that exists."""
-    folder = cfg.runs_dir / job.label.removeprefix("run:")
-    if not job.label.startswith("run:") or not folder.exists() or checkpoints(folder):
+    folder = run_folder(cfg, job)
+    if folder is None or not folder.exists() or checkpoints(folder):
         return
     name = f"{job.label.replace(':', '_')}.unstarted"
     aside, n = state / name, 1
