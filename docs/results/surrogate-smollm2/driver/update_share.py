@@ -77,22 +77,20 @@ def main(pairs_bases: Path, null_bases: Path, runs: list[Path]) -> None:
     print(f"pairs basis: {len(pairs)} modules, {sum(v.shape[0] for v in pairs.values())} axes; null-pairs basis: {len(null)} modules, {sum(v.shape[0] for v in null.values())} axes")
     print("| run | step | ‖δ‖ | along v_hack (hack-ward) | along null-pairs (hack-ward) | random bases mean / max | isotropic |")
     print("|---|---|---|---|---|---|---|")
+    latest = {run.name: saved[-1] for run in runs if (saved := checkpoints(run))}  # runs without a checkpoint are left out
     updates = {}
-    for run in runs:
-        if not (saved := checkpoints(run)):
-            continue
-        ckpt = saved[-1]
+    for name, ckpt in latest.items():
         d = load_file(ckpt / "delta_S.safetensors")
-        updates[run.name] = flat(d)
+        updates[name] = flat(d)
         total = sum(float(x.square().sum()) for x in d.values())
         iso = sum(pairs[m].shape[0] / d[m].numel() * float(d[m].square().sum()) for m in pairs) / total
         (s, h), (sn, hn) = shares(pairs, d), shares(null, d)
         r = torch.tensor([shares(R, d)[0] for R in randoms])
-        print(f"| {run.name} | {checkpoint_step(ckpt)} | {total ** 0.5:.3f} | {s:.4f} ({h:.4f}) | {sn:.4f} ({hn:.4f}) | {r.mean():.4f} / {r.max():.4f} | {iso:.4f} |")
+        print(f"| {name} | {checkpoint_step(ckpt)} | {total ** 0.5:.3f} | {s:.4f} ({h:.4f}) | {sn:.4f} ({hn:.4f}) | {r.mean():.4f} / {r.max():.4f} | {iso:.4f} |")
     print("\none step along v_hack (share of the squared norm; gradient and moment: +V hack-ward / -V)")
-    for run in runs:
-        if (saved := checkpoints(run)) and (view := optimizer_view(pairs, saved[-1])):
-            print(f"{run.name} step {checkpoint_step(saved[-1])}: {view}")
+    for name, ckpt in latest.items():
+        if view := optimizer_view(pairs, ckpt):
+            print(f"{name} step {checkpoint_step(ckpt)}: {view}")
     names = list(updates)
     print("\ncosine between runs' updates")
     for i, a in enumerate(names):
