@@ -198,22 +198,28 @@ class PairGradients:
         return out
 
 
-def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str, temperature: float) -> tuple[dict[str, Tensor], int]:
-    """Gradient on every delta_S of the completion's summed NLL under logits / temperature, and its token count."""
+def completion_nll(model: torch.nn.Module, tokenizer, prompt: str, completion: str, temperature: float) -> tuple[Tensor, int]:
+    """The written completion's summed NLL after `prompt` under logits / temperature (a scalar
+    with its graph), and its token count, EOS included."""
     device = next(model.parameters()).device
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     completion_ids = written_completion_ids(tokenizer, completion)
     ids = torch.tensor([prompt_ids + completion_ids], device=device)
     mask = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
     mask[:, len(prompt_ids) - 1 :] = True  # position i scores token i + 1
+    return -completion_logprobs(model, ids, torch.ones_like(ids), mask, temperature).sum(), len(completion_ids)
+
+
+def completion_nll_grad(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, prompt: str, completion: str, temperature: float) -> tuple[dict[str, Tensor], int]:
+    """Gradient on every delta_S of the completion's summed NLL under logits / temperature, and its token count."""
     for a in adapters.values():
         a.delta_S.grad = None
-    nll = -completion_logprobs(model, ids, torch.ones_like(ids), mask, temperature)
-    nll.sum().backward()
+    nll, n = completion_nll(model, tokenizer, prompt, completion, temperature)
+    nll.backward()
     grads = {name: a.delta_S.grad.detach().float().cpu() for name, a in adapters.items()}
     for a in adapters.values():
         a.delta_S.grad = None
-    return grads, len(completion_ids)
+    return grads, n
 
 
 def pair_gradients(model: torch.nn.Module, adapters: dict[str, SVDLinear], tokenizer, pairs: list[Pair], temperature: float) -> PairGradients:
