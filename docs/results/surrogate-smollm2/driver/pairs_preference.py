@@ -12,7 +12,7 @@ First-order split of each change: mean_i d_i . u, with d_i the pair's gradient d
 base (the v_hack file's `diffs`, token-mean) and u the run's delta_S, and the part of it inside
 v_hack's span (sum over modules of (V d_i)(V u)): what the projection can touch; the rest lies
 outside it. Beside it, the same inside seeded random bases with v_hack's axis counts.
-One forward per completion per model (~1 s each on two cores).
+One forward per completion per model (~1.7 s each on two cores: ~6 min a model).
 Usage, from the repository root:
 PYTHONPATH=. uv run python docs/results/surrogate-smollm2/driver/pairs_preference.py PAIRS_VHACK NULL_VHACK RUN...
 (the v_hack files: `just extract surrogate --device cpu` with and without `--v-hack.pairs data/pairs_null.jsonl`)
