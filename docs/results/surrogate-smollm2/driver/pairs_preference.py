@@ -59,6 +59,7 @@ def main(pairs_vhack: Path, null_vhack: Path, runs: list[Path]) -> None:
     for name, vh in files.items():
         assert vh.header["pairs_sha256"] == file_sha256(PAIRS[name]), f"{vh.path} was not extracted from {PAIRS[name]}"
     pairs = {name: load_pairs(path, problems) for name, path in PAIRS.items()}
+    randoms = {name: [random_bases(vh.V, torch.Generator().manual_seed(i)) for i in range(RANDOM)] for name, vh in files.items()}
     model, tokenizer, _ = load_model(MODEL, "cpu", "float32")
     adapters = wrap_svd(model, DEFAULT_TARGETS, pairs_vhack.parent.parent / "svd")  # the cache the v_hack file was extracted in
     models = {"base": None} | {run.name: saved[-1] / "delta_S.safetensors" for run in runs if (saved := checkpoints(run))}
@@ -78,7 +79,7 @@ def main(pairs_vhack: Path, null_vhack: Path, runs: list[Path]) -> None:
             base_gap.setdefault(name, g)
             change = float((g - base_gap[name]).mean())
             whole, inside = first_order(vh.diffs, u, vh.V)
-            rand = [first_order(vh.diffs, u, random_bases(vh.V, torch.Generator().manual_seed(i)))[1] for i in range(RANDOM)]
+            rand = [first_order(vh.diffs, u, R)[1] for R in randoms[name]]
             print(f"| {label} | {name} ({len(g)}) | {float(g.mean()):+.4f} | {change:+.4f} | {whole:+.4f} / {inside:+.4f} / {sum(rand) / RANDOM:+.4f} |", flush=True)
 
 
