@@ -34,6 +34,9 @@ if __name__ == "__main__":
     print("| run | steps | removed (mean) | cin_s (mean) | null_s p95 (mean) | cout (mean) | first step hack_s >= 0.5 "
           "| hack_s last 10 | held-out strict / pass | seconds |")
     print("|---" * 10 + "|")
+    seen = set()  # publish.sh's runs/ links phase A's runs: each run once, where both folders are named
     for runs in sys.argv[1:]:
         for run in sorted(p for p in Path(runs).iterdir() if (p / "log.jsonl").is_file() and (p / "log.jsonl").stat().st_size):
-            print(row(run))
+            if run.resolve() not in seen:
+                seen.add(run.resolve())
+                print(row(run))
