@@ -26,7 +26,8 @@ Reported (table on stdout, everything in out/bench/bench.json):
   padded adapter path it replaced (the baseline, `padded_backward`: right-padded micro-batches
   of 8 sorted by length, the adapter's three matmuls per Linear) against train.backward_parts
   (packed rows, merged weights); tok/s of each, the ratio, peak memory, and the largest
-  relative difference between their delta_S gradients.
+  relative difference between their delta_S gradients, beside the same difference between the
+  padded path and itself in micro-batches of 4 (the dtype's rounding floor).
 - Where a decode step's device time goes (CUDA): one step at the largest batch, the engine's
   compiled layers run eagerly under the profiler, kernels grouped into matmuls, attention and
   the rest, against the step time the graphed engine reached.
@@ -34,8 +35,8 @@ Reported (table on stdout, everything in out/bench/bench.json):
 - A step of PRESET through train.step itself, on the bundled problems (real prompts) with
   realistic lengths (random-qwen3-4b ends on a random set of token ids, projected_grpo/models.py, so lengths
   spread geometrically around ~600 tokens): seconds per phase as the step's Timers measure
-  them (gen, grade, learn, allreduce, arm, update, refresh) and its peak memory; the first
-  step (compiles and graph captures) apart.
+  them (gen, grade, learn, allreduce, arm, update, refresh), its peak memory and the memory
+  the parts before it still held; the first step (compiles and graph captures) apart.
 - Last, issue 21's targets for one H200 (TARGETS), each measured value beside its yardstick
   and whether it met the target (judged on CUDA only: on CPU the table shows the numbers).
 """
@@ -116,6 +117,17 @@ def bandwidth(device: str) -> float:
     return 2 * n / seconds
 
 
+def released(cuda: bool) -> None:
+    """What a finished part held, given back before the next: its objects, the compiled code that
+    guards on them (it may hold the engines and their weights) and, on CUDA, the allocator's
+    cached blocks. On an 80 GiB card the step ran out of memory with 78 GiB still allocated by the
+    parts before it (2026-12-06)."""
+    torch._dynamo.reset()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
@@ -176,9 +188,13 @@ def decode_rows(model, tokenizer, prompts: dict[int, torch.Tensor], plain: dict[
     ragged prompts, and the kernel profile of one decode step. Forced lengths (no EOS), as
     min_new_tokens does for generate."""
     prompt_tokens = next(iter(prompts.values())).shape[1]
-    engine, unfused, flex = (RolloutEngine(model, tokenizer, **kw) for kw in ({}, {"fuse": False}, {"attention": "flex"}))
-    for e in (engine, unfused, flex):
+
+    def built(**kw) -> RolloutEngine:  # the default engine lives through the part, each other one row: a fused engine holds a copy of the projections
+        e = RolloutEngine(model, tokenizer, **kw)
         e.eos = []
+        return e
+
+    engine = built()
     rows = []
     print(f"\ndecode, {prompt_tokens}-token prompts, {new_tokens} new (tok/s of the whole call, prefill included)")
     print(f"{'B':>5} {'generate':>10} {'engine':>10} {'ratio':>7} {'bound':>10} {'of bound':>9} {'1st call s':>11}")
@@ -189,7 +205,7 @@ def decode_rows(model, tokenizer, prompts: dict[int, torch.Tensor], plain: dict[
         print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound(b):>10,.0f} {tps / bound(b):>9.1%} {first:>11.1f}")
     b = max(prompts)
     report = {"decode": rows}
-    fused_tps, unfused_tps = (engine_tok_s(e, prompts[b].tolist(), new_tokens, compile, cuda)[0] for e in (engine, unfused))
+    fused_tps, unfused_tps = (engine_tok_s(e, prompts[b].tolist(), new_tokens, compile, cuda)[0] for e in (engine, built(fuse=False)))
     report["decode_fused"] = {"batch": b, "fused_tok_s": fused_tps, "unfused_tok_s": unfused_tps, "ratio": fused_tps / unfused_tps}
     print(f"decode B={b} fused vs unfused (one matmul for Q, K, V and one for gate, up vs one per projection): "
           f"{fused_tps:,.0f} vs {unfused_tps:,.0f} tok/s, {fused_tps / unfused_tps:.2f}x")
@@ -198,7 +214,7 @@ def decode_rows(model, tokenizer, prompts: dict[int, torch.Tensor], plain: dict[
     ragged = torch.Generator().manual_seed(1)
     ids = [torch.randint(1000, 100000, (int(n),), generator=ragged).tolist() for n in torch.randint(32, 2 * prompt_tokens + 1, (b,), generator=ragged)]
     try:  # flex decode has not run on this torch's CUDA before: a failure is reported, and the rows after it still run
-        flex_tps, sdpa_tps = (engine_tok_s(e, ids, new_tokens, compile, cuda)[0] for e in (flex, engine))
+        flex_tps, sdpa_tps = (engine_tok_s(e, ids, new_tokens, compile, cuda)[0] for e in (built(attention="flex"), engine))
         report["decode_attention"] = {"batch": b, "prompt_tokens": [32, 2 * prompt_tokens], "flex_tok_s": flex_tps, "sdpa_tok_s": sdpa_tps, "ratio": flex_tps / sdpa_tps}
         print(f"decode B={b} flex (live KV blocks) vs sdpa (whole window), prompts of 32..{2 * prompt_tokens} tokens: "
               f"{flex_tps:,.0f} vs {sdpa_tps:,.0f} tok/s, {flex_tps / sdpa_tps:.2f}x")
@@ -272,15 +288,14 @@ def measure(args: Args, device: str, step_preset: str, work: Path, report: dict)
         torch.nn.init.normal_(a.delta_S, std=1e-3)
     with merged(adapters):
         report |= decode_rows(model, tokenizer, prompts, plain, bound, new_tokens, args.compile, cuda)
+    released(cuda)
     report["learner"] = learner_rows(model, adapters, args.learner_rollouts or (64 if cuda else 6), cuda, gen)
     model.eval()
     report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, args.pairs)
 
     if step_preset:
         del model, adapters  # the step's run loads its own: one copy of the weights at a time
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        released(cuda)
         report["step"] = realistic_step(step_preset, name, device, args.compile, work)
 
     report["targets"] = targets(report, cuda)
@@ -350,6 +365,11 @@ def padded_backward(model, adapters, rollouts: list[Rollout], cfg, denominator: 
     return total
 
 
+def largest_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Over modules: the largest entry of |a - b| relative to b's largest entry."""
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
+
+
 def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> dict:
     """The padded baseline and train.backward_parts on the same n rollouts and delta_S: prompts of
     ~300 tokens, completions of exponential lengths with mean 600 cut at 1536 (full's spread; a
@@ -387,13 +407,21 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
     out["checkpointed_layers"] = [checkpointing.layers_for(sum(lengths[i] for i in row)) for row in packing.plan(lengths, cfg.learner_tokens)]
     out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
-    out["max_rel_grad_diff"] = max(((grads["packed"][k] - grads["padded"][k]).abs().max() / grads["padded"][k].abs().max().clamp_min(1e-30)).item() for k in grads["padded"])
+    out["max_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["padded"])
+    # Its yardstick: the padded path against itself in micro-batches of 4 (the same sums, other
+    # padding and order): the rounding floor of this dtype, which a learner's difference is read against.
+    for a in adapters.values():
+        a.delta_S.grad = None
+    padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)
+    padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)  # two passes, as timed() ran each path
+    out["noise_rel_grad_diff"] = largest_rel_diff({name: a.delta_S.grad for name, a in adapters.items()}, grads["padded"])
     for a in adapters.values():
         a.delta_S.data.zero_()
         a.delta_S.grad = None
     print(f"\nlearner on {n} rollouts ({tokens:,} tokens, reference included): padded adapter path {out['padded_tok_s']:,.0f} tok/s "
           f"(peak {out['padded_peak_gib']:.1f} GiB), packed + merged {out['packed_tok_s']:,.0f} tok/s (peak {out['packed_peak_gib']:.1f} GiB): "
-          f"{out['ratio']:.2f}x; largest relative delta_S gradient difference {out['max_rel_grad_diff']:.1e}; "
+          f"{out['ratio']:.2f}x; largest relative delta_S gradient difference {out['max_rel_grad_diff']:.1e} "
+          f"(padded against itself in micro-batches of 4: {out['noise_rel_grad_diff']:.1e}); "
           f"layers checkpointed per micro-batch: {out['checkpointed_layers']} (baseline: {baseline.layers_for(0)} each)")
     return out
 
@@ -437,6 +465,10 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     kind = lambda name: next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")  # noqa: E731
     by_kind = {k: sum(ms for name, ms, _ in kernels if kind(name) == k) for k in (*KERNEL_KINDS, "other")}
     total = sum(by_kind.values())
+    if not kernels:  # the profiler recorded nothing (CUPTI did not initialize on an H100 image, 2026-12-06): no numbers, not zeros
+        print(f"\ndecode step at B={b}: the profiler recorded no {'kernels' if cuda else 'ops'} here; no profile")
+        del k_cache, v_cache, weights
+        return {"batch": b, "window": window, "kernel_ms": None, "engine_step_ms": step_ms, "error": "the profiler recorded no events"}
     print(f"\ndecode step at B={b}, KV window {window}: {total:.2f} ms of kernels vs {step_ms:.2f} ms per step of the timed engine calls; "
           + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
@@ -464,6 +496,7 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
     before it (as a run's first step does, it compiles and captures the graphs of the shapes it
     meets), so the one reported is a steady-state step."""
     cfg = step_config(preset, model_name, device, compile, work)
+    held = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None  # what the earlier parts left (should be ~0)
     (work / "run").mkdir()
     with Grader(cfg.reward) as grader:
         state = RunState.start(cfg, work / "run", grader)
@@ -474,11 +507,12 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
     students = round(record.time.rollouts_per_s * record.time.step)  # rollouts_per_s counts the step's student rollouts
     out = {"preset": preset, "rollouts": record.rollout.rollouts, "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
            "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": students * record.rollout.len_s / seconds["gen"],
-           "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0]}
+           "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0],
+           "held_before_gib": held}
     print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
           + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's generation, which compiles and captures: {first_generation:.1f} s)"
-          + (f"; peak {out['peak_gib']:.1f} GiB" if out["peak_gib"] is not None else ""))
+          + (f"; peak {out['peak_gib']:.1f} GiB, {held:.1f} GiB held by the parts before it" if out["peak_gib"] is not None else ""))
     return out
 
 

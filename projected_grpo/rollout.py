@@ -81,6 +81,9 @@ RECOMPILE_LIMIT = 64
 # Exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are
 # redrawn on the host; 1 on CPU, where a race over the vocabulary costs more than a redraw.
 DRAW_ROUNDS = 2
+# Driver memory a graph capture should find free: its private pool grows only from the driver,
+# never from the caching allocator's blocks, so where less is free those blocks go back first.
+CAPTURE_RESERVE = 2 * 2**30
 # (weight, bias) of projections concatenated on the output axis: one matmul computes them all.
 Stacked = tuple[Float[Tensor, "_out _in"], Float[Tensor, " _out"] | None]  # "_": each projection its own sizes
 
@@ -168,6 +171,18 @@ def sample_tokens(logits: Float[Tensor, "b v"], temperature: float, top_p: float
 
 # ----------------------------------------------------------------------------
 # The engine
+
+
+def make_room_for_capture(device: torch.device) -> bool:
+    """Hand the caching allocator's unused blocks back to the driver where it has less than
+    CAPTURE_RESERVE free; returns whether it did. A graph's private pool cannot use those blocks:
+    on an 80 GiB card `fast` ran out in a capture at step 8 with 34 GiB cached by the learner's
+    last step and 2 MiB free (2026-12-06). Only then, not per capture as torch.cuda.graph does:
+    emptying the cache synchronizes, and would stall a learner on another thread (--one-step-off)."""
+    if torch.cuda.mem_get_info(device)[0] >= CAPTURE_RESERVE:
+        return False
+    torch.cuda.empty_cache()
+    return True
 
 
 def kv_window(positions: int) -> int:
@@ -550,6 +565,7 @@ class RolloutEngine:
 
         def step(active: int, window: int):
             if (active, window) not in graphs:
+                make_room_for_capture(device)
                 side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
@@ -558,8 +574,9 @@ class RolloutEngine:
                         run(active, window, True)
                     # Captured with capture_begin/end, not under torch.cuda.graph, whose device-wide
                     # synchronize and empty_cache per capture would stall a learner running on
-                    # another thread (--one-step-off) and hand back its cached memory; thread_local:
-                    # that learner's allocations stay legal during the capture.
+                    # another thread (--one-step-off) and hand back its cached memory (make_room_for_capture
+                    # does that only when the driver runs short); thread_local: that learner's
+                    # allocations stay legal during the capture.
                     graph.capture_begin(pool, capture_error_mode="thread_local")
                     try:
                         outputs = run(active, window, False)

@@ -61,6 +61,7 @@ def test_step_and_the_rest_are_reported(bench: dict):
     learner = bench["learner"]  # the padded adapter path (the baseline) and the packed, merged learner, same rollouts
     assert learner["padded_tok_s"] > 0 and math.isclose(learner["ratio"], learner["packed_tok_s"] / learner["padded_tok_s"], rel_tol=1e-9)
     assert learner["max_rel_grad_diff"] < 1e-4 and bench["extraction_s_per_pair"] > 0  # fp32 on CPU: the two learners agree
+    assert 0 <= learner["noise_rel_grad_diff"] < 1e-4 and "padded against itself in micro-batches of 4" in bench["stdout"]  # fp32: the floor is rounding too
     wrap = bench["svd_wrap"]  # cold in stacks (the default) beside cold with one SVD per weight (the yardstick), then warm
     assert wrap["modules"] > 0 and wrap["cold_s"] > 0 and wrap["cold_per_weight_s"] > 0 and wrap["warm_s"] > 0
     assert "one SVD per weight" in bench["stdout"]
@@ -70,6 +71,7 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert set(rows) == {"step, steady (s)", "first step - steady (s)", "learner tok/s, reference included",
                          "decode at the largest batch, fraction of bound", "SVD wrap, cold (s)", "SVD wrap, warm (s)"}
     assert all(r["met"] is None for r in rows.values()) and "issue 21's targets" in bench["stdout"]
+    assert step["held_before_gib"] is None  # CUDA only: what the parts before the step left allocated
     assert rows["step, steady (s)"]["value"] == step["step_s"] and rows["first step - steady (s)"]["value"] == step["first_step_s"] - step["step_s"]
     assert rows["learner tok/s, reference included"]["value"] == learner["packed_tok_s"]
     assert rows["SVD wrap, cold (s)"]["yardstick"].endswith(f"one SVD per weight {wrap['cold_per_weight_s']:.1f} s")

@@ -477,3 +477,32 @@ def test_graphed_decode_on_cuda_on_a_background_thread_equals_the_main_threads(c
         out = ahead.result()
     for (c, lp, _), (c_exp, lp_exp, _) in zip(out, expected):
         assert c == c_exp and torch.allclose(lp, lp_exp, rtol=0, atol=1e-4), (lp - lp_exp).abs().max()
+
+
+def test_a_capture_gets_the_cached_blocks_back_only_when_the_driver_runs_short(monkeypatch):
+    """make_room_for_capture's decision, with the driver's free memory stubbed: below the reserve
+    the cache is emptied, at or above it never (emptying synchronizes the device)."""
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    for free, expect in ((rollout.CAPTURE_RESERVE - 1, True), (rollout.CAPTURE_RESERVE, False), (10 * rollout.CAPTURE_RESERVE, False)):
+        emptied.clear()
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 80 * 2**30))
+        assert rollout.make_room_for_capture(torch.device("cuda")) is expect
+        assert emptied == ([True] if expect else [])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the driver's free memory and the caching allocator")
+def test_make_room_for_capture_on_cuda_returns_the_cached_blocks():
+    """With the driver left short by blocks the allocator caches (freed tensors), the call hands
+    them back: the driver's free memory rises by at least what was cached."""
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0]
+    blocks = []
+    while free - sum(b.numel() for b in blocks) > rollout.CAPTURE_RESERVE // 2:
+        blocks.append(torch.empty(rollout.CAPTURE_RESERVE // 2, dtype=torch.uint8, device=device))
+    cached = sum(b.numel() for b in blocks)
+    del blocks
+    assert torch.cuda.mem_get_info(device)[0] < rollout.CAPTURE_RESERVE  # freed, still cached
+    assert rollout.make_room_for_capture(device)
+    assert torch.cuda.mem_get_info(device)[0] >= cached
