@@ -13,6 +13,8 @@ import pytest
 
 from benchmarks import bench_step
 from projected_grpo.errors import UserError
+from projected_grpo.models import load_model
+from projected_grpo.rollout import KV_WINDOW, RolloutEngine
 from projected_grpo.paths import REPO_ROOT
 
 
@@ -51,6 +53,28 @@ def test_profile_accounts_for_its_kernels(bench: dict):
     assert math.isclose(sum(prof["by_kind_ms"].values()), prof["kernel_ms"], rel_tol=1e-9)
     assert prof["by_kind_ms"]["matmul"] > 0 and prof["by_kind_ms"]["attention"] > 0
     assert math.isclose(prof["engine_step_ms"], 1e3 * 4 / bench["decode"][-1]["engine_tok_s"], rel_tol=1e-9)
+
+
+def test_a_profiler_that_records_nothing_gives_no_profile_not_zeros(monkeypatch, capsys):
+    """Where the profiler records no events (CUPTI did not initialize on an H100 image), the
+    profile says so and holds no numbers, where it printed 0.00 ms of kernels before."""
+    import torch.profiler
+
+    class Empty:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return []
+
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kwargs: Empty())
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    prof = bench_step.decode_profile(RolloutEngine(model, tokenizer), 2, KV_WINDOW, bench_step.SAMPLING, 1.0)
+    assert prof["kernel_ms"] is None and "by_kind_ms" not in prof and prof["error"] == "the profiler recorded no events"
+    assert "the profiler recorded no ops here; no profile" in capsys.readouterr().out
 
 
 def test_step_and_the_rest_are_reported(bench: dict):
