@@ -412,8 +412,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     # padding and order): the rounding floor of this dtype, which a learner's difference is read against.
     for a in adapters.values():
         a.delta_S.grad = None
-    padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)
-    padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)  # two passes, as timed() ran each path
+    for _ in range(2):  # two passes, as timed() ran each path
+        padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)
     out["noise_rel_grad_diff"] = largest_rel_diff({name: a.delta_S.grad for name, a in adapters.items()}, grads["padded"])
     for a in adapters.values():
         a.delta_S.data.zero_()
@@ -459,22 +459,21 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
             for _ in range(steps):
                 step()
             sync()
+    del k_cache, v_cache, weights
     kernels = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
     kernels = [k for k in kernels if k[1] > 0]
     kernels.sort(key=lambda k: -k[1])
+    if not kernels:  # the profiler recorded nothing (CUPTI did not initialize on an H100 image, 2026-12-06): no numbers, not zeros
+        print(f"\ndecode step at B={b}: the profiler recorded no {'kernels' if cuda else 'ops'} here; no profile")
+        return {"batch": b, "window": window, "kernel_ms": None, "engine_step_ms": step_ms, "error": "the profiler recorded no events"}
     kind = lambda name: next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")  # noqa: E731
     by_kind = {k: sum(ms for name, ms, _ in kernels if kind(name) == k) for k in (*KERNEL_KINDS, "other")}
     total = sum(by_kind.values())
-    if not kernels:  # the profiler recorded nothing (CUPTI did not initialize on an H100 image, 2026-12-06): no numbers, not zeros
-        print(f"\ndecode step at B={b}: the profiler recorded no {'kernels' if cuda else 'ops'} here; no profile")
-        del k_cache, v_cache, weights
-        return {"batch": b, "window": window, "kernel_ms": None, "engine_step_ms": step_ms, "error": "the profiler recorded no events"}
     print(f"\ndecode step at B={b}, KV window {window}: {total:.2f} ms of kernels vs {step_ms:.2f} ms per step of the timed engine calls; "
           + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for name, ms, calls in kernels[:12]:
         print(f"{ms:>8.3f} {calls:>6}  {name[:100]}")
-    del k_cache, v_cache, weights
     return {"batch": b, "window": window, "kernel_ms": total, "engine_step_ms": step_ms, "by_kind_ms": by_kind,
             "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
 

@@ -14,8 +14,8 @@ import pytest
 from benchmarks import bench_step
 from projected_grpo.errors import UserError
 from projected_grpo.models import load_model
-from projected_grpo.rollout import KV_WINDOW, RolloutEngine
 from projected_grpo.paths import REPO_ROOT
+from projected_grpo.rollout import KV_WINDOW, RolloutEngine
 
 
 @pytest.fixture(scope="module")
