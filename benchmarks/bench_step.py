@@ -43,6 +43,7 @@ Reported (table on stdout, everything in out/bench/bench.json):
 
 import gc
 import json
+import os
 import shutil
 import signal
 import sys
@@ -88,6 +89,9 @@ class Args:
     """torch.compile the engine's decode step (CUDA)."""
     out: Path = REPO_ROOT / "out" / "bench"
     """Folder of bench.json."""
+    resume: bool = False
+    """Keep the parts OUT/bench.json already holds from a run on this device with these sizes (a
+    run cut short, or one split over calls shorter than the whole); measure the rest."""
 
 
 def sync() -> None:
@@ -246,7 +250,9 @@ def main(args: Args) -> dict:
     step_preset = ("full" if device == "cuda" else "smoke") if args.step_preset is None else args.step_preset
     if step_preset and step_preset not in PRESETS:
         raise UserError(f"--step-preset {step_preset} is not a preset", f"give one of {', '.join(PRESETS)}, or '' to skip the step")
-    report: dict = {}
+    header = run_header(args, device)
+    report: dict = resumed(args.out / "bench.json", header, step_preset) if args.resume else {}
+    report["header"] = header
     work = Path(tempfile.mkdtemp(prefix="bench_step-"))  # the SVD cache (the step's run hits it), the step's run folder
     try:
         measure(args, device, step_preset, work, report)
@@ -258,18 +264,63 @@ def main(args: Args) -> dict:
     return report
 
 
-def measure(args: Args, device: str, step_preset: str, work: Path, report: dict) -> None:
-    """main's parts on `device` (scratch files in `work`), each adding its rows to `report` as it finishes."""
+def run_header(args: Args, device: str) -> dict:
+    """What the numbers depend on besides the code: the device, the versions, the model and the
+    sizes (ARGS' defaults resolved for this device). A resumed run keeps parts only under the same header."""
     cuda = device == "cuda"
-    name = args.model or ("random-qwen3-4b" if cuda else "tiny-random-qwen3")
-    batches = args.batches or ((64, 128) if cuda else (4, 8))
-    prompt_tokens = args.prompt_tokens or (256 if cuda else 32)
-    new_tokens = args.new_tokens or (512 if cuda else 16)
-    model, tokenizer, dtype = load_model(name, device)
-    config = model.config
-    report |= {"model": name, "dtype": str(dtype), "device": torch.cuda.get_device_name() if cuda else "cpu",
-               "torch": torch.__version__, "transformers": __import__("transformers").__version__}
-    print(f"# bench_step: {name}, {dtype}, {report['device']}, torch {report['torch']}, transformers {report['transformers']}")
+    return {"model": args.model or ("random-qwen3-4b" if cuda else "tiny-random-qwen3"),
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "batches": list(args.batches or ((64, 128) if cuda else (4, 8))), "prompt_tokens": args.prompt_tokens or (256 if cuda else 32),
+            "new_tokens": args.new_tokens or (512 if cuda else 16), "learner_rollouts": args.learner_rollouts or (64 if cuda else 6),
+            "pairs": args.pairs, "compile": args.compile}
+
+
+# The parts measured on the model loaded here (one group: the decode rows need the timed wrap's
+# adapters, the learner and extraction the same model), then the step, which loads its own.
+MODEL_PARTS = ("dtype", "bandwidth_gbs", "svd_wrap", "decode", "decode_fused", "decode_attention", "decode_profile", "learner", "extraction_s_per_pair")
+
+
+def resumed(path: Path, header: dict, step_preset: str) -> dict:
+    """The parts of the bench.json at `path` that a run under `header` may keep: the model's parts
+    if all of them were measured (else none: they are measured again together), the step if it
+    was `step_preset`'s. Nothing there: an empty report. Another header: a UserError."""
+    if not path.exists():
+        print(f"--resume: no {path} yet; measuring every part")
+        return {}
+    earlier = json.loads(path.read_text())
+    theirs = earlier.get("header", {})
+    differ = [k for k in header if theirs.get(k) != header[k]]
+    if differ:
+        was = ", ".join(f"{k}={theirs.get(k)}" for k in differ)
+        raise UserError(f"--resume: {path} was measured with another {', '.join(differ)} ({was})",
+                        "give --out a new folder, or drop --resume to measure every part again")
+    kept = {k: earlier[k] for k in MODEL_PARTS} if all(k in earlier for k in MODEL_PARTS) else {}
+    if earlier.get("step", {}).get("preset") == step_preset:
+        kept["step"] = earlier["step"]
+    print(f"--resume: kept {', '.join(kept) or 'nothing'} from {path}")
+    return kept
+
+
+def measure(args: Args, device: str, step_preset: str, work: Path, report: dict) -> None:
+    """main's parts on `device` (scratch files in `work`) that `report` lacks, each adding its rows as it finishes."""
+    cuda, h = device == "cuda", report["header"]
+    print(f"# bench_step: {h['model']}, {h['device']}, torch {h['torch']}, transformers {h['transformers']}")
+    if not all(k in report for k in MODEL_PARTS):
+        model_parts(h, device, work, report)
+    if step_preset and "step" not in report:
+        released(cuda)  # what the model's parts held: the step's run loads its own copy of the weights
+        report["step"] = realistic_step(step_preset, h["model"], device, h["compile"], work)
+    report["targets"] = targets(report, cuda)
+
+
+def model_parts(h: dict, device: str, work: Path, report: dict) -> None:
+    """Bandwidth, plain generate, the SVD wrap (its cache in `work`, where the step's run hits it),
+    the decode rows and profile, the learner rows and extraction, on the model `h` names with `h`'s
+    sizes, into `report`."""
+    cuda = device == "cuda"
+    batches, prompt_tokens, new_tokens = h["batches"], h["prompt_tokens"], h["new_tokens"]
+    model, tokenizer, dtype = load_model(h["model"], device)
+    config, report["dtype"] = model.config, str(dtype)
 
     bw = bandwidth(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
@@ -287,24 +338,18 @@ def measure(args: Args, device: str, step_preset: str, work: Path, report: dict)
     for a in adapters.values():
         torch.nn.init.normal_(a.delta_S, std=1e-3)
     with merged(adapters):
-        report |= decode_rows(model, tokenizer, prompts, plain, bound, new_tokens, args.compile, cuda)
+        report |= decode_rows(model, tokenizer, prompts, plain, bound, new_tokens, h["compile"], cuda)
     released(cuda)
-    report["learner"] = learner_rows(model, adapters, args.learner_rollouts or (64 if cuda else 6), cuda, gen)
+    report["learner"] = learner_rows(model, adapters, h["learner_rollouts"], cuda, gen)
     model.eval()
-    report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, args.pairs)
-
-    if step_preset:
-        del model, adapters  # the step's run loads its own: one copy of the weights at a time
-        released(cuda)
-        report["step"] = realistic_step(step_preset, name, device, args.compile, work)
-
-    report["targets"] = targets(report, cuda)
+    report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, h["pairs"])
 
 
 # Issue 21's targets for one H200: (row, value from the report, yardstick beside it, bound, "<=" or ">=").
 TARGETS = (
     ("step, steady (s)", lambda r: r["step"]["step_s"], lambda r: f"first step {r['step']['first_step_s']:.1f} s", 30.0, "<="),
-    ("first step - steady (s)", lambda r: r["step"]["first_step_s"] - r["step"]["step_s"], lambda r: "a warm compile cache", 15.0, "<="),
+    ("first step - steady (s)", lambda r: r["step"]["first_step_s"] - r["step"]["step_s"],
+     lambda r: f"compile cache {'warm' if r['step']['compile_cache_files_before'] else 'cold'} ({r['step']['compile_cache_files_before']} files)", 15.0, "<="),
     ("learner tok/s, reference included", lambda r: r["learner"]["packed_tok_s"], lambda r: f"padded adapter path {r['learner']['padded_tok_s']:,.0f}", 12000.0, ">="),
     ("decode at the largest batch, fraction of bound", lambda r: r["decode"][-1]["fraction_of_bound"],
      lambda r: f"B={r['decode'][-1]['batch']}: {r['decode'][-1]['engine_tok_s']:,.0f} of {r['decode'][-1]['bound_tok_s']:,.0f} tok/s", 0.60, ">="),
@@ -434,7 +479,9 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     """Device time of one decode step (transformer + draw) at batch b and this KV window, by
     kernel: the engine's compiled layers run eagerly under the profiler (the graph replays the
     same kernels without the launch gaps), averaged over 5 steps after 2 warm-up steps. On
-    CPU: self time by op."""
+    CPU: self time by op. Beside it, without the profiler (which records nothing where CUPTI
+    does not start): the same eager step timed at this window and at one KV block, whose
+    difference is what reading the longer KV cache costs."""
     from torch.profiler import ProfilerActivity, profile
 
     device = engine.lm_head.weight.device
@@ -443,39 +490,39 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     k_cache = [torch.randn(b, engine.n_kv, window, engine.head_dim, dtype=dtype, device=device) for _ in engine.body.layers]
     v_cache = [torch.randn_like(k) for k in k_cache]
     tokens = torch.randint(1000, 100000, (b,), device=device)
-    positions = torch.full((b,), window - KV_WINDOW // 2, device=device)
+    positions = {w: torch.full((b,), w - KV_WINDOW // 2, device=device) for w in (KV_WINDOW, window)}
     weights = engine.layer_weights()
 
-    def step() -> None:
-        logits = engine.decode(tokens, positions, k_cache, v_cache, window, weights, compiled=cuda)  # the compiled layer, as the timed rows (Sampling.compile), without the graph
+    def step(w: int = window) -> None:
+        logits = engine.decode(tokens, positions[w], k_cache, v_cache, w, weights, compiled=cuda)  # the compiled layer, as the timed rows (Sampling.compile), without the graph
         draw(logits, sampling["temperature"], sampling["top_p"], DRAW_ROUNDS)
 
     steps = 5
     with torch.no_grad():
-        for _ in range(2):
-            step()
-        sync()
+        eager_ms = {w: 1e3 * timed(lambda: step(w), repeat=steps, warmup=2) for w in (KV_WINDOW, window)}
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 step()
             sync()
     del k_cache, v_cache, weights
+    out = {"batch": b, "window": window, "engine_step_ms": step_ms, "eager_step_ms": eager_ms[window], "eager_step_ms_one_block": eager_ms[KV_WINDOW]}
+    print(f"\ndecode step at B={b}, eager (compiled layers, no graph): {eager_ms[window]:.2f} ms at KV window {window}, "
+          f"{eager_ms[KV_WINDOW]:.2f} ms at one block of {KV_WINDOW} (the longer KV costs {eager_ms[window] - eager_ms[KV_WINDOW]:.2f} ms); "
+          f"the graphed engine's step {step_ms:.2f} ms")
     kernels = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
     kernels = [k for k in kernels if k[1] > 0]
     kernels.sort(key=lambda k: -k[1])
     if not kernels:  # the profiler recorded nothing (CUPTI did not initialize on an H100 image, 2026-12-06): no numbers, not zeros
-        print(f"\ndecode step at B={b}: the profiler recorded no {'kernels' if cuda else 'ops'} here; no profile")
-        return {"batch": b, "window": window, "kernel_ms": None, "engine_step_ms": step_ms, "error": "the profiler recorded no events"}
+        print(f"the profiler recorded no {'kernels' if cuda else 'ops'} here; no kernel profile")
+        return out | {"kernel_ms": None, "error": "the profiler recorded no events"}
     kind = lambda name: next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")  # noqa: E731
     by_kind = {k: sum(ms for name, ms, _ in kernels if kind(name) == k) for k in (*KERNEL_KINDS, "other")}
     total = sum(by_kind.values())
-    print(f"\ndecode step at B={b}, KV window {window}: {total:.2f} ms of kernels vs {step_ms:.2f} ms per step of the timed engine calls; "
-          + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
+    print(f"kernels: {total:.2f} ms a step at KV window {window}; " + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for name, ms, calls in kernels[:12]:
         print(f"{ms:>8.3f} {calls:>6}  {name[:100]}")
-    return {"batch": b, "window": window, "kernel_ms": total, "engine_step_ms": step_ms, "by_kind_ms": by_kind,
-            "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
+    return out | {"kernel_ms": total, "by_kind_ms": by_kind, "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
 
 
 STEP_PAIRS = 4  # the realistic step's v_hack is extracted from the first pairs of data/pairs.jsonl (untimed)
@@ -496,6 +543,8 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
     meets), so the one reported is a steady-state step."""
     cfg = step_config(preset, model_name, device, compile, work)
     held = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None  # what the earlier parts left (should be ~0)
+    compile_cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", cfg.cache_dir / "inductor"))  # where RunState.start points the compiles
+    cached = sum(f.is_file() for f in compile_cache.rglob("*")) if compile_cache.exists() else 0  # the target's first step is on a warm cache
     (work / "run").mkdir()
     with Grader(cfg.reward) as grader:
         state = RunState.start(cfg, work / "run", grader)
@@ -507,7 +556,7 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
     out = {"preset": preset, "rollouts": record.rollout.rollouts, "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
            "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": students * record.rollout.len_s / seconds["gen"],
            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0],
-           "held_before_gib": held}
+           "held_before_gib": held, "compile_cache_files_before": cached}
     print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
           + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's generation, which compiles and captures: {first_generation:.1f} s)"

@@ -53,6 +53,7 @@ def test_profile_accounts_for_its_kernels(bench: dict):
     assert math.isclose(sum(prof["by_kind_ms"].values()), prof["kernel_ms"], rel_tol=1e-9)
     assert prof["by_kind_ms"]["matmul"] > 0 and prof["by_kind_ms"]["attention"] > 0
     assert math.isclose(prof["engine_step_ms"], 1e3 * 4 / bench["decode"][-1]["engine_tok_s"], rel_tol=1e-9)
+    assert prof["eager_step_ms"] > 0 and prof["eager_step_ms_one_block"] > 0 and "at one block of" in bench["stdout"]
 
 
 def test_a_profiler_that_records_nothing_gives_no_profile_not_zeros(monkeypatch, capsys):
@@ -74,7 +75,8 @@ def test_a_profiler_that_records_nothing_gives_no_profile_not_zeros(monkeypatch,
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
     prof = bench_step.decode_profile(RolloutEngine(model, tokenizer), 2, KV_WINDOW, bench_step.SAMPLING, 1.0)
     assert prof["kernel_ms"] is None and "by_kind_ms" not in prof and prof["error"] == "the profiler recorded no events"
-    assert "the profiler recorded no ops here; no profile" in capsys.readouterr().out
+    assert "the profiler recorded no ops here; no kernel profile" in capsys.readouterr().out
+    assert prof["eager_step_ms"] > 0 and prof["eager_step_ms_one_block"] > 0  # timed without the profiler: still there
 
 
 def test_step_and_the_rest_are_reported(bench: dict):
@@ -115,6 +117,43 @@ def test_a_bench_cut_short_keeps_the_parts_it_measured(tmp_path: Path, monkeypat
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch"] for r in report["decode"]] == [2] and report["learner"]["packed_tok_s"] > 0 and report["svd_wrap"]["modules"] > 0
     assert report["extraction_s_per_pair"] > 0 and "step" not in report and "targets" not in report
+
+
+def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Path, monkeypatch):
+    """--resume keeps the parts an earlier run under the same header measured (the model's parts
+    only all together) and measures the rest; the target table comes from the union."""
+    monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
+    args = bench_step.Args(batches=(2, 4), new_tokens=8, pairs=1, out=tmp_path, resume=True)
+    earlier = {k: v for k, v in bench.items() if k not in ("stdout", "targets", "step")}  # a run cut short in the step
+    (tmp_path / "bench.json").write_text(json.dumps(earlier))
+    calls = []
+
+    def model_parts(*a):
+        raise AssertionError("the model's parts were measured already")
+
+    monkeypatch.setattr(bench_step, "model_parts", model_parts)
+    monkeypatch.setattr(bench_step, "realistic_step", lambda preset, *a: calls.append(preset) or bench["step"])
+    report = bench_step.main(args)
+    assert calls == ["smoke"] and report["step"] == bench["step"] and report["learner"] == bench["learner"]
+    assert report["targets"] == bench["targets"]  # every row, as the run that measured all of it in one go
+    assert json.loads((tmp_path / "bench.json").read_text())["targets"] == bench["targets"]
+
+    # the model's parts incomplete: measured again, together; the step kept
+    earlier = {k: v for k, v in bench.items() if k not in ("stdout", "targets", "learner")}
+    (tmp_path / "bench.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr(bench_step, "model_parts", lambda h, device, work, report: calls.append("model") or report.update({k: bench[k] for k in bench_step.MODEL_PARTS}))
+    monkeypatch.setattr(bench_step, "realistic_step", lambda *a: pytest.fail("the step was measured already"))
+    report = bench_step.main(args)
+    assert calls == ["smoke", "model"] and report["step"] == bench["step"] and report["targets"] == bench["targets"]
+
+
+def test_a_resume_under_another_header_is_refused_and_keeps_the_file(bench: dict, tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
+    written = json.dumps({k: v for k, v in bench.items() if k != "stdout"})
+    (tmp_path / "bench.json").write_text(written)
+    with pytest.raises(UserError, match=r"--resume: .*bench.json was measured with another new_tokens \(new_tokens=8\) \(give --out a new folder"):
+        bench_step.main(bench_step.Args(batches=(2, 4), new_tokens=16, pairs=1, out=tmp_path, resume=True))
+    assert (tmp_path / "bench.json").read_text() == written
 
 
 def test_an_unknown_step_preset_is_refused_before_anything_runs(tmp_path: Path):
