@@ -444,11 +444,11 @@ class MicroBatch:
         return self.mask & ~torch.isnan(self.old)
 
 
-def micro_batches(rollouts: list[Rollout], cfg: Config) -> list[MicroBatch]:
-    """The rollouts packed into micro-batches of at most cfg.learner_tokens tokens, longest first."""
+def micro_batches(rollouts: list[Rollout], cfg: Config, tokens: int) -> list[MicroBatch]:
+    """The rollouts packed into micro-batches of at most `tokens` tokens, longest first."""
     sequences = [r.prompt_ids + r.completion_ids for r in rollouts]
     batches = []
-    for chosen in packing.plan([len(s) for s in sequences], cfg.learner_tokens):
+    for chosen in packing.plan([len(s) for s in sequences], tokens):
         ids, positions, spans = packing.pack([sequences[i] for i in chosen], cfg.device)
         t1 = spans.bounds[-1] - 1
         mask, old, adv, weight = torch.zeros(t1, dtype=torch.bool), torch.full((t1,), float("nan")), torch.zeros(t1), torch.zeros(t1)
@@ -498,8 +498,9 @@ def backward_parts(model, adapters: dict[str, SVDLinear], rollouts: list[Rollout
     first, in no-grad passes; then the policy's passes run on merged weights W + U diag(delta_S) Vh
     (one matmul per Linear where the adapter's own path takes three), delta_S's gradient
     recovered exactly in backward (svd_adapter); `checkpointing` picks each micro-batch's
-    recomputed layers."""
-    parts = [micro_batches([r for r in rollouts if r.teacher == teacher], cfg) for teacher in (False, True)]
+    recomputed layers, and fewer tokens per micro-batch than cfg.learner_tokens where memory needs it."""
+    tokens = checkpointing.tokens_for(cfg.learner_tokens)
+    parts = [micro_batches([r for r in rollouts if r.teacher == teacher], cfg, tokens) for teacher in (False, True)]
     refs = [[None] * len(part) for part in parts]
     if cfg.kl_beta > 0:
         with torch.no_grad(), reference_mode(adapters):

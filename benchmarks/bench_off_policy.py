@@ -15,7 +15,6 @@ samples on time in both). Each step's line is printed as it is done; everything 
 out/bench/off_policy.json at the end.
 """
 
-import gc
 import json
 import shutil
 import sys
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import tyro
 
-from bench_step import step_config
+from bench_step import released, step_config
 from grader import Grader
 from projected_grpo.metrics import KEY, OFF_POLICY_KEYS, mean
 from projected_grpo.models import pick_device
@@ -72,9 +71,7 @@ def run_arm(cfg, work: Path, arm: str) -> list[dict]:
                         | {k: tracked.get(k) for k in LOGGED})
             print(line(arm, rows[-1]), flush=True)
     del state
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    released(torch.cuda.is_available())  # the next arm's learner plans from the free memory: this arm's model and compiled engine gone
     return rows
 
 

@@ -283,7 +283,8 @@ MODEL_PARTS = ("dtype", "bandwidth_gbs", "svd_wrap", "decode", "decode_fused", "
 def resumed(path: Path, header: dict, step_preset: str) -> dict:
     """The parts of the bench.json at `path` that a run under `header` may keep: the model's parts
     if all of them were measured (else none: they are measured again together), the step if it
-    was `step_preset`'s. Nothing there: an empty report. Another header: a UserError."""
+    was `step_preset`'s as step_config runs it now. Nothing there: an empty report. Another
+    header: a UserError."""
     if not path.exists():
         print(f"--resume: no {path} yet; measuring every part")
         return {}
@@ -295,8 +296,9 @@ def resumed(path: Path, header: dict, step_preset: str) -> dict:
         raise UserError(f"--resume: {path} was measured with another {', '.join(differ)} ({was})",
                         "give --out a new folder, or drop --resume to measure every part again")
     kept = {k: earlier[k] for k in MODEL_PARTS} if all(k in earlier for k in MODEL_PARTS) else {}
-    if earlier.get("step", {}).get("preset") == step_preset:
-        kept["step"] = earlier["step"]
+    step = earlier.get("step", {})
+    if step_preset and (step.get("preset"), step.get("teacher_mix")) == (step_preset, PRESETS[step_preset][1].teacher_mix or STEP_TEACHER_MIX):
+        kept["step"] = step
     print(f"--resume: kept {', '.join(kept) or 'nothing'} from {path}")
     return kept
 
@@ -528,13 +530,20 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
 STEP_PAIRS = 4  # the realistic step's v_hack is extracted from the first pairs of data/pairs.jsonl (untimed)
 
 
+STEP_TEACHER_MIX = 0.25  # where the preset has none (`full`): issue 21's measured step ran `full --teacher-mix 0.25`
+
+
 def step_config(preset: str, model_name: str, device: str, compile: bool, work: Path) -> Config:
     """`preset` with `model_name`'s weights on the bundled problems (real prompts), its caches in
-    `work`, v_hack extracted from the first STEP_PAIRS pairs: what a timed step runs."""
+    `work`, v_hack extracted from the first STEP_PAIRS pairs, teacher rollouts in every group
+    (the preset's mix, else STEP_TEACHER_MIX): what a timed step runs. Random weights neither pass
+    nor hack, so without teachers every group is dead and the learner does nothing (the `full`
+    step on an H100, 2026-12-06: learn 0.6 s of a 29.1 s step)."""
     (work / "pairs.jsonl").write_text("".join((DATA / "pairs.jsonl").read_text().splitlines(keepends=True)[:STEP_PAIRS]))
     cfg = PRESETS[preset][1]
     return replace(cfg, model=model_name, device=device, problems=DATA / "problems_rl.jsonl", cache_dir=work / "cache",
-                   sampling=replace(cfg.sampling, compile=compile), v_hack=replace(cfg.v_hack, pairs=work / "pairs.jsonl")).resolved()
+                   teacher_mix=cfg.teacher_mix or STEP_TEACHER_MIX, sampling=replace(cfg.sampling, compile=compile),
+                   v_hack=replace(cfg.v_hack, pairs=work / "pairs.jsonl")).resolved()
 
 
 def realistic_step(preset: str, model_name: str, device: str, compile: bool, work: Path) -> dict:
@@ -553,11 +562,13 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
         record = step(state, state.next_batch())
     seconds = {phase: s for phase, s in state.seconds.items() if phase != "step"}  # the phases; "step" is their whole
     students = round(record.time.rollouts_per_s * record.time.step)  # rollouts_per_s counts the step's student rollouts
-    out = {"preset": preset, "rollouts": record.rollout.rollouts, "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
+    out = {"preset": preset, "teacher_mix": cfg.teacher_mix, "rollouts": record.rollout.rollouts, "live_groups": 1 - record.rollout.skipped_groups,
+           "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
            "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": students * record.rollout.len_s / seconds["gen"],
            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0],
            "held_before_gib": held, "compile_cache_files_before": cached}
-    print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, student lengths mean {out['completion_len_mean']:.0f}, "
+    print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, teacher mix {cfg.teacher_mix:g}, {out['live_groups']:.0%} of groups live, "
+          f"student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
           + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's generation, which compiles and captures: {first_generation:.1f} s)"
           + (f"; peak {out['peak_gib']:.1f} GiB, {held:.1f} GiB held by the parts before it" if out["peak_gib"] is not None else ""))

@@ -12,11 +12,12 @@ layers k (the first k) such that
     tokens x (rest + (L - k) x layer + k x kept + 2 x largest) <= HEADROOM x free
 
 where free is the device's free memory now (CUDA: the driver's free plus the caching
-allocator's reserved but unused; CPU: the host's available memory).
+allocator's reserved but unused; CPU: the host's available memory). Where even k = L does not
+fit, `Checkpointing.tokens_for` lowers the micro-batch's token cap to what does.
 
 Guarantees:
 - Checkpointing changes what is kept, never what is computed: the gradients are those of any
-  other k (tests/test_activations.py).
+  other k, and of any token cap (tests/test_activations.py).
 - "always" checkpoints every layer and "never" none, whatever the memory; "auto" measures.
 - The probe scores every position (a real micro-batch scores only completions), so `rest` is
   an upper bound; it runs before any learner step and leaves no gradient behind.
@@ -32,6 +33,7 @@ from loguru import logger
 from torch import Tensor
 
 Policy = Literal["auto", "always", "never"]
+TOKEN_STEP = 256  # a micro-batch's token cap, when memory sets it, is a multiple of this (few distinct caps to log)
 HEADROOM = 0.85  # of the free memory a micro-batch may plan for: the allocator's fragmentation and the backward's smaller transients
 GIB = 2**30
 
@@ -134,6 +136,7 @@ class Checkpointing:
     cost: ActivationBytes | None = None  # measured for "auto"
     free: Callable[[], int] | None = None  # free memory now, for "auto"
     said: set[int] = field(default_factory=set)  # decisions already logged
+    capped: set[int] = field(default_factory=set)  # token caps already logged
 
     def layers_for(self, tokens: int) -> int:
         """The fewest layers to checkpoint for a micro-batch of `tokens` (all of them where even that does not fit)."""
@@ -148,6 +151,21 @@ class Checkpointing:
             logger.info(f"activation checkpointing: {k}/{self.n_layers} layers for a micro-batch of {tokens:,} tokens "
                         f"(keeps {need:.1f} GiB for backward of {budget / GIB:.1f} GiB usable: {fits})")
         return k
+
+    def tokens_for(self, tokens: int) -> int:
+        """`tokens`, or the most a micro-batch may hold where that many would not fit even with
+        every layer checkpointed (the learner then packs smaller micro-batches: the same sums).
+        One-step-off shares the card with the sampler, which can leave a third of the free
+        memory a step's 16k-token micro-batch needs (an H100, 2026-12-06)."""
+        if self.policy != "auto":
+            return tokens
+        budget = HEADROOM * self.free()
+        fit = max(TOKEN_STEP, int(budget // self.cost.need(TOKEN_STEP, self.n_layers, self.n_layers)) * TOKEN_STEP)
+        if fit < tokens and fit not in self.capped:
+            self.capped.add(fit)
+            logger.info(f"learner micro-batches of at most {fit:,} tokens, not {tokens:,}: {budget / GIB:.1f} GiB usable, "
+                        f"{self.cost.need(tokens, self.n_layers, self.n_layers) / GIB:.1f} GiB needed with every layer checkpointed")
+        return min(tokens, fit)
 
     def apply(self, model: nn.Module, tokens: int) -> int:
         """Set the first k decoder layers of `model` to checkpoint (the others not) for a micro-batch of `tokens`; returns k."""

@@ -29,6 +29,20 @@ def test_the_fewest_layers_that_fit_are_checkpointed():
     assert Checkpointing("always", 4).layers_for(10) == 4 and Checkpointing("never", 4).layers_for(10**9) == 0
 
 
+def test_the_token_cap_falls_only_where_every_layer_checkpointed_does_not_fit():
+    free = [0]
+    c = Checkpointing("auto", 4, COST, lambda: free[0])
+    per_token = COST.need(1, 4, 4)  # 50 + 40 + 4 x 10 = 130 bytes with every layer checkpointed
+    free[0] = 16384 * per_token / 0.85 + 1
+    assert c.tokens_for(16384) == 16384 and c.tokens_for(4096) == 4096  # it fits: the preset's cap
+    free[0] = 5000 * per_token / 0.85 + 1
+    assert c.tokens_for(16384) == 4864 and c.tokens_for(4096) == 4096  # the multiple of 256 tokens that fits
+    assert COST.need(4864, 4, 4) <= 0.85 * free[0] < COST.need(4864 + 256, 4, 4)
+    free[0] = 0
+    assert c.tokens_for(16384) == 256  # nothing fits: one step's worth, not zero
+    assert Checkpointing("always", 4).tokens_for(16384) == 16384 == Checkpointing("never", 4).tokens_for(16384)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
@@ -62,13 +76,15 @@ def test_the_probe_counts_what_the_forward_keeps_and_leaves_no_trace(tiny):
 def test_gradients_are_the_same_whatever_is_checkpointed(tiny):
     """No layer, the memory rule's choice per micro-batch, and every layer: the same loss and delta_S gradients."""
     model, tokenizer, adapters = tiny
-    cfg = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=400)
+    cfg = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=1000)  # rows of two sequences
     batch = rollouts(model, tokenizer)
     n = len(decoder_layers(model))
-    tokens = micro_batches([r for r in batch if not r.teacher], cfg)[0].ids.shape[1]  # the first, longest row
+    tokens = micro_batches([r for r in batch if not r.teacher], cfg, cfg.learner_tokens)[0].ids.shape[1]  # the first, longest row
     auto = Checkpointing("auto", n, COST, lambda: (COST.need(tokens, n, 1) + 1) / 0.85)  # room for it with 1 layer checkpointed
     results = []
-    for c in (Checkpointing("never", n), auto, Checkpointing("always", n)):
+    # and every layer checkpointed with room for 256 tokens a micro-batch: smaller micro-batches, the same sums
+    capped = Checkpointing("auto", n, COST, lambda: (COST.need(256, n, n) + 1) / 0.85)
+    for c in (Checkpointing("never", n), auto, Checkpointing("always", n), capped):
         for a in adapters.values():
             a.delta_S.grad = None
         seen = []
@@ -78,6 +94,7 @@ def test_gradients_are_the_same_whatever_is_checkpointed(tiny):
         results.append((g_s, {k: g.clone() for k, g in delta_grads(adapters).items()}, sums["loss"], seen))
     assert results[0][3] == [0] * len(results[0][3]) and results[2][3] == [n] * len(results[2][3])
     assert results[1][3][0] == 1 and 0 in results[1][3]  # the longest row 1 layer, a short one none
+    assert len(results[3][3]) > len(results[0][3]) and all(k == n for k in results[3][3])  # more micro-batches, all checkpointed
     for g_s, g, loss, _ in results[1:]:
         assert loss == pytest.approx(results[0][2], rel=1e-6)
         for name in g:
