@@ -65,6 +65,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import typing
 import warnings
@@ -744,10 +745,11 @@ def step(state: RunState, batch: Batch) -> StepRecord:
     return record(state, grads, measured | moved, change, grad_norm, vhack)
 
 
-def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = None) -> list[list[Rollout]]:
+def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = None,
+           allocated: threading.Event | None = None) -> list[list[Rollout]]:
     """This rank's groups of the batch, ungraded: student rollouts from this rank's stream of
-    the step, delta_S folded into the weights (or from `snapshot`, weights merged earlier),
-    then teacher rollouts from the pool."""
+    the step, delta_S folded into the weights (or from `snapshot`, weights merged earlier;
+    `allocated` set once the engine's KV cache exists), then teacher rollouts from the pool."""
     cfg, engine = state.cfg, state.engine
     n_student, _ = split_group(cfg)
     prompts = [render_prompt(state.tokenizer, p, cfg.hint) for p in batch.problems]
@@ -755,7 +757,7 @@ def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = 
     # rest take generators of their own), so a sampler on another thread draws what it would here.
     torch.manual_seed(stream_seed(cfg.seed, "sampling", distributed.rank(), batch.step))
     with merged(state.adapters) if snapshot is None else contextlib.nullcontext():
-        samples = engine.generate(prompts, cfg.sampling, n=n_student, snapshot=snapshot)
+        samples = engine.generate(prompts, cfg.sampling, n=n_student, snapshot=snapshot, allocated=allocated.set if allocated else None)
     groups = []
     for gi, (p, pk) in enumerate(zip(batch.problems, batch.picks)):
         group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
@@ -769,11 +771,15 @@ def sample_ahead(state: RunState, index: int) -> Batch:
     """Step `index`'s batch, drawn now, its rollouts sampling on a background thread while this
     step grades and learns (--one-step-off): from a snapshot of the weights with delta_S as it
     is before this step's update, taken here, so that the learner may merge and unmerge the
-    model's own weights meanwhile. When step `index` learns on them they are one update old."""
+    model's own weights meanwhile. When step `index` learns on them they are one update old.
+    Returns once the sampler's KV cache is allocated: the learner sizes its micro-batches from
+    the memory free, and one planned before it ran out of memory on an H100 (2026-12-06)."""
     batch = state.draw_batch(index)
     with merged(state.adapters):
         snapshot = state.engine.layer_weights(snapshot=True)
-    batch.ahead = Ahead(state.cfg.device, sample, state, batch, snapshot)
+    allocated = threading.Event()
+    batch.ahead = Ahead(state.cfg.device, sample, state, batch, snapshot, allocated)
+    batch.ahead.wait_for(allocated)
     return batch
 
 

@@ -8,6 +8,8 @@ Guarantees:
   work wrote.
 - `result()` returns what the function returned, or raises what it raised, in the caller's
   thread; on CUDA the side stream's work is finished by then, in either case.
+- `wait_for(event)` returns once the function has set `event`, or has returned or raised
+  without setting it (it never waits on a function that is gone).
 - A daemon thread: a run stopped meanwhile (an error, Ctrl-C, a stop on SIGTERM) is not held up by it at exit.
 """
 
@@ -54,6 +56,11 @@ class Ahead(Generic[T]):
                 stream.synchronize()  # after an error too: result() promises the side stream's work is done
         except BaseException as e:  # re-raised in the caller's thread by result()
             self._error = e
+
+    def wait_for(self, event: threading.Event) -> None:
+        """Until `event` is set (by the function, at a point it promises) or the function is done."""
+        while not event.wait(0.01) and self._thread.is_alive():
+            pass
 
     def result(self) -> T:
         """Wait for the function; its result, or its exception raised here."""

@@ -59,6 +59,7 @@ full attention in every layer.
 """
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -370,18 +371,21 @@ class RolloutEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], sampling: Sampling, n: int = 1, desc: str = "generate",
-                 snapshot: list[LayerWeights] | None = None) -> list[Completion]:
+                 snapshot: list[LayerWeights] | None = None, allocated: Callable[[], None] | None = None) -> list[Completion]:
         """`n` completions of every prompt (chat-rendered text, no special tokens added), prompt-major;
-        from `snapshot` (`layer_weights(snapshot=True)`) if given, else from the weights as they are."""
+        from `snapshot` (`layer_weights(snapshot=True)`) if given, else from the weights as they are;
+        `allocated` as generate_ids calls it."""
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        out = self.generate_ids(ids, sampling, n, desc, snapshot)
+        out = self.generate_ids(ids, sampling, n, desc, snapshot, allocated)
         return [Completion(ids[i // n], c, self.tokenizer.decode(c, skip_special_tokens=True), lp, trunc) for i, (c, lp, trunc) in enumerate(out)]
 
     @torch.no_grad()
     def generate_ids(self, prompts: list[list[int]], sampling: Sampling, n: int = 1, desc: str = "generate",
-                     snapshot: list[LayerWeights] | None = None) -> list[tuple[list[int], Tensor, bool]]:
+                     snapshot: list[LayerWeights] | None = None, allocated: Callable[[], None] | None = None) -> list[tuple[list[int], Tensor, bool]]:
         """(completion ids, sampler log-probs, truncated) for `n` samples of every prompt, prompt-major,
-        from `snapshot` if given (see `generate`).
+        from `snapshot` if given (see `generate`). `allocated()`, if given, is called once the KV
+        cache and the slots' state exist, before the first prefill (a learner sharing the device
+        with this call on another thread plans its memory after it: train.sample_ahead).
 
         One function past a screen, on purpose: the slots' state (KV caches, next tokens,
         positions, owners) lives in this call and the closures below share it, where a class
@@ -409,6 +413,8 @@ class RolloutEngine:
         owner: list[tuple[int, int] | None] = [None] * b  # (prompt, sample) per slot; None = free
         length = [0] * b  # host mirror of positions, for the KV window
         results: dict[tuple[int, int], tuple[list[int], Tensor, bool]] = {}
+        if allocated is not None:
+            allocated()
 
         def decode_slots(active: int, window: int) -> Tensor:
             """Next-token logits of slots [0, active), reading `window` positions of their K/V."""

@@ -506,3 +506,20 @@ def test_make_room_for_capture_on_cuda_returns_the_cached_blocks():
     assert torch.cuda.mem_get_info(device)[0] < rollout.CAPTURE_RESERVE  # freed, still cached
     assert rollout.make_room_for_capture(device)
     assert torch.cuda.mem_get_info(device)[0] >= cached
+
+
+def test_allocated_is_called_once_before_the_first_forward(monkeypatch):
+    """generate_ids' `allocated` (one-step-off's learner waits for it before it plans its memory):
+    called once, after the KV cache exists and before any prefill or decode; the output unchanged."""
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    engine = RolloutEngine(model, tokenizer)
+    prompts, sampling = prompts_of([5, 30, 12]), Sampling(max_new_tokens=6, batch=2)
+    events = []
+    for name in ("prefill", "decode"):
+        forward = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, forward=forward, name=name, **kw: events.append(name) or forward(*a, **kw))
+    torch.manual_seed(0)
+    out = engine.generate_ids(prompts, sampling, n=2, allocated=lambda: events.append("allocated"))
+    torch.manual_seed(0)
+    assert events.count("allocated") == 1 and events[0] == "allocated" and "decode" in events
+    assert [c for c, _, _ in engine.generate_ids(prompts, sampling, n=2)] == [c for c, _, _ in out]

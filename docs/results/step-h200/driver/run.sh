@@ -7,7 +7,7 @@
 #   engine      benchmarks/bench_step.py without the step: bandwidth, decode rows and profile, SVD wrap, learner, extraction
 #   step        benchmarks/bench_step.py --resume: the `full` step, keeping the parts of .bench/bench.json
 #               (an earlier call's $OUT/bench/bench.json, copied here and carried) measured on the same card
-#   off-policy  benchmarks/bench_off_policy.py, 10 steps of `fast` on-policy and one-step-off
+#   off-policy  benchmarks/bench_off_policy.py, OFF_POLICY_STEPS (default 10) steps of `fast` on-policy and one-step-off
 # A call has 600 s; each part stops at its own limit (seconds below) and keeps what it measured.
 # Usage, from the repository root: bash docs/results/step-h200/driver/run.sh PART...
 set -u
@@ -22,7 +22,7 @@ for part in "$@"; do
     engine) timeout 430 python benchmarks/bench_step.py --step-preset '' --out "$OUT/bench" 2>&1 | tee "$OUT/engine.log" | tail -60 ;;
     step) [[ -f .bench/bench.json ]] && cp .bench/bench.json "$OUT/bench/"
           timeout 560 python benchmarks/bench_step.py --resume --out "$OUT/bench" 2>&1 | tee "$OUT/step.log" | tail -40 ;;
-    off-policy) timeout 560 python benchmarks/bench_off_policy.py --steps 10 --out "$OUT" 2>&1 | tee "$OUT/off_policy.log" | tail -40 ;;
+    off-policy) timeout 560 python benchmarks/bench_off_policy.py --steps "${OFF_POLICY_STEPS:-10}" --out "$OUT" 2>&1 | tee "$OUT/off_policy.log" | tail -40 ;;
     *) echo "unknown part '$part': tests, engine, step or off-policy" >&2; exit 2 ;;
   esac
   echo "$part rc ${PIPESTATUS[0]}"
