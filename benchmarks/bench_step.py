@@ -36,9 +36,16 @@ Reported (table on stdout, everything in out/bench/bench.json):
   realistic lengths (random-qwen3-4b ends on a random set of token ids, projected_grpo/models.py, so lengths
   spread geometrically around ~600 tokens): seconds per phase as the step's Timers measure
   them (gen, grade, learn, allreduce, arm, update, refresh), its peak memory and the memory
-  the parts before it still held; the first step (compiles and graph captures) apart.
+  the parts before it still held; the first step (compiles and graph captures) apart, with the
+  compile cache's state before it. Every group holds teacher rollouts (the preset's mix, else
+  0.25, as issue 21's measured step): random weights neither pass nor hack, so without them
+  every group is dead and the learner has nothing to do.
 - Last, issue 21's targets for one H200 (TARGETS), each measured value beside its yardstick
   and whether it met the target (judged on CUDA only: on CPU the table shows the numbers).
+
+A lent GPU whose calls are shorter than the whole run: `--step-preset ''` measures the model's
+parts, then `--resume` in a later call on the same card measures the step into the same
+bench.json (docs/results/step-h200/driver/run.sh does this).
 """
 
 import gc
@@ -481,9 +488,7 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     """Device time of one decode step (transformer + draw) at batch b and this KV window, by
     kernel: the engine's compiled layers run eagerly under the profiler (the graph replays the
     same kernels without the launch gaps), averaged over 5 steps after 2 warm-up steps. On
-    CPU: self time by op. Beside it, without the profiler (which records nothing where CUPTI
-    does not start): the same eager step timed at this window and at one KV block, whose
-    difference is what reading the longer KV cache costs."""
+    CPU: self time by op."""
     from torch.profiler import ProfilerActivity, profile
 
     device = engine.lm_head.weight.device
@@ -492,35 +497,35 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
     k_cache = [torch.randn(b, engine.n_kv, window, engine.head_dim, dtype=dtype, device=device) for _ in engine.body.layers]
     v_cache = [torch.randn_like(k) for k in k_cache]
     tokens = torch.randint(1000, 100000, (b,), device=device)
-    positions = {w: torch.full((b,), w - KV_WINDOW // 2, device=device) for w in (KV_WINDOW, window)}
+    positions = torch.full((b,), window - KV_WINDOW // 2, device=device)
     weights = engine.layer_weights()
 
-    def step(w: int = window) -> None:
-        logits = engine.decode(tokens, positions[w], k_cache, v_cache, w, weights, compiled=cuda)  # the compiled layer, as the timed rows (Sampling.compile), without the graph
+    def step() -> None:
+        logits = engine.decode(tokens, positions, k_cache, v_cache, window, weights, compiled=cuda)  # the compiled layer, as the timed rows (Sampling.compile), without the graph
         draw(logits, sampling["temperature"], sampling["top_p"], DRAW_ROUNDS)
 
     steps = 5
     with torch.no_grad():
-        eager_ms = {w: 1e3 * timed(lambda: step(w), repeat=steps, warmup=2) for w in (KV_WINDOW, window)}
+        for _ in range(2):
+            step()
+        sync()
         with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 step()
             sync()
     del k_cache, v_cache, weights
-    out = {"batch": b, "window": window, "engine_step_ms": step_ms, "eager_step_ms": eager_ms[window], "eager_step_ms_one_block": eager_ms[KV_WINDOW]}
-    print(f"\ndecode step at B={b}, eager (compiled layers, no graph): {eager_ms[window]:.2f} ms at KV window {window}, "
-          f"{eager_ms[KV_WINDOW]:.2f} ms at one block of {KV_WINDOW} (the longer KV costs {eager_ms[window] - eager_ms[KV_WINDOW]:.2f} ms); "
-          f"the graphed engine's step {step_ms:.2f} ms")
+    out = {"batch": b, "window": window, "engine_step_ms": step_ms}
     kernels = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
     kernels = [k for k in kernels if k[1] > 0]
     kernels.sort(key=lambda k: -k[1])
     if not kernels:  # the profiler recorded nothing (CUPTI did not initialize on an H100 image, 2026-12-06): no numbers, not zeros
-        print(f"the profiler recorded no {'kernels' if cuda else 'ops'} here; no kernel profile")
+        print(f"\ndecode step at B={b}: the profiler recorded no {'kernels' if cuda else 'ops'} here; no profile")
         return out | {"kernel_ms": None, "error": "the profiler recorded no events"}
     kind = lambda name: next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")  # noqa: E731
     by_kind = {k: sum(ms for name, ms, _ in kernels if kind(name) == k) for k in (*KERNEL_KINDS, "other")}
     total = sum(by_kind.values())
-    print(f"kernels: {total:.2f} ms a step at KV window {window}; " + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
+    print(f"\ndecode step at B={b}, KV window {window}: {total:.2f} ms of kernels vs {step_ms:.2f} ms per step of the timed engine calls; "
+          + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
     print(f"{'ms/step':>8} {'calls':>6}  kernel")
     for name, ms, calls in kernels[:12]:
         print(f"{ms:>8.3f} {calls:>6}  {name[:100]}")

@@ -53,7 +53,6 @@ def test_profile_accounts_for_its_kernels(bench: dict):
     assert math.isclose(sum(prof["by_kind_ms"].values()), prof["kernel_ms"], rel_tol=1e-9)
     assert prof["by_kind_ms"]["matmul"] > 0 and prof["by_kind_ms"]["attention"] > 0
     assert math.isclose(prof["engine_step_ms"], 1e3 * 4 / bench["decode"][-1]["engine_tok_s"], rel_tol=1e-9)
-    assert prof["eager_step_ms"] > 0 and prof["eager_step_ms_one_block"] > 0 and "at one block of" in bench["stdout"]
 
 
 def test_a_profiler_that_records_nothing_gives_no_profile_not_zeros(monkeypatch, capsys):
@@ -75,8 +74,7 @@ def test_a_profiler_that_records_nothing_gives_no_profile_not_zeros(monkeypatch,
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
     prof = bench_step.decode_profile(RolloutEngine(model, tokenizer), 2, KV_WINDOW, bench_step.SAMPLING, 1.0)
     assert prof["kernel_ms"] is None and "by_kind_ms" not in prof and prof["error"] == "the profiler recorded no events"
-    assert "the profiler recorded no ops here; no kernel profile" in capsys.readouterr().out
-    assert prof["eager_step_ms"] > 0 and prof["eager_step_ms_one_block"] > 0  # timed without the profiler: still there
+    assert "the profiler recorded no ops here; no profile" in capsys.readouterr().out
 
 
 def test_step_and_the_rest_are_reported(bench: dict):
