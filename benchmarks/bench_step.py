@@ -71,7 +71,7 @@ from projected_grpo.activations import Checkpointing, checkpoint_first, decoder_
 from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
-from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RolloutEngine, Sampling, draw, kv_window
+from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
 from train import PRESETS, Config, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, step
 
@@ -505,7 +505,10 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
         draw(logits, sampling["temperature"], sampling["top_p"], DRAW_ROUNDS)
 
     steps = 5
-    with torch.no_grad():
+    # The engine's own limit on the layer's compiles: by now the decode rows have compiled more
+    # shapes than dynamo's default 8, past which it runs this window's layer uncompiled (the H100
+    # profile of 2026-12-06 did: aten kernels for every norm and elementwise op).
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
         for _ in range(2):
             step()
         sync()
