@@ -35,8 +35,9 @@ Reported (table on stdout, everything in out/bench/bench.json):
 - A step of PRESET through train.step itself, on the bundled problems (real prompts) with
   realistic lengths (random-qwen3-4b ends on a random set of token ids, projected_grpo/models.py, so lengths
   spread geometrically around ~600 tokens): seconds per phase as the step's Timers measure
-  them (gen, grade, learn, allreduce, arm, update, refresh), its peak memory and the memory
-  the parts before it still held; the first step (compiles and graph captures) apart, with the
+  them (gen, grade, learn, allreduce, arm, update, refresh), how full its generation kept the
+  KV slots (decode steps, mean live slots: the drained tail shows there), its peak memory and
+  the memory the parts before it still held; the first step (compiles and graph captures) apart, with the
   compile cache's state before it. Every group holds teacher rollouts (the preset's mix, else
   0.25, as issue 21's measured step): random weights neither pass nor hack, so without them
   every group is dead and the learner has nothing to do.
@@ -568,17 +569,20 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
         step(state, state.next_batch())
         first_generation, first_step = state.seconds["gen"], sum(s for phase, s in state.seconds.items() if phase != "step")
         record = step(state, state.next_batch())
+        call = state.engine.last_call  # the steady step's one generate call (teachers come from the pool)
     seconds = {phase: s for phase, s in state.seconds.items() if phase != "step"}  # the phases; "step" is their whole
     students = round(record.time.rollouts_per_s * record.time.step)  # rollouts_per_s counts the step's student rollouts
     out = {"preset": preset, "teacher_mix": cfg.teacher_mix, "rollouts": record.rollout.rollouts, "live_groups": 1 - record.rollout.skipped_groups,
            "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
            "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": students * record.rollout.len_s / seconds["gen"],
            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0],
-           "held_before_gib": held, "compile_cache_files_before": cached}
+           "held_before_gib": held, "compile_cache_files_before": cached,
+           "generation_call": asdict(call) | {"mean_live": call.mean_live}}
     print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, teacher mix {cfg.teacher_mix:g}, {out['live_groups']:.0%} of groups live, "
           f"student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
-          + f"; generation {out['generation_tok_s']:,.0f} tok/s (the first step's generation, which compiles and captures: {first_generation:.1f} s)"
+          + f"; generation {out['generation_tok_s']:,.0f} tok/s in {call.decode_steps:,} decode steps with {call.mean_live:.0f} of {call.slots} slots live "
+          f"on average, {call.prefills} prefills (the first step's generation, which compiles and captures: {first_generation:.1f} s)"
           + (f"; peak {out['peak_gib']:.1f} GiB, {held:.1f} GiB held by the parts before it" if out["peak_gib"] is not None else ""))
     return out
 

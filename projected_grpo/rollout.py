@@ -115,6 +115,22 @@ class Sampling:
     """CUDA: torch.compile the decode step's decoder layer, once per engine (one compile serves every layer; ~15 s on first use on an H200, journal 2026-11-30), before graphing the step; ignored on CPU."""
 
 
+@dataclass(frozen=True)
+class CallStats:
+    """How full one generate call kept its decode steps: a mean of live slots far below `slots`
+    says the call waited on its longest sequences (the drained tail), not on throughput."""
+
+    sequences: int
+    slots: int  # KV slots (Sampling.batch, or fewer sequences)
+    prefills: int  # prefill forwards (refills of free slots, in chunks of PREFILL_TOKENS)
+    decode_steps: int
+    live_slot_steps: int  # live slots summed over the decode steps: the tokens they made (each sequence's first comes from its prefill)
+
+    @property
+    def mean_live(self) -> float:
+        return self.live_slot_steps / max(self.decode_steps, 1)
+
+
 @dataclass
 class Completion:
     prompt_ids: list[int]
@@ -252,6 +268,7 @@ class RolloutEngine:
         eos = model.generation_config.eos_token_id
         self.eos = sorted(set(eos if isinstance(eos, list) else [eos]))
         self._compiled = None  # torch.compile'd decode layer, made once per engine (one compile serves every layer)
+        self.last_call: CallStats | None = None  # the latest generate call's, for the benchmark
 
     def truncated(self, ids: list[int]) -> bool:
         """Whether a completion (sampled here, or a teacher's cut to max_new_tokens) ended
@@ -489,9 +506,11 @@ class RolloutEngine:
                     owner[d], length[d], owner[s] = owner[s], length[s], None
             return active
 
-        def refill(take: list[tuple[int, int]], free: list[int]) -> None:
-            """Prefill the (prompt, sample) items `take` into the free slots and commit their first tokens."""
-            for chunk in self._prefill_chunks(take, prompts):
+        def refill(take: list[tuple[int, int]], free: list[int]) -> int:
+            """Prefill the (prompt, sample) items `take` into the free slots and commit their first
+            tokens; returns the prefill forwards it ran."""
+            chunks = self._prefill_chunks(take, prompts)
+            for chunk in chunks:
                 slots_here = free[: len(chunk)]
                 free = free[len(chunk) :]
                 unique = sorted({p for p, _ in chunk})
@@ -511,6 +530,7 @@ class RolloutEngine:
                 commit(b, new, logp, mask)
                 for slot, item in zip(slots_here, chunk):
                     owner[slot], length[slot] = item, len(prompts[item[0]])
+            return len(chunks)
 
         def redraw(active: int, new: Tensor, logp: Tensor, accepted: Tensor, logits: Tensor) -> bool:
             """Draw again the live rows the step's rounds left outside the nucleus (in place of its
@@ -524,13 +544,14 @@ class RolloutEngine:
 
         live = live_slots()
         active = b  # decode runs on slots [0, active)
+        prefills = decode_steps = live_slot_steps = 0
         while work or live:
             if not work and len(live) <= active // 2:
                 active = compact(active, live)
                 live = live_slots()
             free = [s for s in range(b) if owner[s] is None]
             if work and free and (len(free) >= max(1, int(b * REFILL)) or len(free) == b):
-                refill([work.popleft() for _ in range(min(len(free), len(work)))], free)
+                prefills += refill([work.popleft() for _ in range(min(len(free), len(work)))], free)
                 finish_ended()
                 live = live_slots()
                 continue
@@ -540,10 +561,12 @@ class RolloutEngine:
                 any_ended = redraw(active, new, logp, accepted, logits)
             for s in live:
                 length[s] += 1
+            decode_steps, live_slot_steps = decode_steps + 1, live_slot_steps + len(live)
             if any_ended:
                 finish_ended()
                 live = live_slots()
         bar.close()
+        self.last_call = CallStats(len(prompts) * n, b, prefills, decode_steps, live_slot_steps)
         return [results[item] for item in (divmod(i, n) for i in range(len(prompts) * n))]
 
     def _prefill_chunks(self, take: list[tuple[int, int]], prompts: list[list[int]]) -> list[list[tuple[int, int]]]:

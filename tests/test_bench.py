@@ -82,6 +82,9 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert set(step["seconds"]) == {"gen", "grade", "learn", "allreduce", "arm", "update", "refresh"}  # train.step's phases
     assert math.isclose(step["step_s"], sum(step["seconds"].values()), rel_tol=1e-9)
     assert step["rollouts"] > 0 and 0 <= step["truncated"] <= 1 and step["first_generation_s"] > 0
+    call = step["generation_call"]  # the steady step's generate call: its students, through the preset's KV slots
+    assert call["sequences"] == round(step["rollouts"] * (1 - step["teacher_mix"])) and 0 < call["mean_live"] <= call["slots"]
+    assert math.isclose(call["mean_live"], call["live_slot_steps"] / call["decode_steps"], rel_tol=1e-9) and "slots live on average" in bench["stdout"]
     learner = bench["learner"]  # the padded adapter path (the baseline) and the packed, merged learner, same rollouts
     assert learner["padded_tok_s"] > 0 and math.isclose(learner["ratio"], learner["packed_tok_s"] / learner["padded_tok_s"], rel_tol=1e-9)
     assert learner["max_rel_grad_diff"] < 1e-4 and bench["extraction_s_per_pair"] > 0  # fp32 on CPU: the two learners agree

@@ -523,3 +523,17 @@ def test_allocated_is_called_once_before_the_first_forward(monkeypatch):
     torch.manual_seed(0)
     assert events.count("allocated") == 1 and events[0] == "allocated" and "decode" in events
     assert [c for c, _, _ in engine.generate_ids(prompts, sampling, n=2)] == [c for c, _, _ in out]
+
+
+def test_a_calls_stats_count_its_decode_steps_and_tokens():
+    """engine.last_call: every token but each sequence's first (its prefill's) comes from a
+    decode step, one per live slot; with more sequences than slots the slots are refilled."""
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
+    engine = RolloutEngine(model, tokenizer)
+    prompts, sampling = prompts_of([5, 30, 12]), Sampling(max_new_tokens=9, batch=4)
+    out = engine.generate_ids(prompts, sampling, n=3)
+    stats = engine.last_call
+    assert stats.sequences == 9 and stats.slots == 4 and stats.prefills >= 2  # 9 sequences through 4 slots: refilled
+    assert stats.live_slot_steps == sum(len(c) for c, _, _ in out) - len(out)
+    assert max(len(c) for c, _, _ in out) - 1 <= stats.decode_steps <= stats.live_slot_steps
+    assert 0 < stats.mean_live <= 4
