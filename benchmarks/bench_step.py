@@ -305,7 +305,7 @@ def resumed(path: Path, header: dict, step_preset: str) -> dict:
                         "give --out a new folder, or drop --resume to measure every part again")
     kept = {k: earlier[k] for k in MODEL_PARTS} if all(k in earlier for k in MODEL_PARTS) else {}
     step = earlier.get("step", {})
-    if step_preset and (step.get("preset"), step.get("teacher_mix")) == (step_preset, PRESETS[step_preset][1].teacher_mix or STEP_TEACHER_MIX):
+    if step_preset and (step.get("preset"), step.get("teacher_mix")) == (step_preset, step_teacher_mix(step_preset)):
         kept["step"] = step
     print(f"--resume: kept {', '.join(kept) or 'nothing'} from {path}")
     return kept
@@ -537,21 +537,23 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
 
 
 STEP_PAIRS = 4  # the realistic step's v_hack is extracted from the first pairs of data/pairs.jsonl (untimed)
-
-
 STEP_TEACHER_MIX = 0.25  # where the preset has none (`full`): issue 21's measured step ran `full --teacher-mix 0.25`
+
+
+def step_teacher_mix(preset: str) -> float:
+    return PRESETS[preset][1].teacher_mix or STEP_TEACHER_MIX
 
 
 def step_config(preset: str, model_name: str, device: str, compile: bool, work: Path) -> Config:
     """`preset` with `model_name`'s weights on the bundled problems (real prompts), its caches in
     `work`, v_hack extracted from the first STEP_PAIRS pairs, teacher rollouts in every group
-    (the preset's mix, else STEP_TEACHER_MIX): what a timed step runs. Random weights neither pass
+    (`step_teacher_mix`: the preset's mix, else STEP_TEACHER_MIX): what a timed step runs. Random weights neither pass
     nor hack, so without teachers every group is dead and the learner does nothing (the `full`
     step on an H100, 2026-12-06: learn 0.6 s of a 29.1 s step)."""
     (work / "pairs.jsonl").write_text("".join((DATA / "pairs.jsonl").read_text().splitlines(keepends=True)[:STEP_PAIRS]))
     cfg = PRESETS[preset][1]
     return replace(cfg, model=model_name, device=device, problems=DATA / "problems_rl.jsonl", cache_dir=work / "cache",
-                   teacher_mix=cfg.teacher_mix or STEP_TEACHER_MIX, sampling=replace(cfg.sampling, compile=compile),
+                   teacher_mix=step_teacher_mix(preset), sampling=replace(cfg.sampling, compile=compile),
                    v_hack=replace(cfg.v_hack, pairs=work / "pairs.jsonl")).resolved()
 
 
@@ -571,10 +573,9 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
         record = step(state, state.next_batch())
         call = state.engine.last_call  # the steady step's one generate call (teachers come from the pool)
     seconds = {phase: s for phase, s in state.seconds.items() if phase != "step"}  # the phases; "step" is their whole
-    students = round(record.time.rollouts_per_s * record.time.step)  # rollouts_per_s counts the step's student rollouts
     out = {"preset": preset, "teacher_mix": cfg.teacher_mix, "rollouts": record.rollout.rollouts, "live_groups": 1 - record.rollout.skipped_groups,
            "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
-           "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": students * record.rollout.len_s / seconds["gen"],
+           "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": call.sequences * record.rollout.len_s / seconds["gen"],
            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0],
            "held_before_gib": held, "compile_cache_files_before": cached,
            "generation_call": asdict(call) | {"mean_live": call.mean_live}}
