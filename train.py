@@ -609,6 +609,11 @@ class Batch:
     ahead: "Ahead[list[list[Rollout]]] | None" = None  # this rank's groups being sampled ahead of the step (`sample_ahead`); None: the step samples them
 
 
+def compile_cache_dir(cfg: Config) -> Path:
+    """Where a run's compiled kernels go: TORCHINDUCTOR_CACHE_DIR if set, else cache_dir/inductor."""
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", cfg.cache_dir / "inductor"))
+
+
 @dataclass
 class RunState:
     """Everything a step reads and advances. Rank 0 writes what every rank holds alike: after a
@@ -644,7 +649,7 @@ class RunState:
         problems = load_problems(cfg.problems)[: cfg.n_problems]
         # Compiled kernels kept beside the other caches (read when the engine first compiles):
         # a later run, or a resume, skips most of the first step's compiles.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cfg.cache_dir / "inductor"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir(cfg)))
         with distributed.main_first():
             resolve_model(cfg.model)
         model, tokenizer, dtype = load_model(cfg.model, cfg.device, cfg.dtype)
@@ -746,10 +751,10 @@ def step(state: RunState, batch: Batch) -> StepRecord:
 
 
 def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = None,
-           allocated: threading.Event | None = None) -> list[list[Rollout]]:
+           allocated: Callable[[], None] | None = None) -> list[list[Rollout]]:
     """This rank's groups of the batch, ungraded: student rollouts from this rank's stream of
     the step, delta_S folded into the weights (or from `snapshot`, weights merged earlier;
-    `allocated` set once the engine's KV cache exists), then teacher rollouts from the pool."""
+    `allocated()` called once the engine's KV cache exists), then teacher rollouts from the pool."""
     cfg, engine = state.cfg, state.engine
     n_student, _ = split_group(cfg)
     prompts = [render_prompt(state.tokenizer, p, cfg.hint) for p in batch.problems]
@@ -757,7 +762,7 @@ def sample(state: RunState, batch: Batch, snapshot: list[LayerWeights] | None = 
     # rest take generators of their own), so a sampler on another thread draws what it would here.
     torch.manual_seed(stream_seed(cfg.seed, "sampling", distributed.rank(), batch.step))
     with merged(state.adapters) if snapshot is None else contextlib.nullcontext():
-        samples = engine.generate(prompts, cfg.sampling, n=n_student, snapshot=snapshot, allocated=allocated.set if allocated else None)
+        samples = engine.generate(prompts, cfg.sampling, n=n_student, snapshot=snapshot, allocated=allocated)
     groups = []
     for gi, (p, pk) in enumerate(zip(batch.problems, batch.picks)):
         group = [Rollout(p, c.prompt_ids, c.completion_ids, c.text, False, c.logprobs, c.truncated) for c in samples[gi * n_student : (gi + 1) * n_student]]
@@ -778,7 +783,7 @@ def sample_ahead(state: RunState, index: int) -> Batch:
     with merged(state.adapters):
         snapshot = state.engine.layer_weights(snapshot=True)
     allocated = threading.Event()
-    batch.ahead = Ahead(state.cfg.device, sample, state, batch, snapshot, allocated)
+    batch.ahead = Ahead(state.cfg.device, sample, state, batch, snapshot, allocated.set)
     batch.ahead.wait_for(allocated)
     return batch
 

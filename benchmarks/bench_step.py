@@ -51,7 +51,6 @@ bench.json (docs/results/step-h200/driver/run.sh does this).
 
 import gc
 import json
-import os
 import shutil
 import signal
 import sys
@@ -74,7 +73,7 @@ from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
-from train import PRESETS, Config, Rollout, RunState, backward_parts, grpo_loss, learner_checkpointing, step
+from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, grpo_loss, learner_checkpointing, step
 
 
 @dataclass
@@ -563,7 +562,7 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
     meets), so the one reported is a steady-state step."""
     cfg = step_config(preset, model_name, device, compile, work)
     held = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None  # what the earlier parts left (should be ~0)
-    compile_cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", cfg.cache_dir / "inductor"))  # where RunState.start points the compiles
+    compile_cache = compile_cache_dir(cfg)  # where RunState.start points the compiles
     cached = sum(f.is_file() for f in compile_cache.rglob("*")) if compile_cache.exists() else 0  # the target's first step is on a warm cache
     (work / "run").mkdir()
     with Grader(cfg.reward) as grader:
