@@ -36,9 +36,12 @@ Reported (table on stdout, everything in out/bench/bench.json):
   realistic lengths (random-qwen3-4b ends on a random set of token ids, projected_grpo/models.py, so lengths
   spread geometrically around ~600 tokens): seconds per phase as the step's Timers measure
   them (gen, grade, learn, allreduce, arm, update, refresh), how full its generation kept the
-  KV slots (decode steps, mean live slots: the drained tail shows there), its peak memory and
+  KV slots (decode steps, mean live slots: the drained tail shows there) and where its time went
+  (prefills, graph captures, decode steps by decoded slots and KV window), its peak memory and
   the memory the parts before it still held; the first step (compiles and graph captures) apart, with the
-  compile cache's state before it. Every group holds teacher rollouts (the preset's mix, else
+  compile cache's state before it. Then that step's generation again with flex attention
+  (each slot reads its own KV blocks, where SDPA reads the longest live sequence's window):
+  the step's decode steps at flex's ms per step against their own seconds, shape by shape. Every group holds teacher rollouts (the preset's mix, else
   0.25, as issue 21's measured step): random weights neither pass nor hack, so without them
   every group is dead and the learner has nothing to do.
 - Last, issue 21's targets for one H200 (TARGETS), each measured value beside its yardstick
@@ -71,9 +74,9 @@ from projected_grpo.activations import Checkpointing, checkpoint_first, decoder_
 from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
-from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, RolloutEngine, Sampling, draw, kv_window
+from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, CallStats, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
-from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, grpo_loss, learner_checkpointing, step
+from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, grpo_loss, learner_checkpointing, sample, step
 
 
 @dataclass
@@ -306,6 +309,8 @@ def resumed(path: Path, header: dict, step_preset: str) -> dict:
     step = earlier.get("step", {})
     if step_preset and (step.get("preset"), step.get("teacher_mix")) == (step_preset, step_teacher_mix(step_preset)):
         kept["step"] = step
+        if "generation_flex" in earlier:
+            kept["generation_flex"] = earlier["generation_flex"]
     print(f"--resume: kept {', '.join(kept) or 'nothing'} from {path}")
     return kept
 
@@ -318,7 +323,7 @@ def measure(args: Args, device: str, step_preset: str, work: Path, report: dict)
         model_parts(h, device, work, report)
     if step_preset and "step" not in report:
         released(cuda)  # what the model's parts held: the step's run loads its own copy of the weights
-        report["step"] = realistic_step(step_preset, h["model"], device, h["compile"], work)
+        realistic_step(step_preset, h["model"], device, h["compile"], work, report)
     report["targets"] = targets(report, cuda)
 
 
@@ -556,10 +561,11 @@ def step_config(preset: str, model_name: str, device: str, compile: bool, work: 
                    v_hack=replace(cfg.v_hack, pairs=work / "pairs.jsonl")).resolved()
 
 
-def realistic_step(preset: str, model_name: str, device: str, compile: bool, work: Path) -> dict:
-    """One GRPO step of `preset` through train.step itself (`step_config`). A first step runs
-    before it (as a run's first step does, it compiles and captures the graphs of the shapes it
-    meets), so the one reported is a steady-state step."""
+def realistic_step(preset: str, model_name: str, device: str, compile: bool, work: Path, report: dict) -> None:
+    """One GRPO step of `preset` through train.step itself (`step_config`), into report["step"];
+    then its generation again with flex attention, into report["generation_flex"]. A first step
+    runs before it (as a run's first step does, it compiles and captures the graphs of the
+    shapes it meets), so the one reported is a steady-state step."""
     cfg = step_config(preset, model_name, device, compile, work)
     held = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None  # what the earlier parts left (should be ~0)
     compile_cache = compile_cache_dir(cfg)  # where RunState.start points the compiles
@@ -569,8 +575,15 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
         state = RunState.start(cfg, work / "run", grader)
         step(state, state.next_batch())
         first_generation, first_step = state.seconds["gen"], sum(s for phase, s in state.seconds.items() if phase != "step")
-        record = step(state, state.next_batch())
+        record = step(state, batch := state.next_batch())
         call = state.engine.last_call  # the steady step's one generate call (teachers come from the pool)
+        report["step"] = step_row(preset, state, record, call, first_generation, first_step, held, cached)
+        report["generation_flex"] = flex_generation(state, batch, call)
+
+
+def step_row(preset: str, state: RunState, record, call: CallStats, first_generation: float, first_step: float, held: float | None, cached: int) -> dict:
+    """The steady step's row, printed: its phases, then where its generation call's time went."""
+    cfg = state.cfg
     seconds = {phase: s for phase, s in state.seconds.items() if phase != "step"}  # the phases; "step" is their whole
     out = {"preset": preset, "teacher_mix": cfg.teacher_mix, "rollouts": record.rollout.rollouts, "live_groups": 1 - record.rollout.skipped_groups,
            "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
@@ -584,6 +597,45 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
           + f"; generation {out['generation_tok_s']:,.0f} tok/s in {call.decode_steps:,} decode steps with {call.mean_live:.0f} of {call.slots} slots live "
           f"on average, {call.prefills} prefills (the first step's generation, which compiles and captures: {first_generation:.1f} s)"
           + (f"; peak {out['peak_gib']:.1f} GiB, {held:.1f} GiB held by the parts before it" if out["peak_gib"] is not None else ""))
+    print_call(call, "the step's generation")
+    return out
+
+
+def print_call(call: CallStats, label: str) -> None:
+    """A generate call's wall time by part, then its decode steps by decoded slots (the tail
+    halves them): steps, seconds, ms per step and the KV windows they read."""
+    print(f"{label}: " + ", ".join(f"{part} {s:.1f} s" for part, s in call.seconds.items())
+          + f" ({call.prefills} prefills, {len(call.shapes)} decode shapes, {call.decode_steps:,} decode steps)")
+    print(f"{'slots':>7} {'steps':>7} {'seconds':>8} {'ms/step':>8}  KV windows")
+    for slots in sorted({s.slots for s in call.shapes}, reverse=True):
+        mine = [s for s in call.shapes if s.slots == slots]
+        steps, seconds = sum(s.steps for s in mine), sum(s.seconds for s in mine)
+        print(f"{slots:>7} {steps:>7,} {seconds:>8.2f} {1e3 * seconds / steps:>8.2f}  {min(s.window for s in mine)}..{max(s.window for s in mine)}")
+
+
+def flex_generation(state: RunState, batch, sdpa: CallStats) -> dict:
+    """The steady step's generation again (its prompts, its sampling stream) on an engine whose
+    decode reads only each slot's own KV blocks (attention="flex") against the step's own (SDPA,
+    every slot the whole window): each call's decode seconds, and over the shapes both calls met
+    (their lengths differ: other kernels, other draws), the step's decode steps at flex's ms per
+    step against their own seconds. Its captures compile flex's shapes: apart, not in decode."""
+    state.engine = RolloutEngine(state.model, state.tokenizer, attention="flex")
+    try:  # a failure is reported; the step's row is already in the report
+        sample(state, batch)
+    except Exception as e:
+        print(f"generation with flex attention failed: {type(e).__name__}: {str(e)[:300]}")
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    flex = state.engine.last_call
+    ms = {(s.slots, s.window): s.seconds / s.steps for s in flex.shapes}
+    matched = [s for s in sdpa.shapes if (s.slots, s.window) in ms]
+    out = {"sdpa_decode_s": sdpa.seconds["decode"], "flex_decode_s": flex.seconds["decode"], "matched_steps": sum(s.steps for s in matched),
+           "matched_sdpa_s": sum(s.seconds for s in matched), "matched_flex_s": sum(s.steps * ms[s.slots, s.window] for s in matched),
+           "flex_call": asdict(flex) | {"mean_live": flex.mean_live}}
+    out["ratio"] = out["matched_sdpa_s"] / out["matched_flex_s"]
+    print_call(flex, "\nthe same generation with flex attention")
+    print(f"flex vs sdpa on the {out['matched_steps']:,} of {sdpa.decode_steps:,} decode steps of the step at shapes both met: "
+          f"{out['matched_flex_s']:.1f} s at flex's ms per step vs {out['matched_sdpa_s']:.1f} s, {out['ratio']:.2f}x "
+          f"(decode of the whole call: flex {out['flex_decode_s']:.1f} s, sdpa {out['sdpa_decode_s']:.1f} s)")
     return out
 
 

@@ -58,8 +58,10 @@ Supports decoder-only Llama-family stacks (Qwen3 with its q/k norms, Llama, Smol
 full attention in every layer.
 """
 
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -115,20 +117,65 @@ class Sampling:
     """CUDA: torch.compile the decode step's decoder layer, once per engine (one compile serves every layer; ~15 s on first use on an H200, journal 2026-11-30), before graphing the step; ignored on CPU."""
 
 
+class ShapeTime(NamedTuple):
+    """The decode steps one generate call ran at one shape, and their wall seconds (the step's
+    replay, its one sync, redraws and finishing ended sequences; its graph's capture apart)."""
+
+    slots: int  # decoded slots [0, active)
+    window: int  # KV positions each read
+    steps: int
+    seconds: float
+
+
 @dataclass(frozen=True)
 class CallStats:
-    """How full one generate call kept its decode steps: a mean of live slots far below `slots`
-    says the call waited on its longest sequences (the drained tail), not on throughput."""
+    """How full one generate call kept its decode steps, and where its wall time went: a mean of
+    live slots far below `slots` says the call waited on its longest sequences (the drained
+    tail), not on throughput; `shapes` says what a step cost at each slot count and KV window."""
 
     sequences: int
     slots: int  # KV slots (Sampling.batch, or fewer sequences)
     prefills: int  # prefill forwards (refills of free slots, in chunks of PREFILL_TOKENS)
     decode_steps: int
     live_slot_steps: int  # live slots summed over the decode steps: the tokens they made (each sequence's first comes from its prefill)
+    seconds: dict[str, float]  # wall seconds by part (CALL_PARTS)
+    shapes: tuple[ShapeTime, ...]  # the decode steps by shape, in the order first met
 
     @property
     def mean_live(self) -> float:
         return self.live_slot_steps / max(self.decode_steps, 1)
+
+
+# A generate call's parts, timed on the host: each part ends in a device sync (the step's flags,
+# finish_ended's read, the capture's stream sync) or, for compact's copies, in the next part's.
+CALL_PARTS = ("prefill", "capture", "decode", "compact")  # capture: a new (slots, window) graph's compile where new, warm-up and capture
+
+
+class CallClock:
+    """Wall seconds of one generate call's parts (CALL_PARTS) and of its decode steps per shape."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(CALL_PARTS, 0.0)
+        self.shapes: dict[tuple[int, int], list] = {}  # (slots, window) -> [steps, seconds]
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+
+    @contextmanager
+    def step(self, slots: int, window: int) -> Iterator[None]:
+        """One decode step at this shape; a capture inside it is timed as its own part."""
+        start, captured = time.perf_counter(), self.seconds["capture"]
+        yield
+        seconds = time.perf_counter() - start - (self.seconds["capture"] - captured)
+        self.seconds["decode"] += seconds
+        shape = self.shapes.setdefault((slots, window), [0, 0.0])
+        shape[0], shape[1] = shape[0] + 1, shape[1] + seconds
+
+    def shape_times(self) -> tuple[ShapeTime, ...]:
+        return tuple(ShapeTime(slots, window, steps, seconds) for (slots, window), (steps, seconds) in self.shapes.items())
 
 
 @dataclass
@@ -463,7 +510,8 @@ class RolloutEngine:
             return new, logp, accepted, logits, flags
 
         rounds = DRAW_ROUNDS if device.type == "cuda" else 1
-        step = self._stepper(lambda active, window, dry: decode_step(active, window, rounds, dry), device)
+        clock = CallClock()
+        step = self._stepper(lambda active, window, dry: decode_step(active, window, rounds, dry), device, clock)
         bar = tqdm(total=len(work), desc=desc, leave=False)
 
         def finish_ended() -> None:
@@ -547,26 +595,30 @@ class RolloutEngine:
         prefills = decode_steps = live_slot_steps = 0
         while work or live:
             if not work and len(live) <= active // 2:
-                active = compact(active, live)
+                with clock.part("compact"):
+                    active = compact(active, live)
                 live = live_slots()
             free = [s for s in range(b) if owner[s] is None]
             if work and free and (len(free) >= max(1, int(b * REFILL)) or len(free) == b):
-                prefills += refill([work.popleft() for _ in range(min(len(free), len(work)))], free)
-                finish_ended()
+                with clock.part("prefill"):
+                    prefills += refill([work.popleft() for _ in range(min(len(free), len(work)))], free)
+                    finish_ended()
                 live = live_slots()
                 continue
-            new, logp, accepted, logits, flags = step(active, window_of(live))
-            rejected, any_ended = flags.tolist()  # the step's one sync
-            if rejected:
-                any_ended = redraw(active, new, logp, accepted, logits)
+            with clock.step(active, window := window_of(live)):
+                new, logp, accepted, logits, flags = step(active, window)
+                rejected, any_ended = flags.tolist()  # the step's one sync
+                if rejected:
+                    any_ended = redraw(active, new, logp, accepted, logits)
+                if any_ended:
+                    finish_ended()
             for s in live:
                 length[s] += 1
             decode_steps, live_slot_steps = decode_steps + 1, live_slot_steps + len(live)
             if any_ended:
-                finish_ended()
                 live = live_slots()
         bar.close()
-        self.last_call = CallStats(len(prompts) * n, b, prefills, decode_steps, live_slot_steps)
+        self.last_call = CallStats(len(prompts) * n, b, prefills, decode_steps, live_slot_steps, clock.seconds, clock.shape_times())
         return [results[item] for item in (divmod(i, n) for i in range(len(prompts) * n))]
 
     def _prefill_chunks(self, take: list[tuple[int, int]], prompts: list[list[int]]) -> list[list[tuple[int, int]]]:
@@ -582,37 +634,42 @@ class RolloutEngine:
             chunks[-1].append(item)
         return chunks
 
-    def _stepper(self, run, device: torch.device):
+    def _stepper(self, run, device: torch.device, clock: CallClock):
         """step(active, window): run(active, window, dry=False); on CUDA replayed from CUDA graphs
         over the calling generate_ids' state tensors (KV caches, tokens, positions, outputs: the
         same storage for the whole call), captured lazily per (active slots, KV window) after a
-        dry run (the warm-up)."""
+        dry run (the warm-up), each capture timed on `clock`."""
         if device.type != "cuda":
             return lambda active, window: run(active, window, False)
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
 
+        def capture(active: int, window: int) -> tuple[torch.cuda.CUDAGraph, tuple]:
+            make_room_for_capture(device)
+            side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                # Warm-up, where a new shape compiles: dry, so it commits nothing (it rewrites the same K/V).
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    run(active, window, True)
+                # Captured with capture_begin/end, not under torch.cuda.graph, whose device-wide
+                # synchronize and empty_cache per capture would stall a learner running on
+                # another thread (--one-step-off) and hand back its cached memory (make_room_for_capture
+                # does that only when the driver runs short); thread_local: that learner's
+                # allocations stay legal during the capture.
+                graph.capture_begin(pool, capture_error_mode="thread_local")
+                try:
+                    outputs = run(active, window, False)
+                finally:
+                    graph.capture_end()
+            side.synchronize()  # the warm-up's device time is the capture's, not the first replay's
+            torch.cuda.current_stream().wait_stream(side)
+            return graph, outputs
+
         def step(active: int, window: int):
             if (active, window) not in graphs:
-                make_room_for_capture(device)
-                side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    # Warm-up, where a new shape compiles: dry, so it commits nothing (it rewrites the same K/V).
-                    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                        run(active, window, True)
-                    # Captured with capture_begin/end, not under torch.cuda.graph, whose device-wide
-                    # synchronize and empty_cache per capture would stall a learner running on
-                    # another thread (--one-step-off) and hand back its cached memory (make_room_for_capture
-                    # does that only when the driver runs short); thread_local: that learner's
-                    # allocations stay legal during the capture.
-                    graph.capture_begin(pool, capture_error_mode="thread_local")
-                    try:
-                        outputs = run(active, window, False)
-                    finally:
-                        graph.capture_end()
-                torch.cuda.current_stream().wait_stream(side)
-                graphs[active, window] = (graph, outputs)
+                with clock.part("capture"):
+                    graphs[active, window] = capture(active, window)
             graph, outputs = graphs[active, window]
             graph.replay()
             return outputs

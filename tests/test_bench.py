@@ -85,6 +85,10 @@ def test_step_and_the_rest_are_reported(bench: dict):
     call = step["generation_call"]  # the steady step's generate call: its students, through the preset's KV slots
     assert call["sequences"] == round(step["rollouts"] * (1 - step["teacher_mix"])) and 0 < call["mean_live"] <= call["slots"]
     assert math.isclose(call["mean_live"], call["live_slot_steps"] / call["decode_steps"], rel_tol=1e-9) and "slots live on average" in bench["stdout"]
+    assert sum(s[2] for s in call["shapes"]) == call["decode_steps"] and "the step's generation: prefill" in bench["stdout"]
+    flex = bench["generation_flex"]  # the step's generation again, flex attention: matched shape by shape
+    assert flex["flex_call"]["sequences"] == call["sequences"] and 0 < flex["matched_steps"] <= call["decode_steps"]
+    assert math.isclose(flex["ratio"], flex["matched_sdpa_s"] / flex["matched_flex_s"], rel_tol=1e-9) and "flex vs sdpa on the" in bench["stdout"]
     learner = bench["learner"]  # the padded adapter path (the baseline) and the packed, merged learner, same rollouts
     assert learner["padded_tok_s"] > 0 and math.isclose(learner["ratio"], learner["packed_tok_s"] / learner["padded_tok_s"], rel_tol=1e-9)
     assert learner["max_rel_grad_diff"] < 1e-4 and bench["extraction_s_per_pair"] > 0  # fp32 on CPU: the two learners agree
@@ -134,9 +138,10 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
         raise AssertionError("the model's parts were measured already")
 
     monkeypatch.setattr(bench_step, "model_parts", model_parts)
-    monkeypatch.setattr(bench_step, "realistic_step", lambda preset, *a: calls.append(preset) or bench["step"])
+    monkeypatch.setattr(bench_step, "realistic_step", lambda preset, *a: calls.append(preset) or a[-1].update(step=bench["step"]))
     report = bench_step.main(args)
     assert calls == ["smoke"] and report["step"] == bench["step"] and report["learner"] == bench["learner"]
+    assert "generation_flex" not in report  # the earlier run's went with its step
     assert bench["step"]["teacher_mix"] == 0.5 and bench["step"]["live_groups"] > 0  # smoke's own mix: live groups on tiny-random-qwen3
     assert report["targets"] == bench["targets"]  # every row, as the run that measured all of it in one go
     assert json.loads((tmp_path / "bench.json").read_text())["targets"] == bench["targets"]
@@ -148,6 +153,7 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
     monkeypatch.setattr(bench_step, "realistic_step", lambda *a: pytest.fail("the step was measured already"))
     report = bench_step.main(args)
     assert calls == ["smoke", "model"] and report["step"] == bench["step"] and report["targets"] == bench["targets"]
+    assert report["generation_flex"] == bench["generation_flex"]  # kept with its step
 
 
 def test_a_resume_under_another_header_is_refused_and_keeps_the_file(bench: dict, tmp_path: Path, monkeypatch):

@@ -5,6 +5,7 @@ promises (every sequence once with its own prompt, EOS and max length)."""
 import contextlib
 import math
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
 from projected_grpo import rollout
 from projected_grpo.ahead import Ahead
 from projected_grpo.models import completion_logprobs, load_model
-from projected_grpo.rollout import KV_WINDOW, RolloutEngine, Sampling, _stack, in_nucleus, live_blocks, sample_tokens
+from projected_grpo.rollout import CALL_PARTS, KV_WINDOW, RolloutEngine, Sampling, _stack, in_nucleus, live_blocks, sample_tokens
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVDLinear, merged, reference_mode, unwrap_svd, wrap_svd
 
 
@@ -525,15 +526,23 @@ def test_allocated_is_called_once_before_the_first_forward(monkeypatch):
     assert [c for c, _, _ in engine.generate_ids(prompts, sampling, n=2)] == [c for c, _, _ in out]
 
 
-def test_a_calls_stats_count_its_decode_steps_and_tokens():
+def test_a_calls_stats_count_its_decode_steps_and_tokens_and_time_its_parts():
     """engine.last_call: every token but each sequence's first (its prefill's) comes from a
-    decode step, one per live slot; with more sequences than slots the slots are refilled."""
+    decode step, one per live slot; with more sequences than slots the slots are refilled. Its
+    seconds split the call's wall time into parts, and its decode steps by shape add up to them."""
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")
     engine = RolloutEngine(model, tokenizer)
     prompts, sampling = prompts_of([5, 30, 12]), Sampling(max_new_tokens=9, batch=4)
+    start = time.perf_counter()
     out = engine.generate_ids(prompts, sampling, n=3)
+    wall = time.perf_counter() - start
     stats = engine.last_call
     assert stats.sequences == 9 and stats.slots == 4 and stats.prefills >= 2  # 9 sequences through 4 slots: refilled
     assert stats.live_slot_steps == sum(len(c) for c, _, _ in out) - len(out)
     assert max(len(c) for c, _, _ in out) - 1 <= stats.decode_steps <= stats.live_slot_steps
     assert 0 < stats.mean_live <= 4
+    assert set(stats.seconds) == set(CALL_PARTS) and stats.seconds["capture"] == 0  # no graphs on CPU
+    assert stats.seconds["prefill"] > 0 and stats.seconds["decode"] > 0 and sum(stats.seconds.values()) <= wall
+    assert sum(s.steps for s in stats.shapes) == stats.decode_steps and len({(s.slots, s.window) for s in stats.shapes}) == len(stats.shapes)
+    assert math.isclose(sum(s.seconds for s in stats.shapes), stats.seconds["decode"], rel_tol=1e-9)
+    assert {s.slots for s in stats.shapes} <= {1, 2, 4} and {s.window for s in stats.shapes} == {30 + 9}  # the tail halves the slots; a window past the cache's capacity reads all of it
