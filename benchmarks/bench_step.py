@@ -12,7 +12,7 @@ Reported (table on stdout, everything in out/bench/bench.json):
   `generate` first (the baseline), then the rollout engine (projected_grpo/rollout.py, with delta_S merged:
   the path training takes; its first call, which compiles and captures, is reported apart);
   the ratio; the bound B / ((weights + mean KV cache bytes) / bandwidth) and the fraction of
-  it reached.
+  it reached; each batch's last call by part (prefill, graph capture, decode steps).
 - Decode at the largest batch with the engine's fused Q/K/V and gate/up projections (its
   default) against one matmul per projection (`fuse=False`), timed back to back: tok/s of
   each and the ratio.
@@ -215,9 +215,13 @@ def decode_rows(model, tokenizer, prompts: dict[int, torch.Tensor], plain: dict[
     for b, ids in prompts.items():
         tps, first = engine_tok_s(engine, ids.tolist(), new_tokens, compile, cuda)
         rows.append({"batch": b, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "generate_tok_s": plain[b], "engine_tok_s": tps,
-                     "ratio": tps / plain[b], "bound_tok_s": bound(b), "fraction_of_bound": tps / bound(b), "engine_first_call_s": first})
+                     "ratio": tps / plain[b], "bound_tok_s": bound(b), "fraction_of_bound": tps / bound(b), "engine_first_call_s": first,
+                     "last_call_s": engine.last_call.seconds})
         print(f"{b:>5} {plain[b]:>10,.0f} {tps:>10,.0f} {tps / plain[b]:>6.2f}x {bound(b):>10,.0f} {tps / bound(b):>9.1%} {first:>11.1f}")
     b = max(prompts)
+    call = engine.last_call  # the largest batch's last timed call: what its tok/s spent besides decode steps
+    print(f"B={b}'s last call: " + ", ".join(f"{part} {s:.2f} s" for part, s in call.seconds.items())
+          + f"; {1e3 * call.seconds['decode'] / call.decode_steps:.2f} ms per decode step")
     report = {"decode": rows}
     fused_tps, unfused_tps = (engine_tok_s(e, prompts[b].tolist(), new_tokens, compile, cuda)[0] for e in (engine, built(fuse=False)))
     report["decode_fused"] = {"batch": b, "fused_tok_s": fused_tps, "unfused_tok_s": unfused_tps, "ratio": fused_tps / unfused_tps}

@@ -34,7 +34,8 @@ def test_decode_rows_are_consistent(bench: dict):
         assert r["generate_tok_s"] > 0 and r["engine_tok_s"] > 0 and r["bound_tok_s"] > 0
         assert math.isclose(r["ratio"], r["engine_tok_s"] / r["generate_tok_s"], rel_tol=1e-9)
         assert math.isclose(r["fraction_of_bound"], r["engine_tok_s"] / r["bound_tok_s"], rel_tol=1e-9)
-    assert bench["bandwidth_gbs"] > 0
+        assert r["last_call_s"]["prefill"] > 0 and r["last_call_s"]["decode"] > 0  # what a call spends besides decode steps, and on them
+    assert bench["bandwidth_gbs"] > 0 and "B=4's last call: prefill" in bench["stdout"]
     # The bound is B / ((weights + mean KV) / bandwidth): doubling B less than doubles it.
     b2, b4 = bench["decode"]
     assert b2["bound_tok_s"] < b4["bound_tok_s"] < 2 * b2["bound_tok_s"]
