@@ -189,15 +189,18 @@ def test_scaling_bench_reads_what_train_logs(tmp_path: Path):
 
 
 def test_off_policy_bench_compares_the_two_arms(tmp_path: Path):
-    """bench_off_policy.py on CPU (smoke, 2 steps per arm): the same steps on-policy and one-step-off,
-    the speed-up recomputed from the steps it names, the importance weights only where they exist."""
+    """bench_off_policy.py on CPU (smoke, 3 steps per arm): the same steps on-policy and one-step-off,
+    the speed-up recomputed from the steps it names (not the first, not the last), the importance
+    weights only where they exist; fewer steps are refused in one line."""
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "benchmarks/bench_off_policy.py", "--steps", "2", "--out", str(tmp_path)]
+    refused = subprocess.run([sys.executable, "benchmarks/bench_off_policy.py", "--steps", "2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--steps 2 leaves no steady step" in refused.stderr and "Traceback" not in refused.stderr
+    cmd = [sys.executable, "benchmarks/bench_off_policy.py", "--steps", "3", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "off_policy.json").read_text())
     arms = report["arms"]
-    assert list(arms) == ["on_policy", "one_step_off"] and all([r["step"] for r in rows] == [1, 2] for rows in arms.values())
+    assert list(arms) == ["on_policy", "one_step_off"] and all([r["step"] for r in rows] == [1, 2, 3] for rows in arms.values())
     steady = {name: rows[1]["step_s"] for name, rows in arms.items()}
     assert report["steady_step_s"] == steady and math.isclose(report["speedup"], steady["on_policy"] / steady["one_step_off"], rel_tol=1e-9)
     assert all(r["loss/is_ratio_mean"] is None and r["loss/is_clipped"] is None for r in arms["on_policy"])
