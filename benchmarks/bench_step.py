@@ -12,7 +12,7 @@ Reported (table on stdout, everything in out/bench/bench.json):
   `generate` first (the baseline), then the rollout engine (projected_grpo/rollout.py, with delta_S merged:
   the path training takes; its first call, which compiles and captures, is reported apart);
   the ratio; the bound B / ((weights + mean KV cache bytes) / bandwidth) and the fraction of
-  it reached; each batch's last call by part (prefill, graph capture, decode steps).
+  it reached; each batch's last call by part (prefill, the making of graphs, decode steps).
 - Decode at the largest batch with the engine's fused Q/K/V and gate/up projections (its
   default) against one matmul per projection (`fuse=False`), timed back to back: tok/s of
   each and the ratio.
@@ -37,7 +37,7 @@ Reported (table on stdout, everything in out/bench/bench.json):
   spread geometrically around ~600 tokens): seconds per phase as the step's Timers measure
   them (gen, grade, learn, allreduce, arm, update, refresh), how full its generation kept the
   KV slots (decode steps, mean live slots: the drained tail shows there) and where its time went
-  (prefills, graph captures, decode steps by decoded slots and KV window), its peak memory and
+  (prefills, the making of graphs, decode steps by decoded slots and KV window), its peak memory and
   the memory the parts before it still held; the first step (compiles and graph captures) apart, with the
   compile cache's state before it. Then that step's generation again with flex attention
   (each slot reads its own KV blocks, where SDPA reads the longest live sequence's window):
@@ -622,7 +622,7 @@ def flex_generation(state: RunState, batch, sdpa: CallStats) -> dict:
     decode reads only each slot's own KV blocks (attention="flex") against the step's own (SDPA,
     every slot the whole window): each call's decode seconds, and over the shapes both calls met
     (their lengths differ: other kernels, other draws), the step's decode steps at flex's ms per
-    step against their own seconds. Its captures compile flex's shapes: apart, not in decode."""
+    step against their own seconds. Its graphs' warm-ups compile flex's shapes: apart, not in decode."""
     state.engine = RolloutEngine(state.model, state.tokenizer, attention="flex")
     try:  # a failure is reported; the step's row is already in the report
         sample(state, batch)

@@ -119,7 +119,7 @@ class Sampling:
 
 class ShapeTime(NamedTuple):
     """The decode steps one generate call ran at one shape, and their wall seconds (the step's
-    replay, its one sync, redraws and finishing ended sequences; its graph's capture apart)."""
+    replay, its one sync, redraws and finishing ended sequences; its graph's making apart)."""
 
     slots: int  # decoded slots [0, active)
     window: int  # KV positions each read
@@ -147,8 +147,11 @@ class CallStats:
 
 
 # A generate call's parts, timed on the host: each part ends in a device sync (the step's flags,
-# finish_ended's read, the capture's stream sync) or, for compact's copies, in the next part's.
-CALL_PARTS = ("prefill", "capture", "decode", "compact")  # capture: a new (slots, window) graph's compile where new, warm-up and capture
+# finish_ended's read, the graph parts' stream syncs) or, for compact's copies, in the next part's.
+# The graph parts make each new (slots, window) graph: room (make_room_for_capture), warmup (the
+# dry run, where a new shape compiles), capture (recording and instantiating the graph).
+GRAPH_PARTS = ("room", "warmup", "capture")
+CALL_PARTS = ("prefill", *GRAPH_PARTS, "decode", "compact")
 
 
 class CallClock:
@@ -166,10 +169,11 @@ class CallClock:
 
     @contextmanager
     def step(self, slots: int, window: int) -> Iterator[None]:
-        """One decode step at this shape; a capture inside it is timed as its own part."""
-        start, captured = time.perf_counter(), self.seconds["capture"]
+        """One decode step at this shape; the making of its graph inside it is timed in the graph parts."""
+        graphs = lambda: sum(self.seconds[p] for p in GRAPH_PARTS)  # noqa: E731
+        start, before = time.perf_counter(), graphs()
         yield
-        seconds = time.perf_counter() - start - (self.seconds["capture"] - captured)
+        seconds = time.perf_counter() - start - (graphs() - before)
         self.seconds["decode"] += seconds
         shape = self.shapes.setdefault((slots, window), [0, 0.0])
         shape[0], shape[1] = shape[0] + 1, shape[1] + seconds
@@ -638,38 +642,40 @@ class RolloutEngine:
         """step(active, window): run(active, window, dry=False); on CUDA replayed from CUDA graphs
         over the calling generate_ids' state tensors (KV caches, tokens, positions, outputs: the
         same storage for the whole call), captured lazily per (active slots, KV window) after a
-        dry run (the warm-up), each capture timed on `clock`."""
+        dry run (the warm-up), each part of the making timed on `clock` (GRAPH_PARTS)."""
         if device.type != "cuda":
             return lambda active, window: run(active, window, False)
         pool = torch.cuda.graph_pool_handle()
         graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple]] = {}
 
         def capture(active: int, window: int) -> tuple[torch.cuda.CUDAGraph, tuple]:
-            make_room_for_capture(device)
+            with clock.part("room"):
+                make_room_for_capture(device)
             side, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 # Warm-up, where a new shape compiles: dry, so it commits nothing (it rewrites the same K/V).
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                with clock.part("warmup"), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
                     run(active, window, True)
+                    side.synchronize()
                 # Captured with capture_begin/end, not under torch.cuda.graph, whose device-wide
                 # synchronize and empty_cache per capture would stall a learner running on
                 # another thread (--one-step-off) and hand back its cached memory (make_room_for_capture
                 # does that only when the driver runs short); thread_local: that learner's
                 # allocations stay legal during the capture.
-                graph.capture_begin(pool, capture_error_mode="thread_local")
-                try:
-                    outputs = run(active, window, False)
-                finally:
-                    graph.capture_end()
-            side.synchronize()  # the warm-up's device time is the capture's, not the first replay's
+                with clock.part("capture"):
+                    graph.capture_begin(pool, capture_error_mode="thread_local")
+                    try:
+                        outputs = run(active, window, False)
+                    finally:
+                        graph.capture_end()
+                    side.synchronize()
             torch.cuda.current_stream().wait_stream(side)
             return graph, outputs
 
         def step(active: int, window: int):
             if (active, window) not in graphs:
-                with clock.part("capture"):
-                    graphs[active, window] = capture(active, window)
+                graphs[active, window] = capture(active, window)
             graph, outputs = graphs[active, window]
             graph.replay()
             return outputs
