@@ -271,6 +271,22 @@ def live_blocks(positions: Int[Tensor, " b"], q_len: int, window: int) -> BlockM
     return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=KV_WINDOW, mask_mod=causal, seq_lengths=(q_len, window), compute_q_blocks=False)
 
 
+def mark_dynamic_sizes(per_slot: list[Tensor], mask: Tensor | BlockMask, caches: list[Tensor]) -> None:
+    """Mark the sizes the compiled decode layer sees change as dynamic before its first compile:
+    the slots (dim 0 of every per-slot tensor, the mask and the caches), the KV window (the SDPA
+    mask's last dim) and the cache's capacity (dim 2 of K and V: each call's longest prompt plus
+    max_new_tokens). Left to dynamo, each size's first change recompiles the layer: a new
+    capacity in a second generate call did (a CPU probe, 2026-12-06), so the bench's steady step
+    paid for compiles a long run pays once."""
+    for t in (*per_slot, *caches):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    for t in caches:
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+    if isinstance(mask, Tensor):  # a BlockMask (flex) carries its sizes in its own tensors
+        torch._dynamo.maybe_mark_dynamic(mask, 0)
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding on [b, t, heads, d] (HF's apply_rotary_pos_emb, heads on axis 2)."""
     half = x.shape[-1] // 2
@@ -407,6 +423,8 @@ class RolloutEngine:
         else:
             mask = (torch.arange(window, device=tokens.device) <= positions[:, None])[:, None, None, :]
         layer_step = self._compiled_layer() if compiled else self._decode_layer
+        if compiled:
+            mark_dynamic_sizes([x, cos, sin, rows, positions], mask, [*k_cache, *v_cache])
         for layer, kc, vc, w in zip(self.body.layers, k_cache, v_cache, weights):
             x = layer_step(layer, x, cos, sin, kc, vc, rows, positions, mask, *w)
         return self.lm_head(self.body.norm(x[:, 0])).float()

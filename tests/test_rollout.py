@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import jaxtyping
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,7 @@ def test_a_dry_decode_step_changes_no_state(tiny, monkeypatch):
     expected = engine.generate_ids(prompts, sampling)
     dry_runs = []
 
-    def warmed(self, run, device):
+    def warmed(self, run, device, clock):
         def step(active, window):
             dry_runs.append(active)
             run(active, window, True)
@@ -546,3 +547,27 @@ def test_a_calls_stats_count_its_decode_steps_and_tokens_and_time_its_parts():
     assert sum(s.steps for s in stats.shapes) == stats.decode_steps and len({(s.slots, s.window) for s in stats.shapes}) == len(stats.shapes)
     assert math.isclose(sum(s.seconds for s in stats.shapes), stats.seconds["decode"], rel_tol=1e-9)
     assert {s.slots for s in stats.shapes} <= {1, 2, 4} and {s.window for s in stats.shapes} == {30 + 9}  # the tail halves the slots; a window past the cache's capacity reads all of it
+
+
+def test_the_compiled_decode_layer_does_not_recompile_for_a_new_call(tiny, monkeypatch):
+    """The sizes that change between decode steps and between generate calls (slots, KV window,
+    the cache's capacity: each call's longest prompt plus max_new_tokens) are marked dynamic
+    before the layer's first compile, so calls after the first compile nothing; left to dynamo,
+    a second call with a new capacity recompiled it (2 frames here)."""
+    model, tokenizer = tiny
+    engine = RolloutEngine(model, tokenizer)
+    counter = CompileCounterWithBackend("eager")  # dynamo's decisions, without inductor's codegen
+    engine._compiled = torch.compile(engine._decode_layer, backend=counter)
+    # The layer as runs have it: BEARTYPE=1's shape checks keep state dynamo guards on (14 frames
+    # a call with them on), and runs go without.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    weights, frames = engine.layer_weights(), []
+    for capacity in (640, 700, 768):  # three calls
+        before = counter.frame_count
+        for slots, window in ((8, 128), (8, 256), (8, 384), (4, 384), (4, 512), (2, 512), (1, 512)):  # a call's steps: windows grow, the tail halves the slots
+            k_cache = [torch.zeros(slots, engine.n_kv, capacity, engine.head_dim) for _ in engine.body.layers]
+            tokens, positions = torch.randint(100, 1000, (slots,)), torch.full((slots,), window - 5)
+            with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=rollout.RECOMPILE_LIMIT):
+                engine.decode(tokens, positions, k_cache, [torch.zeros_like(k) for k in k_cache], window, weights, compiled=True)
+        frames.append(counter.frame_count - before)
+    assert frames[0] > 0 and frames[1:] == [0, 0], frames
