@@ -39,9 +39,10 @@ two fused projections:
   a sequence that ended): one device sync per token; the host redraws the rare rows the rounds
   left outside the nucleus and finishes ended sequences. On CUDA that step is replayed as a CUDA graph,
   one per (decoded slots, KV window), and with `compile` one decoder layer is torch.compile'd (regional
-  compilation: one compile serves all layers, whose fused weights are its arguments; new
-  windows and slot counts recompile it, up to RECOMPILE_LIMIT times). On CPU the same
-  functions run eagerly.
+  compilation: one compile serves all layers, whose fused weights are its arguments; the slot
+  count, KV window and cache capacity are dynamic sizes from its first compile, so later
+  shapes and calls reuse it; the few recompiles left, such as one slot, which dynamo
+  specializes, are allowed up to RECOMPILE_LIMIT). On CPU the same functions run eagerly.
 
 Guarantees:
 - Exact sampling from softmax(logits / T) cut to the nucleus of mass top_p, without a sort:
@@ -78,8 +79,8 @@ from projected_grpo.svd_adapter import SVDLinear
 KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (a CUDA graph per window and slot count), flex in blocks of as many
 REFILL = 1 / 8  # refill free slots once this fraction of the batch is free (or nothing is live)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (bounds its activation memory)
-# Compiles of the decode layer an engine may make (batch sizes as the tail halves them, KV
-# windows): at dynamo's default of 8 a training run's later shapes ran uncompiled.
+# Compiles of the decode layer an engine may make: at dynamo's default of 8 a training run's
+# later shapes ran uncompiled (before mark_dynamic_sizes, each new size recompiled it once).
 RECOMPILE_LIMIT = 64
 # Exponential-race draws per graphed decode step (fixed shapes) before the rejected rows are
 # redrawn on the host; 1 on CPU, where a race over the vocabulary costs more than a redraw.
