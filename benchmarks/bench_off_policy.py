@@ -12,8 +12,9 @@ rollouts sampled ahead), loss/kl, loss/clip_frac, loss/logp_gap, the strict hack
 --one-step-off, loss/is_ratio_mean and loss/is_clipped; then the speed-up, the mean step
 seconds on-policy over one-step-off, over steps 2..STEPS-1 (step 1 compiles and captures, and
 samples on time in both; the last step has no next one to sample ahead, so one-step-off's
-learner runs alone there: 6.5 s against 11.3-12.6 beside the sampler on an H100, 2026-12-06). Each step's line is printed as it is done; everything goes to
-out/bench/off_policy.json at the end.
+learner runs alone there: 6.5 s against 11.3-12.6 beside the sampler on an H100, 2026-12-06).
+Each step's line is printed as it is done; everything goes to out/bench/off_policy.json at
+the end.
 """
 
 import json

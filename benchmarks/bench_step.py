@@ -39,11 +39,12 @@ Reported (table on stdout, everything in out/bench/bench.json):
   KV slots (decode steps, mean live slots: the drained tail shows there) and where its time went
   (prefills, the making of graphs, decode steps by decoded slots and KV window), its peak memory and
   the memory the parts before it still held; the first step (compiles and graph captures) apart, with the
-  compile cache's state before it. Then that step's generation again with flex attention
-  (each slot reads its own KV blocks, where SDPA reads the longest live sequence's window):
-  the step's decode steps at flex's ms per step against their own seconds, shape by shape. Every group holds teacher rollouts (the preset's mix, else
+  compile cache's state before it. Every group holds teacher rollouts (the preset's mix, else
   0.25, as issue 21's measured step): random weights neither pass nor hack, so without them
-  every group is dead and the learner has nothing to do.
+  every group is dead and the learner has nothing to do. Then that step's generation again
+  with flex attention (each slot reads its own KV blocks, where SDPA reads the longest live
+  sequence's window): the step's decode steps at flex's ms per step against their own
+  seconds, shape by shape.
 - Last, issue 21's targets for one H200 (TARGETS), each measured value beside its yardstick
   and whether it met the target (judged on CUDA only: on CPU the table shows the numbers).
 
