@@ -110,6 +110,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def failure(e: Exception) -> str:
+    """A part's error as bench.json and the table report it: its type and the start of its message."""
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def timed(fn, repeat: int = 1, warmup: int = 1) -> float:
     """Mean seconds of fn() over `repeat` calls after `warmup` calls."""
     for _ in range(warmup):
@@ -238,7 +243,7 @@ def decode_rows(model, tokenizer, prompts: dict[int, torch.Tensor], plain: dict[
         print(f"decode B={b} flex (live KV blocks) vs sdpa (whole window), prompts of 32..{2 * prompt_tokens} tokens: "
               f"{flex_tps:,.0f} vs {sdpa_tps:,.0f} tok/s, {flex_tps / sdpa_tps:.2f}x")
     except Exception as e:
-        report["decode_attention"] = {"batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        report["decode_attention"] = {"batch": b, "error": failure(e)}
         print(f"decode B={b} flex vs sdpa: flex failed, {report['decode_attention']['error']}")
     window = kv_window(prompt_tokens + new_tokens // 2)  # the mean window of the timed calls
     report["decode_profile"] = decode_profile(engine, b, window, SAMPLING, 1e3 * b / rows[-1]["engine_tok_s"])
@@ -628,8 +633,8 @@ def flex_generation(state: RunState, batch, sdpa: CallStats) -> dict:
     try:  # a failure is reported; the step's row is already in the report
         sample(state, batch)
     except Exception as e:
-        print(f"generation with flex attention failed: {type(e).__name__}: {str(e)[:300]}")
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"generation with flex attention failed: {failure(e)}")
+        return {"error": failure(e)}
     flex = state.engine.last_call
     ms = {(s.slots, s.window): s.seconds / s.steps for s in flex.shapes}
     matched = [s for s in sdpa.shapes if (s.slots, s.window) in ms]
