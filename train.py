@@ -125,7 +125,7 @@ class Config:
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """Linear layers (by last name component) rewritten into SVD coordinates."""
     grad_checkpointing: Policy = "auto"
-    """Activation checkpointing (recompute a layer's activations in backward): auto = per micro-batch, the fewest decoder layers that make it fit the free memory (measured once on a probe: projected_grpo/activations.py); always; never."""
+    """Activation checkpointing (recompute a layer's activations in backward): auto = micro-batches cut to recompute nothing where that leaves them >= 4,096 tokens, else per micro-batch the fewest decoder layers that make it fit the free memory (measured once on a probe: projected_grpo/activations.py); always; never."""
     cache_dir: Path = OUT / "cache"
     """SVD cache (cache_dir/svd), per-pair gradients, v_hack files and compiled kernels (cache_dir/inductor, unless TORCHINDUCTOR_CACHE_DIR is set)."""
 
@@ -499,7 +499,8 @@ def backward_parts(model, adapters: dict[str, SVDLinear], rollouts: list[Rollout
     first, in no-grad passes; then the policy's passes run on merged weights W + U diag(delta_S) Vh
     (one matmul per Linear where the adapter's own path takes three), delta_S's gradient
     recovered exactly in backward (svd_adapter); `checkpointing` picks each micro-batch's
-    recomputed layers, and fewer tokens per micro-batch than cfg.learner_tokens where memory needs it."""
+    recomputed layers, and fewer tokens per micro-batch than cfg.learner_tokens where that spares
+    recomputing or memory needs it."""
     tokens = checkpointing.tokens_for(cfg.learner_tokens)
     parts = [micro_batches([r for r in rollouts if r.teacher == teacher], cfg, tokens) for teacher in (False, True)]
     refs = [[None] * len(part) for part in parts]

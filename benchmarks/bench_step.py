@@ -459,13 +459,16 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     # micro-batch as a run of the preset does (full: auto, measured on a probe here).
     baseline = Checkpointing("always" if cuda else "never", len(decoder_layers(model)))
     checkpointing = learner_checkpointing(model, adapters, cfg)
+    # The yardstick for cutting micro-batches so they recompute nothing: the preset's cap kept, layers recomputed as memory needs.
+    recomputing = replace(checkpointing, smallest=cfg.learner_tokens, said=set(), capped=set())
     out, grads = {"rollouts": n, "tokens": tokens}, {}
     for path, run in (("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator)),
+                      ("recomputing", lambda: backward_parts(model, adapters, rollouts, cfg, denominator, recomputing)),
                       ("packed", lambda: backward_parts(model, adapters, rollouts, cfg, denominator, checkpointing))):
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        baseline.apply(model, 0)  # the packed path sets its own per micro-batch
+        baseline.apply(model, 0)  # the packed paths set their own per micro-batch
         for a in adapters.values():
             a.delta_S.grad = None
         seconds = timed(run)  # one untimed pass first: each path's first kernels are picked there
@@ -474,9 +477,13 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     checkpoint_first(model, 0)
     # what it picks for each micro-batch's row with the memory free now (as free as during the pass: its graph is gone)
     lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
-    out["checkpointed_layers"] = [checkpointing.layers_for(sum(lengths[i] for i in row)) for row in packing.plan(lengths, cfg.learner_tokens)]
+    for path, c in (("recomputing", recomputing), ("packed", checkpointing)):
+        rows = packing.plan(lengths, c.tokens_for(cfg.learner_tokens))
+        out[f"{path}_checkpointed_layers"] = [c.layers_for(sum(lengths[i] for i in row)) for row in rows]
     out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
+    out["ratio_recomputing"] = out["packed_tok_s"] / out["recomputing_tok_s"]
     out["max_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["padded"])
+    out["recomputing_rel_grad_diff"] = largest_rel_diff(grads["recomputing"], grads["packed"])  # what is kept never changes what is computed
     # Its yardstick: the padded path against itself in micro-batches of 4 (the same sums, other
     # padding and order): the rounding floor of this dtype, which a learner's difference is read against.
     for a in adapters.values():
@@ -491,7 +498,10 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
           f"(peak {out['padded_peak_gib']:.1f} GiB), packed + merged {out['packed_tok_s']:,.0f} tok/s (peak {out['packed_peak_gib']:.1f} GiB): "
           f"{out['ratio']:.2f}x; largest relative delta_S gradient difference {out['max_rel_grad_diff']:.1e} "
           f"(padded against itself in micro-batches of 4: {out['noise_rel_grad_diff']:.1e}); "
-          f"layers checkpointed per micro-batch: {out['checkpointed_layers']} (baseline: {baseline.layers_for(0)} each)")
+          f"layers checkpointed per micro-batch: {out['packed_checkpointed_layers']} (baseline: {baseline.layers_for(0)} each)")
+    print(f"  its micro-batches cut to recompute nothing (at least {checkpointing.smallest:,} tokens) vs the preset's cap of {cfg.learner_tokens:,} "
+          f"kept, layers recomputed {out['recomputing_checkpointed_layers']}: {out['packed_tok_s']:,.0f} vs {out['recomputing_tok_s']:,.0f} tok/s "
+          f"(peak {out['recomputing_peak_gib']:.1f} GiB), {out['ratio_recomputing']:.2f}x; largest relative gradient difference {out['recomputing_rel_grad_diff']:.1e}")
     return out
 
 

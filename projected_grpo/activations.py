@@ -13,7 +13,10 @@ layers k (the first k) such that
 
 where free is the device's free memory now (CUDA: the driver's free plus the caching
 allocator's reserved but unused; CPU: the host's available memory). Where even k = L does not
-fit, `Checkpointing.tokens_for` lowers the micro-batch's token cap to what does.
+fit, `Checkpointing.tokens_for` lowers the micro-batch's token cap to what does. Before that,
+it cuts the cap to the most tokens that fit with no layer checkpointed, where that leaves at
+least `Checkpointing.smallest` tokens (NO_RECOMPUTE_FLOOR): a packed micro-batch has no padding,
+so smaller ones cost only launches, while each checkpointed layer costs its forward again.
 
 Guarantees:
 - Checkpointing changes what is kept, never what is computed: the gradients are those of any
@@ -35,6 +38,10 @@ from torch import Tensor
 Policy = Literal["auto", "always", "never"]
 TOKEN_STEP = 256  # a micro-batch's token cap, when memory sets it, is a multiple of this (few distinct caps to log)
 HEADROOM = 0.85  # of the free memory a micro-batch may plan for: the allocator's fragmentation and the backward's smaller transients
+# The fewest tokens a micro-batch is cut to so that it recomputes no layer: a 4B model's matmuls
+# over 4k tokens are still long enough to run near the card's peak (where fewer tokens fit,
+# recomputing is the cheaper way). bench_step's learner row measures it against the cap kept.
+NO_RECOMPUTE_FLOOR = 4096
 GIB = 2**30
 
 
@@ -135,6 +142,7 @@ class Checkpointing:
     n_layers: int
     cost: ActivationBytes | None = None  # measured for "auto"
     free: Callable[[], int] | None = None  # free memory now, for "auto"
+    smallest: int = NO_RECOMPUTE_FLOOR  # tokens_for's floor for micro-batches that recompute nothing (a preset's cap: never cut for that)
     said: set[int] = field(default_factory=set)  # decisions already logged
     capped: set[int] = field(default_factory=set)  # token caps already logged
 
@@ -153,19 +161,26 @@ class Checkpointing:
         return k
 
     def tokens_for(self, tokens: int) -> int:
-        """`tokens`, or the most a micro-batch may hold where that many would not fit even with
-        every layer checkpointed (the learner then packs smaller micro-batches: the same sums).
+        """The learner's micro-batch token cap for a preset's `tokens`, a multiple of TOKEN_STEP:
+        the most that fit with no layer checkpointed, where that is at least `smallest` (or all
+        of `tokens`); else `tokens`, or the most that fit with every layer checkpointed where
+        `tokens` would not (the learner then packs smaller micro-batches: the same sums).
         One-step-off shares the card with the sampler: on an H100 (2026-12-06) 14 GiB stayed
         usable beside it, where a 16k-token micro-batch needs 31 GiB with every layer recomputed."""
         if self.policy != "auto":
             return tokens
         budget = HEADROOM * self.free()
-        fit = max(TOKEN_STEP, int(budget // self.cost.need(TOKEN_STEP, self.n_layers, self.n_layers)) * TOKEN_STEP)
-        if fit < tokens and fit not in self.capped:
-            self.capped.add(fit)
-            logger.info(f"learner micro-batches of at most {fit:,} tokens, not {tokens:,}: {budget / GIB:.1f} GiB usable, "
-                        f"{self.cost.need(tokens, self.n_layers, self.n_layers) / GIB:.1f} GiB needed with every layer checkpointed")
-        return min(tokens, fit)
+        most = lambda k: max(TOKEN_STEP, int(budget // self.cost.need(TOKEN_STEP, self.n_layers, k)) * TOKEN_STEP)  # noqa: E731
+        if (whole := most(0)) >= min(tokens, self.smallest):
+            cap, how = min(tokens, whole), "no layer"
+        else:
+            cap, how = min(tokens, most(self.n_layers)), "every layer"
+        if cap < tokens and cap not in self.capped:
+            self.capped.add(cap)
+            logger.info(f"learner micro-batches of at most {cap:,} tokens, not {tokens:,}, {how} recomputed: {budget / GIB:.1f} GiB usable, "
+                        f"{self.cost.need(tokens, self.n_layers, 0) / GIB:.1f} GiB needed for {tokens:,} with no layer recomputed, "
+                        f"{self.cost.need(tokens, self.n_layers, self.n_layers) / GIB:.1f} GiB with every layer")
+        return cap
 
     def apply(self, model: nn.Module, tokens: int) -> int:
         """Set the first k decoder layers of `model` to checkpoint (the others not) for a micro-batch of `tokens`; returns k."""

@@ -29,17 +29,27 @@ def test_the_fewest_layers_that_fit_are_checkpointed():
     assert Checkpointing("always", 4).layers_for(10) == 4 and Checkpointing("never", 4).layers_for(10**9) == 0
 
 
-def test_the_token_cap_falls_only_where_every_layer_checkpointed_does_not_fit():
+def test_the_token_cap_is_cut_to_recompute_nothing_down_to_its_floor_then_to_what_fits():
     free = [0]
-    c = Checkpointing("auto", 4, COST, lambda: free[0])
-    per_token = COST.need(1, 4, 4)  # 50 + 40 + 4 x 10 = 130 bytes with every layer checkpointed
-    free[0] = 16384 * per_token / 0.85 + 1
-    assert c.tokens_for(16384) == 16384 and c.tokens_for(4096) == 4096  # it fits: the preset's cap
-    free[0] = 5000 * per_token / 0.85 + 1
-    assert c.tokens_for(16384) == 4864 and c.tokens_for(4096) == 4096  # the multiple of 256 tokens that fits
-    assert COST.need(4864, 4, 4) <= 0.85 * free[0] < COST.need(4864 + 256, 4, 4)
+    c = Checkpointing("auto", 4, COST, lambda: free[0], smallest=1024)
+    usable = lambda n: free.__setitem__(0, n / 0.85 + 1)  # noqa: E731
+    # A token needs 490 bytes with no layer checkpointed (50 + 40 + 4 x 100), 130 with every layer.
+    usable(16384 * 490)
+    assert c.tokens_for(16384) == 16384 and c.layers_for(16384) == 0  # it all fits as it is: the preset's cap
+    usable(5000 * 490)
+    assert c.tokens_for(16384) == 4864 and c.layers_for(4864) == 0  # the multiple of 256 tokens that recomputes nothing
+    assert COST.need(4864, 4, 0) <= 0.85 * free[0] < COST.need(4864 + 256, 4, 0)
+    usable(800 * 490)  # 768 tokens would fit unrecomputed, under the floor: recompute instead, 3,015 tokens fit so
+    assert c.tokens_for(16384) == 2816 and c.layers_for(2816) == 4
+    assert c.tokens_for(512) == 512 and c.layers_for(512) == 0  # a preset's cap under the floor is its own floor
     free[0] = 0
     assert c.tokens_for(16384) == 256  # nothing fits: one step's worth, not zero
+    # The floor at the preset's cap: that cap, with layers recomputed, wherever every layer recomputed fits.
+    keep = Checkpointing("auto", 4, COST, lambda: free[0], smallest=16384)
+    usable(5000 * 490)
+    assert keep.tokens_for(16384) == 16384 and keep.layers_for(16384) == 4
+    usable(5000 * 130)
+    assert keep.tokens_for(16384) == 4864 and keep.layers_for(4864) == 4  # the multiple of 256 that fits with every layer recomputed
     assert Checkpointing("always", 4).tokens_for(16384) == 16384 == Checkpointing("never", 4).tokens_for(16384)
 
 

@@ -94,6 +94,10 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert learner["padded_tok_s"] > 0 and math.isclose(learner["ratio"], learner["packed_tok_s"] / learner["padded_tok_s"], rel_tol=1e-9)
     assert learner["max_rel_grad_diff"] < 1e-4 and bench["extraction_s_per_pair"] > 0  # fp32 on CPU: the two learners agree
     assert 0 <= learner["noise_rel_grad_diff"] < 1e-4 and "padded against itself in micro-batches of 4" in bench["stdout"]  # fp32: the floor is rounding too
+    # Its yardstick for cutting micro-batches to recompute nothing: the preset's cap kept (on the CPU's memory the two are one plan).
+    assert math.isclose(learner["ratio_recomputing"], learner["packed_tok_s"] / learner["recomputing_tok_s"], rel_tol=1e-9)
+    assert learner["recomputing_checkpointed_layers"] == learner["packed_checkpointed_layers"] and learner["recomputing_rel_grad_diff"] < 1e-4
+    assert "cut to recompute nothing" in bench["stdout"]
     wrap = bench["svd_wrap"]  # cold in stacks (the default) beside cold with one SVD per weight (the yardstick), then warm
     assert wrap["modules"] > 0 and wrap["cold_s"] > 0 and wrap["cold_per_weight_s"] > 0 and wrap["warm_s"] > 0
     assert "one SVD per weight" in bench["stdout"]

@@ -17,9 +17,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 mkdir -p "$OUT/bench"
 for part in "$@"; do
   case $part in
-    tests) timeout 150 python -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_rollout.py tests/test_packing.py tests/test_activations.py \
+    tests) timeout 120 python -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_rollout.py tests/test_packing.py tests/test_activations.py \
              -k "cuda or varlen or graph" 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
-    engine) timeout 430 python benchmarks/bench_step.py --step-preset '' --out "$OUT/bench" 2>&1 | tee "$OUT/engine.log" | tail -60 ;;
+    engine) timeout 460 python benchmarks/bench_step.py --step-preset '' --out "$OUT/bench" 2>&1 | tee "$OUT/engine.log" | tail -60 ;;
     step) [[ -f .bench/bench.json ]] && cp .bench/bench.json "$OUT/bench/"
           timeout 560 python benchmarks/bench_step.py --resume --out "$OUT/bench" 2>&1 | tee "$OUT/step.log" | tail -40 ;;
     off-policy) timeout 560 python benchmarks/bench_off_policy.py --steps "${OFF_POLICY_STEPS:-10}" --out "$OUT" 2>&1 | tee "$OUT/off_policy.log" | tail -40 ;;
