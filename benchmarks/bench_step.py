@@ -277,10 +277,12 @@ def main(args: Args) -> dict:
     try:
         measure(args, device, step_preset, work, report)
     finally:
-        shutil.rmtree(work, ignore_errors=True)  # never in place of the error that ended the run
+        # The report first: removing the step's tens of GB of SVD cache takes seconds, in which a
+        # `timeout` stop (an H100, 2026-12-06) ended the run before its file was written.
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
         print(f"wrote {args.out / 'bench.json'}" + ("" if "targets" in report else " (cut short: the parts measured before it stopped)"))
+        shutil.rmtree(work, ignore_errors=True)  # never in place of the error that ended the run
     return report
 
 
@@ -631,6 +633,10 @@ def print_call(call: CallStats, label: str) -> None:
         mine = [s for s in call.shapes if s.slots == slots]
         steps, seconds = sum(s.steps for s in mine), sum(s.seconds for s in mine)
         print(f"{slots:>7} {steps:>7,} {seconds:>8.2f} {1e3 * seconds / steps:>8.2f}  {min(s.window for s in mine)}..{max(s.window for s in mine)}")
+    if call.graphs:  # CUDA: a graph per shape, remade every call; a shape met in an earlier call is made from what that one compiled and planned
+        print(f"graphs made: {len(call.graphs)}, " + ", ".join(
+            f"{len(mine)} {label} {sum(g.seconds for g in mine):.2f} s ({sum(g.seconds for g in mine) / len(mine):.3f} s each)"
+            for label, mine in (("of shapes met in an earlier call", [g for g in call.graphs if g.met]), ("new", [g for g in call.graphs if not g.met])) if mine))
 
 
 def flex_generation(state: RunState, batch, sdpa: CallStats) -> dict:

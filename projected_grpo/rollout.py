@@ -128,6 +128,17 @@ class ShapeTime(NamedTuple):
     seconds: float
 
 
+class GraphTime(NamedTuple):
+    """The making of one decode step's CUDA graph in a generate call (GRAPH_PARTS): a shape this
+    engine made a graph for in an earlier call (`met`) finds its compiled code, cuDNN plans and
+    kernels' choices made; a new one pays for them."""
+
+    slots: int
+    window: int
+    met: bool
+    seconds: float
+
+
 @dataclass(frozen=True)
 class CallStats:
     """How full one generate call kept its decode steps, and where its wall time went: a mean of
@@ -141,6 +152,7 @@ class CallStats:
     live_slot_steps: int  # live slots summed over the decode steps: the tokens they made (each sequence's first comes from its prefill)
     seconds: dict[str, float]  # wall seconds by part (CALL_PARTS)
     shapes: tuple[ShapeTime, ...]  # the decode steps by shape, in the order first met
+    graphs: tuple[GraphTime, ...]  # the CUDA graphs this call made, in order (none on CPU)
 
     @property
     def mean_live(self) -> float:
@@ -161,6 +173,7 @@ class CallClock:
     def __init__(self):
         self.seconds = dict.fromkeys(CALL_PARTS, 0.0)
         self.shapes: dict[tuple[int, int], list] = {}  # (slots, window) -> [steps, seconds]
+        self.graphs: list[GraphTime] = []
 
     @contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -178,6 +191,13 @@ class CallClock:
         self.seconds["decode"] += seconds
         shape = self.shapes.setdefault((slots, window), [0, 0.0])
         shape[0], shape[1] = shape[0] + 1, shape[1] + seconds
+
+    @contextmanager
+    def graph(self, slots: int, window: int, met: bool) -> Iterator[None]:
+        """The making of one graph (its parts timed inside it, on `part`)."""
+        start = time.perf_counter()
+        yield
+        self.graphs.append(GraphTime(slots, window, met, time.perf_counter() - start))
 
     def shape_times(self) -> tuple[ShapeTime, ...]:
         return tuple(ShapeTime(slots, window, steps, seconds) for (slots, window), (steps, seconds) in self.shapes.items())
@@ -336,6 +356,7 @@ class RolloutEngine:
         eos = model.generation_config.eos_token_id
         self.eos = sorted(set(eos if isinstance(eos, list) else [eos]))
         self._compiled = None  # torch.compile'd decode layer, made once per engine (one compile serves every layer)
+        self._graphed: set[tuple[int, int]] = set()  # (slots, window) this engine made a decode graph for, in any call
         self.last_call: CallStats | None = None  # the latest generate call's, for the benchmark
 
     def truncated(self, ids: list[int]) -> bool:
@@ -641,7 +662,7 @@ class RolloutEngine:
             if any_ended:
                 live = live_slots()
         bar.close()
-        self.last_call = CallStats(len(prompts) * n, b, prefills, decode_steps, live_slot_steps, clock.seconds, clock.shape_times())
+        self.last_call = CallStats(len(prompts) * n, b, prefills, decode_steps, live_slot_steps, clock.seconds, clock.shape_times(), tuple(clock.graphs))
         return [results[item] for item in (divmod(i, n) for i in range(len(prompts) * n))]
 
     def _prefill_chunks(self, take: list[tuple[int, int]], prompts: list[list[int]]) -> list[list[tuple[int, int]]]:
@@ -661,7 +682,7 @@ class RolloutEngine:
         """step(active, window): run(active, window, dry=False); on CUDA replayed from CUDA graphs
         over the calling generate_ids' state tensors (KV caches, tokens, positions, outputs: the
         same storage for the whole call), captured lazily per (active slots, KV window) after a
-        dry run (the warm-up), each part of the making timed on `clock` (GRAPH_PARTS)."""
+        dry run (the warm-up), the making timed on `clock` (each graph, and by GRAPH_PARTS)."""
         if device.type != "cuda":
             return lambda active, window: run(active, window, False)
         pool = torch.cuda.graph_pool_handle()
@@ -693,8 +714,10 @@ class RolloutEngine:
             return graph, outputs
 
         def step(active: int, window: int):
-            if (active, window) not in graphs:
-                graphs[active, window] = capture(active, window)
+            if (shape := (active, window)) not in graphs:
+                with clock.graph(active, window, met=shape in self._graphed):
+                    graphs[shape] = capture(active, window)
+                self._graphed.add(shape)
             graph, outputs = graphs[active, window]
             graph.replay()
             return outputs

@@ -129,6 +129,26 @@ def test_a_bench_cut_short_keeps_the_parts_it_measured(tmp_path: Path, monkeypat
     assert report["extraction_s_per_pair"] > 0 and "step" not in report and "targets" not in report
 
 
+def test_a_stop_while_the_bench_cleans_up_still_leaves_its_report(tmp_path: Path, monkeypatch):
+    """`timeout`'s SIGTERM (main's handler: SystemExit 143) arriving while the scratch folder is
+    removed, after every part: the report is written already."""
+    monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
+    monkeypatch.setattr(bench_step, "measure", lambda args, device, preset, work, report: report.update(learner={"packed_tok_s": 1.0}, targets=[]))
+
+    remove, left = bench_step.shutil.rmtree, []
+
+    def stopped(path, **kwargs):
+        left.append(path)
+        raise SystemExit(143)
+
+    monkeypatch.setattr(bench_step.shutil, "rmtree", stopped)
+    with pytest.raises(SystemExit):
+        bench_step.main(bench_step.Args(out=tmp_path))
+    remove(left[0])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["learner"] == {"packed_tok_s": 1.0} and report["targets"] == []
+
+
 def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Path, monkeypatch):
     """--resume keeps the parts an earlier run under the same header measured (the model's parts
     only all together) and measures the rest; the target table comes from the union."""

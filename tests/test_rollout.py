@@ -471,6 +471,7 @@ def test_graphed_decode_on_cuda_on_a_background_thread_equals_the_main_threads(c
     with svd_wrapped(model, tmp_path / "svd") as adapters:
         with merged(adapters):
             expected, snapshot = seeded(), engine.layer_weights(snapshot=True)
+        first = engine.last_call
         x = torch.randn(2048, 2048, device="cuda", generator=torch.Generator("cuda").manual_seed(1))  # not the sampler's generator
         ahead = Ahead("cuda", seeded, snapshot)
         for _ in range(50):
@@ -479,6 +480,10 @@ def test_graphed_decode_on_cuda_on_a_background_thread_equals_the_main_threads(c
         out = ahead.result()
     for (c, lp, _), (c_exp, lp_exp, _) in zip(out, expected):
         assert c == c_exp and torch.allclose(lp, lp_exp, rtol=0, atol=1e-4), (lp - lp_exp).abs().max()
+    # The graphs of both calls, remade in each: every shape new to the fresh engine, then every one met.
+    shapes = lambda call: [(g.slots, g.window) for g in call.graphs]  # noqa: E731
+    assert first.graphs and not any(g.met for g in first.graphs) and all(g.seconds > 0 for g in first.graphs)
+    assert shapes(engine.last_call) == shapes(first) and all(g.met for g in engine.last_call.graphs)
 
 
 def test_a_capture_gets_the_cached_blocks_back_only_when_the_driver_runs_short(monkeypatch):
@@ -542,7 +547,7 @@ def test_a_calls_stats_count_its_decode_steps_and_tokens_and_time_its_parts():
     assert stats.live_slot_steps == sum(len(c) for c, _, _ in out) - len(out)
     assert max(len(c) for c, _, _ in out) - 1 <= stats.decode_steps <= stats.live_slot_steps
     assert 0 < stats.mean_live <= 4
-    assert set(stats.seconds) == set(CALL_PARTS) and all(stats.seconds[p] == 0 for p in GRAPH_PARTS)  # no graphs on CPU
+    assert set(stats.seconds) == set(CALL_PARTS) and all(stats.seconds[p] == 0 for p in GRAPH_PARTS) and stats.graphs == ()  # no graphs on CPU
     assert stats.seconds["prefill"] > 0 and stats.seconds["decode"] > 0 and sum(stats.seconds.values()) <= wall
     assert sum(s.steps for s in stats.shapes) == stats.decode_steps and len({(s.slots, s.window) for s in stats.shapes}) == len(stats.shapes)
     assert math.isclose(sum(s.seconds for s in stats.shapes), stats.seconds["decode"], rel_tol=1e-9)
