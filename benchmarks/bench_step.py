@@ -300,6 +300,8 @@ def run_header(args: Args, device: str) -> dict:
 # The parts measured on the model loaded here (one group: the decode rows need the timed wrap's
 # adapters, the learner and extraction the same model), then the step, which loads its own.
 MODEL_PARTS = ("dtype", "bandwidth_gbs", "svd_wrap", "decode", "decode_fused", "decode_attention", "decode_profile", "learner", "extraction_s_per_pair")
+# The step's generation again, otherwise made: kept with the step they were measured beside.
+STEP_VARIANTS = ("generation_slots", "generation_flex")
 
 
 def resumed(path: Path, header: dict, step_preset: str) -> dict:
@@ -321,8 +323,7 @@ def resumed(path: Path, header: dict, step_preset: str) -> dict:
     step = earlier.get("step", {})
     if step_preset and (step.get("preset"), step.get("teacher_mix")) == (step_preset, step_teacher_mix(step_preset)):
         kept["step"] = step
-        if "generation_flex" in earlier:
-            kept["generation_flex"] = earlier["generation_flex"]
+        kept |= {k: earlier[k] for k in STEP_VARIANTS if k in earlier}
     print(f"--resume: kept {', '.join(kept) or 'nothing'} from {path}")
     return kept
 
@@ -585,7 +586,7 @@ def step_config(preset: str, model_name: str, device: str, compile: bool, work: 
 
 def realistic_step(preset: str, model_name: str, device: str, compile: bool, work: Path, report: dict) -> None:
     """One GRPO step of `preset` through train.step itself (`step_config`), into report["step"];
-    then its generation again with flex attention, into report["generation_flex"]. A first step
+    then its generation again with a slot for every student and with flex attention (STEP_VARIANTS). A first step
     runs before it (as a run's first step does, it compiles and captures the graphs of the
     shapes it meets), so the one reported is a steady-state step."""
     cfg = step_config(preset, model_name, device, compile, work)
@@ -600,6 +601,7 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
         record = step(state, batch := state.next_batch())
         call = state.engine.last_call  # the steady step's one generate call (teachers come from the pool)
         report["step"] = step_row(preset, state, record, call, first_generation, first_step, held, cached)
+        report["generation_slots"] = slots_generation(state, batch, call)
         report["generation_flex"] = flex_generation(state, batch, call)
 
 
@@ -637,6 +639,31 @@ def print_call(call: CallStats, label: str) -> None:
         print(f"graphs made: {len(call.graphs)}, " + ", ".join(
             f"{len(mine)} {label} {sum(g.seconds for g in mine):.2f} s ({sum(g.seconds for g in mine) / len(mine):.3f} s each)"
             for label, mine in (("of shapes met in an earlier call", [g for g in call.graphs if g.met]), ("new", [g for g in call.graphs if not g.met])) if mine))
+
+
+def slots_generation(state: RunState, batch, call: CallStats) -> dict:
+    """The steady step's generation again (its prompts, its sampling stream, its engine) with a
+    KV slot for every student, so that none waits for a slot and none starts late, against the
+    step's own call (Sampling.batch slots, refilled as sequences end: the last to start set the
+    tail): each call's tokens per second of prefill and decode; their graphs' making apart (the
+    wider call's shapes are new to the engine, the step's partly met in the first step)."""
+    cfg = state.cfg
+    state.cfg = replace(cfg, sampling=replace(cfg.sampling, batch=call.sequences))
+    try:  # a failure (out of memory, say) is reported; the step's row is already in the report
+        sample(state, batch)
+    except Exception as e:
+        print(f"generation with {call.sequences} slots failed: {failure(e)}")
+        return {"error": failure(e)}
+    finally:
+        state.cfg = cfg
+    wide = state.engine.last_call
+    rate = lambda c: (c.live_slot_steps + c.sequences) / sum(c.seconds[p] for p in ("prefill", "decode", "compact"))  # noqa: E731
+    out = {"slots": call.slots, "tok_s": rate(call), "wide_slots": wide.slots, "wide_tok_s": rate(wide), "wide_call": asdict(wide) | {"mean_live": wide.mean_live}}
+    out["ratio"] = out["wide_tok_s"] / out["tok_s"]
+    print_call(wide, f"\nthe same generation with {wide.slots} slots")
+    print(f"{wide.slots} slots vs the step's {call.slots}: {out['wide_tok_s']:,.0f} vs {out['tok_s']:,.0f} tok/s of prefill and decode, {out['ratio']:.2f}x "
+          f"({wide.mean_live:.0f} vs {call.mean_live:.0f} slots live on average; graphs made: {sum(g.seconds for g in wide.graphs):.1f} vs {sum(g.seconds for g in call.graphs):.1f} s)")
+    return out
 
 
 def flex_generation(state: RunState, batch, sdpa: CallStats) -> dict:

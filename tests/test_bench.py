@@ -87,6 +87,9 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert call["sequences"] == round(step["rollouts"] * (1 - step["teacher_mix"])) and 0 < call["mean_live"] <= call["slots"]
     assert math.isclose(call["mean_live"], call["live_slot_steps"] / call["decode_steps"], rel_tol=1e-9) and "slots live on average" in bench["stdout"]
     assert sum(s[2] for s in call["shapes"]) == call["decode_steps"] and "the step's generation: prefill" in bench["stdout"]
+    wide = bench["generation_slots"]  # the step's generation again, a slot for every student
+    assert wide["wide_slots"] == wide["wide_call"]["sequences"] == call["sequences"] and wide["slots"] == call["slots"]
+    assert math.isclose(wide["ratio"], wide["wide_tok_s"] / wide["tok_s"], rel_tol=1e-9) and f"{wide['wide_slots']} slots vs the step's" in bench["stdout"]
     flex = bench["generation_flex"]  # the step's generation again, flex attention: matched shape by shape
     assert flex["flex_call"]["sequences"] == call["sequences"] and 0 < flex["matched_steps"] <= call["decode_steps"]
     assert math.isclose(flex["ratio"], flex["matched_sdpa_s"] / flex["matched_flex_s"], rel_tol=1e-9) and "flex vs sdpa on the" in bench["stdout"]
@@ -166,7 +169,7 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
     monkeypatch.setattr(bench_step, "realistic_step", lambda preset, *a: calls.append(preset) or a[-1].update(step=bench["step"]))
     report = bench_step.main(args)
     assert calls == ["smoke"] and report["step"] == bench["step"] and report["learner"] == bench["learner"]
-    assert "generation_flex" not in report  # the earlier run's went with its step
+    assert "generation_flex" not in report and "generation_slots" not in report  # the earlier run's went with its step
     assert bench["step"]["teacher_mix"] == 0.5 and bench["step"]["live_groups"] > 0  # smoke's own mix: live groups on tiny-random-qwen3
     assert report["targets"] == bench["targets"]  # every row, as the run that measured all of it in one go
     assert json.loads((tmp_path / "bench.json").read_text())["targets"] == bench["targets"]
@@ -178,7 +181,7 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
     monkeypatch.setattr(bench_step, "realistic_step", lambda *a: pytest.fail("the step was measured already"))
     report = bench_step.main(args)
     assert calls == ["smoke", "model"] and report["step"] == bench["step"] and report["targets"] == bench["targets"]
-    assert report["generation_flex"] == bench["generation_flex"]  # kept with its step
+    assert report["generation_flex"] == bench["generation_flex"] and report["generation_slots"] == bench["generation_slots"]  # kept with its step
 
 
 def test_a_resume_under_another_header_is_refused_and_keeps_the_file(bench: dict, tmp_path: Path, monkeypatch):
