@@ -94,6 +94,9 @@ class Args:
     """Rollouts the learner rows time (prompt + completion lengths as `full`'s); default 64 on CUDA, 6 on CPU."""
     step_preset: str | None = None
     """Preset whose step is timed with realistic lengths; default full on CUDA, smoke on CPU; '' skips."""
+    model_parts: bool = True
+    """Time the model's parts (bandwidth, plain generate, SVD wrap, decode rows and profile, learner,
+    extraction); --no-model-parts times the step alone (a device call too short for both)."""
     pairs: int = 4
     """Contrastive pairs to time extraction on."""
     compile: bool = True
@@ -332,7 +335,7 @@ def measure(args: Args, device: str, step_preset: str, work: Path, report: dict)
     """main's parts on `device` (scratch files in `work`) that `report` lacks, each adding its rows as it finishes."""
     cuda, h = device == "cuda", report["header"]
     print(f"# bench_step: {h['model']}, {h['device']}, torch {h['torch']}, transformers {h['transformers']}")
-    if not all(k in report for k in MODEL_PARTS):
+    if args.model_parts and not all(k in report for k in MODEL_PARTS):
         model_parts(h, device, work, report)
     if step_preset and "step" not in report:
         released(cuda)  # what the model's parts held: the step's run loads its own copy of the weights

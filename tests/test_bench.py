@@ -184,6 +184,14 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
     assert report["generation_flex"] == bench["generation_flex"] and report["generation_slots"] == bench["generation_slots"]  # kept with its step
 
 
+def test_no_model_parts_times_the_step_alone(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
+    monkeypatch.setattr(bench_step, "model_parts", lambda *a: pytest.fail("--no-model-parts measured the model's parts"))
+    monkeypatch.setattr(bench_step, "realistic_step", lambda preset, *a: a[-1].update(step={"preset": preset}))
+    report = bench_step.main(bench_step.Args(model_parts=False, out=tmp_path))
+    assert report["step"] == {"preset": "smoke"} and not any(k in report for k in bench_step.MODEL_PARTS)
+
+
 def test_a_resume_under_another_header_is_refused_and_keeps_the_file(bench: dict, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
     written = json.dumps({k: v for k, v in bench.items() if k != "stdout"})

@@ -5,9 +5,9 @@
 # goes to $OUT: the logs, bench/bench.json, off_policy.json.
 #   tests       the CUDA-only tests (graphed decode, flex attention, varlen kernel, activation probe)
 #   engine      benchmarks/bench_step.py without the step: bandwidth, decode rows and profile, SVD wrap, learner, extraction
-#   step        benchmarks/bench_step.py --resume: the `full` step, keeping the parts of .bench/bench.json
-#               (an earlier call's $OUT/bench/bench.json, copied here and carried) if measured on this card; else
-#               every part, as far as its limit lets it
+#   step        benchmarks/bench_step.py --resume --no-model-parts: the `full` step alone, keeping the parts of
+#               .bench/bench.json (an earlier call's $OUT/bench/bench.json, copied here and carried) if measured on
+#               this card (in one call after `engine`, that part's)
 #   off-policy  benchmarks/bench_off_policy.py, OFF_POLICY_STEPS (default 10) steps of `fast` on-policy and one-step-off
 # A call has CALL_S seconds (default 600; less where the session's device time is short): each part
 # stops at its own limit (seconds below), or sooner where the call's time runs out (`limit`: a
@@ -24,11 +24,11 @@ for part in "$@"; do
     tests) timeout $(limit 120) python -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_rollout.py tests/test_packing.py tests/test_activations.py \
              -k "cuda or varlen or graph" 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
     engine) timeout $(limit 460) python benchmarks/bench_step.py --step-preset '' --out "$OUT/bench" 2>&1 | tee "$OUT/engine.log" | tail -60 ;;
-    step) # the earlier parts only where this card measured them (--resume refuses another header): else every part
+    step) # the earlier parts only where this card measured them (--resume refuses another header)
           card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-          [[ -f .bench/bench.json ]] && python -c "import json, sys; sys.exit(json.load(open('.bench/bench.json'))['header']['device'] != sys.argv[1])" "$card" \
+          [[ -f .bench/bench.json && ! -f "$OUT/bench/bench.json" ]] && python -c "import json, sys; sys.exit(json.load(open('.bench/bench.json'))['header']['device'] != sys.argv[1])" "$card" \
             && cp .bench/bench.json "$OUT/bench/"
-          timeout $(limit 560) python benchmarks/bench_step.py --resume --out "$OUT/bench" 2>&1 | tee "$OUT/step.log" | tail -40 ;;
+          timeout $(limit 560) python benchmarks/bench_step.py --resume --no-model-parts --out "$OUT/bench" 2>&1 | tee "$OUT/step.log" | tail -40 ;;
     off-policy) timeout $(limit 560) python benchmarks/bench_off_policy.py --steps "${OFF_POLICY_STEPS:-10}" --out "$OUT" 2>&1 | tee "$OUT/off_policy.log" | tail -40 ;;
     *) echo "unknown part '$part': tests, engine, step or off-policy" >&2; exit 2 ;;
   esac
