@@ -280,8 +280,8 @@ def main(args: Args) -> dict:
     try:
         measure(args, device, step_preset, work, report)
     finally:
-        # The report first: removing the step's tens of GB of SVD cache takes seconds, in which a
-        # `timeout` stop (an H100, 2026-12-06) ended the run before its file was written.
+        # The report first: removing the scratch folder (a 4B model's SVD caches) takes seconds, in
+        # which a `timeout` stop (an H100, 2026-12-06) ended the run before its file was written.
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench.json").write_text(json.dumps(report | {"args": {k: str(v) for k, v in asdict(args).items()}}, indent=2))
         print(f"wrote {args.out / 'bench.json'}" + ("" if "targets" in report else " (cut short: the parts measured before it stopped)"))

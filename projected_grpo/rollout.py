@@ -718,7 +718,7 @@ class RolloutEngine:
                 with clock.graph(active, window, met=shape in self._graphed):
                     graphs[shape] = capture(active, window)
                 self._graphed.add(shape)
-            graph, outputs = graphs[active, window]
+            graph, outputs = graphs[shape]
             graph.replay()
             return outputs
 
