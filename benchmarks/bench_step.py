@@ -75,7 +75,7 @@ from projected_grpo.activations import Checkpointing, checkpoint_first, decoder_
 from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
-from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, CallStats, RolloutEngine, Sampling, draw, kv_window
+from projected_grpo.rollout import DRAW_ROUNDS, GRAPH_PARTS, KV_WINDOW, RECOMPILE_LIMIT, CallStats, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
 from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, grpo_loss, learner_checkpointing, sample, step
 
@@ -379,7 +379,8 @@ def model_parts(h: dict, device: str, work: Path, report: dict) -> None:
 TARGETS = (
     ("step, steady (s)", lambda r: r["step"]["step_s"], lambda r: f"first step {r['step']['first_step_s']:.1f} s", 30.0, "<="),
     ("first step - steady (s)", lambda r: r["step"]["first_step_s"] - r["step"]["step_s"],
-     lambda r: f"compile cache {'warm' if r['step']['compile_cache_files_before'] else 'cold'} ({r['step']['compile_cache_files_before']} files)", 15.0, "<="),
+     lambda r: f"compile cache {'warm' if r['step']['compile_cache_files_before'] else 'cold'} ({r['step']['compile_cache_files_before']} files)"
+     + graphs_made(r["step"]), 15.0, "<="),
     ("learner tok/s, reference included", lambda r: r["learner"]["packed_tok_s"], lambda r: f"padded adapter path {r['learner']['padded_tok_s']:,.0f}", 12000.0, ">="),
     ("decode at the largest batch, fraction of bound", lambda r: r["decode"][-1]["fraction_of_bound"],
      lambda r: f"B={r['decode'][-1]['batch']}: {r['decode'][-1]['engine_tok_s']:,.0f} of {r['decode'][-1]['bound_tok_s']:,.0f} tok/s", 0.60, ">="),
@@ -387,6 +388,15 @@ TARGETS = (
     ("SVD wrap, warm (s)", lambda r: r["svd_wrap"]["warm_s"], lambda r: "cache hit", 3.0, "<="),
     ("step's peak memory (GiB)", lambda r: r["step"]["peak_gib"], lambda r: "", 80.0, "<="),
 )
+
+
+def graphs_made(step: dict) -> str:
+    """The first and the steady step's seconds making CUDA graphs (where the first step's compiles
+    happen), for a report that has both calls (earlier ones lack the first)."""
+    if "first_generation_call" not in step:
+        return ""
+    made = lambda call: sum(call["seconds"][p] for p in GRAPH_PARTS)  # noqa: E731
+    return f"; graphs made: first step {made(step['first_generation_call']):.1f} s, steady {made(step['generation_call']):.1f} s"
 
 
 def targets(report: dict, cuda: bool) -> list[dict]:
@@ -600,31 +610,34 @@ def realistic_step(preset: str, model_name: str, device: str, compile: bool, wor
     with Grader(cfg.reward) as grader:
         state = RunState.start(cfg, work / "run", grader)
         step(state, state.next_batch())
-        first_generation, first_step = state.seconds["gen"], sum(s for phase, s in state.seconds.items() if phase != "step")
+        first = {"first_generation_s": state.seconds["gen"], "first_step_s": sum(s for phase, s in state.seconds.items() if phase != "step"),
+                 "first_generation_call": state.engine.last_call}
         record = step(state, batch := state.next_batch())
         call = state.engine.last_call  # the steady step's one generate call (teachers come from the pool)
-        report["step"] = step_row(preset, state, record, call, first_generation, first_step, held, cached)
+        report["step"] = step_row(preset, state, record, call, first, held, cached)
         report["generation_slots"] = slots_generation(state, batch, call)
         report["generation_flex"] = flex_generation(state, batch, call)
 
 
-def step_row(preset: str, state: RunState, record, call: CallStats, first_generation: float, first_step: float, held: float | None, cached: int) -> dict:
-    """The steady step's row, printed: its phases, then where its generation call's time went."""
+def step_row(preset: str, state: RunState, record, call: CallStats, first: dict, held: float | None, cached: int) -> dict:
+    """The steady step's row, printed: its phases, then where its generation call's time went, and
+    the first step's (`first`: its generation and whole seconds, its generate call's CallStats)."""
     cfg = state.cfg
     seconds = {phase: s for phase, s in state.seconds.items() if phase != "step"}  # the phases; "step" is their whole
     out = {"preset": preset, "teacher_mix": cfg.teacher_mix, "rollouts": record.rollout.rollouts, "live_groups": 1 - record.rollout.skipped_groups,
            "max_new_tokens": cfg.sampling.max_new_tokens, "kv_slots": cfg.sampling.batch,
            "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": call.sequences * record.rollout.len_s / seconds["gen"],
-           "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first_generation, "first_step_s": first_step, "peak_gib": record.memory.peak_gib_ranks[0],
-           "held_before_gib": held, "compile_cache_files_before": cached,
-           "generation_call": asdict(call) | {"mean_live": call.mean_live}}
+           "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first["first_generation_s"], "first_step_s": first["first_step_s"],
+           "peak_gib": record.memory.peak_gib_ranks[0], "held_before_gib": held, "compile_cache_files_before": cached,
+           "generation_call": asdict(call) | {"mean_live": call.mean_live}, "first_generation_call": asdict(first["first_generation_call"])}
     print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, teacher mix {cfg.teacher_mix:g}, {out['live_groups']:.0%} of groups live, "
           f"student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
           + f"; generation {out['generation_tok_s']:,.0f} tok/s in {call.decode_steps:,} decode steps with {call.mean_live:.0f} of {call.slots} slots live "
-          f"on average, {call.prefills} prefills (the first step's generation, which compiles and captures: {first_generation:.1f} s)"
+          f"on average, {call.prefills} prefills (the first step's generation, which compiles and captures: {out['first_generation_s']:.1f} s)"
           + (f"; peak {out['peak_gib']:.1f} GiB, {held:.1f} GiB held by the parts before it" if out["peak_gib"] is not None else ""))
     print_call(call, "the step's generation")
+    print_call(first["first_generation_call"], "the first step's generation")
     return out
 
 

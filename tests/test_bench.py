@@ -87,6 +87,7 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert call["sequences"] == round(step["rollouts"] * (1 - step["teacher_mix"])) and 0 < call["mean_live"] <= call["slots"]
     assert math.isclose(call["mean_live"], call["live_slot_steps"] / call["decode_steps"], rel_tol=1e-9) and "slots live on average" in bench["stdout"]
     assert sum(s[2] for s in call["shapes"]) == call["decode_steps"] and "the step's generation: prefill" in bench["stdout"]
+    assert step["first_generation_call"]["sequences"] == call["sequences"] and "the first step's generation: prefill" in bench["stdout"]
     wide = bench["generation_slots"]  # the step's generation again, a slot for every student
     assert wide["wide_slots"] == wide["wide_call"]["sequences"] == call["sequences"] and wide["slots"] == call["slots"]
     assert math.isclose(wide["ratio"], wide["wide_tok_s"] / wide["tok_s"], rel_tol=1e-9) and f"{wide['wide_slots']} slots vs the step's" in bench["stdout"]
@@ -112,6 +113,7 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert all(r["met"] is None for r in rows.values()) and "issue 21's targets" in bench["stdout"]
     assert step["held_before_gib"] is None  # CUDA only: what the parts before the step left allocated
     assert rows["step, steady (s)"]["value"] == step["step_s"] and rows["first step - steady (s)"]["value"] == step["first_step_s"] - step["step_s"]
+    assert "graphs made: first step 0.0 s, steady 0.0 s" in rows["first step - steady (s)"]["yardstick"]  # none on CPU
     assert rows["learner tok/s, reference included"]["value"] == learner["packed_tok_s"]
     assert rows["SVD wrap, cold (s)"]["yardstick"].endswith(f"one SVD per weight {wrap['cold_per_weight_s']:.1f} s")
 
