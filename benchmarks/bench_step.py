@@ -75,7 +75,7 @@ from projected_grpo.activations import Checkpointing, checkpoint_first, decoder_
 from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
-from projected_grpo.rollout import DRAW_ROUNDS, GRAPH_PARTS, KV_WINDOW, RECOMPILE_LIMIT, CallStats, RolloutEngine, Sampling, draw, kv_window
+from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, CallStats, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
 from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, grpo_loss, learner_checkpointing, sample, step
 
@@ -395,8 +395,7 @@ def graphs_made(step: dict) -> str:
     happen), for a report that has both calls (earlier ones lack the first)."""
     if "first_generation_call" not in step:
         return ""
-    made = lambda call: sum(call["seconds"][p] for p in GRAPH_PARTS)  # noqa: E731
-    return f"; graphs made: first step {made(step['first_generation_call']):.1f} s, steady {made(step['generation_call']):.1f} s"
+    return f"; graphs made: first step {step['first_generation_call']['graph_seconds']:.1f} s, steady {step['generation_call']['graph_seconds']:.1f} s"
 
 
 def targets(report: dict, cuda: bool) -> list[dict]:
@@ -629,7 +628,7 @@ def step_row(preset: str, state: RunState, record, call: CallStats, first: dict,
            "completion_len_mean": record.rollout.len_s, "truncated": record.rollout.truncated_s, "generation_tok_s": call.sequences * record.rollout.len_s / seconds["gen"],
            "seconds": seconds, "step_s": sum(seconds.values()), "first_generation_s": first["first_generation_s"], "first_step_s": first["first_step_s"],
            "peak_gib": record.memory.peak_gib_ranks[0], "held_before_gib": held, "compile_cache_files_before": cached,
-           "generation_call": asdict(call) | {"mean_live": call.mean_live}, "first_generation_call": asdict(first["first_generation_call"])}
+           "generation_call": call_record(call), "first_generation_call": call_record(first["first_generation_call"])}
     print(f"\nstep of {preset} through train.step ({out['rollouts']} rollouts, teacher mix {cfg.teacher_mix:g}, {out['live_groups']:.0%} of groups live, "
           f"student lengths mean {out['completion_len_mean']:.0f}, "
           f"{out['truncated']:.0%} cut at {cfg.sampling.max_new_tokens}): {out['step_s']:.1f} s = " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
@@ -639,6 +638,11 @@ def step_row(preset: str, state: RunState, record, call: CallStats, first: dict,
     print_call(call, "the step's generation")
     print_call(first["first_generation_call"], "the first step's generation")
     return out
+
+
+def call_record(call: CallStats) -> dict:
+    """A generate call as the report holds it: its fields and what they derive."""
+    return asdict(call) | {"mean_live": call.mean_live, "graph_seconds": call.graph_seconds}
 
 
 def print_call(call: CallStats, label: str) -> None:
@@ -674,11 +678,11 @@ def slots_generation(state: RunState, batch, call: CallStats) -> dict:
         state.cfg = cfg
     wide = state.engine.last_call
     rate = lambda c: (c.live_slot_steps + c.sequences) / sum(c.seconds[p] for p in ("prefill", "decode", "compact"))  # noqa: E731
-    out = {"slots": call.slots, "tok_s": rate(call), "wide_slots": wide.slots, "wide_tok_s": rate(wide), "wide_call": asdict(wide) | {"mean_live": wide.mean_live}}
+    out = {"slots": call.slots, "tok_s": rate(call), "wide_slots": wide.slots, "wide_tok_s": rate(wide), "wide_call": call_record(wide)}
     out["ratio"] = out["wide_tok_s"] / out["tok_s"]
     print_call(wide, f"\nthe same generation with {wide.slots} slots")
     print(f"{wide.slots} slots vs the step's {call.slots}: {out['wide_tok_s']:,.0f} vs {out['tok_s']:,.0f} tok/s of prefill and decode, {out['ratio']:.2f}x "
-          f"({wide.mean_live:.0f} vs {call.mean_live:.0f} slots live on average; graphs made: {sum(g.seconds for g in wide.graphs):.1f} vs {sum(g.seconds for g in call.graphs):.1f} s)")
+          f"({wide.mean_live:.0f} vs {call.mean_live:.0f} slots live on average; graphs made: {wide.graph_seconds:.1f} vs {call.graph_seconds:.1f} s)")
     return out
 
 
@@ -699,7 +703,7 @@ def flex_generation(state: RunState, batch, sdpa: CallStats) -> dict:
     matched = [s for s in sdpa.shapes if (s.slots, s.window) in ms]
     out = {"sdpa_decode_s": sdpa.seconds["decode"], "flex_decode_s": flex.seconds["decode"], "matched_steps": sum(s.steps for s in matched),
            "matched_sdpa_s": sum(s.seconds for s in matched), "matched_flex_s": sum(s.steps * ms[s.slots, s.window] for s in matched),
-           "flex_call": asdict(flex) | {"mean_live": flex.mean_live}}
+           "flex_call": call_record(flex)}
     out["ratio"] = out["matched_sdpa_s"] / out["matched_flex_s"]
     print_call(flex, "\nthe same generation with flex attention")
     print(f"flex vs sdpa on the {out['matched_steps']:,} of {sdpa.decode_steps:,} decode steps of the step at shapes both met: "

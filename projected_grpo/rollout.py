@@ -158,6 +158,11 @@ class CallStats:
     def mean_live(self) -> float:
         return self.live_slot_steps / max(self.decode_steps, 1)
 
+    @property
+    def graph_seconds(self) -> float:
+        """Wall seconds this call spent making CUDA graphs (GRAPH_PARTS, the span `graphs` times)."""
+        return sum(self.seconds[p] for p in GRAPH_PARTS)
+
 
 # A generate call's parts, timed on the host: each part ends in a device sync (the step's flags,
 # finish_ended's read, the graph parts' stream syncs) or, for compact's copies, in the next part's.
