@@ -27,7 +27,9 @@ Reported (table on stdout, everything in out/bench/bench.json):
   of 8 sorted by length, the adapter's three matmuls per Linear) against train.backward_parts
   (packed rows, merged weights); tok/s of each, the ratio, peak memory, and the largest
   relative difference between their delta_S gradients, beside the same difference between the
-  padded path and itself in micro-batches of 4 (the dtype's rounding floor).
+  padded path and itself in micro-batches of 4 (the dtype's rounding floor). Then where one
+  pass of the packed learner spends its time (profiled): kernels by kind against the timed wall
+  time, and its matmuls' TFLOP/s against one large matmul's in the same run.
 - Where a decode step's device time goes (CUDA): one step at the largest batch, the engine's
   compiled layers run eagerly under the profiler, kernels grouped into matmuls, attention and
   the rest, against the step time the graphed engine reached.
@@ -67,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import tyro
+from torch.autograd import DeviceType
 
 from extract import load_pairs, pair_gradients
 from grader import Grader, load_problems
@@ -506,6 +509,7 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     for _ in range(2):  # two passes, as timed() ran each path
         padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)
     out["noise_rel_grad_diff"] = largest_rel_diff({name: a.delta_S.grad for name, a in adapters.items()}, grads["padded"])
+    out["profile"] = learner_profile(lambda: backward_parts(model, adapters, rollouts, cfg, denominator, checkpointing), tokens, tokens / out["packed_tok_s"], cfg.device)
     for a in adapters.values():
         a.delta_S.data.zero_()
         a.delta_S.grad = None
@@ -558,21 +562,81 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
             sync()
     del k_cache, v_cache, weights
     out = {"batch": b, "window": window, "engine_step_ms": step_ms}
-    kernels = [(e.key, (e.device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e.count // steps) for e in prof.key_averages()]
-    kernels = [k for k in kernels if k[1] > 0]
-    kernels.sort(key=lambda k: -k[1])
+    kernels = kernel_table(prof, steps, cuda)
     if not kernels:  # the profiler recorded nothing (CUPTI did not initialize on an H100 image, 2026-12-06): no numbers, not zeros
         print(f"\ndecode step at B={b}: the profiler recorded no {'kernels' if cuda else 'ops'} here; no profile")
         return out | {"kernel_ms": None, "error": "the profiler recorded no events"}
-    kind = lambda name: next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")  # noqa: E731
-    by_kind = {k: sum(ms for name, ms, _ in kernels if kind(name) == k) for k in (*KERNEL_KINDS, "other")}
+    by_kind = kernels_by_kind(kernels)
     total = sum(by_kind.values())
     print(f"\ndecode step at B={b}, KV window {window}: {total:.2f} ms of kernels vs {step_ms:.2f} ms per step of the timed engine calls; "
           + ", ".join(f"{k} {ms:.2f} ms" for k, ms in by_kind.items()))
-    print(f"{'ms/step':>8} {'calls':>6}  kernel")
+    print_kernels(kernels, "ms/step")
+    return out | {"kernel_ms": total, "by_kind_ms": by_kind, "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
+
+
+def kernel_table(prof, per: int, cuda: bool) -> list[tuple[str, float, int]]:
+    """(name, ms, calls) per `per` repeats of what the profiler recorded: each CUDA kernel's device
+    time (ops, recorded with them where FLOPs are wanted, left out), or on CPU each op's self time;
+    the costliest first, none that took no time."""
+    if cuda:
+        rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    return sorted(((name, us / 1e3 / per, count // per) for name, us, count in rows if us > 0), key=lambda k: -k[1])
+
+
+def kernels_by_kind(kernels: list[tuple[str, float, int]]) -> dict[str, float]:
+    """Milliseconds by KERNEL_KINDS (the first kind whose mark is in the name), the rest as "other"."""
+    kind = lambda name: next((k for k, marks in KERNEL_KINDS.items() if any(m in name.lower() for m in marks)), "other")  # noqa: E731
+    return {k: sum(ms for name, ms, _ in kernels if kind(name) == k) for k in (*KERNEL_KINDS, "other")}
+
+
+def print_kernels(kernels: list[tuple[str, float, int]], unit: str) -> None:
+    print(f"{unit:>8} {'calls':>6}  kernel")
     for name, ms, calls in kernels[:12]:
         print(f"{ms:>8.3f} {calls:>6}  {name[:100]}")
-    return out | {"kernel_ms": total, "by_kind_ms": by_kind, "top_kernels": [{"name": n, "ms": ms, "calls_per_step": c} for n, ms, c in kernels[:25]]}
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the ops whose FLOPs the profiler counts and matmul kernels run
+
+
+def matmul_tflops(device: str) -> float:
+    """TFLOP/s of one large bf16 matmul (fp32 on CPU): what this device's matmuls reach at their best, the learner's yardstick."""
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (512, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = timed(lambda: a @ b, repeat=20 if device == "cuda" else 3)
+    return 2 * n**3 / seconds / 1e12
+
+
+def learner_profile(run, tokens: int, wall_s: float, device: str) -> dict:
+    """Where one pass of the learner (`run`, timed at `wall_s` for `tokens`) spends its time: its
+    kernels by kind (on CPU: ops by self time) against the timed wall time, the rest being launch
+    gaps, host work and syncs; and its matmuls' TFLOP/s (the profiler's FLOPs of MATMUL_OPS over
+    the matmul kernels' time) against one large matmul's in this process. The profiled pass runs
+    slower than the timed one (the profiler's own cost): its kernels' times stand, its wall is not used."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    best = matmul_tflops(device)
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, with_flops=True) as prof:
+        run()
+        sync()
+    out = {"tokens": tokens, "wall_ms": 1e3 * wall_s, "best_matmul_tflops": best}
+    kernels = kernel_table(prof, 1, cuda)
+    if not kernels:
+        print("\nlearner: the profiler recorded nothing here; no profile")
+        return out | {"kernel_ms": None, "error": "the profiler recorded no events"}
+    by_kind = kernels_by_kind(kernels)
+    flops = sum(e.flops for e in prof.key_averages() if e.key in MATMUL_OPS)
+    out |= {"kernel_ms": sum(by_kind.values()), "by_kind_ms": by_kind, "matmul_tflop": flops / 1e12,
+            "matmul_tflops": flops / 1e12 / (by_kind["matmul"] / 1e3), "top_kernels": [{"name": n, "ms": ms, "calls": c} for n, ms, c in kernels[:25]]}
+    share = lambda ms: f"{ms:,.0f} ms ({ms / out['wall_ms']:.0%})"  # noqa: E731
+    print(f"\nlearner pass of {tokens:,} tokens: {out['wall_ms']:,.0f} ms timed; {'kernels' if cuda else 'ops'} "
+          + ", ".join(f"{k} {share(ms)}" for k, ms in by_kind.items()) + f"; the rest {share(out['wall_ms'] - out['kernel_ms'])}")
+    print(f"  its matmuls: {out['matmul_tflop']:,.1f} TFLOP at {out['matmul_tflops']:,.0f} TFLOP/s vs {best:,.0f} TFLOP/s of one large matmul here "
+          f"({out['matmul_tflops'] / best:.0%})")
+    print_kernels(kernels, "ms")
+    return out
 
 
 STEP_PAIRS = 4  # the realistic step's v_hack is extracted from the first pairs of data/pairs.jsonl (untimed)

@@ -101,6 +101,11 @@ def test_step_and_the_rest_are_reported(bench: dict):
     # Its yardstick for cutting micro-batches to recompute nothing: the preset's cap kept (on the CPU's memory the two are one plan).
     assert math.isclose(learner["ratio_recomputing"], learner["packed_tok_s"] / learner["recomputing_tok_s"], rel_tol=1e-9)
     assert learner["recomputing_checkpointed_layers"] == learner["packed_checkpointed_layers"] and learner["recomputing_rel_grad_diff"] < 1e-4
+    prof = learner["profile"]  # one packed pass profiled: its ops by kind (CPU) and its matmuls' rate against one large matmul's
+    assert math.isclose(sum(prof["by_kind_ms"].values()), prof["kernel_ms"], rel_tol=1e-9) and prof["by_kind_ms"]["matmul"] > 0
+    assert prof["matmul_tflop"] > 0 and math.isclose(prof["matmul_tflops"], prof["matmul_tflop"] / (prof["by_kind_ms"]["matmul"] / 1e3), rel_tol=1e-9)
+    assert prof["best_matmul_tflops"] > 0 and math.isclose(prof["wall_ms"], 1e3 * learner["tokens"] / learner["packed_tok_s"], rel_tol=1e-9)
+    assert "its matmuls:" in bench["stdout"] and "TFLOP/s of one large matmul here" in bench["stdout"]
     assert "cut to recompute nothing" in bench["stdout"]
     wrap = bench["svd_wrap"]  # cold in stacks (the default) beside cold with one SVD per weight (the yardstick), then warm
     assert wrap["modules"] > 0 and wrap["cold_s"] > 0 and wrap["cold_per_weight_s"] > 0 and wrap["warm_s"] > 0
