@@ -168,6 +168,8 @@ class Config:
     """KL weight towards the reference (delta_S = 0); 0 skips the reference forward."""
     learner_tokens: int = 16384
     """Tokens per forward/backward micro-batch: rollouts packed end to end, no padding (a longer rollout goes alone)."""
+    learner_compile: bool = True
+    """torch.compile each decoder layer for the learner's passes, on CUDA (dynamic shapes: one compile serves every layer and micro-batch length)."""
 
     # Optimizer
     lr: float = 1e-3
@@ -531,6 +533,17 @@ def probe_loss(model, b: MicroBatch, cfg: Config) -> Float[Tensor, ""]:
     return grpo_loss(logprobs(model, b, cfg.sampling.temperature), b.old, torch.zeros_like(b.old), b.adv, b.weight, cfg, 1.0)[0]
 
 
+def compile_learner(model) -> None:
+    """Compile each decoder layer's call in place (the learner's passes, and a refresh's
+    extraction, run through it; the rollout engine runs the layers' parts its own way). Dynamic
+    shapes from the first call: the layers share their code, so one graph per grad mode and
+    adapter state serves all of them at every micro-batch length. The fused layer keeps fewer
+    activations than the eager one learner_checkpointing measured (peak 57 vs 67 GiB on an H100):
+    its choices stay on the safe side."""
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True)
+
+
 def learner_checkpointing(model, adapters: dict[str, SVDLinear], cfg: Config) -> Checkpointing:
     """The run's activation checkpointing (cfg.grad_checkpointing). For auto, the learner's
     forward is measured once on a probe of random token ids (every position scored, KL on), as
@@ -666,6 +679,8 @@ class RunState:
         with distributed.main_first():  # a missing default pool is built by rank 0 alone
             pool = teacher_pool(cfg, problems, tokenizer, grader) if split_group(cfg)[1] else {}
         warn_overlaps(cfg, problems, pairs, pool)
+        if cfg.learner_compile and next(model.parameters()).is_cuda:
+            compile_learner(model)  # after the probe and the extraction above, which run eagerly
         optimizer = torch.optim.AdamW([a.delta_S for a in adapters.values()], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
         prompt_gen = torch.Generator().manual_seed(cfg.seed)

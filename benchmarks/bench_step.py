@@ -25,9 +25,11 @@ Reported (table on stdout, everything in out/bench/bench.json):
 - Learner, on one batch of rollouts with realistic lengths (reference forward included): the
   padded adapter path it replaced (the baseline, `padded_backward`: right-padded micro-batches
   of 8 sorted by length, the adapter's three matmuls per Linear) against train.backward_parts
-  (packed rows, merged weights); tok/s of each, the ratio, peak memory, and the largest
-  relative difference between their delta_S gradients, beside the same difference between the
-  padded path and itself in micro-batches of 4 (the dtype's rounding floor). Then where one
+  (packed rows, merged weights, decoder layers compiled on CUDA as a run's are); tok/s of each,
+  the ratio, peak memory, and the largest relative difference between their delta_S gradients,
+  beside the same difference between the padded path and itself in micro-batches of 4 (the
+  dtype's rounding floor). Beside it, its yardsticks: the same learner with its layers
+  uncompiled (eager), and with the preset's micro-batch cap kept (recomputing). Then where one
   pass of the packed learner spends its time (profiled): kernels by kind against the timed wall
   time, and its matmuls' TFLOP/s against one large matmul's in the same run.
 - Where a decode step's device time goes (CUDA): one step at the largest batch, the engine's
@@ -80,7 +82,7 @@ from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, CallStats, RolloutEngine, Sampling, draw, kv_window
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
-from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, grpo_loss, learner_checkpointing, sample, step
+from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, compile_learner, grpo_loss, learner_checkpointing, sample, step
 
 
 @dataclass
@@ -373,9 +375,9 @@ def model_parts(h: dict, device: str, work: Path, report: dict) -> None:
     with merged(adapters):
         report |= decode_rows(model, tokenizer, prompts, plain, bound, new_tokens, h["compile"], cuda)
     released(cuda)
-    report["learner"] = learner_rows(model, adapters, h["learner_rollouts"], cuda, gen)
     model.eval()
-    report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, h["pairs"])
+    report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, h["pairs"])  # before the learner rows, which leave the layers compiled
+    report["learner"] = learner_rows(model, adapters, h["learner_rollouts"], cuda, gen)
 
 
 # Issue 21's targets for one H200: (row, value from the report, yardstick beside it, bound, "<=" or ">=").
@@ -384,7 +386,7 @@ TARGETS = (
     ("first step - steady (s)", lambda r: r["step"]["first_step_s"] - r["step"]["step_s"],
      lambda r: f"compile cache {'warm' if r['step']['compile_cache_files_before'] else 'cold'} ({r['step']['compile_cache_files_before']} files)"
      + graphs_made(r["step"]), 15.0, "<="),
-    ("learner tok/s, reference included", lambda r: r["learner"]["packed_tok_s"], lambda r: f"padded adapter path {r['learner']['padded_tok_s']:,.0f}", 12000.0, ">="),
+    ("learner tok/s, reference included", lambda r: r["learner"]["packed_tok_s"], lambda r: f"eager {r['learner']['eager_tok_s']:,.0f}; padded adapter path {r['learner']['padded_tok_s']:,.0f}", 12000.0, ">="),
     ("decode at the largest batch, fraction of bound", lambda r: r["decode"][-1]["fraction_of_bound"],
      lambda r: f"B={r['decode'][-1]['batch']}: {r['decode'][-1]['engine_tok_s']:,.0f} of {r['decode'][-1]['bound_tok_s']:,.0f} tok/s", 0.60, ">="),
     ("SVD wrap, cold (s)", lambda r: r["svd_wrap"]["cold_s"], lambda r: f"{r['svd_wrap']['modules']} Linears; one SVD per weight {r['svd_wrap']['cold_per_weight_s']:.1f} s", 8.0, "<="),
@@ -461,7 +463,9 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     """The padded baseline and train.backward_parts on the same n rollouts and delta_S: prompts of
     ~300 tokens, completions of exponential lengths with mean 600 cut at 1536 (full's spread; a
     tenth of that on CPU), advantages of both signs, KL on; tok/s (every token of every
-    rollout), peak memory and the largest relative difference of their gradients."""
+    rollout), peak memory and the largest relative difference of their gradients. Also the
+    packed learner eager, before its layers are compiled (CUDA; they stay compiled), and
+    recomputing as the preset's cap asks, and the profile of one packed pass."""
     cfg = replace(PRESETS["full" if cuda else "smoke"][1], device=str(next(model.parameters()).device), kl_beta=1e-3)
     scale, problem = (1 if cuda else 0.05), load_problems(DATA / "problems_rl.jsonl")[0]
     lengths = (-600 * scale * torch.rand(n, generator=gen).log()).clamp(4, 1536 * scale).long().tolist()
@@ -480,18 +484,25 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     # The yardstick for cutting micro-batches so they recompute nothing: the preset's cap kept, layers recomputed as memory needs.
     recomputing = replace(checkpointing, smallest=cfg.learner_tokens, said=set(), capped=set())
     out, grads = {"rollouts": n, "tokens": tokens}, {}
-    for path, run in (("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator)),
-                      ("recomputing", lambda: backward_parts(model, adapters, rollouts, cfg, denominator, recomputing)),
-                      ("packed", lambda: backward_parts(model, adapters, rollouts, cfg, denominator, checkpointing))):
+
+    def time_path(path: str, run) -> None:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         baseline.apply(model, 0)  # the packed paths set their own per micro-batch
         for a in adapters.values():
             a.delta_S.grad = None
-        seconds = timed(run)  # one untimed pass first: each path's first kernels are picked there
-        grads[path] = {name: a.delta_S.grad.clone() for name, a in adapters.items()}  # of both passes, alike for both paths
-        out |= {f"{path}_tok_s": tokens / seconds, f"{path}_peak_gib": peak_gib()}
+        seconds = timed(run)  # one untimed pass first: each path's first kernels are picked (and its layers compiled) there
+        grads[path] = {name: a.delta_S.grad.clone() for name, a in adapters.items()}  # of both passes, alike for every path
+        out.update({f"{path}_tok_s": tokens / seconds, f"{path}_peak_gib": peak_gib()})
+
+    packed = lambda c: lambda: backward_parts(model, adapters, rollouts, cfg, denominator, c)  # noqa: E731
+    time_path("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator))
+    time_path("eager", packed(checkpointing))
+    if cuda and cfg.learner_compile:
+        compile_learner(model)  # the paths below run as a run's learner does; the model's layers stay compiled
+    time_path("recomputing", packed(recomputing))
+    time_path("packed", packed(checkpointing))
     checkpoint_first(model, 0)
     # what it picks for each micro-batch's row with the memory free now (as free as during the pass: its graph is gone)
     lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
@@ -500,6 +511,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
         out[f"{path}_checkpointed_layers"] = [c.layers_for(sum(lengths[i] for i in row)) for row in rows]
     out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
     out["ratio_recomputing"] = out["packed_tok_s"] / out["recomputing_tok_s"]
+    out["ratio_compiled"] = out["packed_tok_s"] / out["eager_tok_s"]
+    out["compiled_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["eager"])
     out["max_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["padded"])
     out["recomputing_rel_grad_diff"] = largest_rel_diff(grads["recomputing"], grads["packed"])  # what is kept never changes what is computed
     # Its yardstick: the padded path against itself in micro-batches of 4 (the same sums, other
@@ -509,7 +522,7 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     for _ in range(2):  # two passes, as timed() ran each path
         padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)
     out["noise_rel_grad_diff"] = largest_rel_diff({name: a.delta_S.grad for name, a in adapters.items()}, grads["padded"])
-    out["profile"] = learner_profile(lambda: backward_parts(model, adapters, rollouts, cfg, denominator, checkpointing), tokens, tokens / out["packed_tok_s"], cfg.device)
+    out["profile"] = learner_profile(packed(checkpointing), tokens, tokens / out["packed_tok_s"], cuda)
     for a in adapters.values():
         a.delta_S.data.zero_()
         a.delta_S.grad = None
@@ -521,6 +534,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     print(f"  its micro-batches cut to recompute nothing (at least {checkpointing.smallest:,} tokens) vs the preset's cap of {cfg.learner_tokens:,} "
           f"kept, layers recomputed {out['recomputing_checkpointed_layers']}: {out['packed_tok_s']:,.0f} vs {out['recomputing_tok_s']:,.0f} tok/s "
           f"(peak {out['recomputing_peak_gib']:.1f} GiB), {out['ratio_recomputing']:.2f}x; largest relative gradient difference {out['recomputing_rel_grad_diff']:.1e}")
+    print(f"  its decoder layers compiled ({'as a run on CUDA does' if cuda else 'not on CPU, as a run there'}) vs eager: {out['packed_tok_s']:,.0f} vs {out['eager_tok_s']:,.0f} tok/s "
+          f"(peak {out['packed_peak_gib']:.1f} vs {out['eager_peak_gib']:.1f} GiB), {out['ratio_compiled']:.2f}x; largest relative gradient difference {out['compiled_rel_grad_diff']:.1e}")
     return out
 
 
@@ -600,15 +615,15 @@ def print_kernels(kernels: list[tuple[str, float, int]], unit: str) -> None:
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the ops whose FLOPs the profiler counts and matmul kernels run
 
 
-def matmul_tflops(device: str) -> float:
+def matmul_tflops(cuda: bool) -> float:
     """TFLOP/s of one large bf16 matmul (fp32 on CPU): what this device's matmuls reach at their best, the learner's yardstick."""
-    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (512, torch.float32)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    seconds = timed(lambda: a @ b, repeat=20 if device == "cuda" else 3)
+    n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
+    a, b = (torch.randn(n, n, device="cuda" if cuda else "cpu", dtype=dtype) for _ in range(2))
+    seconds = timed(lambda: a @ b, repeat=20 if cuda else 3)
     return 2 * n**3 / seconds / 1e12
 
 
-def learner_profile(run, tokens: int, wall_s: float, device: str) -> dict:
+def learner_profile(run, tokens: int, wall_s: float, cuda: bool) -> dict:
     """Where one pass of the learner (`run`, timed at `wall_s` for `tokens`) spends its time: its
     kernels by kind (on CPU: ops by self time) against the timed wall time, the rest being launch
     gaps, host work and syncs; and its matmuls' TFLOP/s (the profiler's FLOPs of MATMUL_OPS over
@@ -616,8 +631,7 @@ def learner_profile(run, tokens: int, wall_s: float, device: str) -> dict:
     slower than the timed one (the profiler's own cost): its kernels' times stand, its wall is not used."""
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = device == "cuda"
-    best = matmul_tflops(device)
+    best = matmul_tflops(cuda)
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda, with_flops=True) as prof:
         run()
         sync()

@@ -14,7 +14,7 @@ from projected_grpo.paths import DATA
 from projected_grpo.rollout import RolloutEngine, Sampling
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, wrap_svd
 from benchmarks.bench_step import padded_backward
-from train import PRESETS, Rollout, backward_parts, learner_checkpointing
+from train import PRESETS, Rollout, backward_parts, compile_learner, learner_checkpointing
 
 
 def test_plan_puts_every_sequence_once_longest_first_within_budget():
@@ -85,6 +85,35 @@ def test_packed_merged_learner_equals_the_padded_adapter_path(tiny, loss_norm):
     worst = max(((packed[n] - padded[n]).abs().max() / padded[n].abs().max()).item() for n in padded)
     worst_s = max(((g_s[n] - padded_s[n]).abs().max() / padded_s[n].abs().max()).item() for n in padded_s)
     assert max(worst, worst_s) < 1e-4, (worst, worst_s)
+
+
+def test_compiled_decoder_layers_give_the_eager_learners_sums_and_gradients(tmp_path):
+    """compile_learner (a CUDA run's, Config.learner_compile), here on CPU: over several packed
+    rows, KL on (the reference's no-grad pass runs compiled too), the same sums and delta_S
+    gradients as the eager layers, to fp32 rounding; and the layers did run compiled."""
+    model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")  # its own: the layers stay compiled
+    adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path)
+    gen = torch.Generator().manual_seed(4)
+    for a in adapters.values():
+        a.delta_S.data = 0.05 * torch.randn(a.rank, generator=gen)
+    cfg = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=400)
+    batch, checkpointing = rollouts(model, tokenizer), learner_checkpointing(model, adapters, cfg)
+
+    def learn() -> tuple[dict, dict]:
+        for a in adapters.values():
+            a.delta_S.grad = None
+        _, sums = backward_parts(model, adapters, batch, cfg, 6.0 * 7, checkpointing)
+        return {n: g.clone() for n, g in delta_grads(adapters).items()}, sums
+
+    eager, eager_sums = learn()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_learner(model)
+    compiled, compiled_sums = learn()
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 2  # the policy's pass and the reference's
+    assert compiled_sums == pytest.approx(eager_sums, rel=1e-5, abs=1e-5)  # logp_gap: a sum of ~1e-6 roundings
+    worst = max(((compiled[n] - eager[n]).abs().max() / eager[n].abs().max()).item() for n in eager)
+    assert worst < 1e-4, worst
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen flash kernel runs there only")
