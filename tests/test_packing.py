@@ -9,6 +9,7 @@ import torch
 
 from grader import load_problems, render_prompt
 from projected_grpo import packing
+from projected_grpo.activations import Checkpointing, decoder_layers, enable_checkpointing
 from projected_grpo.models import completion_logprobs, load_model
 from projected_grpo.paths import DATA
 from projected_grpo.rollout import RolloutEngine, Sampling
@@ -92,28 +93,32 @@ def test_compiled_decoder_layers_give_the_eager_learners_sums_and_gradients(tmp_
     rows, KL on (the reference's no-grad pass runs compiled too), the same sums and delta_S
     gradients as the eager layers, to fp32 rounding; and the layers did run compiled."""
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")  # its own: the layers stay compiled
+    enable_checkpointing(model)
     adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path)
     gen = torch.Generator().manual_seed(4)
     for a in adapters.values():
         a.delta_S.data = 0.05 * torch.randn(a.rank, generator=gen)
     cfg = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=400)
     batch, checkpointing = rollouts(model, tokenizer), learner_checkpointing(model, adapters, cfg)
+    assert checkpointing.layers_for(400) == 0
 
-    def learn() -> tuple[dict, dict]:
+    def learn(checkpointing: Checkpointing) -> tuple[dict, dict]:
         for a in adapters.values():
             a.delta_S.grad = None
         _, sums = backward_parts(model, adapters, batch, cfg, 6.0 * 7, checkpointing)
         return {n: g.clone() for n, g in delta_grads(adapters).items()}, sums
 
-    eager, eager_sums = learn()
+    eager, eager_sums = learn(checkpointing)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compile_learner(model)
-    compiled, compiled_sums = learn()
-    assert torch._dynamo.utils.counters["frames"]["ok"] >= 2  # the policy's pass and the reference's
-    assert compiled_sums == pytest.approx(eager_sums, rel=1e-5, abs=1e-5)  # logp_gap: a sum of ~1e-6 roundings
-    worst = max(((compiled[n] - eager[n]).abs().max() / eager[n].abs().max()).item() for n in eager)
-    assert worst < 1e-4, worst
+    # as picked (none recomputed here), then every layer recomputed: checkpoint() around the compiled call
+    for c in (checkpointing, Checkpointing("always", len(decoder_layers(model)))):
+        compiled, compiled_sums = learn(c)
+        assert compiled_sums == pytest.approx(eager_sums, rel=1e-5, abs=1e-5)  # logp_gap: a sum of ~1e-6 roundings
+        worst = max(((compiled[n] - eager[n]).abs().max() / eager[n].abs().max()).item() for n in eager)
+        assert worst < 1e-4, (c.policy, worst)
+    assert torch._dynamo.utils.counters["frames"]["ok"] >= 2  # the policy's passes and the reference's ran compiled
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen flash kernel runs there only")
