@@ -409,9 +409,13 @@ def targets(report: dict, cuda: bool) -> list[dict]:
     rows = []
     for name, value, yardstick, bound, op in TARGETS:
         try:
-            v, beside = value(report), yardstick(report)
+            v = value(report)
         except KeyError:  # that part was skipped (--step-preset '')
             continue
+        try:
+            beside = yardstick(report)
+        except KeyError:  # a part resumed from a report of older code, which did not measure it
+            beside = "(its yardstick is not in this report)"
         if v is None:  # no number here (the step's peak memory on CPU)
             continue
         met = None if not cuda or v != v else (v <= bound if op == "<=" else v >= bound)

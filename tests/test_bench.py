@@ -192,6 +192,12 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
     assert calls == ["smoke", "model"] and report["step"] == bench["step"] and report["targets"] == bench["targets"]
     assert report["generation_flex"] == bench["generation_flex"] and report["generation_slots"] == bench["generation_slots"]  # kept with its step
 
+    # older code's learner row, without the eager yardstick: its target row kept, the yardstick said to be missing
+    older = {k: v for k, v in bench.items() if k not in ("stdout", "targets")} | {"learner": {k: v for k, v in bench["learner"].items() if k != "eager_tok_s"}}
+    (tmp_path / "bench.json").write_text(json.dumps(older))
+    row = next(r for r in bench_step.main(args)["targets"] if r["row"] == "learner tok/s, reference included")
+    assert row["value"] == bench["learner"]["packed_tok_s"] and row["yardstick"] == "(its yardstick is not in this report)"
+
 
 def test_no_model_parts_times_the_step_alone(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
