@@ -4,7 +4,8 @@
 # it here; the wheels install in seconds, so each call installs them). Everything a part writes
 # goes to $OUT: the logs, bench/bench.json, off_policy.json.
 #   tests       the CUDA-only tests (graphed decode, flex attention, varlen kernel, activation probe)
-#   engine      benchmarks/bench_step.py without the step: bandwidth, decode rows and profile, SVD wrap, learner, extraction
+#   engine      benchmarks/bench_step.py without the step: bandwidth, decode rows and profile, SVD wrap, extraction, learner
+#               (~400 s on an H100 before the learner's compile and profile, 9da2d5a: give it a call of its own)
 #   step        benchmarks/bench_step.py --resume --no-model-parts: the `full` step alone, keeping the parts of
 #               .bench/bench.json (an earlier call's $OUT/bench/bench.json, copied here and carried) if measured on
 #               this card (in one call after `engine`, that part's)
@@ -23,7 +24,7 @@ for part in "$@"; do
   case $part in
     tests) timeout $(limit 120) python -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_rollout.py tests/test_packing.py tests/test_activations.py \
              -k "cuda or varlen or graph" 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
-    engine) timeout $(limit 460) python benchmarks/bench_step.py --step-preset '' --out "$OUT/bench" 2>&1 | tee "$OUT/engine.log" | tail -60 ;;
+    engine) timeout $(limit 560) python benchmarks/bench_step.py --step-preset '' --out "$OUT/bench" 2>&1 | tee "$OUT/engine.log" | tail -60 ;;
     step) # the earlier parts only where this card measured them (--resume refuses another header)
           card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
           [[ -f .bench/bench.json && ! -f "$OUT/bench/bench.json" ]] && python -c "import json, sys; sys.exit(json.load(open('.bench/bench.json'))['header']['device'] != sys.argv[1])" "$card" \
