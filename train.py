@@ -533,13 +533,16 @@ def probe_loss(model, b: MicroBatch, cfg: Config) -> Float[Tensor, ""]:
     return grpo_loss(logprobs(model, b, cfg.sampling.temperature), b.old, torch.zeros_like(b.old), b.adv, b.weight, cfg, 1.0)[0]
 
 
-def compile_learner(model) -> None:
-    """Compile each decoder layer's call in place (the learner's passes, and a refresh's
+def compile_learner(model, cfg: Config) -> None:
+    """Where cfg.learner_compile and the run is on CUDA (as the engine's compile), compile each
+    decoder layer's call in place (the learner's passes, and a refresh's
     extraction, run through it; the rollout engine runs the layers' parts its own way). Dynamic
     shapes from the first call: the layers share their code, so one graph per grad mode and
     adapter state serves all of them at every micro-batch length. The fused layer keeps fewer
     activations than the eager one learner_checkpointing measured (peak 57 vs 67 GiB on an H100):
     its choices stay on the safe side."""
+    if not (cfg.learner_compile and cfg.device.startswith("cuda")):
+        return
     for layer in decoder_layers(model):
         layer.compile(dynamic=True)
 
@@ -679,8 +682,7 @@ class RunState:
         with distributed.main_first():  # a missing default pool is built by rank 0 alone
             pool = teacher_pool(cfg, problems, tokenizer, grader) if split_group(cfg)[1] else {}
         warn_overlaps(cfg, problems, pairs, pool)
-        if cfg.learner_compile and next(model.parameters()).is_cuda:
-            compile_learner(model)  # after the probe and the extraction above, which run eagerly
+        compile_learner(model, cfg)  # after the probe and the extraction above, which run eagerly
         optimizer = torch.optim.AdamW([a.delta_S for a in adapters.values()], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
         prompt_gen = torch.Generator().manual_seed(cfg.seed)

@@ -503,8 +503,7 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     packed = lambda c: lambda: backward_parts(model, adapters, rollouts, cfg, denominator, c)  # noqa: E731
     time_path("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator))
     time_path("eager", packed(checkpointing))
-    if cuda and cfg.learner_compile:
-        compile_learner(model)  # the paths below run as a run's learner does; the model's layers stay compiled
+    compile_learner(model, cfg)  # the paths below run as a run's learner does; the model's layers stay compiled
     time_path("recomputing", packed(recomputing))
     time_path("packed", packed(checkpointing))
     checkpoint_first(model, 0)

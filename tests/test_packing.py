@@ -88,8 +88,8 @@ def test_packed_merged_learner_equals_the_padded_adapter_path(tiny, loss_norm):
 
 
 def test_compiled_decoder_layers_give_the_eager_learners_sums_and_gradients(tmp_path):
-    """compile_learner (a CUDA run's, Config.learner_compile), here on CPU: over several packed
-    rows, KL on (the reference's no-grad pass runs compiled too), the same sums and delta_S
+    """compile_learner leaves a CPU run's layers eager; a CUDA run's (Config.learner_compile),
+    here compiled on CPU: over several packed rows, KL on (the reference's no-grad pass runs compiled too), the same sums and delta_S
     gradients as the eager layers, to fp32 rounding; and the layers did run compiled."""
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")  # its own: the layers stay compiled
     enable_checkpointing(model)
@@ -110,7 +110,10 @@ def test_compiled_decoder_layers_give_the_eager_learners_sums_and_gradients(tmp_
     eager, eager_sums = learn(checkpointing)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compile_learner(model)
+    compile_learner(model, cfg)
+    learn(checkpointing)
+    assert not torch._dynamo.utils.counters["frames"]["ok"]  # on CPU: still eager
+    compile_learner(model, replace(cfg, device="cuda"))  # what a CUDA run's Config asks for; compiling runs on any device
     # as picked (none recomputed here), then every layer recomputed: checkpoint() around the compiled call
     for c in (checkpointing, Checkpointing("always", len(decoder_layers(model)))):
         compiled, compiled_sums = learn(c)
