@@ -742,6 +742,17 @@ def print_call(call: CallStats, label: str) -> None:
             for label, mine in (("of shapes met in an earlier call", [g for g in call.graphs if g.met]), ("new", [g for g in call.graphs if not g.met])) if mine))
 
 
+def sampled_again(state: RunState, batch, how: str) -> CallStats | str:
+    """The step's batch sampled again by state's engine and config: the call's stats, or its
+    failure (out of memory, say) reported and returned (the step's row is already in the report)."""
+    try:
+        sample(state, batch)
+    except Exception as e:
+        print(f"generation {how} failed: {failure(e)}")
+        return failure(e)
+    return state.engine.last_call
+
+
 def slots_generation(state: RunState, batch, call: CallStats) -> dict:
     """The steady step's generation again (its prompts, its sampling stream, its engine) with a
     KV slot for every student, so that none waits for a slot and none starts late, against the
@@ -750,14 +761,12 @@ def slots_generation(state: RunState, batch, call: CallStats) -> dict:
     wider call's shapes are new to the engine, the step's partly met in the first step)."""
     cfg = state.cfg
     state.cfg = replace(cfg, sampling=replace(cfg.sampling, batch=call.sequences))
-    try:  # a failure (out of memory, say) is reported; the step's row is already in the report
-        sample(state, batch)
-    except Exception as e:
-        print(f"generation with {call.sequences} slots failed: {failure(e)}")
-        return {"error": failure(e)}
+    try:
+        wide = sampled_again(state, batch, f"with {call.sequences} slots")
     finally:
         state.cfg = cfg
-    wide = state.engine.last_call
+    if isinstance(wide, str):
+        return {"error": wide}
     rate = lambda c: (c.live_slot_steps + c.sequences) / sum(c.seconds[p] for p in ("prefill", "decode", "compact"))  # noqa: E731
     out = {"slots": call.slots, "tok_s": rate(call), "wide_slots": wide.slots, "wide_tok_s": rate(wide), "wide_call": call_record(wide)}
     out["ratio"] = out["wide_tok_s"] / out["tok_s"]
@@ -774,12 +783,9 @@ def flex_generation(state: RunState, batch, sdpa: CallStats) -> dict:
     (their lengths differ: other kernels, other draws), the step's decode steps at flex's ms per
     step against their own seconds. Its graphs' warm-ups compile flex's shapes: apart, not in decode."""
     state.engine = RolloutEngine(state.model, state.tokenizer, attention="flex")
-    try:  # a failure is reported; the step's row is already in the report
-        sample(state, batch)
-    except Exception as e:
-        print(f"generation with flex attention failed: {failure(e)}")
-        return {"error": failure(e)}
-    flex = state.engine.last_call
+    flex = sampled_again(state, batch, "with flex attention")
+    if isinstance(flex, str):
+        return {"error": flex}
     ms = {(s.slots, s.window): s.seconds / s.steps for s in flex.shapes}
     matched = [s for s in sdpa.shapes if (s.slots, s.window) in ms]
     out = {"sdpa_decode_s": sdpa.seconds["decode"], "flex_decode_s": flex.seconds["decode"], "matched_steps": sum(s.steps for s in matched),
