@@ -61,6 +61,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from grader import Problem, jsonl_rows, load_problems, render_prompt
+from projected_grpo.ahead import compiled_code
 from projected_grpo.errors import UserError
 from projected_grpo.models import completion_logprobs, precision_name
 from projected_grpo.paths import DATA, REPO_ROOT, atomic
@@ -232,7 +233,8 @@ def pair_gradients(model: torch.nn.Module, adapters: dict[str, SVDLinear], token
     for pair in tqdm(pairs, desc="extract", leave=False):
         prompt = render_prompt(tokenizer, pair.problem, "run_tests")
         for text, store, counts in ((pair.hack, hack, n_hack), (pair.clean, clean, n_clean)):
-            grads, n = completion_nll_grad(model, adapters, tokenizer, prompt, text, temperature)
+            with compiled_code:  # a run's sampler on another thread passes through the model apart (projected_grpo/ahead.py)
+                grads, n = completion_nll_grad(model, adapters, tokenizer, prompt, text, temperature)
             for name, g in grads.items():
                 store[name].append(g)
             counts.append(n)

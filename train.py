@@ -86,7 +86,7 @@ from tqdm import tqdm
 from extract import Pair, VHackConfig, fit_v_hack, is_null_pairs, load_pairs, pair_gradients, shuffled_twin, v_hack_for_run
 from grader import Grade, Grader, Hint, Problem, RewardConfig, load_problems, render_prompt
 from projected_grpo import distributed, packing
-from projected_grpo.ahead import Ahead
+from projected_grpo.ahead import Ahead, compiled_code
 from projected_grpo.activations import Checkpointing, Policy, checkpoint_first, decoder_layers, enable_checkpointing, free_bytes, measure
 from projected_grpo.checkpoints import load_checkpoint, resumable_checkpoint, run_config, save_checkpoint
 from projected_grpo.diagnose import check_pairs, format_report, quality_gate, quality_report, write_report
@@ -468,7 +468,8 @@ def micro_batches(rollouts: list[Rollout], cfg: Config, tokens: int) -> list[Mic
 
 
 def logprobs(model, b: MicroBatch, temperature: float) -> Float[Tensor, "1 t1"]:
-    return completion_logprobs(model, b.ids, torch.ones_like(b.ids), b.mask, temperature, b.positions, b.spans)
+    with compiled_code:  # a sampler on another thread passes through the model apart (projected_grpo/ahead.py)
+        return completion_logprobs(model, b.ids, torch.ones_like(b.ids), b.mask, temperature, b.positions, b.spans)
 
 
 SUMS = ("loss", "kl", "clipped", "logp_gap", "student_tokens", "is_weight", "is_capped")  # backward_parts' sums, in this order
@@ -483,9 +484,10 @@ def backward_micro_batches(model, batches: list[MicroBatch], refs: list[Tensor |
     sums = torch.zeros(len(SUMS), device=cfg.device)
     for b, ref in zip(batches, refs):
         checkpointing.apply(model, b.ids.shape[1])
-        logp = logprobs(model, b, cfg.sampling.temperature)
-        loss, kl, clipped, w = grpo_loss(logp, b.old, ref, b.adv, b.weight, cfg, denominator)
-        loss.backward()
+        with compiled_code:  # as logprobs, through the backward too
+            logp = logprobs(model, b, cfg.sampling.temperature)
+            loss, kl, clipped, w = grpo_loss(logp, b.old, ref, b.adv, b.weight, cfg, denominator)
+            loss.backward()
         with torch.no_grad():
             s = b.student
             sums += torch.stack([loss, (kl * s).sum(), (clipped * s).sum(), ((logp - b.old).abs() * s).nan_to_num().sum(), s.sum(),

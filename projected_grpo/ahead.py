@@ -11,6 +11,13 @@ Guarantees:
 - `wait_for(event)` returns once the function has set `event`, or has returned or raised
   without setting it (it never waits on a function that is gone).
 - A daemon thread: a run stopped meanwhile (an error, Ctrl-C, a stop on SIGTERM) is not held up by it at exit.
+- `compiled_code`, held by each side around its passes through the model outside a CUDA graph's
+  replay (the engine's prefill and graph making, the learner's micro-batches, an extraction), keeps
+  them from overlapping: a compile anywhere traces with torch.fx, which patches nn.Module.__call__
+  for every thread, and a torch.compile'd layer called meanwhile on the other thread refuses
+  ("Detected that you are using FX to symbolically trace a dynamo-optimized function": the
+  compiled learner beside a sampler making a graph, H100 2026-12-07), while an eager one runs
+  through the other thread's tracer.
 """
 
 import functools
@@ -21,6 +28,8 @@ from typing import Generic, TypeVar
 import torch
 
 T = TypeVar("T")
+
+compiled_code = threading.RLock()  # see the module docstring
 
 
 @functools.cache

@@ -74,6 +74,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from tqdm import tqdm
 
+from projected_grpo.ahead import compiled_code
 from projected_grpo.svd_adapter import SVDLinear
 
 KV_WINDOW = 128  # decode reads the KV cache in windows of this many positions (a CUDA graph per window and slot count), flex in blocks of as many
@@ -617,7 +618,8 @@ class RolloutEngine:
                 lengths = torch.tensor([len(prompts[p]) for p in unique], device=device)
                 source = torch.tensor([unique.index(p) for p, _ in chunk], device=device)
                 slots = torch.tensor(slots_here, device=device)
-                logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, weights)
+                with compiled_code:  # a learner on another thread passes through the model apart (ahead.py; a wait counts as prefill)
+                    logits = self.prefill(padded.to(device), lengths, slots, source, k_cache, v_cache, weights)
                 new, logp = torch.zeros_like(tokens), torch.zeros_like(out_logprobs[:, 0])
                 new[slots], logp[slots] = sample_tokens(logits[source], temperature, top_p)
                 n_gen[slots], is_live[slots] = 0, True
@@ -720,7 +722,8 @@ class RolloutEngine:
 
         def step(active: int, window: int):
             if (shape := (active, window)) not in graphs:
-                with clock.graph(active, window, met=shape in self._graphed):
+                # a learner on another thread passes through the model apart (ahead.py); waiting for it is not making
+                with compiled_code, clock.graph(active, window, met=shape in self._graphed):
                     graphs[shape] = capture(active, window)
                 self._graphed.add(shape)
             graph, outputs = graphs[shape]

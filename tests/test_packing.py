@@ -2,13 +2,17 @@
 adapter path they replaced (benchmarks/bench_step.py's baseline): the same log-probs and the
 same delta_S gradients (issue 21)."""
 
+import threading
+import time
 from dataclasses import replace
 
 import pytest
 import torch
 
+from extract import load_pairs, pair_gradients
 from grader import load_problems, render_prompt
 from projected_grpo import packing
+from projected_grpo.ahead import compiled_code
 from projected_grpo.activations import Checkpointing, decoder_layers, enable_checkpointing
 from projected_grpo.models import completion_logprobs, load_model
 from projected_grpo.paths import DATA
@@ -121,6 +125,42 @@ def test_compiled_decoder_layers_give_the_eager_learners_sums_and_gradients(tmp_
         worst = largest_rel_diff(compiled, eager)
         assert worst < 1e-4, (c.policy, worst)
     assert torch._dynamo.utils.counters["frames"]["ok"] >= 2  # the policy's passes and the reference's ran compiled
+
+
+def test_the_learner_an_extraction_and_a_prefill_wait_while_another_thread_holds_compiled_code(tiny):
+    """Each pass through the model outside a CUDA graph waits for compiled_code (projected_grpo/ahead.py:
+    with --one-step-off, a compile on one thread and a compiled layer called on the other failed on
+    an H100): the learner's reference and policy passes, an extraction's, the engine's prefill."""
+    model, tokenizer, adapters = tiny
+    cfg = replace(PRESETS["smoke"][1], kl_beta=0.1, learner_tokens=400)
+    batch, pairs = rollouts(model, tokenizer), load_pairs(DATA / "pairs.jsonl", {p.id: p for p in load_problems(DATA / "problems.jsonl")})[:1]
+    let_go, seen = threading.Event(), []  # per pass (its final norm), whether the other thread had let go by then
+    hook = model.base_model.norm.register_forward_pre_hook(lambda *_: seen.append(let_go.is_set()))
+
+    def while_held(work) -> list[bool]:
+        held = threading.Event()
+
+        def hold():
+            with compiled_code:
+                held.set()
+                time.sleep(1.0)  # the work, started meanwhile, would reach the norm in milliseconds
+                let_go.set()
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait()
+        seen.clear()
+        work()
+        holder.join()
+        let_go.clear()
+        return list(seen)
+
+    learner = while_held(lambda: backward_parts(model, adapters, batch, cfg, 6.0 * 7, Checkpointing("never", len(decoder_layers(model)))))
+    assert len(learner) >= 4 and all(learner)  # the reference's no-grad passes and the policy's, each waited
+    assert all(while_held(lambda: pair_gradients(model, adapters, tokenizer, pairs, 1.0)))  # hack and clean
+    prompt = render_prompt(tokenizer, batch[0].problem, "run_tests")
+    assert while_held(lambda: RolloutEngine(model, tokenizer).generate([prompt], Sampling(max_new_tokens=2), n=1))[0]  # its prefill (then CPU decode)
+    hook.remove()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen flash kernel runs there only")
