@@ -594,10 +594,11 @@ def decode_profile(engine: RolloutEngine, b: int, window: int, sampling: dict, s
 
 def kernel_table(prof, per: int, cuda: bool) -> list[tuple[str, float, int]]:
     """(name, ms, calls) per `per` repeats of what the profiler recorded: each CUDA kernel's device
-    time (ops, recorded with them where FLOPs are wanted, left out), or on CPU each op's self time;
-    the costliest first, none that took no time."""
+    time (ops, recorded with them where FLOPs are wanted, left out, and the ranges that span
+    kernels: a compiled graph's "## Call CompiledFxGraph" counted its kernels twice, H100
+    2026-12-07), or on CPU each op's self time; the costliest first, none that took no time."""
     if cuda:
-        rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        rows = [(e.key, e.device_time_total, e.count) for e in prof.key_averages() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     else:
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
     return sorted(((name, us / 1e3 / per, count // per) for name, us, count in rows if us > 0), key=lambda k: -k[1])
