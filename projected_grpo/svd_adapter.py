@@ -112,7 +112,12 @@ class SVDLinear(nn.Module):
             self.W_host = W.detach().to("cpu", copy=True)
             if W.is_cuda:
                 self.W_host = self.W_host.pin_memory()
-        W.copy_(W.float() + (self.U.float() * self.delta_S) @ self.Vh.float())
+        # The update D in the weight's dtype, on tensor cores: in fp32 (no tensor cores) its
+        # GEMMs took 0.37 s of a 4.06 s learner pass on an H100 (2026-12-07). D errs by a bf16
+        # matmul's rounding (at most 2^-7 of |U| |delta_S| |Vh|), below the merged weight's own
+        # wherever D is small against W; W + D is summed in fp32 and rounded once; at delta_S = 0
+        # D is exactly 0 and W unchanged.
+        W.add_((self.U * self.delta_S.to(W.dtype)) @ self.Vh)
         self.merged = True
 
     @torch.no_grad()

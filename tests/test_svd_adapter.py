@@ -201,6 +201,28 @@ def test_merge_writes_in_place_and_unmerges_from_the_host_copy(tiny):
     assert a.W_host is not None and a.W_host.data_ptr() != address
 
 
+def test_a_bf16_merge_errs_by_the_weights_rounding_and_the_updates_and_is_exact_at_zero():
+    """merge() takes the update D = U diag(delta_S) Vh in the weight's dtype (tensor cores on a
+    GPU): each merged bf16 entry is off the exact W + D by at most its own rounding (one bf16
+    step) plus a bf16 matmul's (2^-7 of the entry's |U| |delta_S| |Vh|, which is small where D
+    is small against W); at delta_S = 0 the weight is unchanged, bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.nn.Linear(96, 64, bias=False).to(torch.bfloat16)
+    base.weight.data = torch.randn(64, 96, generator=gen).to(torch.bfloat16)
+    U, S, Vh = torch.linalg.svd(base.weight.detach().float(), full_matrices=False)
+    layer, original = SVDLinear(base, U, S, Vh, "key"), base.weight.detach().clone()
+    layer.merge()
+    assert torch.equal(base.weight, original)
+    layer.unmerge()
+    layer.delta_S.data = 0.1 * torch.randn(64, generator=gen)
+    u, vh, d = layer.U.double(), layer.Vh.double(), layer.delta_S.detach().double()  # the bf16 U, Vh the adapter holds
+    exact, spread = original.double() + (u * d) @ vh, (u.abs() * d.abs()) @ vh.abs()
+    layer.merge()
+    err = (base.weight.detach().double() - exact).abs()
+    assert (err <= 2**-8 * exact.abs() + 2**-7 * spread).all()
+    assert err.max() < 2**-8 * exact.abs().max()  # no entry off by more than a step of the largest
+
+
 # ----------------------------------------------------------------------------
 # Cache misses solved in batches of same-shape weights
 
