@@ -463,6 +463,18 @@ def largest_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
 
 
+def padded_floor(model, adapters: dict, rollouts: list[Rollout], cfg: Config, denominator: float, padded: dict[str, torch.Tensor]) -> float:
+    """The learners' gradient yardstick: the padded path against its own gradients `padded` in
+    micro-batches of 4 (the same sums, other padding and order), the rounding floor of the dtype
+    that a learner's difference is read against. Run before the layers are compiled: after, it
+    read 0.11, the compile's rounding beside the padding's (H100 2026-12-07)."""
+    for a in adapters.values():
+        a.delta_S.grad = None
+    for _ in range(2):  # two passes, as timed() ran each path
+        padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)
+    return largest_rel_diff({name: a.delta_S.grad for name, a in adapters.items()}, padded)
+
+
 def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> dict:
     """The padded baseline and train.backward_parts on the same n rollouts and delta_S: prompts of
     ~300 tokens, completions of exponential lengths with mean 600 cut at 1536 (full's spread; a
@@ -503,6 +515,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     packed = lambda c: lambda: backward_parts(model, adapters, rollouts, cfg, denominator, c)  # noqa: E731
     time_path("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator))
     time_path("eager", packed(checkpointing))
+    baseline.apply(model, 0)
+    out["noise_rel_grad_diff"] = padded_floor(model, adapters, rollouts, cfg, denominator, grads["padded"])  # eager, as the padded row ran
     compile_learner(model, cfg)  # the paths below run as a run's learner does; the model's layers stay compiled
     time_path("recomputing", packed(recomputing))
     time_path("packed", packed(checkpointing))
@@ -518,13 +532,6 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     out["compiled_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["eager"])
     out["max_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["padded"])
     out["recomputing_rel_grad_diff"] = largest_rel_diff(grads["recomputing"], grads["packed"])  # what is kept never changes what is computed
-    # Its yardstick: the padded path against itself in micro-batches of 4 (the same sums, other
-    # padding and order): the rounding floor of this dtype, which a learner's difference is read against.
-    for a in adapters.values():
-        a.delta_S.grad = None
-    for _ in range(2):  # two passes, as timed() ran each path
-        padded_backward(model, adapters, rollouts, cfg, denominator, batch=4)
-    out["noise_rel_grad_diff"] = largest_rel_diff({name: a.delta_S.grad for name, a in adapters.items()}, grads["padded"])
     out["profile"] = learner_profile(packed(checkpointing), tokens, tokens / out["packed_tok_s"], cuda)
     for a in adapters.values():
         a.delta_S.data.zero_()
