@@ -25,10 +25,13 @@ for part in "$@"; do
     tests) timeout $(limit 120) python -m pytest -q -p no:cacheprovider -rs --durations=8 tests/test_rollout.py tests/test_packing.py tests/test_activations.py \
              -k "cuda or varlen or graph" 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
     engine) timeout $(limit 560) python benchmarks/bench_step.py --step-preset '' --out "$OUT/bench" 2>&1 | tee "$OUT/engine.log" | tail -60 ;;
-    step) # the earlier parts only where this card measured them (--resume refuses another header)
+    step) # the earlier model parts only, and only where this card measured them (--resume refuses another header);
+          # never an earlier step, which --resume would keep (2026-12-07: a call that measured nothing)
           card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-          [[ -f .bench/bench.json && ! -f "$OUT/bench/bench.json" ]] && python -c "import json, sys; sys.exit(json.load(open('.bench/bench.json'))['header']['device'] != sys.argv[1])" "$card" \
-            && cp .bench/bench.json "$OUT/bench/"
+          [[ -f .bench/bench.json && ! -f "$OUT/bench/bench.json" ]] && PYTHONPATH=$PYTHONPATH:benchmarks python -c "
+import json, sys; from bench_step import MODEL_PARTS
+r = json.load(open('.bench/bench.json'))
+r['header']['device'] == sys.argv[1] and json.dump({k: r[k] for k in ('header', 'args', *MODEL_PARTS) if k in r}, open(sys.argv[2], 'w'))" "$card" "$OUT/bench/bench.json"
           timeout $(limit 560) python benchmarks/bench_step.py --resume --no-model-parts --out "$OUT/bench" 2>&1 | tee "$OUT/step.log" | tail -40 ;;
     off-policy) timeout $(limit 560) python benchmarks/bench_off_policy.py --steps "${OFF_POLICY_STEPS:-10}" --out "$OUT" 2>&1 | tee "$OUT/off_policy.log" | tail -40 ;;
     *) echo "unknown part '$part': tests, engine, step or off-policy" >&2; exit 2 ;;
