@@ -722,7 +722,7 @@ class RolloutEngine:
 
         def step(active: int, window: int):
             if (shape := (active, window)) not in graphs:
-                # a learner on another thread passes through the model apart (ahead.py); waiting for it is not making
+                # a learner on another thread passes through the model apart (ahead.py); a wait counts in this decode step, not as making
                 with compiled_code, clock.graph(active, window, met=shape in self._graphed):
                     graphs[shape] = capture(active, window)
                 self._graphed.add(shape)
