@@ -93,8 +93,9 @@ def test_packed_merged_learner_equals_the_padded_adapter_path(tiny, loss_norm):
 
 def test_compiled_decoder_layers_give_the_eager_learners_sums_and_gradients(tmp_path):
     """compile_learner leaves a CPU run's layers eager; a CUDA run's (Config.learner_compile),
-    here compiled on CPU: over several packed rows, KL on (the reference's no-grad pass runs compiled too), the same sums and delta_S
-    gradients as the eager layers, to fp32 rounding; and the layers did run compiled."""
+    here compiled on CPU: over several packed rows, KL on (the reference's no-grad pass runs
+    compiled too), the same sums and delta_S gradients as the eager layers, to fp32 rounding;
+    and the layers did run compiled."""
     model, tokenizer, _ = load_model("tiny-random-qwen3", "cpu")  # its own: the layers stay compiled
     enable_checkpointing(model)
     adapters = wrap_svd(model, DEFAULT_TARGETS, tmp_path)
@@ -155,12 +156,16 @@ def test_the_learner_an_extraction_and_a_prefill_wait_while_another_thread_holds
         let_go.clear()
         return list(seen)
 
-    learner = while_held(lambda: backward_parts(model, adapters, batch, cfg, 6.0 * 7, Checkpointing("never", len(decoder_layers(model)))))
-    assert len(learner) >= 4 and all(learner)  # the reference's no-grad passes and the policy's, each waited
-    assert all(while_held(lambda: pair_gradients(model, adapters, tokenizer, pairs, 1.0)))  # hack and clean
-    prompt = render_prompt(tokenizer, batch[0].problem, "run_tests")
-    assert while_held(lambda: RolloutEngine(model, tokenizer).generate([prompt], Sampling(max_new_tokens=2), n=1))[0]  # its prefill (then CPU decode)
-    hook.remove()
+    try:
+        learner = while_held(lambda: backward_parts(model, adapters, batch, cfg, 6.0 * 7, Checkpointing("never", len(decoder_layers(model)))))
+        assert len(learner) >= 4 and all(learner)  # the reference's no-grad passes and the policy's, each waited
+        assert all(while_held(lambda: pair_gradients(model, adapters, tokenizer, pairs, 1.0)))  # hack and clean
+        prompt = render_prompt(tokenizer, batch[0].problem, "run_tests")
+        assert while_held(lambda: RolloutEngine(model, tokenizer).generate([prompt], Sampling(max_new_tokens=2), n=1))[0]  # its prefill (then CPU decode)
+    finally:  # the model is the module's: leave it as found
+        hook.remove()
+        for a in adapters.values():
+            a.delta_S.grad = None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: torch's varlen flash kernel runs there only")
