@@ -31,7 +31,8 @@ for part in "$@"; do
           [[ -f .bench/bench.json && ! -f "$OUT/bench/bench.json" ]] && PYTHONPATH=$PYTHONPATH:benchmarks python -c "
 import json, sys; from bench_step import MODEL_PARTS
 r = json.load(open('.bench/bench.json'))
-r['header']['device'] == sys.argv[1] and json.dump({k: r[k] for k in ('header', 'args', *MODEL_PARTS) if k in r}, open(sys.argv[2], 'w'))" "$card" "$OUT/bench/bench.json"
+if r['header']['device'] == sys.argv[1]:
+    json.dump({k: r[k] for k in ('header', 'args', *MODEL_PARTS) if k in r}, open(sys.argv[2], 'w'))" "$card" "$OUT/bench/bench.json"
           timeout $(limit 560) python benchmarks/bench_step.py --resume --no-model-parts --out "$OUT/bench" 2>&1 | tee "$OUT/step.log" | tail -40 ;;
     off-policy) timeout $(limit 560) python benchmarks/bench_off_policy.py --steps "${OFF_POLICY_STEPS:-10}" --out "$OUT" 2>&1 | tee "$OUT/off_policy.log" | tail -40 ;;
     *) echo "unknown part '$part': tests, engine, step or off-policy" >&2; exit 2 ;;
