@@ -8,8 +8,10 @@ PRESET (default `fast` on random-qwen3-4b on CUDA, teacher mix on so that groups
 problems (bench_step.step_config), first on-policy, then with --one-step-off: the same seed,
 so the same prompts, teacher picks and sampling streams. Reported per step and arm: seconds
 of the step and of its phases (gen is the sampling, or with --one-step-off the wait for the
-rollouts sampled ahead), loss/kl, loss/clip_frac, loss/logp_gap, the strict hack rate and, with
---one-step-off, loss/is_ratio_mean and loss/is_clipped; then the speed-up, the mean step
+rollouts sampled ahead), the seconds the learner (this thread) and the sampler (the "ahead"
+thread) waited for their turn through the model (`compiled_code`, projected_grpo/ahead.py),
+loss/kl, loss/clip_frac, loss/logp_gap, the strict hack rate and, with --one-step-off,
+loss/is_ratio_mean and loss/is_clipped; then the speed-up, the mean step
 seconds on-policy over one-step-off, over steps 2..STEPS-1 (step 1 compiles and captures, and
 samples on time in both; the last step has no next one to sample ahead, so one-step-off's
 learner runs alone there: 6.5 s against 11.3-12.6 beside the sampler on an H100, 2026-12-06).
@@ -21,6 +23,7 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +34,7 @@ import tyro
 
 from bench_step import released, step_config
 from grader import Grader
+from projected_grpo.ahead import compiled_code
 from projected_grpo.errors import UserError, reported
 from projected_grpo.metrics import KEY, OFF_POLICY_KEYS, mean
 from projected_grpo.models import pick_device
@@ -54,11 +58,19 @@ class Args:
 
 LOGGED = (KEY.loss.kl, KEY.loss.clip_frac, KEY.loss.logp_gap, KEY.rollout.hack_s, *OFF_POLICY_KEYS)  # the keys the comparison reads
 PHASES = ("gen", "grade", "learn")
+TURNS = ("learner", "sampler")  # who waits for compiled_code: this thread, the sampler's ("ahead")
 
 
 def line(arm: str, r: dict) -> str:
     cell = lambda v: f"{'-':>7}" if v is None else f"{v:7.3f}"  # noqa: E731
-    return f"{arm:<13} {r['step']:>4} {r['step_s']:>6.1f} " + " ".join(f"{r[p + '_s']:>6.1f}" for p in PHASES) + " " + " ".join(cell(r[k]) for k in LOGGED)
+    return (f"{arm:<13} {r['step']:>4} {r['step_s']:>6.1f} " + " ".join(f"{r[p + '_s']:>6.1f}" for p in PHASES) + " "
+            + " ".join(f"{r[t + '_wait_s']:>6.1f}" for t in TURNS) + " " + " ".join(cell(r[k]) for k in LOGGED))
+
+
+def turns_waited(since: dict[str, float]) -> dict[str, float]:
+    """Seconds the learner and the sampler waited for compiled_code since `since` (a `waited()`)."""
+    now, names = compiled_code.waited(), (threading.current_thread().name, "ahead")
+    return {f"{t}_wait_s": now.get(name, 0.0) - since.get(name, 0.0) for t, name in zip(TURNS, names)}
 
 
 def run_arm(cfg, work: Path, arm: str) -> list[dict]:
@@ -69,9 +81,10 @@ def run_arm(cfg, work: Path, arm: str) -> list[dict]:
     with Grader(cfg.reward) as grader:
         state = RunState.start(replace(cfg, one_step_off=arm == "one_step_off"), work / arm, grader)
         while state.step < cfg.steps:
+            since = compiled_code.waited()
             tracked = step(state, state.next_batch()).tracked()
             rows.append({"step": state.step, "step_s": tracked[KEY.time.step]} | {f"{p}_s": state.seconds[p] for p in PHASES}
-                        | {k: tracked.get(k) for k in LOGGED})
+                        | turns_waited(since) | {k: tracked.get(k) for k in LOGGED})
             print(line(arm, rows[-1]), flush=True)
     del state
     released(torch.cuda.is_available())  # the next arm's learner plans from the free memory: this arm's model and compiled engine gone
@@ -88,7 +101,8 @@ def main(args: Args) -> dict:
     cfg = replace(step_config(preset, model, device, args.compile, work), steps=args.steps)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"# bench_off_policy: {preset} on {model}, {name}, {args.steps} steps per arm")
-    print(f"{'arm':<13} {'step':>4} {'sec':>6} " + " ".join(f"{p:>6}" for p in PHASES) + " " + " ".join(f"{k.split('/')[1][:7]:>7}" for k in LOGGED))
+    print(f"{'arm':<13} {'step':>4} {'sec':>6} " + " ".join(f"{p:>6}" for p in PHASES) + " " + " ".join(f"{'w_' + t[:4]:>6}" for t in TURNS) + " "
+          + " ".join(f"{k.split('/')[1][:7]:>7}" for k in LOGGED))
     arms = {arm: run_arm(cfg, work, arm) for arm in ("on_policy", "one_step_off")}
     shutil.rmtree(work)
     steady = {arm: mean([r["step_s"] for r in rows[1:-1]]) for arm, rows in arms.items()}

@@ -17,11 +17,13 @@ Guarantees:
   for every thread, and a torch.compile'd layer called meanwhile on the other thread refuses
   ("Detected that you are using FX to symbolically trace a dynamo-optimized function": the
   compiled learner beside a sampler making a graph, H100 2026-12-07), while an eager one runs
-  through the other thread's tracer.
+  through the other thread's tracer. It keeps, per thread name, the seconds spent waiting for it
+  (`waited()`: the price of taking turns, "ahead" for the sampler).
 """
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -29,7 +31,29 @@ import torch
 
 T = TypeVar("T")
 
-compiled_code = threading.RLock()  # see the module docstring
+
+class Turns:
+    """A re-entrant lock that adds up, per thread name, the seconds each `with` waited for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._waited: dict[str, float] = {}  # each thread adds to its own name's entry only
+
+    def __enter__(self) -> None:
+        start = time.perf_counter()
+        self._lock.acquire()
+        name = threading.current_thread().name
+        self._waited[name] = self._waited.get(name, 0.0) + time.perf_counter() - start
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def waited(self) -> dict[str, float]:
+        """Seconds waited so far, by thread name."""
+        return dict(self._waited)
+
+
+compiled_code = Turns()  # see the module docstring
 
 
 @functools.cache

@@ -241,7 +241,8 @@ def test_scaling_bench_reads_what_train_logs(tmp_path: Path):
 def test_off_policy_bench_compares_the_two_arms(tmp_path: Path):
     """bench_off_policy.py on CPU (smoke, 3 steps per arm): the same steps on-policy and one-step-off,
     the speed-up recomputed from the steps it names (not the first, not the last), the importance
-    weights only where they exist; fewer steps are refused in one line."""
+    weights only where they exist, each side's waits for its turn through the model (a sampler's
+    only where there is one); fewer steps are refused in one line."""
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
     refused = subprocess.run([sys.executable, "benchmarks/bench_off_policy.py", "--steps", "2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "--steps 2 leaves no steady step" in refused.stderr and "Traceback" not in refused.stderr
@@ -256,3 +257,5 @@ def test_off_policy_bench_compares_the_two_arms(tmp_path: Path):
     assert all(r["loss/is_ratio_mean"] is None and r["loss/is_clipped"] is None for r in arms["on_policy"])
     weights = [r["loss/is_ratio_mean"] for r in arms["one_step_off"] if r["loss/is_ratio_mean"] is not None]
     assert all(0 < w <= 2 for w in weights) and "steady step (steps 2..2)" in proc.stdout
+    assert all(r["learner_wait_s"] >= 0 and r["sampler_wait_s"] >= 0 for rows in arms.values() for r in rows)
+    assert all(r["sampler_wait_s"] == 0 for r in arms["on_policy"])  # no sampler thread to wait

@@ -151,9 +151,11 @@ def test_the_learner_an_extraction_and_a_prefill_wait_while_another_thread_holds
         holder.start()
         held.wait()
         seen.clear()
+        before = compiled_code.waited().get(threading.current_thread().name, 0.0)
         work()
         holder.join()
         let_go.clear()
+        assert compiled_code.waited()[threading.current_thread().name] - before > 0.5  # the wait is counted, to this thread
         return list(seen)
 
     try:
