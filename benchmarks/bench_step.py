@@ -54,7 +54,8 @@ Reported (table on stdout, everything in out/bench/bench.json):
 
 A lent GPU whose calls are shorter than the whole run: `--step-preset ''` measures the model's
 parts, then `--resume` in a later call on the same card measures the step into the same
-bench.json (docs/results/step-h200/driver/run.sh does this).
+bench.json (docs/results/step-h200/driver/run.sh does this); a model's part a call measured
+before it was cut short is kept too, and the next call measures the rest.
 """
 
 import gc
@@ -64,6 +65,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -305,18 +307,19 @@ def run_header(args: Args, device: str) -> dict:
             "pairs": args.pairs, "compile": args.compile}
 
 
-# The parts measured on the model loaded here (one group: the decode rows need the timed wrap's
-# adapters, the learner and extraction the same model), then the step, which loads its own.
+# The parts measured on the model loaded here, then the step, which loads its own. A resumed run
+# keeps each that is there and measures the others (decode's rows, which read the bandwidth, and
+# the bandwidth only together).
 MODEL_PARTS = ("dtype", "bandwidth_gbs", "svd_wrap", "decode", "decode_fused", "decode_attention", "decode_profile", "learner", "extraction_s_per_pair")
+DECODE_PARTS = ("bandwidth_gbs", "decode", "decode_fused", "decode_attention", "decode_profile")
 # The step's generation again, otherwise made: kept with the step they were measured beside.
 STEP_VARIANTS = ("generation_slots", "generation_flex")
 
 
 def resumed(path: Path, header: dict, step_preset: str) -> dict:
-    """The parts of the bench.json at `path` that a run under `header` may keep: the model's parts
-    if all of them were measured (else none: they are measured again together), the step if it
-    was `step_preset`'s as step_config runs it now. Nothing there: an empty report. Another
-    header: a UserError."""
+    """The parts of the bench.json at `path` that a run under `header` may keep: each of the model's
+    parts measured (DECODE_PARTS only all together), the step if it was `step_preset`'s as
+    step_config runs it now. Nothing there: an empty report. Another header: a UserError."""
     if not path.exists():
         print(f"--resume: no {path} yet; measuring every part")
         return {}
@@ -327,7 +330,8 @@ def resumed(path: Path, header: dict, step_preset: str) -> dict:
         was = ", ".join(f"{k}={theirs.get(k)}" for k in differ)
         raise UserError(f"--resume: {path} was measured with another {', '.join(differ)} ({was})",
                         "give --out a new folder, or drop --resume to measure every part again")
-    kept = {k: earlier[k] for k in MODEL_PARTS} if all(k in earlier for k in MODEL_PARTS) else {}
+    parts = [k for k in MODEL_PARTS if k not in DECODE_PARTS] + (list(DECODE_PARTS) if all(k in earlier for k in DECODE_PARTS) else [])
+    kept = {k: earlier[k] for k in parts if k in earlier}
     step = earlier.get("step", {})
     if step_preset and (step.get("preset"), step.get("teacher_mix")) == (step_preset, step_teacher_mix(step_preset)):
         kept["step"] = step
@@ -349,35 +353,46 @@ def measure(args: Args, device: str, step_preset: str, work: Path, report: dict)
 
 
 def model_parts(h: dict, device: str, work: Path, report: dict) -> None:
-    """Bandwidth, plain generate, the SVD wrap (its cache in `work`, where the step's run hits it),
-    the decode rows and profile, the learner rows and extraction, on the model `h` names with `h`'s
-    sizes, into `report`."""
+    """The model's parts `report` lacks, on the model `h` names with `h`'s sizes: bandwidth and
+    plain generate, the SVD wrap (its cache in `work`, where the step's run hits it), the decode
+    rows and profile, extraction, the learner rows."""
     cuda = device == "cuda"
-    batches, prompt_tokens, new_tokens = h["batches"], h["prompt_tokens"], h["new_tokens"]
     model, tokenizer, dtype = load_model(h["model"], device)
-    config, report["dtype"] = model.config, str(dtype)
+    report["dtype"] = str(dtype)
+    gen = torch.Generator().manual_seed(0)  # drawn from in every run, so the learner's rollouts are the same whatever was kept
+    prompts = {b: torch.randint(1000, 100000, (b, h["prompt_tokens"]), generator=gen).to(device) for b in h["batches"]}
+    decode = not all(k in report for k in DECODE_PARTS)
+    if decode:
+        bound = decode_bound(model, dtype, h, device, report)
+        plain = plain_generate_tok_s(model, tokenizer, prompts, h["new_tokens"])  # the baseline first, in this process, before any wrap
+    if "svd_wrap" in report:
+        adapters = wrap_svd(model, DEFAULT_TARGETS, work / "cache" / "svd")
+    else:
+        adapters, report["svd_wrap"] = svd_wrap_times(model, work / "cache" / "svd")
+    for a in adapters.values():
+        torch.nn.init.normal_(a.delta_S, std=1e-3)
+    if decode:
+        with merged(adapters):
+            report |= decode_rows(model, tokenizer, prompts, plain, bound, h["new_tokens"], h["compile"], cuda)
+        released(cuda)
+    model.eval()
+    if "extraction_s_per_pair" not in report:  # before the learner rows, which leave the layers compiled
+        report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, h["pairs"])
+    if "learner" not in report:
+        report["learner"] = learner_rows(model, adapters, h["learner_rollouts"], cuda, gen)
 
-    bw = bandwidth(device)
+
+def decode_bound(model, dtype: torch.dtype, h: dict, device: str, report: dict) -> Callable[[int], float]:
+    """The roofline of a decode batch of b (tok/s), at the bandwidth measured now (into `report`):
+    every step reads the weights and the batch's mean KV cache once."""
+    config, bw = model.config, bandwidth(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
     report["bandwidth_gbs"] = bw / 1e9
     print(f"memory bandwidth {bw / 1e9:,.0f} GB/s (device copy); weights {weight_bytes / 1e9:.2f} GB; KV {kv_bytes_per_token / 1024:.1f} KiB per token")
-    # The roofline of a decode batch: every step reads the weights and the batch's mean KV cache once.
-    bound = lambda b: b / ((weight_bytes + b * (prompt_tokens + (new_tokens - 1) / 2) * kv_bytes_per_token) / bw)  # noqa: E731
-
-    gen = torch.Generator().manual_seed(0)
-    prompts = {b: torch.randint(1000, 100000, (b, prompt_tokens), generator=gen).to(device) for b in batches}
-    plain = plain_generate_tok_s(model, tokenizer, prompts, new_tokens)  # the baseline first, in this process, before any wrap
-    adapters, report["svd_wrap"] = svd_wrap_times(model, work / "cache" / "svd")
-    for a in adapters.values():
-        torch.nn.init.normal_(a.delta_S, std=1e-3)
-    with merged(adapters):
-        report |= decode_rows(model, tokenizer, prompts, plain, bound, new_tokens, h["compile"], cuda)
-    released(cuda)
-    model.eval()
-    report["extraction_s_per_pair"] = extraction_s_per_pair(model, adapters, tokenizer, h["pairs"])  # before the learner rows, which leave the layers compiled
-    report["learner"] = learner_rows(model, adapters, h["learner_rollouts"], cuda, gen)
+    mean_kv = h["prompt_tokens"] + (h["new_tokens"] - 1) / 2
+    return lambda b: b / ((weight_bytes + b * mean_kv * kv_bytes_per_token) / bw)
 
 
 # Issue 21's targets for one H200: (row, value from the report, yardstick beside it, bound, "<=" or ">=").

@@ -162,8 +162,8 @@ def test_a_stop_while_the_bench_cleans_up_still_leaves_its_report(tmp_path: Path
 
 
 def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Path, monkeypatch):
-    """--resume keeps the parts an earlier run under the same header measured (the model's parts
-    only all together) and measures the rest; the target table comes from the union."""
+    """--resume keeps the parts an earlier run under the same header measured and measures the
+    rest; the target table comes from the union."""
     monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
     args = bench_step.Args(batches=(2, 4), new_tokens=8, pairs=1, out=tmp_path, resume=True)
     # a run whose step had no teacher rollouts (dead groups: measured again), or was cut short before it
@@ -183,10 +183,16 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
     assert report["targets"] == bench["targets"]  # every row, as the run that measured all of it in one go
     assert json.loads((tmp_path / "bench.json").read_text())["targets"] == bench["targets"]
 
-    # the model's parts incomplete: measured again, together; the step kept
+    # a model's part missing: model_parts runs with the others kept; the step kept
     earlier = {k: v for k, v in bench.items() if k not in ("stdout", "targets", "learner")}
     (tmp_path / "bench.json").write_text(json.dumps(earlier))
-    monkeypatch.setattr(bench_step, "model_parts", lambda h, device, work, report: calls.append("model") or report.update({k: bench[k] for k in bench_step.MODEL_PARTS}))
+
+    def model_parts(h, device, work, report):
+        assert all(report[k] == bench[k] for k in bench_step.MODEL_PARTS if k != "learner")
+        calls.append("model")
+        report["learner"] = bench["learner"]
+
+    monkeypatch.setattr(bench_step, "model_parts", model_parts)
     monkeypatch.setattr(bench_step, "realistic_step", lambda *a: pytest.fail("the step was measured already"))
     report = bench_step.main(args)
     assert calls == ["smoke", "model"] and report["step"] == bench["step"] and report["targets"] == bench["targets"]
@@ -197,6 +203,29 @@ def test_a_resumed_bench_measures_only_what_is_missing(bench: dict, tmp_path: Pa
     (tmp_path / "bench.json").write_text(json.dumps(older))
     row = next(r for r in bench_step.main(args)["targets"] if r["row"] == "learner tok/s, reference included")
     assert row["value"] == bench["learner"]["packed_tok_s"] and row["yardstick"] == "(its yardstick is not in this report)"
+
+
+def test_a_resumed_bench_measures_the_model_parts_it_lacks_and_no_other(bench: dict, tmp_path: Path, monkeypatch):
+    """A call cut short after the decode rows (2026-12-07: device calls too short for every part):
+    the next measures extraction and the learner on a fresh wrap and nothing else; the decode
+    rows cut short after the bandwidth are measured again with it."""
+    monkeypatch.setattr(bench_step, "pick_device", lambda device: "cpu")
+    args = bench_step.Args(batches=(2, 4), new_tokens=8, pairs=1, step_preset="", out=tmp_path, resume=True)
+    unmeasured = ("stdout", "targets", "learner", "extraction_s_per_pair", "step", *bench_step.STEP_VARIANTS)
+    (tmp_path / "bench.json").write_text(json.dumps({k: v for k, v in bench.items() if k not in unmeasured}))
+    for name in ("bandwidth", "plain_generate_tok_s", "svd_wrap_times", "decode_rows"):
+        monkeypatch.setattr(bench_step, name, lambda *a, name=name: pytest.fail(f"{name} ran, where its part was kept"))
+    report = bench_step.main(args)
+    assert report["learner"]["packed_tok_s"] > 0 and report["extraction_s_per_pair"] > 0
+    assert all(report[k] == bench[k] for k in ("svd_wrap", *bench_step.DECODE_PARTS))
+
+    decode = [k for k in bench_step.DECODE_PARTS if k != "bandwidth_gbs"]
+    (tmp_path / "bench.json").write_text(json.dumps({k: v for k, v in report.items() if k not in (*decode, "targets")}))
+    monkeypatch.setattr(bench_step, "bandwidth", lambda device: 1e12)
+    monkeypatch.setattr(bench_step, "plain_generate_tok_s", lambda *a: {})
+    monkeypatch.setattr(bench_step, "decode_rows", lambda *a: {k: bench[k] for k in decode})
+    report = bench_step.main(args)
+    assert report["bandwidth_gbs"] == 1e3 and all(report[k] == bench[k] for k in decode) and report["learner"]["packed_tok_s"] > 0
 
 
 def test_no_model_parts_times_the_step_alone(tmp_path: Path, monkeypatch):
