@@ -538,11 +538,11 @@ def probe_loss(model, b: MicroBatch, cfg: Config) -> Float[Tensor, ""]:
 def compile_learner(model, cfg: Config) -> None:
     """Where cfg.learner_compile and the run is on CUDA (as the engine's compile), compile each
     decoder layer's call in place (the learner's passes, and a refresh's extraction, run through
-    it; the rollout engine runs the layers' parts its own way). Dynamic
-    shapes from the first call: the layers share their code, so one graph per grad mode and
-    adapter state serves all of them at every micro-batch length. The fused layer keeps fewer
-    activations than the eager one learner_checkpointing measured (peak 57 vs 67 GiB on an H100):
-    its choices stay on the safe side."""
+    it; the rollout engine runs the layers' parts its own way). Dynamic shapes from the first
+    call: the layers share their code, so one graph per grad mode and adapter state serves all of
+    them at every micro-batch length. The fused layer keeps fewer activations than the eager one
+    learner_checkpointing measured (peak 57 vs 67 GiB on an H100): its choices stay on the safe
+    side."""
     if not (cfg.learner_compile and cfg.device.startswith("cuda")):
         return
     for layer in decoder_layers(model):

@@ -8,7 +8,7 @@ PRESET (default `fast` on random-qwen3-4b on CUDA, teacher mix on so that groups
 problems (bench_step.step_config), first on-policy, then with --one-step-off: the same seed,
 so the same prompts, teacher picks and sampling streams. Reported per step and arm: seconds
 of the step and of its phases (gen is the sampling, or with --one-step-off the wait for the
-rollouts sampled ahead), the seconds the learner (this thread) and the sampler (the "ahead"
+rollouts sampled ahead), the seconds the learner (this thread) and the sampler (Ahead's
 thread) waited for their turn through the model (`compiled_code`, projected_grpo/ahead.py),
 loss/kl, loss/clip_frac, loss/logp_gap, the strict hack rate and, with --one-step-off,
 loss/is_ratio_mean and loss/is_clipped; then the speed-up, the mean step
@@ -34,7 +34,7 @@ import tyro
 
 from bench_step import released, step_config
 from grader import Grader
-from projected_grpo.ahead import compiled_code
+from projected_grpo.ahead import AHEAD_THREAD, compiled_code
 from projected_grpo.errors import UserError, reported
 from projected_grpo.metrics import KEY, OFF_POLICY_KEYS, mean
 from projected_grpo.models import pick_device
@@ -58,7 +58,7 @@ class Args:
 
 LOGGED = (KEY.loss.kl, KEY.loss.clip_frac, KEY.loss.logp_gap, KEY.rollout.hack_s, *OFF_POLICY_KEYS)  # the keys the comparison reads
 PHASES = ("gen", "grade", "learn")
-TURNS = ("learner", "sampler")  # who waits for compiled_code: this thread, the sampler's ("ahead")
+TURNS = ("learner", "sampler")  # who waits for compiled_code: this thread, the sampler's (AHEAD_THREAD)
 
 
 def line(arm: str, r: dict) -> str:
@@ -69,7 +69,7 @@ def line(arm: str, r: dict) -> str:
 
 def turns_waited(since: dict[str, float]) -> dict[str, float]:
     """Seconds the learner and the sampler waited for compiled_code since `since` (a `waited()`)."""
-    now, names = compiled_code.waited(), (threading.current_thread().name, "ahead")
+    now, names = compiled_code.waited(), (threading.current_thread().name, AHEAD_THREAD)
     return {f"{t}_wait_s": now.get(name, 0.0) - since.get(name, 0.0) for t, name in zip(TURNS, names)}
 
 

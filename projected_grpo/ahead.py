@@ -18,7 +18,7 @@ Guarantees:
   ("Detected that you are using FX to symbolically trace a dynamo-optimized function": the
   compiled learner beside a sampler making a graph, H100 2026-12-07), while an eager one runs
   through the other thread's tracer. It keeps, per thread name, the seconds spent waiting for it
-  (`waited()`: the price of taking turns, "ahead" for the sampler).
+  (`waited()`: the price of taking turns; the sampler's thread is named AHEAD_THREAD).
 """
 
 import functools
@@ -54,6 +54,7 @@ class Turns:
 
 
 compiled_code = Turns()  # see the module docstring
+AHEAD_THREAD = "ahead"  # the name of Ahead's thread, under which its waits are counted
 
 
 @functools.cache
@@ -73,7 +74,7 @@ class Ahead(Generic[T]):
             # A new thread starts on device 0: the stream carries the caller's device (a torchrun rank's) there.
             stream, ready = side_stream(torch.cuda.current_device()), torch.cuda.Event()
             ready.record()  # on the caller's current stream: what the function must see
-        self._thread = threading.Thread(target=self._run, args=(stream, ready, fn, args), name="ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(stream, ready, fn, args), name=AHEAD_THREAD, daemon=True)
         self._thread.start()
 
     def _run(self, stream: "torch.cuda.Stream | None", ready: "torch.cuda.Event | None", fn: Callable[..., T], args: tuple) -> None:
