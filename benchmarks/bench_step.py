@@ -83,7 +83,7 @@ from projected_grpo.errors import UserError, reported
 from projected_grpo.models import completion_logprobs, load_model, pick_device
 from projected_grpo.paths import DATA, REPO_ROOT
 from projected_grpo.rollout import DRAW_ROUNDS, KV_WINDOW, RECOMPILE_LIMIT, CallStats, RolloutEngine, Sampling, draw, kv_window
-from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, unwrap_svd, wrap_svd
+from projected_grpo.svd_adapter import DEFAULT_TARGETS, SVD_BATCH_ELEMENTS, merged, reference_mode, split_svds, svd_batches, unwrap_svd, weight_key, wrap_svd
 from train import PRESETS, Config, Rollout, RunState, backward_parts, compile_cache_dir, compile_learner, grpo_loss, learner_checkpointing, sample, step
 
 
@@ -198,7 +198,27 @@ def svd_wrap_times(model, cache: Path) -> tuple[dict, dict]:
     del adapters
     adapters, warm = wrap(cache)
     print(f"svd wrap ({len(adapters)} Linears): cold {cold:.1f} s in stacks, {per_weight:.1f} s one SVD per weight; warm (cache hit) {warm:.1f} s")
-    return adapters, {"modules": len(adapters), "cold_s": cold, "cold_per_weight_s": per_weight, "warm_s": warm}
+    parts = svd_cold_parts([a.base.weight for a in adapters.values()], cache)
+    print(f"  its cold wrap's parts: cache keys {parts['keys_s']:.1f} s, SVDs in stacks {parts['svds_s']:.1f} s, the rest "
+          f"(U, S, Vh to the host, writing the {parts['cache_gib']:.1f} GiB cache, building the adapters) {cold - parts['keys_s'] - parts['svds_s']:.1f} s")
+    return adapters, {"modules": len(adapters), "cold_s": cold, "cold_per_weight_s": per_weight, "warm_s": warm} | parts
+
+
+def svd_cold_parts(weights: list[torch.Tensor], cache: Path) -> dict:
+    """Where a cold wrap's time goes: its two computations timed alone on the same weights (every
+    weight's cache key; the SVDs in the wrap's stacks, results dropped), and the size of the cache
+    it wrote. A cold wrap's time less the two is what the host copies and cache writes cost."""
+    t = time.perf_counter()
+    for W in weights:
+        weight_key(W)
+    sync()
+    keys = time.perf_counter() - t
+    t = time.perf_counter()
+    for batch in svd_batches(weights):
+        split_svds(torch.stack([weights[i] for i in batch]))
+    sync()
+    svds = time.perf_counter() - t
+    return {"keys_s": keys, "svds_s": svds, "cache_gib": sum(f.stat().st_size for f in cache.glob("*.safetensors")) / 2**30}
 
 
 def engine_tok_s(engine: RolloutEngine, ids: list[list[int]], new_tokens: int, compile: bool, cuda: bool) -> tuple[float, float]:

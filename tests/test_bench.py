@@ -16,6 +16,7 @@ from projected_grpo.errors import UserError
 from projected_grpo.models import load_model
 from projected_grpo.paths import REPO_ROOT
 from projected_grpo.rollout import KV_WINDOW, RolloutEngine
+from projected_grpo.svd_adapter import DEFAULT_TARGETS
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,12 @@ def test_step_and_the_rest_are_reported(bench: dict):
     wrap = bench["svd_wrap"]  # cold in stacks (the default) beside cold with one SVD per weight (the yardstick), then warm
     assert wrap["modules"] > 0 and wrap["cold_s"] > 0 and wrap["cold_per_weight_s"] > 0 and wrap["warm_s"] > 0
     assert "one SVD per weight" in bench["stdout"]
+    # Its parts: the keys and the SVDs timed alone; the cache holds each weight's thin U, Vh (its dtype) and S (fp32), plus headers.
+    model, _, _ = load_model("tiny-random-qwen3", "cpu")
+    weights = [m.weight for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in DEFAULT_TARGETS]
+    held = sum(min(W.shape) * (sum(W.shape) * W.element_size() + 4) for W in weights) / 2**30
+    assert wrap["keys_s"] > 0 and wrap["svds_s"] > 0 and held <= wrap["cache_gib"] < 1.01 * held + 1e-4
+    assert "its cold wrap's parts: cache keys" in bench["stdout"]
     assert "wrote" in bench["stdout"] and "decode step at B=4" in bench["stdout"]
     # Issue 21's targets: every part that ran has its row (the peak memory needs CUDA), none judged off CUDA.
     rows = {r["row"]: r for r in bench["targets"]}
