@@ -1,10 +1,12 @@
 import pytest
 import torch
 from loguru import logger
+from safetensors.torch import load_file
 
 from projected_grpo.svd_adapter import (
     DEFAULT_TARGETS,
     SVDLinear,
+    background_saves,
     cached_svds,
     merged,
     model_fingerprint,
@@ -170,7 +172,7 @@ def test_fingerprint_changes_with_weights(tiny):
 def test_bf16_cache_stores_the_adapter_dtype_and_checks_reconstruction(tmp_path):
     """U and Vh are cached in the weight's dtype (half the I/O of fp32 for a bf16 model), S in
     fp32; the reconstruction check uses that dtype's tolerance and still rejects a wrong entry."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from projected_grpo.svd_adapter import svd_tolerance, weight_key
 
@@ -371,3 +373,26 @@ def test_wrap_loads_hits_and_computes_only_the_misses_in_batches(tiny, tiny_mode
         assert torch.allclose((b.U * b.S) @ b.Vh, (a.U * a.S) @ a.Vh, atol=1e-5)
         if n in hits:
             assert torch.equal(b.U, a.U) and torch.equal(b.Vh, a.Vh)
+
+
+def test_background_saves_writes_every_entry_and_a_failed_write_raises_in_the_caller(tmp_path, monkeypatch):
+    """The writer thread copies each entry to the host and writes it (the caller hands over the
+    adapter's own tensors, held back by nothing); every file is written by the end, equal to its
+    entry; a write that fails re-raises in the caller even when it is not the last."""
+    entries = {tmp_path / f"{i}.safetensors": {"U": torch.randn(6, 4), "S": torch.rand(4), "Vh": torch.randn(4, 5)} for i in range(20)}
+    with background_saves() as save:
+        for path, tensors in entries.items():
+            save(tensors, path)
+    for path, tensors in entries.items():
+        assert load_file(path).keys() == tensors.keys() and all(torch.equal(load_file(path)[k], t) for k, t in tensors.items())
+
+
+    def failing(tensors, path):
+        if path.name == "3.safetensors":
+            raise OSError("disk full")
+        save_svd(tensors, path)
+
+    monkeypatch.setattr("projected_grpo.svd_adapter.save_svd", failing)
+    with pytest.raises(OSError, match="disk full"), background_saves() as save:
+        for path, tensors in entries.items():
+            save(tensors, tmp_path / "again" / path.name)
