@@ -52,6 +52,7 @@ from projected_grpo.errors import UserError, unreadable_file
 from projected_grpo.paths import atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SAVE_BACKLOG = 8  # SVD cache entries that may wait in host memory for the writer thread
 # Weight elements stacked into one batched SVD (2**27: 12 of Qwen3-4B's q_proj or o_proj, 5 of its
 # MLP weights, 51 of its k_proj or v_proj). cuSOLVER's batched gesvda fails its workspace query
 # past a stack size that depends on the shape (on an H100: 25 stacked 4096 x 2560 fail, 16 and
@@ -215,14 +216,12 @@ def load_svd(W: Float[Tensor, "d_out d_in"], path: Path) -> tuple[Tensor, Tensor
 def computed_svds(misses: list[tuple[Tensor, Path]], save: Callable[[dict[str, Tensor], Path], object],
                   batch_elements: int = SVD_BATCH_ELEMENTS) -> list[tuple[Tensor, Tensor, Tensor]]:
     """SVDs of the weights in `misses` (weight, cache path), in that order, computed per batch of
-    `svd_batches`, each entry handed to `save` with its path, on the weight's device (the writer
-    copies it to the host: here the copies would wait for each batch's SVDs and hold up the next
-    batch's; on an H100 the host copies and writes were 4.0 s of a 14.1 s cold wrap, 2026-12-07).
-    U and Vh in the weight's dtype, S in fp32, on the weight's device."""
+    `svd_batches`, each entry handed to `save` with its path. U and Vh in the weight's dtype, S in
+    fp32, on the weight's device."""
     svds: list[tuple[Tensor, Tensor, Tensor] | None] = [None] * len(misses)
     for batch in tqdm(svd_batches([W for W, _ in misses], batch_elements), desc="svd", leave=False):
         for i, (U, S, Vh) in zip(batch, split_svds(torch.stack([misses[i][0].detach() for i in batch]))):
-            save({"U": U, "S": S, "Vh": Vh}, misses[i][1])
+            save({"U": U.cpu(), "S": S.cpu(), "Vh": Vh.cpu()}, misses[i][1])
             svds[i] = U, S, Vh
     return svds
 
@@ -271,24 +270,22 @@ def cached_svds(weights: list[Tensor], cache_dir: Path, batch_elements: int = SV
 
 
 def save_svd(tensors: dict[str, Tensor], path: Path) -> None:
-    """One SVD cache entry, copied to the host and written atomically (the writer thread's tasks
-    run concurrently with the next SVD)."""
+    """One SVD cache entry, written atomically (the writer thread's tasks run concurrently with the next SVD)."""
     with atomic(path) as tmp:
-        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, tmp)
+        save_file({k: t.contiguous() for k, t in tensors.items()}, tmp)
 
 
 @contextlib.contextmanager
 def background_saves() -> Iterator[Callable[[dict[str, Tensor], Path], None]]:
     """A `save` that hands each entry to a writer thread running `save_svd`: cache files (~10 GB
-    for Qwen3-4B) are copied to the host and written while the next SVDs compute. An entry waits
-    as the adapter's own tensors (no copy), so none is held back; a failed write re-raises in the
-    caller (at its next save or on exit); every write is done on exit."""
+    for Qwen3-4B) are written while the next SVDs compute. At most SAVE_BACKLOG entries wait in
+    host memory; a failed write re-raises in the caller; every write is done on exit."""
     saving = deque()
     with ThreadPoolExecutor(max_workers=1) as writer:
 
         def save(tensors: dict[str, Tensor], path: Path) -> None:
             saving.append(writer.submit(save_svd, tensors, path))
-            while saving and saving[0].done():
+            while len(saving) > SAVE_BACKLOG or (saving and saving[0].done()):
                 saving.popleft().result()
 
         yield save

@@ -376,9 +376,9 @@ def test_wrap_loads_hits_and_computes_only_the_misses_in_batches(tiny, tiny_mode
 
 
 def test_background_saves_writes_every_entry_and_a_failed_write_raises_in_the_caller(tmp_path, monkeypatch):
-    """The writer thread copies each entry to the host and writes it (the caller hands over the
-    adapter's own tensors, held back by nothing); every file is written by the end, equal to its
-    entry; a write that fails re-raises in the caller even when it is not the last."""
+    """The writer thread writes every entry (at most SAVE_BACKLOG wait for it): every file is
+    written by the end, equal to its entry; a write that fails re-raises in the caller even when
+    it is not the last."""
     entries = {tmp_path / f"{i}.safetensors": {"U": torch.randn(6, 4), "S": torch.rand(4), "Vh": torch.randn(4, 5)} for i in range(20)}
     with background_saves() as save:
         for path, tensors in entries.items():
