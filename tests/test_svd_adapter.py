@@ -386,7 +386,6 @@ def test_background_saves_writes_every_entry_and_a_failed_write_raises_in_the_ca
     for path, tensors in entries.items():
         assert load_file(path).keys() == tensors.keys() and all(torch.equal(load_file(path)[k], t) for k, t in tensors.items())
 
-
     def failing(tensors, path):
         if path.name == "3.safetensors":
             raise OSError("disk full")
