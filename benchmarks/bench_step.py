@@ -516,7 +516,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     tenth of that on CPU), advantages of both signs, KL on; tok/s (every token of every
     rollout), peak memory and the largest relative difference of their gradients. Also the
     packed learner eager, before its layers are compiled (CUDA; they stay compiled), and
-    recomputing as the preset's cap asks, and the profile of one packed pass."""
+    recomputing as the preset's cap asks, and without the reference pass (kl_beta 0: what the
+    reference's no-grad forward and its KL cost), and the profile of one packed pass."""
     cfg = replace(PRESETS["full" if cuda else "smoke"][1], device=str(next(model.parameters()).device), kl_beta=1e-3)
     scale, problem = (1 if cuda else 0.05), load_problems(DATA / "problems_rl.jsonl")[0]
     lengths = (-600 * scale * torch.rand(n, generator=gen).log()).clamp(4, 1536 * scale).long().tolist()
@@ -547,7 +548,7 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
         grads[path] = {name: a.delta_S.grad.clone() for name, a in adapters.items()}  # of both passes, alike for every path
         out.update({f"{path}_tok_s": tokens / seconds, f"{path}_peak_gib": peak_gib()})
 
-    packed = lambda c: lambda: backward_parts(model, adapters, rollouts, cfg, denominator, c)  # noqa: E731
+    packed = lambda c, cfg=cfg: lambda: backward_parts(model, adapters, rollouts, cfg, denominator, c)  # noqa: E731
     time_path("padded", lambda: padded_backward(model, adapters, rollouts, cfg, denominator))
     time_path("eager", packed(checkpointing))
     baseline.apply(model, 0)
@@ -555,6 +556,7 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     compile_learner(model, cfg)  # the paths below run as a run's learner does; the model's layers stay compiled
     time_path("recomputing", packed(recomputing))
     time_path("packed", packed(checkpointing))
+    time_path("no_reference", packed(checkpointing, replace(cfg, kl_beta=0.0)))  # another loss: its gradient is not compared
     checkpoint_first(model, 0)
     # what it picks for each micro-batch's row with the memory free now (as free as during the pass: its graph is gone)
     lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rollouts]
@@ -564,6 +566,7 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
     out["ratio"] = out["packed_tok_s"] / out["padded_tok_s"]
     out["ratio_recomputing"] = out["packed_tok_s"] / out["recomputing_tok_s"]
     out["ratio_compiled"] = out["packed_tok_s"] / out["eager_tok_s"]
+    out["reference_share"] = 1 - out["packed_tok_s"] / out["no_reference_tok_s"]  # of the learner's seconds
     out["compiled_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["eager"])
     out["max_rel_grad_diff"] = largest_rel_diff(grads["packed"], grads["padded"])
     out["recomputing_rel_grad_diff"] = largest_rel_diff(grads["recomputing"], grads["packed"])  # what is kept never changes what is computed
@@ -581,6 +584,8 @@ def learner_rows(model, adapters, n: int, cuda: bool, gen: torch.Generator) -> d
           f"(peak {out['recomputing_peak_gib']:.1f} GiB), {out['ratio_recomputing']:.2f}x; largest relative gradient difference {out['recomputing_rel_grad_diff']:.1e}")
     print(f"  its decoder layers compiled ({'as a run on CUDA does' if cuda else 'not on CPU, as a run there'}) vs eager: {out['packed_tok_s']:,.0f} vs {out['eager_tok_s']:,.0f} tok/s "
           f"(peak {out['packed_peak_gib']:.1f} vs {out['eager_peak_gib']:.1f} GiB), {out['ratio_compiled']:.2f}x; largest relative gradient difference {out['compiled_rel_grad_diff']:.1e}")
+    print(f"  without the reference pass (kl_beta 0): {out['no_reference_tok_s']:,.0f} tok/s; the reference's no-grad forward and its KL "
+          f"are {out['reference_share']:.0%} of the learner's seconds")
     return out
 
 

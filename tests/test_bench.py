@@ -104,6 +104,9 @@ def test_step_and_the_rest_are_reported(bench: dict):
     assert learner["recomputing_checkpointed_layers"] == learner["packed_checkpointed_layers"] and learner["recomputing_rel_grad_diff"] < 1e-4
     assert math.isclose(learner["ratio_compiled"], learner["packed_tok_s"] / learner["eager_tok_s"], rel_tol=1e-9)
     assert learner["compiled_rel_grad_diff"] < 1e-4 and "its decoder layers compiled (not on CPU, as a run there)" in bench["stdout"]
+    # Its yardstick for the reference pass: the same passes with kl_beta 0, which skips it.
+    assert math.isclose(learner["reference_share"], 1 - learner["packed_tok_s"] / learner["no_reference_tok_s"], rel_tol=1e-9)
+    assert learner["no_reference_tok_s"] > 0 and "without the reference pass (kl_beta 0)" in bench["stdout"]
     prof = learner["profile"]  # one packed pass profiled: its ops by kind (CPU) and its matmuls' rate against one large matmul's
     assert math.isclose(sum(prof["by_kind_ms"].values()), prof["kernel_ms"], rel_tol=1e-9) and prof["by_kind_ms"]["matmul"] > 0
     assert prof["matmul_tflop"] > 0 and math.isclose(prof["matmul_tflops"], prof["matmul_tflop"] / (prof["by_kind_ms"]["matmul"] / 1e3), rel_tol=1e-9)
