@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from benchmarks.bench_step import largest_rel_diff
 from projected_grpo.activations import ActivationBytes, Checkpointing, checkpoint_first, decoder_layers, enable_checkpointing
 from projected_grpo.models import load_model
 from projected_grpo.svd_adapter import DEFAULT_TARGETS, delta_grads, merged, wrap_svd
@@ -105,11 +106,15 @@ def test_gradients_are_the_same_whatever_is_checkpointed(tiny):
     assert results[0][3] == [0] * len(results[0][3]) and results[2][3] == [n] * len(results[2][3])
     assert results[1][3][0] == 1 and 0 in results[1][3]  # the longest row 1 layer, a short one none
     assert len(results[3][3]) > len(results[0][3]) and all(k == n for k in results[3][3])  # more micro-batches, all checkpointed
-    for g_s, g, loss, _ in results[1:]:
-        assert loss == pytest.approx(results[0][2], rel=1e-6)
-        for name in g:
-            torch.testing.assert_close(g[name], results[0][1][name], rtol=1e-5, atol=1e-8)
-            torch.testing.assert_close(g_s[name], results[0][0][name], rtol=1e-5, atol=1e-8)
+    # The same micro-batches, whatever layers are recomputed: the same sums (bit-equal on the CPUs
+    # seen; recomputing replays the same ops). Smaller micro-batches add the same terms in another
+    # order: equal to fp32's rounding, read against the largest entry as test_packing reads it (an
+    # elementwise tolerance failed on an AMD EPYC, 1.7e-4 relative on a small entry where the
+    # largest difference was 9e-6 of the largest entry).
+    for (g_s, g, loss, _), same_rows in zip(results[1:], (True, True, False)):
+        assert loss == pytest.approx(results[0][2], rel=1e-6 if same_rows else 1e-5)
+        worst = max(largest_rel_diff(g, results[0][1]), largest_rel_diff(g_s, results[0][0]))
+        assert worst < (1e-6 if same_rows else 1e-4), worst
 
 
 def test_apply_flags_the_first_k_layers(tiny):
